@@ -1,0 +1,1 @@
+"""Benchmarks, evaluation and the testbed."""

@@ -1,0 +1,136 @@
+"""Throughput benchmark: patched against unpatched, side by side in one run.
+
+Both models are built from the same random-init weights. For each batch size, the
+two are timed alternately (unpatched first on even repeats, patched first on odd
+ones), so that drift in machine load hits both; the result is the median of each.
+It prints the measured speedup beside the FLOPs-ideal one (unpatched FLOPs over
+patched FLOPs, counted on the real forward), and how much of the machine other
+processes used meanwhile, since a shared machine can spoil any timing.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import tokenprune
+from tokenprune.flops import count_flops, default_input_size
+
+
+@dataclass
+class BenchRow:
+    model: str
+    method: str
+    config: str
+    batch_size: int
+    threads: int
+    repeats: int
+    baseline_ms: float
+    patched_ms: float
+    measured_speedup: float
+    ideal_speedup: float
+    fraction_of_ideal: float
+    baseline_gmacs: float
+    patched_gmacs: float
+    foreign_load: float | None  # CPU share used by other processes during the timing (0..1)
+
+    @property
+    def images_per_s(self) -> tuple[float, float]:
+        return (1000 * self.batch_size / self.baseline_ms, 1000 * self.batch_size / self.patched_ms)
+
+
+class _ForeignLoad:
+    """Fraction of all CPUs that other processes used while the block ran (Linux only)."""
+
+    def __enter__(self):
+        self.value = None
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._sample()
+        if self._start and end:
+            busy = end[0] - self._start[0]
+            own = end[1] - self._start[1]
+            wall = end[2] - self._start[2]
+            self.value = max(0.0, (busy - own) / (wall * os.cpu_count()))
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait
+        own = sum(os.times()[:2])
+        return busy, own, time.perf_counter()
+
+
+def _time_once(model, x) -> float:
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.33,
+              options: dict | None = None, batch_sizes=(32, 1), repeats: int = 7, warmup: int = 2,
+              threads: int = 2, seed: int = 0) -> list[BenchRow]:
+    """Time ``model_name`` (random init, fp32, CPU) with and without ``method``."""
+    import timm
+
+    options = options or {}
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    baseline = timm.create_model(model_name, pretrained=False).eval()
+    patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
+    input_size = default_input_size(baseline)
+    base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
+    ideal = base_flops.flops / patched_flops.flops
+    config = ", ".join([f"keep={keep}"] * (not options) + [f"{k}={v}" for k, v in options.items()])
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, *input_size)
+        for _ in range(warmup):
+            baseline(x), patched(x)
+        # Small batches are quick and noisier: more repeats, about the same time in all.
+        n = min(max(repeats, repeats * 32 // batch), 60)
+        times = {"baseline": [], "patched": []}
+        with _ForeignLoad() as load:
+            for i in range(n):
+                order = (("baseline", baseline), ("patched", patched))
+                for name, model in order if i % 2 == 0 else order[::-1]:
+                    times[name].append(_time_once(model, x))
+        b, p = statistics.median(times["baseline"]), statistics.median(times["patched"])
+        rows.append(BenchRow(
+            model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
+            baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
+            fraction_of_ideal=(b / p) / ideal, baseline_gmacs=base_flops.gmacs_per_sample,
+            patched_gmacs=patched_flops.gmacs_per_sample, foreign_load=load.value))
+    return rows
+
+
+def format_rows(rows: list[BenchRow]) -> str:
+    head = (f"{'model':<24} {'method':<7} {'config':<14} {'batch':>5} {'GMACs':>12} {'base ms':>9} "
+            f"{'patched ms':>10} {'img/s':>14} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'foreign':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        base_ips, patched_ips = r.images_per_s
+        foreign = "n/a" if r.foreign_load is None else f"{r.foreign_load:.1%}"
+        lines.append(
+            f"{r.model:<24} {r.method:<7} {r.config:<14} {r.batch_size:>5} "
+            f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
+            f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
+            f"{r.fraction_of_ideal:>8.3f} {foreign:>7}")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[BenchRow]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)

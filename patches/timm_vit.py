@@ -1,0 +1,197 @@
+"""Adapter for timm's ``VisionTransformer`` family (vit_*, deit*, deit3_*, *_dinov2, CLIP/SigLIP ViTs).
+
+How the patch works (docs/design.md has the reasoning and the measurements):
+
+* The model's class is swapped for a subclass whose ``forward`` and
+  ``forward_features`` create a ``ForwardState`` and hand it to each block as an
+  argument; ``forward`` then pools with token sizes ('avg' becomes a size-weighted
+  mean, 'map' gets the log-size bias). No parameters or buffers change, so
+  ``state_dict`` is untouched, and ``remove`` swaps the classes back.
+* Each ``Block`` becomes a ``ReducingBlock`` (a subclass that only overrides
+  ``forward``). Called without a state (``forward_intermediates``, user code) it is
+  the stock block. With one, it adds the log-size bias to the attention mask, so
+  SDPA stays SDPA, and reduces tokens between the attention residual and the MLP.
+* Where a method needs q/k, the block runs ``attention_with_taps``: timm's
+  ``Attention.forward`` step by step, keeping q and k. Blocks that reduce nothing
+  call the stock attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.layers.attention import maybe_add_mask
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from tokenprune import ops
+from tokenprune.registry import TokenReducer
+from tokenprune.state import AttentionTaps, ForwardState
+
+FAMILY = ("timm VisionTransformer with standard Block/Attention: vit_*, deit_* (distilled too), deit3_*, "
+          "*_dinov2 (reg too), CLIP and SigLIP ViTs")
+DEFAULT_METHOD = "tome"
+_POOLS = ("token", "avg", "avgmax", "max", "")
+
+
+def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, AttentionTaps]:
+    """timm ``Attention.forward`` (timm 1.0.x), also returning the q and k it used."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        weights = maybe_add_mask((q * attn.scale) @ k.transpose(-2, -1), attn_mask).softmax(dim=-1)
+        out = attn.attn_drop(weights) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, AttentionTaps(q=q, k=k, scale=attn.scale, bias=attn_mask)
+
+
+class ReducingBlock(Block):
+    """A timm ``Block`` that reduces tokens when it is given a ``ForwardState``."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                state: ForwardState | None = None) -> Tensor:
+        if state is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        remove = state.enter_block(x)
+        bias = state.attention_bias()
+        h = self.norm1(x)
+        if remove and state.reducer.needs_attention:
+            h, taps = attention_with_taps(self.attn, h, bias)
+        else:
+            h, taps = self.attn(h, attn_mask=bias), None
+        x = x + self.drop_path1(self.ls1(h))
+        if remove:
+            x = state.reducer.reduce(x, remove, taps, state)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ReducingViT(VisionTransformer):
+    """Mixed in front of the model's own class (see ``_patched_class``); never built directly."""
+
+    _tokenprune_base: type[VisionTransformer]
+    tokenprune_reducer: TokenReducer
+
+    def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
+        if attn_mask is not None or is_causal:
+            raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
+                             "(the token count changes inside the encoder); call tokenprune.remove(model) first")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        reducer = self.tokenprune_reducer
+        num_patches = x.shape[1] - self.num_prefix_tokens
+        state = ForwardState(reducer=reducer, num_prefix=self.num_prefix_tokens,
+                             schedule=reducer.schedule(num_patches, len(self.blocks)))
+        if reducer.trace_source:
+            state.start_source_tracking(x)
+        for block in self.blocks:
+            x = block(x, state=state)
+        state.output_tokens = x.shape[1]
+        self._tokenprune_last = state.report()
+        return self.norm(x), state
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self._reduced_features(x, attn_mask, is_causal)[0]
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        x, state = self._reduced_features(x, attn_mask, is_causal)
+        if state.size is None:  # nothing merged: the stock head, bit for bit
+            return self.forward_head(x)
+        return self._head_from_pooled(self._size_aware_pool(x, state.size))
+
+    def _size_aware_pool(self, x: Tensor, size: Tensor) -> Tensor:
+        """timm's ``pool`` where a merged token counts as the patches it absorbed."""
+        prefix = self.num_prefix_tokens
+        if self.attn_pool is not None:
+            if not self.pool_include_prefix:
+                x, size = x[:, prefix:], size[:, prefix:]
+            return self.attn_pool(x, attn_mask=ops.log_size_bias(size))
+        if self.global_pool in ("token", ""):
+            return self.pool(x)
+        if not self.pool_include_prefix:
+            x, size = x[:, prefix:], size[:, prefix:]
+        mean = ops.size_weighted_mean(x, size)
+        if self.global_pool == "avg":
+            return mean
+        if self.global_pool == "max":  # a merged token is an average: max over tokens is unchanged
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + mean)  # avgmax
+
+    def _head_from_pooled(self, x: Tensor) -> Tensor:
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+    def __reduce_ex__(self, protocol):
+        # The patched class is built at run time and cannot be pickled by name:
+        # pickle (and deepcopy) the model as "the base class, patched again".
+        return _new_patched_instance, (self._tokenprune_base,), self.__getstate__()
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(base: type[VisionTransformer]) -> type[VisionTransformer]:
+    cls = _PATCHED_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"TokenPruned{base.__name__}", (ReducingViT, base), {"_tokenprune_base": base})
+        _PATCHED_CLASSES[base] = cls
+    return cls
+
+
+def _new_patched_instance(base: type[VisionTransformer]) -> VisionTransformer:
+    cls = _patched_class(base)
+    return cls.__new__(cls)
+
+
+# ---------------------------------------------------------------- the adapter API
+
+def handles(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, ReducingViT)
+
+
+def check(model: nn.Module) -> None:
+    """Raise TypeError naming the first part of ``model`` this adapter cannot patch."""
+    for i, block in enumerate(model.blocks):
+        if type(block) not in (Block, ReducingBlock):
+            raise TypeError(f"tokenprune cannot patch block {i} of {type(model).__name__}: it is "
+                            f"{type(block).__module__}.{type(block).__name__}; supported: {FAMILY}")
+        if type(block.attn) is not Attention:
+            raise TypeError(f"tokenprune cannot patch block {i}: its attention is "
+                            f"{type(block.attn).__module__}.{type(block.attn).__name__}; supported: {FAMILY}")
+    if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
+        raise TypeError("tokenprune cannot patch an attention-pool head with its own position embedding "
+                        "(it assumes the full token count)")
+    if model.attn_pool is None and model.global_pool not in _POOLS:
+        raise TypeError(f"tokenprune cannot patch global_pool={model.global_pool!r}; supported: {_POOLS}")
+
+
+def check_schedule(model: VisionTransformer, reducer: TokenReducer) -> None:
+    """Plan the schedule for the model's native input size now, so an unreachable
+    ``keep`` fails before patching (other sizes, with ``dynamic_img_size``, plan per forward)."""
+    reducer.schedule(model.patch_embed.num_patches, len(model.blocks))
+
+
+def patch(model: VisionTransformer, reducer: TokenReducer) -> None:
+    if not is_patched(model):
+        for block in model.blocks:
+            block.__class__ = ReducingBlock
+        model.__class__ = _patched_class(type(model))
+    model.tokenprune_reducer = reducer
+    model._tokenprune_last = None
+
+
+def unpatch(model: VisionTransformer) -> None:
+    for block in model.blocks:
+        block.__class__ = Block
+    model.__class__ = model._tokenprune_base
+    del model.tokenprune_reducer
+    del model._tokenprune_last

@@ -1,0 +1,36 @@
+"""Tiny random-init models of every supported timm family (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+torch.set_num_threads(2)
+
+# timm name -> what it exercises
+TIMM_FAMILIES = {
+    "vit_base_patch16_224": "class token, token pool",
+    "deit_small_distilled_patch16_224": "2 prefix tokens (class + distillation)",
+    "deit3_small_patch16_224": "LayerScale, no_embed_class",
+    "vit_small_patch14_reg4_dinov2": "5 prefix tokens (class + 4 registers), LayerScale",
+    "vit_base_patch16_clip_224": "CLIP: norm_pre",
+    "vit_base_patch16_siglip_224": "SigLIP: no class token, 'map' attention pool",
+    "vit_base_patch16_siglip_gap_224": "SigLIP: no class token, 'avg' pool",
+}
+
+
+def tiny_timm(name: str = "vit_base_patch16_224", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 64-patch (8x8 grid at 32 px), 4-block, width-48 version of a timm model, in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+    kwargs.update(overrides)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=sorted(TIMM_FAMILIES))
+def family(request) -> str:
+    return request.param

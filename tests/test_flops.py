@@ -1,0 +1,46 @@
+"""FLOP counting, checked against the analytic count of a ViT forward."""
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_timm
+
+import tokenprune
+
+
+def analytic_vit_flops(entering, leaving=None, dim=48, classes=10, patches=64, patch=4, chans=3, mlp_ratio=4):
+    """2 x MACs of patch embedding, every block's matmuls and the head. Tokens are
+    reduced between attention and MLP, so block i's MLP sees block i+1's count."""
+    leaving = entering[-1] if leaving is None else leaving
+    macs = patches * patch * patch * chans * dim
+    for n, m in zip(entering, entering[1:] + [leaving]):
+        macs += 4 * n * dim * dim + 2 * n * n * dim  # qkv + proj, q @ k^T + attn @ v
+        macs += 2 * m * dim * mlp_ratio * dim  # mlp
+    return 2 * (macs + dim * classes)
+
+
+def test_unpatched_count_includes_cpu_sdpa():
+    model = tiny_timm()
+    count = tokenprune.count_flops(model, batch_size=2)
+    assert count.flops == 2 * analytic_vit_flops([65] * 4)
+    assert count.macs == count.flops / 2
+    assert any("scaled_dot_product" in op for op in count.by_op)
+
+
+@pytest.mark.parametrize("keep", [0.7, 0.5, 0.25])
+def test_random_schedule_counts_exactly(keep):
+    model = tiny_timm()
+    tokenprune.apply(model, "random", keep=keep)
+    count = tokenprune.count_flops(model, input_size=(3, 32, 32))
+    report = tokenprune.last_forward(model)
+    assert count.flops == analytic_vit_flops(report.token_counts, report.output_tokens)
+
+
+def test_tome_counts_its_matching_matmuls():
+    model = tiny_timm()
+    tokenprune.apply(model, "tome", keep=0.5)
+    count = tokenprune.count_flops(model)
+    report = tokenprune.last_forward(model)
+    head_dim = 16
+    patches = [n - 1 for n in report.token_counts]
+    matching = sum(2 * ((p + 1) // 2) * (p // 2) * head_dim for p in patches)  # A @ B^T per block
+    assert count.flops == analytic_vit_flops(report.token_counts, report.output_tokens) + matching

@@ -1,0 +1,216 @@
+"""The timm adapter: exactness, schedules, restore, re-entrancy, copying, compiling."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+from conftest import images, tiny_timm
+from timm.models.vision_transformer import Block
+
+import tokenprune
+from tokenprune import ops
+from tokenprune.patches.timm_vit import ReducingBlock
+
+METHODS = ["tome", "random"]
+
+
+def run(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def op_names(model, x) -> list[str]:
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        model(x)
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_one_is_bit_identical_with_the_same_kernels(family, method):
+    model, x = tiny_timm(family), images()
+    expected = run(model, x)
+    stock_ops = op_names(model, x)
+    tokenprune.apply(model, method, keep=1.0)
+    assert torch.equal(run(model, x), expected)
+    assert tokenprune.last_forward(model).token_counts == [model.num_prefix_tokens + 64] * 4
+    patched_ops = op_names(model, x)
+    sdpa = [n for n in stock_ops if "scaled_dot_product" in n]
+    assert sdpa and [n for n in patched_ops if "scaled_dot_product" in n] == sdpa
+    assert "aten::softmax" not in patched_ops
+
+
+def test_r_zero_is_bit_identical():
+    model, x = tiny_timm(), images()
+    expected = run(model, x)
+    tokenprune.apply(model, "tome", r=0)
+    assert torch.equal(run(model, x), expected)
+
+
+def test_merging_keeps_fused_attention():
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, "tome", keep=0.3)
+    names = op_names(model, x)
+    assert sum("_scaled_dot_product" in n and "for_cpu" in n for n in names) == 4
+    assert "aten::softmax" not in names
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.33, 0.1])
+def test_token_counts_follow_the_planned_schedule(family, method, keep):
+    model, x = tiny_timm(family), images()
+    tokenprune.apply(model, method, keep=keep)
+    out = run(model, x)
+    assert out.shape == (2, 10)
+    report = tokenprune.last_forward(model)
+    prefix = model.num_prefix_tokens
+    schedule = ops.plan_removals(64, 4, ops.final_patch_count(64, keep))
+    expected, n = [], 64
+    for step in schedule:
+        expected.append(prefix + n)
+        n -= step
+    assert report.token_counts == expected
+    assert report.output_tokens == prefix + max(1, round(keep * 64))
+    assert report.num_prefix_tokens == prefix
+
+
+def test_native_r_overrides_keep_and_matches_tome_counts():
+    model = tiny_timm(depth=12, img_size=224, patch_size=16)  # DeiT's 197 tokens
+    tokenprune.apply(model, "tome", keep=0.9, r=13)
+    run(model, images(1, 224))
+    counts = tokenprune.last_forward(model).token_counts
+    assert counts == [197 - 13 * i for i in range(12)]
+    assert tokenprune.last_forward(model).output_tokens == 41
+    tokenprune.apply(model, "tome", r=16)  # the 50% cap bites in the last two blocks
+    run(model, images(1, 224))
+    assert tokenprune.last_forward(model).token_counts + [tokenprune.last_forward(model).output_tokens] == \
+        [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+    tokenprune.apply(model, "tome", r=[8] * 6)  # per-layer list, zero-padded
+    run(model, images(1, 224))
+    assert tokenprune.last_forward(model).output_tokens == 197 - 48
+    tokenprune.apply(model, "tome", r=(8, -1))  # decreasing schedule: 16 .. 0
+    run(model, images(1, 224))
+    counts = tokenprune.last_forward(model).token_counts
+    steps = [a - b for a, b in zip(counts, counts[1:])]
+    assert steps[0] == 16 and steps == sorted(steps, reverse=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_outputs_state_dict_and_classes(family, method):
+    model, x = tiny_timm(family), images()
+    expected, state = run(model, x), copy.deepcopy(model.state_dict())
+    model_class = type(model)
+    tokenprune.apply(model, method, keep=0.4)
+    assert not torch.equal(run(model, x), expected)
+    tokenprune.remove(model)
+    assert type(model) is model_class and all(type(b) is Block for b in model.blocks)
+    assert not hasattr(model, "tokenprune_reducer")
+    assert torch.equal(run(model, x), expected)
+    restored = model.state_dict()
+    assert restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+    with pytest.raises(ValueError, match="not patched"):
+        tokenprune.remove(model)
+
+
+def test_apply_twice_reconfigures_without_patching_twice():
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, "random", keep=0.5)
+    patched_class = type(model)
+    tokenprune.apply(model, "tome", keep=0.25)
+    assert type(model) is patched_class
+    assert all(type(b) is ReducingBlock for b in model.blocks)
+    run(model, x)
+    assert tokenprune.last_forward(model).method == "tome"
+    assert tokenprune.last_forward(model).output_tokens == 1 + 16
+    tokenprune.remove(model)
+    assert type(model).__name__ == "VisionTransformer"
+
+
+def test_dynamic_img_size_schedules_each_input():
+    model = tiny_timm(dynamic_img_size=True)
+    tokenprune.apply(model, "tome", keep=0.5)
+    for size, patches in [(32, 64), (48, 144), (24, 36)]:
+        run(model, images(2, size))
+        assert tokenprune.last_forward(model).token_counts[0] == 1 + patches
+        assert tokenprune.last_forward(model).output_tokens == 1 + round(0.5 * patches)
+
+
+def test_threads_get_what_each_would_get_alone():
+    model = tiny_timm(dynamic_img_size=True)
+    tokenprune.apply(model, "tome", keep=0.3)
+    inputs = [images(3, 32, seed=1), images(1, 48, seed=2), images(2, 40, seed=3)]
+    alone = [run(model, x) for x in inputs]
+    barrier = threading.Barrier(len(inputs))
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(inputs))}
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(5):
+            results[i].append(run(model, inputs[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, expected in enumerate(alone):
+        assert len(results[i]) == 5 and all(torch.equal(r, expected) for r in results[i])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deepcopy_and_pickle_of_a_patched_model(method):
+    model, x = tiny_timm("deit_small_distilled_patch16_224"), images()
+    tokenprune.apply(model, method, keep=0.4)
+    expected = run(model, x)
+    twin = copy.deepcopy(model)
+    revived = pickle.loads(pickle.dumps(model))
+    for other in (twin, revived):
+        assert type(other) is type(model)
+        assert torch.equal(run(other, x), expected)
+        assert tokenprune.last_forward(other).output_tokens == 2 + 26
+    run(twin, images(1))  # the copy's forwards are its own
+    assert tokenprune.last_forward(model).size is None or tokenprune.last_forward(model).size.shape[0] == 2
+    tokenprune.remove(revived)
+    assert type(revived).__name__ == "VisionTransformerDistilled"
+
+
+def test_torch_compile_matches_eager():
+    model, x = tiny_timm(depth=2), images()
+    tokenprune.apply(model, "tome", keep=0.3)
+    eager = run(model, x)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(run(compiled, x), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_counts_merged_tokens_by_size():
+    for name in ("vit_base_patch16_siglip_gap_224", "vit_base_patch16_siglip_224"):
+        model, x = tiny_timm(name), images()
+        tokenprune.apply(model, "tome", keep=0.25)
+        with torch.inference_mode():
+            logits = model(x)
+            size = tokenprune.last_forward(model).size
+            feats = model.forward_features(x)
+            if model.attn_pool is None:
+                pooled = (feats * size).sum(1) / size.sum(1)  # size-weighted average
+                assert not torch.allclose(pooled, feats.mean(1))
+            else:
+                pooled = model.attn_pool(feats, attn_mask=size.log()[:, None, None, :, 0])
+            expected = model.head(model.fc_norm(pooled))
+        torch.testing.assert_close(logits, expected)
+
+
+def test_forward_intermediates_runs_unreduced():
+    model, x = tiny_timm(), images()
+    stock = model.forward_intermediates(x, intermediates_only=True)
+    tokenprune.apply(model, "tome", keep=0.3)
+    patched = model.forward_intermediates(x, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(stock, patched))
+
+
+def test_attn_mask_is_refused_while_reducing():
+    model = tiny_timm()
+    tokenprune.apply(model, "tome", keep=0.5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model(images(), attn_mask=torch.zeros(1, 1, 65, 65))

@@ -1,0 +1,15 @@
+"""tokenprune: training-free token pruning and merging for pretrained ViTs and VLMs.
+
+    import tokenprune
+    tokenprune.apply(model, keep=0.33)          # default method for the model family
+    tokenprune.apply(model, "tome", r=13)       # a method with its native option
+    tokenprune.last_forward(model).token_counts # what the last forward did
+    tokenprune.remove(model)                    # back to the original, bit for bit
+"""
+from .api import apply, is_patched, last_forward, methods, reducer_of, remove
+from .flops import FlopCount, count_flops
+from .registry import TokenReducer, register
+
+__all__ = ["apply", "remove", "methods", "last_forward", "is_patched", "reducer_of",
+           "count_flops", "FlopCount", "TokenReducer", "register"]
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``."""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as a Python literal when it is one (``r=13``, ``r=(13,-1)``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (random init)")
+    p.add_argument("--method", default="tome", help="a registered method (see `tokenprune methods`)")
+    p.add_argument("--keep", type=float, default=0.33, help="fraction of patch tokens that leave the encoder")
+    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a native method option, e.g. -o r=13 (overrides --keep); repeatable")
+
+
+def _cmd_methods(args) -> int:
+    import tokenprune
+
+    print(tokenprune.methods())
+    return 0
+
+
+def _cmd_flops(args) -> int:
+    import timm
+    import torch
+
+    import tokenprune
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    size = tuple(args.input_size) if args.input_size else None
+    base = tokenprune.count_flops(model, size)
+    tokenprune.apply(model, args.method, keep=args.keep, **dict(args.option))
+    reduced = tokenprune.count_flops(model, size)
+    report = tokenprune.last_forward(model)
+    print(f"model {args.model}, input {size or 'default'}; FLOPs = 2 x MACs, per image")
+    print(f"  unpatched           {base.gmacs_per_sample:8.3f} GMACs  {base.gflops_per_sample:8.3f} GFLOPs")
+    print(f"  {args.method:<8} {tokenprune.reducer_of(model)!r}")
+    print(f"                      {reduced.gmacs_per_sample:8.3f} GMACs  {reduced.gflops_per_sample:8.3f} GFLOPs"
+          f"  ({base.flops / reduced.flops:.2f}x fewer)")
+    print(f"  tokens entering each block: {report.token_counts} -> {report.output_tokens}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from tokenprune.eval.benchmark import benchmark, format_rows, rows_to_json
+
+    rows = benchmark(args.model, args.method, keep=args.keep, options=dict(args.option),
+                     batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(rows_to_json(rows))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The README's first command: every method at keep 0.5 on a random-init DeiT-Tiny."""
+    from tokenprune.eval.benchmark import benchmark, format_rows
+    from tokenprune.registry import method_names
+
+    _cmd_methods(args)
+    rows = []
+    for method in method_names():
+        rows += benchmark("deit_tiny_patch16_224", method, keep=0.5, batch_sizes=[8], repeats=3)
+    print(format_rows(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the registered methods and their options")
+    p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser("demo", help="the README's first command")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("flops", help="count a timm model's forward FLOPs, unpatched and patched")
+    _add_method_args(p)
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("bench", help="throughput, patched vs unpatched, beside the FLOPs-ideal speedup")
+    _add_method_args(p)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats at batch 32 (more at smaller batches)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:  # bad input: one clear line, not a traceback
+        print(f"tokenprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Forward FLOPs of a model, patched or not, with torch's ``FlopCounterMode``.
+
+Counts run the real forward on the real input shape, so a pruned or merged schedule
+is counted exactly as it runs, matching overhead included (ToMe's similarity
+matmuls). Convention: ``flops`` counts a multiply and an add as two; ``macs`` is
+half of that (the fvcore / paper convention, e.g. DeiT-S = 4.6 GMACs).
+
+torch counts CPU SDPA as zero (its CPU kernel is not in the formula registry), which
+would drop the attention core, the part that shrinks quadratically with tokens. We
+register the standard SDPA formula for it once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _register_cpu_sdpa() -> None:
+    if _CPU_SDPA is None or _CPU_SDPA.default in flop_registry or _CPU_SDPA in flop_registry:
+        return
+
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa()
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward over ``batch_size`` inputs; ``per_sample`` divides by it."""
+
+    flops: int
+    batch_size: int
+    by_op: dict[str, int]
+
+    @property
+    def macs(self) -> float:
+        return self.flops / 2
+
+    @property
+    def gflops_per_sample(self) -> float:
+        return self.flops / self.batch_size / 1e9
+
+    @property
+    def gmacs_per_sample(self) -> float:
+        return self.macs / self.batch_size / 1e9
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W): channels from the model's timm data config, H and W from its patch
+    embedding when it has one (the config keeps the pretrained size after an img_size override)."""
+    from timm.data import resolve_model_data_config
+
+    channels, height, width = resolve_model_data_config(model)["input_size"]
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        height, width = img_size
+    return channels, height, width
+
+
+@torch.inference_mode()
+def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1,
+                inputs: torch.Tensor | None = None) -> FlopCount:
+    """FLOPs of ``model(inputs)``; by default a zero image of the model's own input size.
+
+    Token-reduction methods that choose tokens by content reduce the same number of
+    tokens for any input, so a zero image counts exactly.
+    """
+    if inputs is None:
+        size = input_size or default_input_size(model)
+        param = next(model.parameters())
+        inputs = torch.zeros(batch_size, *size, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(inputs)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return FlopCount(flops=int(counter.get_total_flops()), batch_size=inputs.shape[0], by_op=by_op)

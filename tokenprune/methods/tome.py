@@ -1,0 +1,35 @@
+"""ToMe: Token Merging (Bolya et al., ICLR 2023).
+
+At every block, between attention and MLP: bipartite soft matching on the
+head-mean keys, size-weighted merging, and proportional attention (log-size key
+bias) in the blocks that follow. Differences from the official code: prefix tokens
+(class, distillation, registers) sit out of the matching altogether and stay first,
+so the A/B alternation starts at the first patch token (docs/methods.md).
+"""
+from __future__ import annotations
+
+from .. import ops
+from ..registry import register
+from ._scheduled import EveryBlockReducer
+
+
+@register
+class ToMe(EveryBlockReducer):
+    name = "tome"
+    summary = ("Token Merging (ICLR'23): bipartite matching on head-mean keys, size-weighted merge, "
+               "proportional attention")
+    defaults = {**EveryBlockReducer.defaults, "prop_attn": True}
+    needs_attention = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.options["prop_attn"], bool):
+            raise TypeError(f"tome: prop_attn must be True or False, got {self.options['prop_attn']!r}")
+
+    @property
+    def proportional_attention(self) -> bool:
+        return self.options["prop_attn"]
+
+    def reduce(self, x, remove, taps, state):
+        plan = ops.bipartite_soft_matching(taps.head_mean_keys(), remove, state.num_prefix)
+        return state.merge(x, plan)

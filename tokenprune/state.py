@@ -1,0 +1,116 @@
+"""Per-forward state and the report of what a forward did.
+
+A ``ForwardState`` is created at the start of every patched forward and handed from
+block to block as an argument, so concurrent forwards (threads), deep copies and
+``torch.compile`` never share it. Only the finished ``ForwardReport`` is stored on
+the model, for ``tokenprune.last_forward``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+if TYPE_CHECKING:
+    from .registry import TokenReducer
+
+
+@dataclass
+class ForwardState:
+    """What one forward pass knows about its tokens while it runs."""
+
+    reducer: "TokenReducer"
+    num_prefix: int
+    schedule: tuple[int, ...]  # tokens each block removes (see TokenReducer.schedule)
+    size: Tensor | None = None  # (B, N, 1) patches per token; None while all are 1
+    source: Tensor | None = None  # (B, N, N0) 0/1 map from original tokens, when tracing
+    token_counts: list[int] = field(default_factory=list)
+    output_tokens: int | None = None  # tokens leaving the last block
+    scratch: dict[str, Any] = field(default_factory=dict)  # method-specific, this forward only
+
+    @property
+    def layer(self) -> int:
+        """Index of the block now running (blocks call ``enter_block`` first)."""
+        return len(self.token_counts) - 1
+
+    def enter_block(self, x: Tensor) -> int:
+        """Record the tokens entering a block; return how many it must remove."""
+        self.token_counts.append(x.shape[1])
+        return self.schedule[self.layer] if self.layer < len(self.schedule) else 0
+
+    def attention_bias(self) -> Tensor | None:
+        """The additive log-size key bias of proportional attention, or None."""
+        if self.size is None or not self.reducer.proportional_attention:
+            return None
+        return ops.log_size_bias(self.size)
+
+    def start_source_tracking(self, x: Tensor) -> None:
+        batch, n = x.shape[:2]
+        self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(batch, n, n)
+
+    def merge(self, x: Tensor, plan: ops.MergePlan) -> Tensor:
+        """Merge tokens by ``plan`` (size-weighted), keeping sizes and sources in step."""
+        x, self.size = ops.merge_mean(x, self.size, plan, self.num_prefix)
+        if self.source is not None:
+            self.source = ops.merge_sum(self.source, plan, self.num_prefix)
+        return x
+
+    def keep(self, x: Tensor, keep_idx: Tensor) -> Tensor:
+        """Drop every patch token not in ``keep_idx``, keeping sizes and sources in step."""
+        if self.size is not None:
+            self.size = ops.keep_tokens(self.size, keep_idx, self.num_prefix)
+        if self.source is not None:
+            self.source = ops.keep_tokens(self.source, keep_idx, self.num_prefix)
+        return ops.keep_tokens(x, keep_idx, self.num_prefix)
+
+    def report(self) -> "ForwardReport":
+        return ForwardReport(
+            method=self.reducer.name,
+            num_prefix_tokens=self.num_prefix,
+            token_counts=list(self.token_counts),
+            output_tokens=self.output_tokens,
+            size=self.size,
+            source=self.source,
+        )
+
+
+@dataclass(frozen=True)
+class ForwardReport:
+    """What the last patched forward did (``tokenprune.last_forward(model)``).
+
+    ``token_counts[i]`` is the number of tokens entering block ``i``, prefix tokens
+    included; every method here reduces all samples of a batch alike, so one int per
+    block. ``output_tokens`` is the count leaving the last block. ``size`` (B, N, 1) is how many input patches each output token stands for
+    (None when nothing merged). ``source`` (B, N, N0) maps output tokens to the input
+    tokens they absorbed (only with ``trace_source=True``; for visualisation).
+    """
+
+    method: str
+    num_prefix_tokens: int
+    token_counts: list[int]
+    output_tokens: int | None
+    size: Tensor | None = None
+    source: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class AttentionTaps:
+    """What a block's attention saw, for methods that score tokens from it.
+
+    ``q`` and ``k`` are ``(B, heads, N, head_dim)`` after q/k normalisation, exactly as
+    the attention kernel used them; ``bias`` is the additive key bias (or None).
+    Adapters fill this in only for blocks whose method asks for it.
+    """
+
+    q: Tensor
+    k: Tensor
+    scale: float
+    bias: Tensor | None = None
+
+    def head_mean_keys(self) -> Tensor:
+        """ToMe's similarity metric: keys averaged over heads, ``(B, N, head_dim)``."""
+        return self.k.mean(dim=1)
