@@ -214,3 +214,23 @@ def test_attn_mask_is_refused_while_reducing():
     tokenprune.apply(model, "tome", keep=0.5)
     with pytest.raises(ValueError, match="attn_mask"):
         model(images(), attn_mask=torch.zeros(1, 1, 65, 65))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"scale_norm": True, "norm_layer": torch.nn.LayerNorm},
+                                     {"gated": True}])
+def test_attention_with_taps_is_timms_attention(fused, variant):
+    from timm.layers import Attention
+
+    from tokenprune.patches.timm_vit import attention_with_taps
+
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=3, **({"norm_layer": torch.nn.LayerNorm} if "qk_norm" in variant else {}),
+                     **variant).eval()
+    attn.fused_attn = fused
+    x, bias = torch.randn(2, 17, 48), torch.rand(2, 1, 1, 17).log()
+    with torch.inference_mode():
+        for mask in (None, bias):
+            out, taps = attention_with_taps(attn, x, mask)
+            assert torch.equal(out, attn(x, attn_mask=mask))
+            assert taps.q.shape == taps.k.shape == (2, 3, 17, 16)

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods and their options")
     p.set_defaults(func=_cmd_methods)
 
+    sub.add_parser("eval", help="top-1/top-5 over a grid of methods and keeps (see `tokenprune eval --help`)",
+                   add_help=False)
+
     p = sub.add_parser("demo", help="the README's first command")
     p.set_defaults(func=_cmd_demo)
 
@@ -105,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its own parser: `tokenprune eval --help`
+        from tokenprune.eval.evaluate import main as eval_main
+
+        try:
+            eval_main(argv[1:])
+            return 0
+        except (ValueError, TypeError) as e:
+            print(f"tokenprune eval: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,304 @@
+"""``tokenprune eval``: top-1 / top-5 of a classifier over a grid of methods and keep values.
+
+One run evaluates the unpruned baseline and every ``--method`` x ``--keep`` pair on the same data,
+writes one JSON line per configuration as soon as it finishes (and rewrites the CSV beside it),
+and with ``--resume`` skips the configurations an interrupted run already finished. Several
+processes (``accelerate launch -m tokenprune.eval ...``) each take a shard of the data; the counts
+are gathered exactly (``gather_for_metrics`` drops the padding of the last batch).
+
+images/s here is the model's forward throughput during evaluation (data loading excluded), a
+rough guide only; speed claims come from ``tokenprune bench``, which interleaves the two models.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import tokenprune
+from tokenprune.cli import _option
+
+from .data import EMBEDDED, SKIPPED, build_dataset
+
+TESTBED = "vit_testbed_fmnist"
+
+
+@dataclass
+class Config:
+    method: str | None  # None: the unpruned baseline
+    keep: float | None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.method is None:
+            return "baseline"
+        return f"{self.method} keep={self.keep}" + "".join(f" {k}={v}" for k, v in self.options.items())
+
+
+def load_model(name: str, pretrained: bool, checkpoint: str | None, seed: int = 0) -> torch.nn.Module:
+    """A timm model; weights from the registry (``pretrained``) or a local checkpoint file.
+    Seeded, so that a random-init model (``--no-pretrained``) is the same in every run."""
+    import timm
+
+    import tokenprune.testbed  # noqa: F401  (registers the testbed with timm)
+
+    torch.manual_seed(seed)
+    try:
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None)
+    except RuntimeError as e:
+        raise ValueError(f"could not create {name!r}: {e}") from e
+    except OSError as e:
+        raise ValueError(f"could not load pretrained weights for {name!r} ({e}); pass --checkpoint PATH "
+                         f"or --no-pretrained") from e
+    if checkpoint:
+        model.load_state_dict(read_checkpoint(checkpoint))
+    return model.eval()
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch file read with ``weights_only=True`` (never arbitrary pickles)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def config_key(run: dict, config: Config) -> str:
+    return json.dumps({**run, "method": config.method, "keep": config.keep, "options": config.options},
+                      sort_keys=True, default=str)
+
+
+def read_finished(path: Path) -> dict[str, dict]:
+    """Results already in ``path`` by key; a line cut short by an interruption is ignored."""
+    finished = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            finished[row["key"]] = row
+    return finished
+
+
+def append_result(path: Path, row: dict) -> None:
+    # A run killed mid-write leaves half a line: start on a fresh one.
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+COLUMNS = ["method", "keep", "options", "top1", "top5", "delta_top1", "gflops", "images_per_s", "speedup",
+           "images", "skipped"]
+
+
+def with_deltas(rows: list[dict]) -> list[dict]:
+    base = next((r for r in rows if r["method"] is None), None)
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["delta_top1"] = None if base is None else r["top1"] - base["top1"]
+        r["speedup"] = None if base is None else r["images_per_s"] / base["images_per_s"]
+        out.append(r)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"])})
+    tmp.replace(path)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'method':<10} {'keep':>5} {'options':<14} {'top-1':>7} {'top-5':>7} {'delta':>7} "
+            f"{'GFLOPs':>8} {'img/s':>8} {'speedup':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        fmt = (lambda v, spec: "" if v is None else format(v, spec))
+        options = ",".join(f"{k}={v}" for k, v in r["options"].items())
+        lines.append(f"{r['method'] or 'baseline':<10} {fmt(r['keep'], '>5.2f'):>5} {options:<14} "
+                     f"{r['top1']:>7.2f} {r['top5']:>7.2f} {fmt(r['delta_top1'], '+7.2f'):>7} "
+                     f"{r['gflops']:>8.4f} {r['images_per_s']:>8.1f} {fmt(r['speedup'], '>6.2f') + 'x':>7}")
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    """Top-1 against GFLOPs, one line per method, the baseline as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    base = next((r for r in rows if r["method"] is None), None)
+    for method in sorted({r["method"] for r in rows if r["method"]}):
+        pts = sorted((r["gflops"], r["top1"], r["keep"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        for g, t, k in pts:
+            ax.annotate(f"{k:g}", (g, t), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if base:
+        ax.plot([base["gflops"]], [base["top1"]], marker="*", markersize=14, color="k", linestyle="",
+                label="baseline")
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.inference_mode()
+def evaluate_config(model, loader, accelerator, amp: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    device = accelerator.device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+                if amp else contextlib.nullcontext())
+    top1 = top5 = images = skipped = 0
+    forward_seconds, local_images = 0.0, 0
+    for x, y in tqdm(loader, disable=not accelerator.is_main_process, leave=False, unit="batch"):
+        start = time.perf_counter()
+        with autocast:
+            logits = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        forward_seconds += time.perf_counter() - start
+        local_images += x.shape[0]
+        ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        valid = y != SKIPPED
+        hit1 = (ranked[:, 0] == y) & valid
+        hit5 = (ranked == y[:, None]).any(dim=-1) & valid
+        hit1, hit5, valid = accelerator.gather_for_metrics((hit1, hit5, valid))
+        top1, top5 = top1 + int(hit1.sum()), top5 + int(hit5.sum())
+        images, skipped = images + int(valid.sum()), skipped + int((~valid).sum())
+    if images == 0:
+        raise ValueError("no readable images in --data")
+    return dict(top1=100 * top1 / images, top5=100 * top5 / images, images=images, skipped=skipped,
+                images_per_s=accelerator.num_processes * local_images / max(forward_seconds, 1e-9))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenprune eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=TESTBED, help=f"timm model name (default: the testbed, {TESTBED})")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the registered pretrained weights (default on)")
+    p.add_argument("--checkpoint", help="weights file: .safetensors, or a torch file (read weights_only)")
+    p.add_argument("--data", default=EMBEDDED,
+                   help="'fashion-mnist' (embedded test split, default), an ImageNet-val style folder, a saved "
+                        "HF dataset folder, or a HF datasets name")
+    p.add_argument("--split", default="validation", help="split of a HF dataset")
+    p.add_argument("--method", nargs="+", default=[], help="methods to sweep (default: every registered one)")
+    p.add_argument("--keep", nargs="+", type=float, default=[0.5], help="keep values to sweep")
+    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="native option for every method (e.g. -o prop_attn=False)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (--no-pretrained)")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--output", help="results file (.jsonl; a .csv is written beside it); "
+                                    "default runs/eval/<model>-<data>.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip configurations already in --output")
+    p.add_argument("--overwrite", action="store_true", help="start --output afresh")
+    p.add_argument("--plot", nargs="?", const="", metavar="PNG",
+                   help="write top-1 vs GFLOPs as a PNG (default: beside --output)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from accelerate import Accelerator
+    from timm.data import create_transform, resolve_data_config
+    from torch.utils.data import DataLoader, Subset
+
+    from tokenprune.registry import method_names
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.method or method_names()
+    for m in methods:  # fail on a bad method, keep or option before any work
+        tokenprune.registry.get_method(m)(keep=args.keep[0], **dict(args.option))
+    for k in args.keep:
+        tokenprune.registry.check_keep(k)
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    model = load_model(args.model, args.pretrained, args.checkpoint, args.seed).to(accelerator.device)
+    data_config = resolve_data_config(model=model)
+    transform = create_transform(**data_config, is_training=False)
+    dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split)
+    if args.limit:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
+
+    slug = Path(args.data).name or args.data
+    output = Path(args.output or f"runs/eval/{args.model}-{slug}.jsonl")
+    if output.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
+    if accelerator.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            output.unlink(missing_ok=True)
+    finished = read_finished(output) if args.resume else {}
+
+    run = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+               split=args.split, limit=args.limit, amp=args.amp,
+               seed=None if args.pretrained or args.checkpoint else args.seed)
+    configs = [Config(None, None)] + [Config(m, k, dict(args.option)) for m in methods for k in args.keep]
+    rows = []
+    for config in configs:
+        key = config_key(run, config)
+        if key in finished:
+            rows.append(finished[key])
+            accelerator.print(f"[resume] {config.label}: already done")
+            continue
+        if config.method is None:
+            if tokenprune.is_patched(model):
+                tokenprune.remove(model)
+        else:
+            tokenprune.apply(model, config.method, keep=config.keep, **config.options)
+        flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))
+        accelerator.print(f"{config.label}: {flops.gflops_per_sample:.4f} GFLOPs/image")
+        row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
+                   options=config.options, gflops=flops.gflops_per_sample,
+                   **evaluate_config(model, loader, accelerator, args.amp))
+        if accelerator.is_main_process:
+            append_result(output, row)
+            write_csv(output.with_suffix(".csv"), with_deltas(rows + [row]))
+        rows.append(row)
+    rows = with_deltas(rows)
+    if accelerator.is_main_process:
+        write_csv(output.with_suffix(".csv"), rows)
+        print(f"\n{args.model} on {data_desc}" + (f", first {args.limit}" if args.limit else ""))
+        print(format_table(rows))
+        if rows[0]["skipped"]:
+            print(f"skipped {rows[0]['skipped']} unreadable image(s)")
+        print(f"results: {output} and {output.with_suffix('.csv')}")
+        if args.plot is not None:
+            png = Path(args.plot) if args.plot else output.with_suffix(".png")
+            plot(png, rows, f"{args.model} on {data_desc}")
+            print(f"plot: {png}")
+    return rows

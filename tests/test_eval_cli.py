@@ -1,0 +1,90 @@
+"""The eval CLI end to end on small data the tests make: folders, HF datasets, resume, outputs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenprune.cli import main as cli
+from tokenprune.eval.evaluate import main as evaluate
+
+CLASSES = ["bag", "boot", "coat"]
+COMMON = ["--no-pretrained", "--batch-size", "4", "--method", "tome", "random", "--keep", "0.5", "0.25"]
+
+
+def make_folder(root, per_class=3, corrupt=True):
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
+    if corrupt:
+        (root / CLASSES[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def test_folder_with_a_corrupt_file_gives_every_output(tmp_path, capsys):
+    data = make_folder(tmp_path / "val")
+    out = tmp_path / "res" / "run.jsonl"
+    rows = evaluate(COMMON + ["--data", str(data), "--output", str(out), "--plot"])
+    printed = capsys.readouterr().out
+    assert [r["method"] for r in rows] == [None, "tome", "tome", "random", "random"]
+    assert all(r["images"] == 9 and r["skipped"] == 1 for r in rows)
+    assert rows[0]["delta_top1"] == 0 and rows[0]["speedup"] == 1
+    gflops = [r["gflops"] for r in rows]
+    assert gflops[0] > gflops[1] > gflops[2] and gflops[0] > gflops[3] > gflops[4]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["keep"]) for r in lines] == [(r["method"], r["keep"]) for r in rows]
+    with open(out.with_suffix(".csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["baseline", "tome", "tome", "random", "random"]
+    assert float(table[1]["top1"]) == pytest.approx(rows[1]["top1"])
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "skipped 1 unreadable image" in printed and "top-1" in printed
+
+
+def test_resume_skips_finished_configurations(tmp_path, capsys):
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "run.jsonl"
+    first = evaluate(COMMON + ["--data", str(data), "--output", str(out)])
+    # An interruption during the fourth configuration: three finished lines and half a line.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+    with pytest.raises(ValueError, match="--resume"):
+        evaluate(COMMON + ["--data", str(data), "--output", str(out)])
+    capsys.readouterr()
+    second = evaluate(COMMON + ["--data", str(data), "--output", str(out), "--resume"])
+    assert capsys.readouterr().out.count("[resume]") == 3
+    assert [r["top1"] for r in second] == [r["top1"] for r in first]
+    assert [r["gflops"] for r in second] == [r["gflops"] for r in first]
+    finished = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
+    assert len({r["key"] for r in finished}) == 5
+
+
+def test_hf_dataset_saved_locally(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(6)],
+         "label": [0, 1, 2, 0, 1, 2]}, features=features)
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "hf"))
+    rows = evaluate(["--no-pretrained", "--data", str(tmp_path / "hf"), "--method", "tome", "--keep", "0.5",
+                     "--output", str(tmp_path / "hf.jsonl")])
+    assert [r["images"] for r in rows] == [6, 6] and rows[0]["skipped"] == 0
+
+
+def test_embedded_default_and_bad_input(tmp_path, capsys):
+    rows = evaluate(["--no-pretrained", "--limit", "8", "--method", "tome", "--keep", "0.5",
+                     "--output", str(tmp_path / "e.jsonl")])
+    assert rows[0]["images"] == 8 and "Fashion-MNIST" in rows[0]["data"]
+    assert cli(["eval", "--keep", "1.5", "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "keep must be in (0, 1]" in capsys.readouterr().err
+    assert cli(["eval", "--method", "nope", "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert cli(["eval", "--data", "./missing/folder", "--no-pretrained"]) == 2
+    assert "no such folder" in capsys.readouterr().err
