@@ -85,9 +85,10 @@ def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int)
     """
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
-    merged = merge_sum(x * size, plan, num_prefix)
-    size = merge_sum(size, plan, num_prefix)
-    return merged / size, size
+    # One pass for both: sizes ride along as an extra channel (small integers, exact in fp32/bf16).
+    merged = merge_sum(torch.cat([x * size, size], dim=-1), plan, num_prefix)
+    size = merged[..., -1:]
+    return merged[..., :-1] / size, size
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
