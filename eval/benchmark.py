@@ -4,8 +4,10 @@ Both models are built from the same random-init weights. For each batch size, th
 two are timed alternately (unpatched first on even repeats, patched first on odd
 ones), so that drift in machine load hits both; the result is the median of each.
 It prints the measured speedup beside the FLOPs-ideal one (unpatched FLOPs over
-patched FLOPs, counted on the real forward), and how much of the machine other
-processes used meanwhile, since a shared machine can spoil any timing.
+patched FLOPs, counted on the real forward), the "ceiling" (a zero-cost truncation
+to the same token counts, timed in the same interleave: what any method could reach
+on this machine, since small matrix products run below peak), and how much of the
+machine other processes used meanwhile, since a shared machine can spoil any timing.
 """
 from __future__ import annotations
 
@@ -20,6 +22,25 @@ import torch
 
 import tokenprune
 from tokenprune.flops import count_flops, default_input_size
+from tokenprune.patches import find_adapter
+from tokenprune.registry import TokenReducer
+
+
+class ZeroCostTruncation(TokenReducer):
+    """The ceiling for any method: the same token counts as ``inner``, reached by simply
+    dropping the last tokens (no scoring, no merging). Not registered: a measuring device."""
+
+    name, summary = "truncate", "zero-cost truncation on another method's schedule"
+
+    def __init__(self, inner: TokenReducer):
+        super().__init__(keep=inner.keep)
+        self.inner = inner
+
+    def schedule(self, num_patches, depth):
+        return self.inner.schedule(num_patches, depth)
+
+    def reduce(self, x, remove, taps, state):
+        return x[:, : x.shape[1] - remove]
 
 
 @dataclass
@@ -35,6 +56,7 @@ class BenchRow:
     measured_speedup: float
     ideal_speedup: float
     fraction_of_ideal: float
+    ceiling_speedup: float  # zero-cost truncation to the same token counts
     baseline_gmacs: float
     patched_gmacs: float
     foreign_load: float | None  # CPU share used by other processes during the timing (0..1)
@@ -81,7 +103,7 @@ def _time_once(model, x) -> float:
 
 @torch.inference_mode()
 def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.33,
-              options: dict | None = None, batch_sizes=(32, 1), repeats: int = 7, warmup: int = 2,
+              options: dict | None = None, batch_sizes=(32, 1), repeats: int = 11, warmup: int = 2,
               threads: int = 2, seed: int = 0) -> list[BenchRow]:
     """Time ``model_name`` (random init, fp32, CPU) with and without ``method``."""
     import timm
@@ -91,6 +113,8 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     torch.manual_seed(seed)
     baseline = timm.create_model(model_name, pretrained=False).eval()
     patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
+    ceiling = copy.deepcopy(baseline)
+    find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
     input_size = default_input_size(baseline)
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops
@@ -98,28 +122,31 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, *input_size)
+        models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
         for _ in range(warmup):
-            baseline(x), patched(x)
+            for model in models.values():
+                model(x)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
-        times = {"baseline": [], "patched": []}
+        times = {name: [] for name in models}
         with _ForeignLoad() as load:
             for i in range(n):
-                order = (("baseline", baseline), ("patched", patched))
+                order = list(models.items())
                 for name, model in order if i % 2 == 0 else order[::-1]:
                     times[name].append(_time_once(model, x))
-        b, p = statistics.median(times["baseline"]), statistics.median(times["patched"])
+        b, p, c = (statistics.median(times[name]) for name in models)
         rows.append(BenchRow(
             model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
-            fraction_of_ideal=(b / p) / ideal, baseline_gmacs=base_flops.gmacs_per_sample,
+            fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, baseline_gmacs=base_flops.gmacs_per_sample,
             patched_gmacs=patched_flops.gmacs_per_sample, foreign_load=load.value))
     return rows
 
 
 def format_rows(rows: list[BenchRow]) -> str:
     head = (f"{'model':<24} {'method':<7} {'config':<14} {'batch':>5} {'GMACs':>12} {'base ms':>9} "
-            f"{'patched ms':>10} {'img/s':>14} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'foreign':>7}")
+            f"{'patched ms':>10} {'img/s':>14} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'ceiling':>7} "
+            f"{'foreign':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         base_ips, patched_ips = r.images_per_s
@@ -128,7 +155,7 @@ def format_rows(rows: list[BenchRow]) -> str:
             f"{r.model:<24} {r.method:<7} {r.config:<14} {r.batch_size:>5} "
             f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
             f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
-            f"{r.fraction_of_ideal:>8.3f} {foreign:>7}")
+            f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {foreign:>7}")
     return "\n".join(lines)
 
 

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput, patched vs unpatched, beside the FLOPs-ideal speedup")
     _add_method_args(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats at batch 32 (more at smaller batches)")
+    p.add_argument("--repeats", type=int, default=11, help="timed repeats at batch 32 (more at smaller batches)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench)

@@ -61,34 +61,47 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> MergePla
     return MergePlan(unmerged=unmerged, src=src, dst=dst)
 
 
+def _split(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Prefix tokens, set A (even patch positions) and set B (odd patch positions)."""
+    return t[:, :num_prefix], t[:, num_prefix::2], t[:, num_prefix + 1::2]
+
+
+def _add_sources(b: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+    """A new tensor: ``b`` (B, nb, ...) with each row of ``src`` (B, r, ...) added into row ``dst``."""
+    batch, n_b, rest = b.shape[0], b.shape[1], b.shape[2:]
+    flat_dst = (dst + torch.arange(batch, device=b.device)[:, None] * n_b).reshape(-1)
+    # index_add (not index_add_): b may be a view of the caller's tensor.
+    return b.reshape(batch * n_b, *rest).index_add(0, flat_dst, src.reshape(-1, *rest)).view(b.shape)
+
+
 def merge_sum(t: Tensor, plan: MergePlan, num_prefix: int) -> Tensor:
     """Apply ``plan`` by summing each source token into its destination.
 
     Output order: ``[prefix, unmerged A (in original order), all of B]``. Summing is
-    right for token sizes and for 0/1 source maps; ``merge_mean`` builds the
-    size-weighted average on top of it.
+    right for token sizes and for 0/1 source maps.
     """
-    prefix, a, b = t[:, :num_prefix], t[:, num_prefix::2], t[:, num_prefix + 1::2]
+    prefix, a, b = _split(t, num_prefix)
     batch = _batch_index(t)
-    n_b = b.shape[1]
-    flat_dst = (plan.dst + batch * n_b).reshape(-1)
-    src = a[batch, plan.src].reshape(-1, *t.shape[2:])
-    # index_add (not index_add_): b is a view of the caller's tensor.
-    b = b.reshape(-1, *t.shape[2:]).index_add(0, flat_dst, src).view(t.shape[0], n_b, *t.shape[2:])
-    return torch.cat([prefix, a[batch, plan.unmerged], b], dim=1)
+    return torch.cat([prefix, a[batch, plan.unmerged], _add_sources(b, a[batch, plan.src], plan.dst)], dim=1)
 
 
 def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """Size-weighted average merge (ToMe's ``merge_wavg``); returns ``(x, size)``.
+    """Size-weighted average merge (ToMe's ``merge_wavg``); returns ``(x, size)``, same order as ``merge_sum``.
 
-    ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1.
+    ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1. Only the
+    destination set B is reweighted; unmerged tokens are copied as they are.
     """
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
-    # One pass for both: sizes ride along as an extra channel (small integers, exact in fp32/bf16).
-    merged = merge_sum(torch.cat([x * size, size], dim=-1), plan, num_prefix)
-    size = merged[..., -1:]
-    return merged[..., :-1] / size, size
+    prefix, a, b = _split(x, num_prefix)
+    prefix_size, a_size, b_size = _split(size, num_prefix)
+    batch = _batch_index(x)
+    src_size = a_size[batch, plan.src]
+    merged_size = _add_sources(b_size, src_size, plan.dst)
+    merged = _add_sources(b * b_size, a[batch, plan.src] * src_size, plan.dst) / merged_size
+    unmerged = plan.unmerged
+    return (torch.cat([prefix, a[batch, unmerged], merged], dim=1),
+            torch.cat([prefix_size, a_size[batch, unmerged], merged_size], dim=1))
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
