@@ -14,7 +14,8 @@ import tokenprune
 from tokenprune import ops
 from tokenprune.patches.timm_vit import ReducingBlock
 
-METHODS = ["tome", "random"]
+METHODS = ["tome", "random"]  # the every-block methods
+ALL_METHODS = ["tome", "random", "zero-tprune"]
 
 
 def run(model, x):
@@ -28,7 +29,7 @@ def op_names(model, x) -> list[str]:
     return [e.name for e in prof.events()]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_keep_one_is_bit_identical_with_the_same_kernels(family, method):
     model, x = tiny_timm(family), images()
     expected = run(model, x)
@@ -97,7 +98,7 @@ def test_native_r_overrides_keep_and_matches_tome_counts():
     assert steps[0] == 16 and steps == sorted(steps, reverse=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_remove_restores_outputs_state_dict_and_classes(family, method):
     model, x = tiny_timm(family), images()
     expected, state = run(model, x), copy.deepcopy(model.state_dict())
@@ -159,7 +160,7 @@ def test_threads_get_what_each_would_get_alone():
         assert len(results[i]) == 5 and all(torch.equal(r, expected) for r in results[i])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_deepcopy_and_pickle_of_a_patched_model(method):
     model, x = tiny_timm("deit_small_distilled_patch16_224"), images()
     tokenprune.apply(model, method, keep=0.4)

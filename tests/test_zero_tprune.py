@@ -1,0 +1,142 @@
+"""Zero-TPrune: WPR against networkx, the stages, the options, and the patched model."""
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+from conftest import images, tiny_timm
+
+import tokenprune
+from tokenprune.methods import zero_tprune as zt
+
+
+def random_attention(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2).softmax(-1)
+
+
+def networkx_stationary(attn: torch.Tensor) -> torch.Tensor:
+    """The stationary distribution of the walk i -> j with probability A[i, j] (PageRank, no teleport)."""
+    graph = nx.DiGraph()
+    n = attn.shape[0]
+    graph.add_weighted_edges_from((i, j, float(attn[i, j])) for i in range(n) for j in range(n))
+    rank = nx.pagerank(graph, alpha=1.0, weight="weight", tol=1e-14, max_iter=10_000)
+    return torch.tensor([rank[i] for i in range(n)], dtype=torch.float64)
+
+
+def test_weighted_pagerank_matches_networkx_batched_over_samples_and_heads():
+    attn = random_attention(2, 3, 12, 12)
+    start = zt.initial_scores(2, 3, 12, emphasize=0, device="cpu", dtype=torch.float64)
+    scores = zt.weighted_pagerank(attn, start, tol=1e-13)
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(scores[b, h], networkx_stationary(attn[b, h]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_one_wpr_round_is_one_vote():
+    attn = random_attention(1, 2, 6, 6, seed=3)
+    start = zt.initial_scores(1, 2, 6, emphasize=None, device="cpu", dtype=torch.float64)
+    assert torch.allclose(start, torch.full((1, 2, 6), 1 / 6, dtype=torch.float64))
+    one = zt.weighted_pagerank(attn, start, iterations=1)
+    torch.testing.assert_close(one, torch.einsum("bhj,bhji->bhi", start, attn))
+
+
+def test_class_token_start_is_emphasized():
+    s = zt.initial_scores(1, 1, 17, emphasize=0, device="cpu", dtype=torch.float64)[0, 0]
+    assert s[0] / s[1] == pytest.approx(17 ** 0.5) and s.sum() == pytest.approx(1.0)
+
+
+def test_head_aggregation_eir_and_vhf():
+    flat = torch.full((1, 1, 4), 0.25)  # uniform head: variance 0 on the mean-1 scale
+    peaked = torch.tensor([[[0.4, 0.2, 0.2, 0.2]]])  # variance 0.12
+    onehot = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])  # variance 3: filtered by (0.01, 0.7)
+    scores = torch.cat([flat, peaked, onehot], dim=1)
+    mean = zt.aggregate_heads(scores, rms=False)
+    rms = zt.aggregate_heads(scores, rms=True)
+    torch.testing.assert_close(mean, (scores / scores.mean(-1, keepdim=True)).mean(1))
+    torch.testing.assert_close(rms, (scores / scores.mean(-1, keepdim=True)).square().mean(1).sqrt())
+    assert rms[0, 0] > mean[0, 0]  # RMS lets one strongly-voting head show
+    filtered = zt.aggregate_heads(scores, rms=False, variance_range=(0.01, 0.7))
+    torch.testing.assert_close(filtered, peaked[0] * 4)  # only the peaked head passes
+    nothing_passes = zt.aggregate_heads(scores, rms=False, variance_range=(10.0, 20.0))
+    torch.testing.assert_close(nothing_passes, mean)  # no head in range: keep all
+
+
+def test_s_stage_drops_duplicates_of_important_tokens():
+    importance = torch.tensor([[5.0, 4.0, 3.0, 0.1, 0.2, 0.3]])  # tokens 3, 4, 5 are the unimportant half
+    metric = torch.eye(6)[None]
+    metric[0, 4] = metric[0, 0]  # token 4 duplicates important token 0
+    dropped = zt.redundant_tokens(importance, metric, remove=1)
+    assert dropped.tolist() == [[4]]
+    assert zt.complement(6, dropped).tolist() == [[0, 1, 2, 3, 5]]
+
+
+def test_schedule_layers_keep_rates_and_counts():
+    model, x = tiny_timm(depth=8), images()
+    tokenprune.apply(model, "zero-tprune", keep=0.25)  # layers 2, 4, 6; geometric 64 -> 16
+    with torch.inference_mode():
+        model(x)
+    report = tokenprune.last_forward(model)
+    assert report.token_counts == [65, 65, 65, 41, 41, 26, 26, 17] and report.output_tokens == 17
+    tokenprune.apply(model, "zero-tprune", layers=[0, 5], keep_rates=[0.5, 0.5])
+    with torch.inference_mode():
+        model(x)
+    assert tokenprune.last_forward(model).token_counts == [65, 33, 33, 33, 33, 33, 17, 17]
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "deit_small_distilled_patch16_224",
+                                  "vit_base_patch16_siglip_224"])
+def test_prefix_tokens_are_never_pruned(name):
+    model, x = tiny_timm(name, depth=6), images()
+    tokenprune.apply(model, "zero-tprune", keep=0.1, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    report = tokenprune.last_forward(model)
+    p = model.num_prefix_tokens
+    assert torch.equal(report.source[:, :p, :p], torch.eye(p).expand(2, p, p))
+    assert report.output_tokens == p + round(0.1 * 64)
+    kept = report.source[:, p:].argmax(-1)
+    assert (kept >= p).all() and torch.equal(kept, kept.sort(-1).values)
+
+
+def test_keep_one_is_bit_identical():
+    model, x = tiny_timm("vit_small_patch14_reg4_dinov2"), images()
+    with torch.inference_mode():
+        expected = model(x)
+        tokenprune.apply(model, "zero-tprune", keep=1.0)
+        assert torch.equal(model(x), expected)
+
+
+def kept_tokens(model, x, **options):
+    tokenprune.apply(model, "zero-tprune", keep=0.3, trace_source=True, **options)
+    with torch.inference_mode():
+        model(x)
+    return tokenprune.last_forward(model).source.argmax(-1)
+
+
+def test_each_option_changes_the_choice_and_random_matches_the_random_method():
+    model, x = tiny_timm(depth=6, seed=4), images(4)
+    with torch.no_grad():
+        for block in model.blocks:  # sharper attention than random init gives, as trained models have
+            block.attn.qkv.weight.mul_(4)
+    default = kept_tokens(model, x)
+    for options in ({"uniform_start": True, "iterations": 1}, {"eir": False, "vhf": False}, {"s_stage": False},
+                    {"s_fraction": 1.0}, {"importance": "random"}):
+        assert not torch.equal(kept_tokens(model, x, **options), default), options
+    # More iterations converge: the stationary scores no longer depend on the start.
+    converged = kept_tokens(model, x, tol=1e-9, s_stage=False)
+    assert torch.equal(converged, kept_tokens(model, x, tol=1e-9, s_stage=False, uniform_start=True))
+    # VHF with a range every head falls in changes nothing.
+    assert torch.equal(kept_tokens(model, x, vhf=False), kept_tokens(model, x, vhf_range=(0.0, 1e9)))
+
+
+def test_bad_options():
+    model = tiny_timm()
+    for options, error in [({"layers": [9]}, ValueError), ({"keep_rates": [1.5, 0.5, 0.5]}, ValueError),
+                           ({"iterations": 0}, ValueError), ({"vhf_range": (0.7, 0.1)}, ValueError),
+                           ({"importance": "attn"}, ValueError), ({"eir": 1}, TypeError),
+                           ({"keep_rates": [0.5]}, ValueError)]:
+        with pytest.raises(error):
+            tokenprune.apply(model, "zero-tprune", **options)
+    assert not tokenprune.is_patched(model)

@@ -1,0 +1,237 @@
+"""Zero-TPrune (Wang, Dedhia, Jha; CVPR 2024): attention-graph importance and similarity pruning.
+
+At each pruning layer, from the attention of the block being run (its probabilities computed
+from the block's own q and k, at that layer only):
+
+1. I'-stage: one round of weighted-PageRank voting ranks the patch tokens (prunes nothing).
+2. S-stage: the less important half (by I') are candidates; each finds its most similar token in
+   the more important half (cosine of head-mean keys); the most redundant candidates are dropped.
+3. I-stage: weighted PageRank (s <- A^T s, per head) on the attention among the survivors,
+   aggregated over heads by root-mean-square (EIR) over the heads whose score variance is in range
+   (VHF); the least important patch tokens are dropped.
+
+Tokens are dropped, never merged. Reduction happens between the block's attention and its MLP:
+the MLP acts on each token alone, so this drops exactly the tokens a pruning layer after the block
+would, without running the MLP on them. Every choice the paper leaves open is an option here;
+docs/methods.md records what we chose and the measurements behind it.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..registry import TokenReducer, register
+from ._scheduled import _is_count
+
+# ----------------------------------------------------------------------------- pure tensor functions
+
+
+def attention_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Post-softmax attention ``(B, H, N, N)``; rows (queries) sum to 1."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)
+
+
+def initial_scores(batch: int, heads: int, n: int, emphasize: int | None, device, dtype) -> Tensor:
+    """Uniform start, with token ``emphasize`` (the class token) given sqrt(n) times the score; sums to 1."""
+    s = torch.ones(batch, heads, n, device=device, dtype=dtype)
+    if emphasize is not None:
+        s[..., emphasize] = n ** 0.5
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None, tol: float | None = None,
+                      max_iterations: int = 200) -> Tensor:
+    """Each token votes for the tokens it attends to, weighted by its own score: ``s <- A^T s``.
+
+    ``attn`` is row-stochastic ``(..., N, N)``, ``start`` ``(..., N)`` sums to 1, and so does every
+    iterate. Runs ``iterations`` rounds, or until the largest change is below ``tol``.
+    """
+    s = start
+    for step in range(iterations if iterations is not None else max_iterations):
+        nxt = (s.unsqueeze(-2) @ attn).squeeze(-2)  # row vector times A reads A contiguously
+        if tol is not None and (nxt - s).abs().max() < tol:
+            return nxt
+        s = nxt
+    return s
+
+
+def aggregate_heads(scores: Tensor, rms: bool = True, variance_range: tuple[float, float] | None = None) -> Tensor:
+    """Per-token importance from per-head scores ``(B, H, n)``.
+
+    Scores are rescaled to mean 1 per head (so 0 variance = uniform, n-1 = one-hot, whatever
+    n is). With ``variance_range`` (VHF), only heads whose variance lies in it take part (all
+    heads where none does). ``rms`` (EIR) aggregates by root-mean-square, else by the mean.
+    """
+    scaled = scores / scores.mean(dim=-1, keepdim=True)
+    weight = torch.ones(scaled.shape[:2], device=scores.device, dtype=scores.dtype)
+    if variance_range is not None:
+        var = scaled.var(dim=-1, unbiased=False)
+        inside = (var >= variance_range[0]) & (var <= variance_range[1])
+        inside |= ~inside.any(dim=-1, keepdim=True)  # never filter out every head
+        weight = inside.to(scores.dtype)
+    weight = (weight / weight.sum(dim=-1, keepdim=True)).unsqueeze(-1)
+    if rms:
+        return (weight * scaled.square()).sum(dim=1).sqrt()
+    return (weight * scaled).sum(dim=1)
+
+
+def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
+    """S-stage: indices ``(B, remove)`` of the most redundant patch tokens.
+
+    The less important half (by ``importance``, unimportant first) are candidates; each is scored by
+    its cosine similarity to the most similar token of the more important half.
+    """
+    n = importance.shape[-1]
+    order = importance.argsort(dim=-1)
+    candidates, anchors = order[:, : n // 2], order[:, n // 2:]
+    batch = torch.arange(metric.shape[0], device=metric.device)[:, None]
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = (unit[batch, candidates] @ unit[batch, anchors].transpose(-1, -2)).amax(dim=-1)
+    return candidates.gather(1, similarity.topk(remove, dim=-1).indices)
+
+
+def complement(n: int, drop: Tensor) -> Tensor:
+    """Ascending indices of ``range(n)`` not in ``drop`` (B, k), per sample."""
+    keep = torch.ones(drop.shape[0], n, dtype=torch.bool, device=drop.device)
+    keep.scatter_(1, drop, False)
+    return keep.nonzero()[:, 1].view(drop.shape[0], n - drop.shape[1])
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def _is_fraction(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0.0 < v <= 1.0
+
+
+@register
+class ZeroTPrune(TokenReducer):
+    name = "zero-tprune"
+    summary = ("Zero-TPrune (CVPR'24): weighted-PageRank importance (EIR, VHF) and similarity pruning, "
+               "I'->S->I at a few pruning layers")
+    defaults = {
+        "layers": None,  # block indices that prune; None: depth/4, depth/2, 3*depth/4
+        "keep_rates": None,  # fraction of patch tokens each pruning layer keeps (overrides keep)
+        "iterations": None,  # WPR rounds: int, per-layer list, or None (paper's rule by depth)
+        "tol": None,  # stop WPR once no score moves more than this (overrides iterations)
+        "uniform_start": False,  # Zero-TPrune-uni: no class-token emphasis
+        "eir": True,  # root-mean-square over heads (else mean)
+        "vhf": True,  # variance-based head filter
+        "vhf_range": (0.01, 0.7),  # on scores rescaled to mean 1 per head
+        "s_stage": True,
+        "s_fraction": 0.5,  # share of each layer's removal done by the S-stage
+        "renormalize": True,  # row-renormalise the survivors' attention before the I-stage
+        "importance": "wpr",  # or "random": the ablation's random-drop floor
+        "seed": 0,
+        "trace_source": False,
+    }
+    needs_attention = True
+
+    def validate(self) -> None:
+        o = self.options
+        if o["layers"] is not None and not (isinstance(o["layers"], (list, tuple)) and o["layers"]
+                                            and all(_is_count(v) for v in o["layers"])):
+            raise ValueError(f"zero-tprune: layers must be a non-empty list of block indices, got {o['layers']!r}")
+        if o["keep_rates"] is not None:
+            if not (isinstance(o["keep_rates"], (list, tuple)) and all(_is_fraction(v) for v in o["keep_rates"])):
+                raise ValueError(f"zero-tprune: keep_rates must be a list of fractions in (0, 1], "
+                                 f"got {o['keep_rates']!r}")
+            if o["layers"] is not None and len(o["keep_rates"]) != len(o["layers"]):
+                raise ValueError("zero-tprune: keep_rates needs one entry per pruning layer")
+        its = o["iterations"]
+        if its is not None and not (_is_count(its) and its > 0) and not (
+                isinstance(its, (list, tuple)) and all(_is_count(v) and v > 0 for v in its)):
+            raise ValueError(f"zero-tprune: iterations must be a positive int or a list of them, got {its!r}")
+        if o["tol"] is not None and not (isinstance(o["tol"], numbers.Real) and o["tol"] > 0):
+            raise ValueError(f"zero-tprune: tol must be a positive number, got {o['tol']!r}")
+        lo_hi = o["vhf_range"]
+        if not (isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1]):
+            raise ValueError(f"zero-tprune: vhf_range must be (low, high) with 0 <= low < high, got {lo_hi!r}")
+        if not (isinstance(o["s_fraction"], numbers.Real) and 0.0 <= o["s_fraction"] <= 1.0):
+            raise ValueError(f"zero-tprune: s_fraction must be in [0, 1], got {o['s_fraction']!r}")
+        if o["importance"] not in ("wpr", "random"):
+            raise ValueError(f"zero-tprune: importance must be 'wpr' or 'random', got {o['importance']!r}")
+        for flag in ("uniform_start", "eir", "vhf", "s_stage", "renormalize"):
+            if not isinstance(o[flag], bool):
+                raise TypeError(f"zero-tprune: {flag} must be True or False, got {o[flag]!r}")
+
+    def pruning_layers(self, depth: int) -> list[int]:
+        layers = self.options["layers"] or [depth // 4, depth // 2, (3 * depth) // 4]
+        if max(layers) >= depth:
+            raise ValueError(f"zero-tprune: layers {list(layers)} outside a model of {depth} blocks")
+        return sorted(set(layers))
+
+    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+        layers = self.pruning_layers(depth)
+        rates = self.options["keep_rates"]
+        counts, n = [], num_patches
+        if rates is not None:
+            if len(rates) != len(layers):
+                raise ValueError(f"zero-tprune: keep_rates has {len(rates)} entries for {len(layers)} pruning "
+                                 f"layers {layers}")
+            for rate in rates:
+                n = max(1, round(n * rate))
+                counts.append(n)
+        else:  # a geometric schedule that ends exactly at the requested count
+            final = ops.final_patch_count(num_patches, self.keep)
+            for i in range(1, len(layers) + 1):
+                counts.append(max(final, round(num_patches * (final / num_patches) ** (i / len(layers)))))
+        steps = [0] * depth
+        previous = num_patches
+        for layer, count in zip(layers, counts):
+            steps[layer] = previous - count
+            previous = count
+        return tuple(steps)
+
+    def iterations_at(self, layer: int, depth: int, index: int) -> int | None:
+        its = self.options["iterations"]
+        if self.options["tol"] is not None:
+            return None
+        if isinstance(its, (list, tuple)):
+            return its[index]
+        if its is not None:
+            return its
+        # The paper's rule: many rounds early (scores still near uniform), one in the last three blocks.
+        return 30 if layer < 3 else 1 if layer >= depth - 3 else 5
+
+    def reduce(self, x, remove, taps, state):
+        o, p = self.options, state.num_prefix
+        n = x.shape[1] - p
+        if o["importance"] == "random":
+            generator = torch.Generator(device=x.device).manual_seed(o["seed"] + state.layer)
+            return state.keep(x, ops.random_keep_indices(x.shape[0], n, n - remove, generator, x.device))
+
+        attn = attention_probabilities(taps.q, taps.k, taps.scale, taps.bias)  # (B, H, N, N)
+        batch, heads, total = attn.shape[:3]
+        cls = None if o["uniform_start"] or p == 0 else 0
+        start = initial_scores(batch, heads, total, cls, x.device, attn.dtype)
+        variance_range = tuple(o["vhf_range"]) if o["vhf"] else None
+        keep = torch.arange(total, device=x.device).expand(batch, total)  # indices into all tokens
+        s_remove = round(remove * o["s_fraction"]) if o["s_stage"] else 0
+        if s_remove:
+            rough = weighted_pagerank(attn, start, iterations=1)[..., p:]  # I'-stage: rank only
+            rough = aggregate_heads(rough, rms=o["eir"])
+            dropped = redundant_tokens(rough, taps.head_mean_keys()[:, p:], s_remove)
+            keep = complement(total, dropped + p)
+            b_idx = torch.arange(batch, device=x.device)[:, None, None, None]
+            h_idx = torch.arange(heads, device=x.device)[None, :, None, None]
+            attn = attn[b_idx, h_idx, keep[:, None, :, None], keep[:, None, None, :]]  # survivors' sub-graph
+            if o["renormalize"]:
+                attn = attn / attn.sum(dim=-1, keepdim=True)
+            start = start.gather(-1, keep[:, None, :].expand(batch, heads, -1))
+            start = start / start.sum(dim=-1, keepdim=True)
+        depth = len(state.schedule)
+        index = self.pruning_layers(depth).index(state.layer)
+        scores = weighted_pagerank(attn, start, iterations=self.iterations_at(state.layer, depth, index),
+                                   tol=o["tol"])
+        importance = aggregate_heads(scores[..., p:], rms=o["eir"], variance_range=variance_range)
+        survivors = keep[:, p:] - p  # patch indices still in play after the S-stage
+        kept = importance.topk(n - remove, dim=-1).indices
+        kept = survivors.gather(1, kept).sort(dim=-1).values
+        return state.keep(x, kept)
