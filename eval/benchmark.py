@@ -57,6 +57,7 @@ class BenchRow:
     ideal_speedup: float
     fraction_of_ideal: float
     ceiling_speedup: float  # zero-cost truncation to the same token counts
+    overhead: float  # (patched - truncation) / patched time: what scoring, matching and merging cost
     baseline_gmacs: float
     patched_gmacs: float
     foreign_load: float | None  # CPU share used by other processes during the timing (0..1)
@@ -138,7 +139,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
         rows.append(BenchRow(
             model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
-            fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, baseline_gmacs=base_flops.gmacs_per_sample,
+            fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p, baseline_gmacs=base_flops.gmacs_per_sample,
             patched_gmacs=patched_flops.gmacs_per_sample, foreign_load=load.value))
     return rows
 
@@ -146,7 +147,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
 def format_rows(rows: list[BenchRow]) -> str:
     head = (f"{'model':<24} {'method':<7} {'config':<14} {'batch':>5} {'GMACs':>12} {'base ms':>9} "
             f"{'patched ms':>10} {'img/s':>14} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'ceiling':>7} "
-            f"{'foreign':>7}")
+            f"{'overhead':>8} {'foreign':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         base_ips, patched_ips = r.images_per_s
@@ -155,7 +156,7 @@ def format_rows(rows: list[BenchRow]) -> str:
             f"{r.model:<24} {r.method:<7} {r.config:<14} {r.batch_size:>5} "
             f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
             f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
-            f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {foreign:>7}")
+            f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {r.overhead:>8.1%} {foreign:>7}")
     return "\n".join(lines)
 
 

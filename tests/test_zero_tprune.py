@@ -69,7 +69,27 @@ def test_s_stage_drops_duplicates_of_important_tokens():
     metric[0, 4] = metric[0, 0]  # token 4 duplicates important token 0
     dropped = zt.redundant_tokens(importance, metric, remove=1)
     assert dropped.tolist() == [[4]]
-    assert zt.complement(6, dropped).tolist() == [[0, 1, 2, 3, 5]]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_masked_pagerank_is_pagerank_on_the_survivors_subgraph(renormalize):
+    attn = random_attention(2, 3, 10, 10, seed=5)
+    alive = torch.tensor([[1, 1, 0, 1, 1, 0, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    start = zt.initial_scores(2, 3, 10, emphasize=0, device="cpu", dtype=torch.float64)
+    masked = zt.weighted_pagerank(attn, start, iterations=4, alive=alive[:, None], renormalize=renormalize)
+    importance = zt.aggregate_heads(masked, variance_range=(0.01, 0.7), alive=alive)
+    for b in range(2):
+        idx = alive[b].nonzero()[:, 0]
+        sub = attn[b][:, idx][:, :, idx]
+        if renormalize:
+            sub = sub / sub.sum(-1, keepdim=True)
+        expected = zt.weighted_pagerank(sub, start[b][:, idx], iterations=4)
+        expected = expected / expected.sum(-1, keepdim=True)
+        torch.testing.assert_close(masked[b][:, idx], expected)
+        assert (masked[b][:, ~alive[b]] == 0).all()
+        torch.testing.assert_close(importance[b, idx],
+                                   zt.aggregate_heads(expected[None], variance_range=(0.01, 0.7))[0])
+        assert (importance[b, ~alive[b]] == float("-inf")).all()
 
 
 def test_schedule_layers_keep_rates_and_counts():

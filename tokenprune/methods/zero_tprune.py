@@ -46,39 +46,60 @@ def initial_scores(batch: int, heads: int, n: int, emphasize: int | None, device
 
 
 def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None, tol: float | None = None,
-                      max_iterations: int = 200) -> Tensor:
+                      alive: Tensor | None = None, renormalize: bool = True, max_iterations: int = 200) -> Tensor:
     """Each token votes for the tokens it attends to, weighted by its own score: ``s <- A^T s``.
 
-    ``attn`` is row-stochastic ``(..., N, N)``, ``start`` ``(..., N)`` sums to 1, and so does every
-    iterate. Runs ``iterations`` rounds, or until the largest change is below ``tol``.
+    ``attn`` is row-stochastic ``(..., N, N)`` and ``start`` ``(..., N)``; every iterate sums to 1.
+    Runs ``iterations`` rounds, or until the largest change is below ``tol``. ``alive`` (bool,
+    broadcastable to ``start``) restricts the graph to those tokens, exactly as if the others' rows
+    and columns were cut out (and, with ``renormalize``, each row re-normalised over the survivors),
+    without copying the sub-matrix; the others score 0.
     """
-    s = start
-    for step in range(iterations if iterations is not None else max_iterations):
-        nxt = (s.unsqueeze(-2) @ attn).squeeze(-2)  # row vector times A reads A contiguously
+    mask = None if alive is None else alive.to(attn.dtype)
+    row_scale = None
+    if mask is not None:
+        start = start * mask
+        if renormalize:  # 1 / (attention each row keeps on the survivors)
+            row_scale = 1.0 / (attn @ mask.expand_as(start).unsqueeze(-1)).squeeze(-1)
+    s = start / start.sum(dim=-1, keepdim=True)
+    # With a mask and no renormalisation, mass leaks to the cut tokens at every round: rescale
+    # then (the ranking is scale-free; only the stopping test and the result need unit sum).
+    leaks = mask is not None and not renormalize
+    for _ in range(iterations if iterations is not None else max_iterations):
+        votes = s if row_scale is None else s * row_scale
+        nxt = (votes.unsqueeze(-2) @ attn).squeeze(-2)  # row vector times A reads A contiguously
+        if mask is not None:
+            nxt = nxt * mask
+        if leaks:
+            nxt = nxt / nxt.sum(dim=-1, keepdim=True)
         if tol is not None and (nxt - s).abs().max() < tol:
             return nxt
         s = nxt
     return s
 
 
-def aggregate_heads(scores: Tensor, rms: bool = True, variance_range: tuple[float, float] | None = None) -> Tensor:
+def aggregate_heads(scores: Tensor, rms: bool = True, variance_range: tuple[float, float] | None = None,
+                    alive: Tensor | None = None) -> Tensor:
     """Per-token importance from per-head scores ``(B, H, n)``.
 
     Scores are rescaled to mean 1 per head (so 0 variance = uniform, n-1 = one-hot, whatever
     n is). With ``variance_range`` (VHF), only heads whose variance lies in it take part (all
     heads where none does). ``rms`` (EIR) aggregates by root-mean-square, else by the mean.
+    ``alive`` (B, n) limits means and variances to those tokens; the others get -inf.
     """
-    scaled = scores / scores.mean(dim=-1, keepdim=True)
+    mask = torch.ones_like(scores[:, 0]) if alive is None else alive.to(scores.dtype)
+    mask = mask.unsqueeze(1)
+    count = mask.sum(dim=-1, keepdim=True)
+    scaled = scores * mask / ((scores * mask).sum(dim=-1, keepdim=True) / count)
     weight = torch.ones(scaled.shape[:2], device=scores.device, dtype=scores.dtype)
     if variance_range is not None:
-        var = scaled.var(dim=-1, unbiased=False)
+        var = ((scaled - 1).square() * mask).sum(dim=-1) / count.squeeze(-1)
         inside = (var >= variance_range[0]) & (var <= variance_range[1])
         inside |= ~inside.any(dim=-1, keepdim=True)  # never filter out every head
         weight = inside.to(scores.dtype)
     weight = (weight / weight.sum(dim=-1, keepdim=True)).unsqueeze(-1)
-    if rms:
-        return (weight * scaled.square()).sum(dim=1).sqrt()
-    return (weight * scaled).sum(dim=1)
+    importance = (weight * scaled.square()).sum(dim=1).sqrt() if rms else (weight * scaled).sum(dim=1)
+    return importance if alive is None else importance.masked_fill(~alive, float("-inf"))
 
 
 def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
@@ -94,13 +115,6 @@ def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
     unit = metric / metric.norm(dim=-1, keepdim=True)
     similarity = (unit[batch, candidates] @ unit[batch, anchors].transpose(-1, -2)).amax(dim=-1)
     return candidates.gather(1, similarity.topk(remove, dim=-1).indices)
-
-
-def complement(n: int, drop: Tensor) -> Tensor:
-    """Ascending indices of ``range(n)`` not in ``drop`` (B, k), per sample."""
-    keep = torch.ones(drop.shape[0], n, dtype=torch.bool, device=drop.device)
-    keep.scatter_(1, drop, False)
-    return keep.nonzero()[:, 1].view(drop.shape[0], n - drop.shape[1])
 
 
 # ----------------------------------------------------------------------------- the method
@@ -212,26 +226,18 @@ class ZeroTPrune(TokenReducer):
         cls = None if o["uniform_start"] or p == 0 else 0
         start = initial_scores(batch, heads, total, cls, x.device, attn.dtype)
         variance_range = tuple(o["vhf_range"]) if o["vhf"] else None
-        keep = torch.arange(total, device=x.device).expand(batch, total)  # indices into all tokens
         s_remove = round(remove * o["s_fraction"]) if o["s_stage"] else 0
+        alive = None  # patch tokens the S-stage leaves to the I-stage (None: all)
         if s_remove:
             rough = weighted_pagerank(attn, start, iterations=1)[..., p:]  # I'-stage: rank only
             rough = aggregate_heads(rough, rms=o["eir"])
             dropped = redundant_tokens(rough, taps.head_mean_keys()[:, p:], s_remove)
-            keep = complement(total, dropped + p)
-            b_idx = torch.arange(batch, device=x.device)[:, None, None, None]
-            h_idx = torch.arange(heads, device=x.device)[None, :, None, None]
-            attn = attn[b_idx, h_idx, keep[:, None, :, None], keep[:, None, None, :]]  # survivors' sub-graph
-            if o["renormalize"]:
-                attn = attn / attn.sum(dim=-1, keepdim=True)
-            start = start.gather(-1, keep[:, None, :].expand(batch, heads, -1))
-            start = start / start.sum(dim=-1, keepdim=True)
+            alive = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, dropped, False)
+        graph_alive = None if alive is None else torch.cat([alive.new_ones(batch, p), alive], dim=1)[:, None]
         depth = len(state.schedule)
         index = self.pruning_layers(depth).index(state.layer)
         scores = weighted_pagerank(attn, start, iterations=self.iterations_at(state.layer, depth, index),
-                                   tol=o["tol"])
-        importance = aggregate_heads(scores[..., p:], rms=o["eir"], variance_range=variance_range)
-        survivors = keep[:, p:] - p  # patch indices still in play after the S-stage
-        kept = importance.topk(n - remove, dim=-1).indices
-        kept = survivors.gather(1, kept).sort(dim=-1).values
+                                   tol=o["tol"], alive=graph_alive, renormalize=o["renormalize"])
+        importance = aggregate_heads(scores[..., p:], rms=o["eir"], variance_range=variance_range, alive=alive)
+        kept = importance.topk(n - remove, dim=-1).indices.sort(dim=-1).values
         return state.keep(x, kept)
