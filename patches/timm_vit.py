@@ -53,23 +53,58 @@ def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None) ->
     return out, AttentionTaps(q=q, k=k, scale=attn.scale, bias=attn_mask)
 
 
+def query_key_taps(attn: Attention, x: Tensor, bias: Tensor | None) -> AttentionTaps:
+    """q and k only (the first two thirds of the qkv projection), for methods that score before attending."""
+    B, N, _ = x.shape
+    dim = attn.attn_dim
+    bias_qk = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * dim]
+    q, k = F.linear(x, attn.qkv.weight[: 2 * dim], bias_qk).reshape(B, N, 2, attn.num_heads, attn.head_dim) \
+        .permute(2, 0, 3, 1, 4).unbind(0)
+    return AttentionTaps(q=attn.q_norm(q), k=attn.k_norm(k), scale=attn.scale, bias=bias)
+
+
+def attention_from_probabilities(attn: Attention, x: Tensor, probs: Tensor) -> Tensor:
+    """The rest of timm's ``Attention.forward`` given the attention probabilities ``(B, H, N, N)``:
+    values from the last third of the qkv projection, then norm, gate and output projection."""
+    B, N, _ = x.shape
+    dim = attn.attn_dim
+    bias_v = None if attn.qkv.bias is None else attn.qkv.bias[2 * dim:]
+    v = F.linear(x, attn.qkv.weight[2 * dim:], bias_v).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    out = attn.norm((attn.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, dim))
+    if attn.gate is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
 class ReducingBlock(Block):
-    """A timm ``Block`` that reduces tokens when it is given a ``ForwardState``."""
+    """A timm ``Block`` that reduces tokens when it is given a ``ForwardState``.
+
+    Methods reduce either between the attention residual and the MLP (``after_attention``: ToMe,
+    Zero-TPrune, random) or at the block input using this block's own attention
+    (``block_input``: MCTF, which may hand back the merged attention probabilities to reuse).
+    """
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
                 state: ForwardState | None = None) -> Tensor:
         if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        reducer = state.reducer
         remove = state.enter_block(x)
-        bias = state.attention_bias()
+        taps, probs = None, None
+        if remove and reducer.placement == "block_input":
+            taps = query_key_taps(self.attn, self.norm1(x), state.attention_bias())
+            x, probs = reducer.reduce(x, remove, taps, state)
+            remove = 0
         h = self.norm1(x)
-        if remove and state.reducer.needs_attention:
-            h, taps = attention_with_taps(self.attn, h, bias)
+        if probs is not None:
+            h = attention_from_probabilities(self.attn, h, probs)
+        elif remove and reducer.needs_attention:
+            h, taps = attention_with_taps(self.attn, h, state.attention_bias())
         else:
-            h, taps = self.attn(h, attn_mask=bias), None
+            h = self.attn(h, attn_mask=state.attention_bias())
         x = x + self.drop_path1(self.ls1(h))
         if remove:
-            x = state.reducer.reduce(x, remove, taps, state)
+            x = reducer.reduce(x, remove, taps, state)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 

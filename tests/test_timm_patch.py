@@ -15,7 +15,7 @@ from tokenprune import ops
 from tokenprune.patches.timm_vit import ReducingBlock
 
 METHODS = ["tome", "random"]  # the every-block methods
-ALL_METHODS = ["tome", "random", "zero-tprune"]
+ALL_METHODS = ["tome", "random", "zero-tprune", "mctf"]
 
 
 def run(model, x):

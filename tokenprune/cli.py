@@ -66,16 +66,15 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    """The README's first command: every method at keep 0.5 on a random-init DeiT-Tiny."""
-    from tokenprune.eval.benchmark import benchmark, format_rows
-    from tokenprune.registry import method_names
+DEMO_ARGS = ["--keep", "0.5", "--limit", "2000", "--output", "runs/demo/testbed.jsonl", "--overwrite", "--plot"]
 
-    _cmd_methods(args)
-    rows = []
-    for method in method_names():
-        rows += benchmark("deit_tiny_patch16_224", method, keep=0.5, batch_sizes=[8], repeats=3)
-    print(format_rows(rows))
+
+def _cmd_demo(args) -> int:
+    """The README's first command: every method at keep 0.5 on the embedded testbed."""
+    from tokenprune.eval.evaluate import main as eval_main
+
+    print("tokenprune eval " + " ".join(DEMO_ARGS))
+    eval_main(DEMO_ARGS)
     return 0
 
 

@@ -204,3 +204,16 @@ def tome_r_schedule(r: int | tuple[int, float] | list[int], depth: int) -> tuple
         step = (end - start) / max(depth - 1, 1)
         return tuple(max(0, int(start + step * i)) for i in range(depth))
     return (r,) * depth
+
+
+def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
+    """Sum the tokens of ``t`` (B, N, ...) into ``n_out`` slots; ``dest`` (B, N) is each token's slot."""
+    batch, n, rest = t.shape[0], t.shape[1], t.shape[2:]
+    flat = (dest + torch.arange(batch, device=t.device)[:, None] * n_out).reshape(-1)
+    out = t.new_zeros(batch * n_out, *rest)
+    return out.index_add_(0, flat, t.reshape(batch * n, *rest)).view(batch, n_out, *rest)
+
+
+def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
+    """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1)."""
+    return assign_sum(t * weight, dest, n_out) / assign_sum(weight, dest, n_out)

@@ -62,6 +62,10 @@ class TokenReducer:
     defaults: ClassVar[dict[str, Any]] = {}
     #: ask the adapter for q/k (``AttentionTaps``) at blocks that reduce
     needs_attention: ClassVar[bool] = False
+    #: where a block reduces: "after_attention" (between the attention residual and the MLP), or
+    #: "block_input" (before attention, from q/k of the un-reduced tokens; ``reduce`` then returns
+    #: ``(x, probs)``, where ``probs`` is the merged attention to reuse, or None to recompute it)
+    placement: ClassVar[str] = "after_attention"
 
     def __init__(self, keep: float = 0.33, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))

@@ -59,6 +59,15 @@ class ForwardState:
             self.source = ops.merge_sum(self.source, plan, self.num_prefix)
         return x
 
+    def fuse(self, x: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
+        """Merge tokens sharing a slot of ``dest`` (B, N; prefix tokens in their own slots) by the
+        ``weight``-ed (B, N, 1) mean; sizes and sources add up."""
+        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        self.size = ops.assign_sum(size, dest, n_out)
+        if self.source is not None:
+            self.source = ops.assign_sum(self.source, dest, n_out)
+        return ops.assign_mean(x, weight, dest, n_out)
+
     def keep(self, x: Tensor, keep_idx: Tensor) -> Tensor:
         """Drop every patch token not in ``keep_idx``, keeping sizes and sources in step."""
         if self.size is not None:

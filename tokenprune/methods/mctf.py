@@ -1,0 +1,190 @@
+"""MCTF: multi-criteria token fusion with one-step-ahead attention (Lee, Choi, Kim; CVPR 2024).
+
+At the input of blocks 1..L-1, before attention: the block's own attention is computed on the
+un-merged tokens (from its q and k, with the log-size bias); it scores pairs of patch tokens by
+three criteria, fuses the best pairs in two directions, and then reuses that attention, merged
+(keys summed, queries averaged), instead of recomputing it. Scores follow the official code:
+
+    W = ((cos(x_i, x_j) + 1) / 2) ** (1/tau_sim) * (a~_i a~_j) ** (1/tau_info) * (s~_i s~_j) ** (1/tau_size)
+
+with x the token features entering the block, a the attention a token receives (mean over heads and
+queries), s its size, ~ = reciprocal over its max, and (tau_sim, tau_info, tau_size) = (1, 20, 40).
+Merged tokens are averaged with weights a * s. Prefix tokens never take part; the A/B alternation
+starts at the first patch token (as our ToMe). docs/methods.md records the remaining choices.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..registry import TokenReducer, register
+from ._scheduled import _is_count
+from .zero_tprune import attention_probabilities
+
+# ----------------------------------------------------------------------------- pure tensor functions
+
+
+def attention_received(probs: Tensor) -> Tensor:
+    """How much attention each token receives, averaged over heads and queries: ``(B, N)``."""
+    return probs.mean(dim=(1, 2))
+
+
+def pair_scores(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
+                criteria: tuple[bool, bool, bool]) -> Tensor:
+    """log W for every (A, B) pair of patch tokens, ``(B, |A|, |B|)``; A = even, B = odd positions.
+
+    Works in log space, where the exponents 1/tau become weights (same ranking, no underflow).
+    """
+    a, b = slice(0, None, 2), slice(1, None, 2)
+    use_sim, use_info, use_size = criteria
+    log_w = x.new_zeros(x.shape[0], (x.shape[1] + 1) // 2, x.shape[1] // 2)
+    if use_sim:
+        unit = x / x.norm(dim=-1, keepdim=True)
+        cos = unit[:, a] @ unit[:, b].transpose(-1, -2)
+        log_w = log_w + ((cos + 1) / 2).clamp_min(1e-12).log() / tau[0]
+    for use, value, t in ((use_info, received, tau[1]), (use_size, size, tau[2])):
+        if use:  # reciprocal over its max, per image: rare (low-attention, small) tokens attract
+            inv = value.reciprocal()
+            log_inv = (inv / inv.amax(dim=-1, keepdim=True)).log() / t
+            log_w = log_w + log_inv[:, a, None] + log_inv[:, None, b]
+    return log_w
+
+
+def bidirectional_assignment(log_w: Tensor, remove: int, bidirectional: bool = True) -> tuple[Tensor, int]:
+    """Slots for the ``n`` patch tokens after fusing ``remove`` of them; returns ``(dest (B, n), n_out)``.
+
+    First ``remove // 2`` A-tokens merge into their best B-token; then, reusing the same scores
+    restricted to the A-tokens left, the rest of ``remove`` B-tokens (with whatever they absorbed)
+    merge into their best remaining A-token. One-directional: all ``remove`` go A to B (ToMe's
+    matching). Slots: the remaining A-tokens in order, then the remaining B-tokens in order.
+    """
+    batch, n_a, n_b = log_w.shape
+    device = log_w.device
+    r1 = remove // 2 if bidirectional else remove
+    r2 = remove - r1
+    best, best_b = log_w.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src1, kept_a = order[:, :r1], order[:, r1:].sort(dim=-1).values
+    rows = log_w.gather(1, kept_a[..., None].expand(-1, -1, n_b)).transpose(1, 2)  # (B, |B|, |A'|)
+    best2, best_a = rows.max(dim=-1)
+    order2 = best2.argsort(dim=-1, descending=True)
+    src2, kept_b = order2[:, :r2], order2[:, r2:].sort(dim=-1).values
+    n_kept_a = n_a - r1
+    slot_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
+    slot_b = torch.empty(batch, n_b, dtype=torch.long, device=device)
+    slot_a.scatter_(1, kept_a, torch.arange(n_kept_a, device=device).expand(batch, -1))
+    slot_b.scatter_(1, kept_b, n_kept_a + torch.arange(n_b - r2, device=device).expand(batch, -1))
+    slot_b.scatter_(1, src2, best_a.gather(1, src2))  # a B source lands on its A' token's slot
+    slot_a.scatter_(1, src1, slot_b.gather(1, best_b.gather(1, src1)))  # A sources follow their B token
+    dest = torch.empty(batch, n_a + n_b, dtype=torch.long, device=device)
+    dest[:, 0::2], dest[:, 1::2] = slot_a, slot_b
+    return dest, n_a + n_b - remove
+
+
+def merge_attention(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor) -> Tensor:
+    """One-step-ahead attention for the merged tokens, ``(B, H, n_out, n_out)``.
+
+    Key columns of merged tokens add up (what proportional attention gives a merged key), and
+    query rows are averaged with ``row_weight`` (B, N), the fusion weights. Rows still sum to 1.
+    """
+    by_key = ops.assign_sum(probs.permute(0, 3, 1, 2), dest, n_out)  # (B, n_out keys, H, N queries)
+    weighted = by_key * row_weight[:, None, None, :]
+    by_query = ops.assign_sum(weighted.permute(0, 3, 2, 1), dest, n_out)  # (B, n_out q, H, n_out k)
+    norm = ops.assign_sum(row_weight.unsqueeze(-1), dest, n_out)  # (B, n_out, 1)
+    return (by_query / norm[..., None]).permute(0, 2, 1, 3)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@register
+class MCTF(TokenReducer):
+    name = "mctf"
+    summary = ("MCTF (CVPR'24): similarity x informativeness x size scores, bidirectional matching, "
+               "attention x size fusion, one-step-ahead attention")
+    defaults = {
+        "r": None,  # per-block merges: int, per-block list, or a float < 1 (fraction of patch tokens)
+        "layers": None,  # blocks that merge at their input; None: 1 .. depth-1
+        "fast": False,  # MCTF-Fast preset: r = 0.35 at blocks 3, 6, 9
+        "tau": (1.0, 20.0, 40.0),  # (tau_sim, tau_info, tau_size), exponents 1/tau
+        "similarity": True,
+        "informativeness": True,
+        "size": True,
+        "bidirectional": True,
+        "one_step_ahead": "approximate",  # or "exact": recompute attention after merging
+        "prop_attn": True,
+        "min_tokens": 10,  # never merge below this many tokens in all
+        "trace_source": False,
+    }
+    needs_attention = True
+    placement = "block_input"
+
+    def validate(self) -> None:
+        o = self.options
+        r = o["r"]
+        if r is not None and not (_is_count(r) or (isinstance(r, float) and 0 < r < 1)
+                                  or (isinstance(r, list) and all(_is_count(v) for v in r))):
+            raise ValueError(f"mctf: r must be a non-negative int, a fraction in (0, 1) or a list of ints; got {r!r}")
+        if o["layers"] is not None and not (isinstance(o["layers"], (list, tuple))
+                                            and all(_is_count(v) for v in o["layers"])):
+            raise ValueError(f"mctf: layers must be a list of block indices, got {o['layers']!r}")
+        tau = o["tau"]
+        if not (isinstance(tau, (list, tuple)) and len(tau) == 3
+                and all(isinstance(t, numbers.Real) and t > 0 for t in tau)):
+            raise ValueError(f"mctf: tau must be three positive numbers (sim, info, size), got {tau!r}")
+        if o["one_step_ahead"] not in ("approximate", "exact"):
+            raise ValueError(f"mctf: one_step_ahead must be 'approximate' or 'exact', got {o['one_step_ahead']!r}")
+        for flag in ("fast", "similarity", "informativeness", "size", "bidirectional", "prop_attn"):
+            if not isinstance(o[flag], bool):
+                raise TypeError(f"mctf: {flag} must be True or False, got {o[flag]!r}")
+        if not _is_count(o["min_tokens"]):
+            raise ValueError(f"mctf: min_tokens must be a non-negative int, got {o['min_tokens']!r}")
+
+    @property
+    def proportional_attention(self) -> bool:
+        return self.options["prop_attn"]
+
+    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+        o = self.options
+        r = 0.35 if o["fast"] and o["r"] is None else o["r"]
+        layers = o["layers"] or ([3, 6, 9] if o["fast"] else list(range(1, depth)))
+        if max(layers, default=0) >= depth:
+            raise ValueError(f"mctf: layers {list(layers)} outside a model of {depth} blocks")
+        if r is None:
+            per_layer = ops.plan_removals(num_patches, len(layers), ops.final_patch_count(num_patches, self.keep))
+        elif isinstance(r, list):
+            if len(r) > len(layers):
+                raise ValueError(f"mctf: r has {len(r)} entries for {len(layers)} merging blocks")
+            per_layer = list(r) + [0] * (len(layers) - len(r))
+        else:
+            per_layer = [r] * len(layers)
+        steps, left = [0] * depth, num_patches
+        for layer, step in zip(layers, per_layer):
+            if isinstance(step, float):  # a fraction of the patch tokens left
+                step = int(step * left)
+            step = min(step, left // 2)
+            steps[layer] = step
+            left -= step
+        return tuple(steps)
+
+    def reduce(self, x, remove, taps, state):
+        o, p = self.options, state.num_prefix
+        remove = min(remove, max(0, x.shape[1] - o["min_tokens"]))
+        probs = attention_probabilities(taps.q, taps.k, taps.scale, taps.bias)
+        if remove == 0:
+            return x, probs
+        received = attention_received(probs)
+        size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        log_w = pair_scores(x[:, p:], received[:, p:], size[:, p:, 0], tuple(o["tau"]),
+                            (o["similarity"], o["informativeness"], o["size"]))
+        dest, n_out = bidirectional_assignment(log_w, remove, o["bidirectional"])
+        prefix = torch.arange(p, device=x.device).expand(x.shape[0], -1)
+        dest = torch.cat([prefix, dest + p], dim=1)
+        weight = received.unsqueeze(-1) * size  # fuse by attention x size
+        x = state.fuse(x, weight, dest, p + n_out)
+        if o["one_step_ahead"] == "exact":
+            return x, None
+        return x, merge_attention(probs, dest, p + n_out, weight[..., 0])
