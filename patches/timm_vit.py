@@ -17,6 +17,8 @@ How the patch works (docs/design.md has the reasoning and the measurements):
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
@@ -63,14 +65,15 @@ def query_key_taps(attn: Attention, x: Tensor, bias: Tensor | None) -> Attention
     return AttentionTaps(q=attn.q_norm(q), k=attn.k_norm(k), scale=attn.scale, bias=bias)
 
 
-def attention_from_probabilities(attn: Attention, x: Tensor, probs: Tensor) -> Tensor:
-    """The rest of timm's ``Attention.forward`` given the attention probabilities ``(B, H, N, N)``:
-    values from the last third of the qkv projection, then norm, gate and output projection."""
+def attention_with_core(attn: Attention, x: Tensor, core: Callable[[Tensor], Tensor]) -> Tensor:
+    """The rest of timm's ``Attention.forward`` around a method's own attention core: values from
+    the last third of the qkv projection, ``core(v)`` (B, H, N, D) in place of softmax(qk)v, then
+    norm, gate and output projection."""
     B, N, _ = x.shape
     dim = attn.attn_dim
     bias_v = None if attn.qkv.bias is None else attn.qkv.bias[2 * dim:]
     v = F.linear(x, attn.qkv.weight[2 * dim:], bias_v).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-    out = attn.norm((attn.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, dim))
+    out = attn.norm(core(v).transpose(1, 2).reshape(B, N, dim))
     if attn.gate is not None:
         out = out * attn.gate(x).sigmoid()
     return attn.proj_drop(attn.proj(out))
@@ -81,7 +84,7 @@ class ReducingBlock(Block):
 
     Methods reduce either between the attention residual and the MLP (``after_attention``: ToMe,
     Zero-TPrune, random) or at the block input using this block's own attention
-    (``block_input``: MCTF, which may hand back the merged attention probabilities to reuse).
+    (``block_input``: MCTF, which may hand back an attention core that reuses its scores).
     """
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
@@ -90,14 +93,14 @@ class ReducingBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         reducer = state.reducer
         remove = state.enter_block(x)
-        taps, probs = None, None
+        taps, core = None, None
         if remove and reducer.placement == "block_input":
             taps = query_key_taps(self.attn, self.norm1(x), state.attention_bias())
-            x, probs = reducer.reduce(x, remove, taps, state)
+            x, core = reducer.reduce(x, remove, taps, state)
             remove = 0
         h = self.norm1(x)
-        if probs is not None:
-            h = attention_from_probabilities(self.attn, h, probs)
+        if core is not None:
+            h = attention_with_core(self.attn, h, core)
         elif remove and reducer.needs_attention:
             h, taps = attention_with_taps(self.attn, h, state.attention_bias())
         else:

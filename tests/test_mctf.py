@@ -1,6 +1,8 @@
 """MCTF: scores, bidirectional matching, one-step-ahead attention, options, the patched model."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import images, tiny_timm
@@ -8,7 +10,7 @@ from conftest import images, tiny_timm
 import tokenprune
 from tokenprune import ops
 from tokenprune.methods import mctf
-from tokenprune.patches.timm_vit import attention_from_probabilities, query_key_taps
+from tokenprune.patches.timm_vit import attention_with_core, query_key_taps
 
 
 def reference_assignment(log_w, remove, bidirectional=True):
@@ -52,6 +54,8 @@ def test_merged_attention_rows_sum_to_one_and_identity_changes_nothing():
     torch.testing.assert_close(merged[0, :, 3, 3], expected_row[:, 4:7].sum(-1))
     identity = torch.arange(9).expand(2, 9)
     torch.testing.assert_close(mctf.merge_attention(probs, identity, 9, weight), probs)
+    v = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(mctf.attend_merged(probs, dest, 6, weight, v), merged @ v)
 
 
 def test_approximate_and_recomputed_attention_agree_when_nothing_merges():
@@ -61,7 +65,7 @@ def test_approximate_and_recomputed_attention_agree_when_nothing_merges():
         h = block.norm1(model._pos_embed(model.patch_embed(x)))
         taps = query_key_taps(block.attn, h, None)
         probs = mctf.attention_probabilities(taps.q, taps.k, taps.scale)
-        torch.testing.assert_close(attention_from_probabilities(block.attn, h, probs), block.attn(h),
+        torch.testing.assert_close(attention_with_core(block.attn, h, partial(torch.matmul, probs)), block.attn(h),
                                    atol=1e-6, rtol=1e-5)
 
 

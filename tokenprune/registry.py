@@ -64,7 +64,8 @@ class TokenReducer:
     needs_attention: ClassVar[bool] = False
     #: where a block reduces: "after_attention" (between the attention residual and the MLP), or
     #: "block_input" (before attention, from q/k of the un-reduced tokens; ``reduce`` then returns
-    #: ``(x, probs)``, where ``probs`` is the merged attention to reuse, or None to recompute it)
+    #: ``(x, core)``: ``core(v)`` computes the block's attention output from the merged tokens'
+    #: values (B, H, N', D), reusing the scores; None recomputes attention as usual)
     placement: ClassVar[str] = "after_attention"
 
     def __init__(self, keep: float = 0.33, **options: Any) -> None:
