@@ -6,6 +6,7 @@
     tokenprune.last_forward(model).token_counts # what the last forward did
     tokenprune.remove(model)                    # back to the original, bit for bit
 """
+from . import testbed  # noqa: F401  (registers the testbed model, vit_testbed_fmnist, with timm)
 from .api import apply, is_patched, last_forward, methods, reducer_of, remove
 from .flops import FlopCount, count_flops
 from .registry import TokenReducer, register
