@@ -36,13 +36,16 @@ DEFAULT_METHOD = "tome"
 _POOLS = ("token", "avg", "avgmax", "max", "")
 
 
-def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, AttentionTaps]:
-    """timm ``Attention.forward`` (timm 1.0.x), also returning the q and k it used."""
+def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None,
+                        keep_probabilities: bool = False) -> tuple[Tensor, AttentionTaps]:
+    """timm ``Attention.forward`` (timm 1.0.x), also returning the q and k it used, and with
+    ``keep_probabilities`` the attention probabilities (explicit attention instead of SDPA)."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
+    weights = None
+    if attn.fused_attn and not keep_probabilities:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
@@ -52,7 +55,8 @@ def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None) ->
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, AttentionTaps(q=q, k=k, scale=attn.scale, bias=attn_mask)
+    return out, AttentionTaps(q=q, k=k, scale=attn.scale, bias=attn_mask,
+                              probs=weights if keep_probabilities else None)
 
 
 def query_key_taps(attn: Attention, x: Tensor, bias: Tensor | None) -> AttentionTaps:
@@ -102,7 +106,7 @@ class ReducingBlock(Block):
         if core is not None:
             h = attention_with_core(self.attn, h, core)
         elif remove and reducer.needs_attention:
-            h, taps = attention_with_taps(self.attn, h, state.attention_bias())
+            h, taps = attention_with_taps(self.attn, h, state.attention_bias(), reducer.needs_probabilities)
         else:
             h = self.attn(h, attn_mask=state.attention_bias())
         x = x + self.drop_path1(self.ls1(h))

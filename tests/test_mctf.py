@@ -64,7 +64,7 @@ def test_approximate_and_recomputed_attention_agree_when_nothing_merges():
     with torch.inference_mode():
         h = block.norm1(model._pos_embed(model.patch_embed(x)))
         taps = query_key_taps(block.attn, h, None)
-        probs = mctf.attention_probabilities(taps.q, taps.k, taps.scale)
+        probs = taps.probabilities()
         torch.testing.assert_close(attention_with_core(block.attn, h, partial(torch.matmul, probs)), block.attn(h),
                                    atol=1e-6, rtol=1e-5)
 

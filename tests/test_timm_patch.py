@@ -235,3 +235,20 @@ def test_attention_with_taps_is_timms_attention(fused, variant):
             out, taps = attention_with_taps(attn, x, mask)
             assert torch.equal(out, attn(x, attn_mask=mask))
             assert taps.q.shape == taps.k.shape == (2, 3, 17, 16)
+
+
+def test_taps_keep_the_probabilities_they_were_asked_for():
+    from timm.layers import Attention
+
+    from tokenprune.patches.timm_vit import attention_with_taps
+
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=3).eval()
+    x, bias = torch.randn(2, 17, 48), torch.rand(2, 1, 1, 17).log()
+    with torch.inference_mode():
+        out, taps = attention_with_taps(attn, x, bias, keep_probabilities=True)
+        torch.testing.assert_close(out, attn(x, attn_mask=bias), atol=1e-6, rtol=1e-5)
+        without = attention_with_taps(attn, x, bias)[1]
+        assert without.probs is None
+        torch.testing.assert_close(taps.probs, without.probabilities())
+        torch.testing.assert_close(taps.probs.sum(-1), torch.ones(2, 3, 17))

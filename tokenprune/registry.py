@@ -62,6 +62,9 @@ class TokenReducer:
     defaults: ClassVar[dict[str, Any]] = {}
     #: ask the adapter for q/k (``AttentionTaps``) at blocks that reduce
     needs_attention: ClassVar[bool] = False
+    #: and for the attention probabilities: the adapter then runs explicit attention at those
+    #: blocks only (cheaper than SDPA plus a second q @ k^T and softmax)
+    needs_probabilities: ClassVar[bool] = False
     #: where a block reduces: "after_attention" (between the attention residual and the MLP), or
     #: "block_input" (before attention, from q/k of the un-reduced tokens; ``reduce`` then returns
     #: ``(x, core)``: ``core(v)`` computes the block's attention output from the merged tokens'

@@ -119,6 +119,14 @@ class AttentionTaps:
     k: Tensor
     scale: float
     bias: Tensor | None = None
+    probs: Tensor | None = None  # (B, heads, N, N), when the adapter computed them anyway
+
+    def probabilities(self) -> Tensor:
+        """Post-softmax attention ``(B, heads, N, N)``; rows sum to 1."""
+        if self.probs is not None:
+            return self.probs
+        logits = (self.q * self.scale) @ self.k.transpose(-2, -1)
+        return (logits if self.bias is None else logits + self.bias).softmax(dim=-1)
 
     def head_mean_keys(self) -> Tensor:
         """ToMe's similarity metric: keys averaged over heads, ``(B, N, head_dim)``."""

@@ -23,7 +23,6 @@ from torch import Tensor
 from .. import ops
 from ..registry import TokenReducer, register
 from ._scheduled import _is_count
-from .zero_tprune import attention_probabilities
 
 # ----------------------------------------------------------------------------- pure tensor functions
 
@@ -189,7 +188,7 @@ class MCTF(TokenReducer):
     def reduce(self, x, remove, taps, state):
         o, p = self.options, state.num_prefix
         remove = min(remove, max(0, x.shape[1] - o["min_tokens"]))
-        probs = attention_probabilities(taps.q, taps.k, taps.scale, taps.bias)
+        probs = taps.probabilities()
         if remove == 0:
             return x, partial(torch.matmul, probs)
         received = attention_received(probs)

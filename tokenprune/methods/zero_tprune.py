@@ -29,14 +29,6 @@ from ._scheduled import _is_count
 # ----------------------------------------------------------------------------- pure tensor functions
 
 
-def attention_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
-    """Post-softmax attention ``(B, H, N, N)``; rows (queries) sum to 1."""
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1)
-
-
 def initial_scores(batch: int, heads: int, n: int, emphasize: int | None, device, dtype) -> Tensor:
     """Uniform start, with token ``emphasize`` (the class token) given sqrt(n) times the score; sums to 1."""
     s = torch.ones(batch, heads, n, device=device, dtype=dtype)
@@ -146,6 +138,7 @@ class ZeroTPrune(TokenReducer):
         "trace_source": False,
     }
     needs_attention = True
+    needs_probabilities = True
 
     def validate(self) -> None:
         o = self.options
@@ -221,7 +214,7 @@ class ZeroTPrune(TokenReducer):
             generator = torch.Generator(device=x.device).manual_seed(o["seed"] + state.layer)
             return state.keep(x, ops.random_keep_indices(x.shape[0], n, n - remove, generator, x.device))
 
-        attn = attention_probabilities(taps.q, taps.k, taps.scale, taps.bias)  # (B, H, N, N)
+        attn = taps.probabilities()  # (B, H, N, N)
         batch, heads, total = attn.shape[:3]
         cls = None if o["uniform_start"] or p == 0 else 0
         start = initial_scores(batch, heads, total, cls, x.device, attn.dtype)
