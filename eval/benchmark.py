@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tokenprune.patches import find_adapter
 
 import tokenprune
 from tokenprune.flops import count_flops, default_input_size
-from tokenprune.patches import find_adapter
 from tokenprune.registry import TokenReducer
 
 
@@ -139,8 +139,9 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
         rows.append(BenchRow(
             model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
-            fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p, baseline_gmacs=base_flops.gmacs_per_sample,
-            patched_gmacs=patched_flops.gmacs_per_sample, foreign_load=load.value))
+            fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p,
+            baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
+            foreign_load=load.value))
     return rows
 
 

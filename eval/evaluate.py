@@ -17,7 +17,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -132,8 +132,10 @@ def format_table(rows: list[dict]) -> str:
     head = (f"{'method':<10} {'keep':>5} {'options':<14} {'top-1':>7} {'top-5':>7} {'delta':>7} "
             f"{'GFLOPs':>8} {'img/s':>8} {'speedup':>7}")
     lines = [head, "-" * len(head)]
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
+
     for r in rows:
-        fmt = (lambda v, spec: "" if v is None else format(v, spec))
         options = ",".join(f"{k}={v}" for k, v in r["options"].items())
         lines.append(f"{r['method'] or 'baseline':<10} {fmt(r['keep'], '>5.2f'):>5} {options:<14} "
                      f"{r['top1']:>7.2f} {r['top5']:>7.2f} {fmt(r['delta_top1'], '+7.2f'):>7} "

@@ -41,10 +41,9 @@ import sys
 import time
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
-
-import timm
 from timm.optim import param_groups_weight_decay
 
 from tokenprune import testbed as tb
@@ -132,8 +131,8 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
 class ThreadGovernor:
     """Chooses between 1 and ``max_threads`` intra-op threads from the load of other processes.
 
-    After each step, once ``window_s`` seconds have passed since the last check, it compares machine-wide busy CPU time (/proc/stat)
-    with this process's own CPU time (``os.times``) over the window since the last check; the
+    After each step, once ``window_s`` seconds have passed since the last check, it compares
+    machine-wide busy CPU time (/proc/stat) with this process's own CPU time (``os.times``) over the window since the last check; the
     difference is what other processes used. More than ``threshold`` cores of that means a
     thread of ours would share a core, and with OpenMP barriers one slow thread stalls all.
     """

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask

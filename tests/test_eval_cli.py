@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tokenprune.eval.evaluate import main as evaluate
 
 from tokenprune.cli import main as cli
-from tokenprune.eval.evaluate import main as evaluate
 
 CLASSES = ["bag", "boot", "coat"]
 COMMON = ["--no-pretrained", "--batch-size", "4", "--method", "tome", "random", "--keep", "0.5", "0.25"]

@@ -6,11 +6,11 @@ from functools import partial
 import pytest
 import torch
 from conftest import images, tiny_timm
+from tokenprune.patches.timm_vit import attention_with_core, query_key_taps
 
 import tokenprune
 from tokenprune import ops
 from tokenprune.methods import mctf
-from tokenprune.patches.timm_vit import attention_with_core, query_key_taps
 
 
 def reference_assignment(log_w, remove, bidirectional=True):

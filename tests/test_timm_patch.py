@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import images, tiny_timm
 from timm.models.vision_transformer import Block
+from tokenprune.patches.timm_vit import ReducingBlock
 
 import tokenprune
 from tokenprune import ops
-from tokenprune.patches.timm_vit import ReducingBlock
 
 METHODS = ["tome", "random"]  # the every-block methods
 ALL_METHODS = ["tome", "random", "zero-tprune", "mctf"]
@@ -222,7 +222,6 @@ def test_attn_mask_is_refused_while_reducing():
                                      {"gated": True}])
 def test_attention_with_taps_is_timms_attention(fused, variant):
     from timm.layers import Attention
-
     from tokenprune.patches.timm_vit import attention_with_taps
 
     torch.manual_seed(0)
@@ -239,7 +238,6 @@ def test_attention_with_taps_is_timms_attention(fused, variant):
 
 def test_taps_keep_the_probabilities_they_were_asked_for():
     from timm.layers import Attention
-
     from tokenprune.patches.timm_vit import attention_with_taps
 
     torch.manual_seed(0)

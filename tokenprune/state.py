@@ -93,9 +93,10 @@ class ForwardReport:
 
     ``token_counts[i]`` is the number of tokens entering block ``i``, prefix tokens
     included; every method here reduces all samples of a batch alike, so one int per
-    block. ``output_tokens`` is the count leaving the last block. ``size`` (B, N, 1) is how many input patches each output token stands for
-    (None when nothing merged). ``source`` (B, N, N0) maps output tokens to the input
-    tokens they absorbed (only with ``trace_source=True``; for visualisation).
+    block. ``output_tokens`` is the count leaving the last block. ``size`` (B, N, 1) is
+    how many input patches each output token stands for (None when nothing merged).
+    ``source`` (B, N, N0) maps output tokens to the input tokens they absorbed (only with
+    ``trace_source=True``; for visualisation).
     """
 
     method: str
