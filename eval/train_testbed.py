@@ -132,8 +132,8 @@ class ThreadGovernor:
     """Chooses between 1 and ``max_threads`` intra-op threads from the load of other processes.
 
     After each step, once ``window_s`` seconds have passed since the last check, it compares
-    machine-wide busy CPU time (/proc/stat) with this process's own CPU time (``os.times``) over the window since the last check; the
-    difference is what other processes used. More than ``threshold`` cores of that means a
+    machine-wide busy CPU time (/proc/stat) with this process's own CPU time (``os.times``)
+    over the window since the last check; the difference is what other processes used. More than ``threshold`` cores of that means a
     thread of ours would share a core, and with OpenMP barriers one slow thread stalls all.
     """
 
