@@ -133,8 +133,9 @@ class ThreadGovernor:
 
     After each step, once ``window_s`` seconds have passed since the last check, it compares
     machine-wide busy CPU time (/proc/stat) with this process's own CPU time (``os.times``)
-    over the window since the last check; the difference is what other processes used. More than ``threshold`` cores of that means a
-    thread of ours would share a core, and with OpenMP barriers one slow thread stalls all.
+    over the window since the last check; the difference is what other processes used. More
+    than ``threshold`` cores of that means a thread of ours would share a core, and with
+    OpenMP barriers one slow thread stalls all.
     """
 
     def __init__(self, max_threads: int, enabled: bool, window_s: float = 3.0, threshold: float = 0.5):
