@@ -88,3 +88,17 @@ def test_embedded_default_and_bad_input(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli(["eval", "--data", "./missing/folder", "--no-pretrained"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_report_merges_result_files(tmp_path, capsys):
+    from tokenprune.eval.report import main as report
+
+    data = make_folder(tmp_path / "val", corrupt=False)
+    common = ["--no-pretrained", "--data", str(data), "--keep", "0.5"]
+    evaluate(common + ["--method", "tome", "--output", str(tmp_path / "a.jsonl")])
+    evaluate(common + ["--method", "random", "--output", str(tmp_path / "b.jsonl")])
+    capsys.readouterr()
+    report([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--plot", str(tmp_path / "ab.png")])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["baseline", "tome", "random"]
+    assert (tmp_path / "ab.png").stat().st_size > 5000
