@@ -43,10 +43,11 @@ def test_keep_one_is_bit_identical_with_the_same_kernels(family, method):
     assert "aten::softmax" not in patched_ops
 
 
-def test_r_zero_is_bit_identical():
+@pytest.mark.parametrize("method", ["tome", "random", "mctf"])
+def test_r_zero_is_bit_identical(method):
     model, x = tiny_timm(), images()
     expected = run(model, x)
-    tokenprune.apply(model, "tome", r=0)
+    tokenprune.apply(model, method, r=0)
     assert torch.equal(run(model, x), expected)
 
 
