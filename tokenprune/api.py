@@ -7,7 +7,7 @@ from torch import nn
 
 from . import methods as _methods  # noqa: F401  (registers every method)
 from .patches import find_adapter
-from .registry import _METHODS, check_keep, get_method, method_names
+from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
 
 
@@ -50,7 +50,7 @@ def methods() -> str:
     """One line per registered method: its name, what it is, and its native options."""
     lines = []
     for name in method_names():
-        cls = _METHODS[name]
+        cls = get_method(name)
         opts = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items())
         lines.append(f"{name:<12} {cls.summary}. Options: keep, {opts}")
     return "\n".join(lines)

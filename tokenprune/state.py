@@ -8,7 +8,7 @@ the model, for ``tokenprune.last_forward``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,7 +30,6 @@ class ForwardState:
     source: Tensor | None = None  # (B, N, N0) 0/1 map from original tokens, when tracing
     token_counts: list[int] = field(default_factory=list)
     output_tokens: int | None = None  # tokens leaving the last block
-    scratch: dict[str, Any] = field(default_factory=dict)  # method-specific, this forward only
 
     @property
     def layer(self) -> int:

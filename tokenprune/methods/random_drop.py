@@ -29,8 +29,11 @@ class RandomDrop(EveryBlockReducer):
             raise TypeError(f"random: seed must be an int, got {seed!r}")
 
     def reduce(self, x, remove, taps, state):
-        batch, n = x.shape[0], x.shape[1] - state.num_prefix
-        remove = min(remove, n // 2)
-        generator = torch.Generator(device=x.device).manual_seed(self.options["seed"] + state.layer)
-        keep_idx = ops.random_keep_indices(batch, n, n - remove, generator, x.device)
-        return state.keep(x, keep_idx)
+        return drop_at_random(x, min(remove, (x.shape[1] - state.num_prefix) // 2), self.options["seed"], state)
+
+
+def drop_at_random(x, remove, seed, state):
+    """Drop ``remove`` random patch tokens, drawn from ``seed + block index``."""
+    n = x.shape[1] - state.num_prefix
+    generator = torch.Generator(device=x.device).manual_seed(seed + state.layer)
+    return state.keep(x, ops.random_keep_indices(x.shape[0], n, n - remove, generator, x.device))

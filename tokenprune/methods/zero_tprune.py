@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import ops
 from ..registry import TokenReducer, register
 from ._scheduled import _is_count
+from .random_drop import drop_at_random
 
 # ----------------------------------------------------------------------------- pure tensor functions
 
@@ -211,8 +212,7 @@ class ZeroTPrune(TokenReducer):
         o, p = self.options, state.num_prefix
         n = x.shape[1] - p
         if o["importance"] == "random":
-            generator = torch.Generator(device=x.device).manual_seed(o["seed"] + state.layer)
-            return state.keep(x, ops.random_keep_indices(x.shape[0], n, n - remove, generator, x.device))
+            return drop_at_random(x, remove, o["seed"], state)
 
         attn = taps.probabilities()  # (B, H, N, N)
         batch, heads, total = attn.shape[:3]
