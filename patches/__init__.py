@@ -11,9 +11,9 @@ from types import ModuleType
 
 from torch import nn
 
-from . import timm_vit
+from . import hf_vision, timm_vit
 
-ADAPTERS: tuple[ModuleType, ...] = (timm_vit,)
+ADAPTERS: tuple[ModuleType, ...] = (timm_vit, hf_vision)
 
 
 def find_adapter(model: nn.Module) -> ModuleType:

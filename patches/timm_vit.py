@@ -29,6 +29,8 @@ from tokenprune import ops
 from tokenprune.registry import TokenReducer
 from tokenprune.state import AttentionTaps, ForwardState
 
+from ._swap import Swapped, restore, swap
+
 FAMILY = ("timm VisionTransformer with standard Block/Attention: vit_*, deit_* (distilled too), deit3_*, "
           "*_dinov2 (reg too), CLIP and SigLIP ViTs")
 DEFAULT_METHOD = "tome"
@@ -114,10 +116,9 @@ class ReducingBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class ReducingViT(VisionTransformer):
-    """Mixed in front of the model's own class (see ``_patched_class``); never built directly."""
+class ReducingViT(Swapped, VisionTransformer):
+    """Mixed in front of the model's own class (``_swap.swap``); never built directly."""
 
-    _tokenprune_base: type[VisionTransformer]
     tokenprune_reducer: TokenReducer
 
     def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
@@ -167,27 +168,6 @@ class ReducingViT(VisionTransformer):
     def _head_from_pooled(self, x: Tensor) -> Tensor:
         return self.head(self.head_drop(self.fc_norm(x)))
 
-    def __reduce_ex__(self, protocol):
-        # The patched class is built at run time and cannot be pickled by name:
-        # pickle (and deepcopy) the model as "the base class, patched again".
-        return _new_patched_instance, (self._tokenprune_base,), self.__getstate__()
-
-
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _patched_class(base: type[VisionTransformer]) -> type[VisionTransformer]:
-    cls = _PATCHED_CLASSES.get(base)
-    if cls is None:
-        cls = type(f"TokenPruned{base.__name__}", (ReducingViT, base), {"_tokenprune_base": base})
-        _PATCHED_CLASSES[base] = cls
-    return cls
-
-
-def _new_patched_instance(base: type[VisionTransformer]) -> VisionTransformer:
-    cls = _patched_class(base)
-    return cls.__new__(cls)
-
 
 # ---------------------------------------------------------------- the adapter API
 
@@ -197,6 +177,14 @@ def handles(model: nn.Module) -> bool:
 
 def is_patched(model: nn.Module) -> bool:
     return isinstance(model, ReducingViT)
+
+
+def reducer_of(model: nn.Module) -> TokenReducer:
+    return model.tokenprune_reducer
+
+
+def last_forward(model: nn.Module):
+    return model._tokenprune_last
 
 
 def check(model: nn.Module) -> None:
@@ -225,7 +213,7 @@ def patch(model: VisionTransformer, reducer: TokenReducer) -> None:
     if not is_patched(model):
         for block in model.blocks:
             block.__class__ = ReducingBlock
-        model.__class__ = _patched_class(type(model))
+        swap(model, ReducingViT)
     model.tokenprune_reducer = reducer
     model._tokenprune_last = None
 
@@ -233,6 +221,6 @@ def patch(model: VisionTransformer, reducer: TokenReducer) -> None:
 def unpatch(model: VisionTransformer) -> None:
     for block in model.blocks:
         block.__class__ = Block
-    model.__class__ = model._tokenprune_base
+    restore(model)
     del model.tokenprune_reducer
     del model._tokenprune_last

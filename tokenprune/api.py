@@ -63,11 +63,11 @@ def last_forward(model: nn.Module) -> ForwardReport | None:
     """
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched by tokenprune")
-    return model._tokenprune_last
+    return find_adapter(model).last_forward(model)
 
 
 def reducer_of(model: nn.Module):
     """The method instance configured on a patched model."""
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched by tokenprune")
-    return model.tokenprune_reducer
+    return find_adapter(model).reducer_of(model)

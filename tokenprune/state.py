@@ -25,7 +25,10 @@ class ForwardState:
 
     reducer: "TokenReducer"
     num_prefix: int
-    schedule: tuple[int, ...]  # tokens each block removes (see TokenReducer.schedule)
+    #: tokens each block removes (see TokenReducer.schedule); None: planned by the first block
+    #: from the tokens it receives and ``depth`` (for adapters that only see tokens inside the encoder)
+    schedule: tuple[int, ...] | None = None
+    depth: int | None = None
     size: Tensor | None = None  # (B, N, 1) patches per token; None while all are 1
     source: Tensor | None = None  # (B, N, N0) 0/1 map from original tokens, when tracing
     token_counts: list[int] = field(default_factory=list)
@@ -38,6 +41,8 @@ class ForwardState:
 
     def enter_block(self, x: Tensor) -> int:
         """Record the tokens entering a block; return how many it must remove."""
+        if self.schedule is None:
+            self.schedule = self.reducer.schedule(x.shape[1] - self.num_prefix, self.depth)
         self.token_counts.append(x.shape[1])
         return self.schedule[self.layer] if self.layer < len(self.schedule) else 0
 

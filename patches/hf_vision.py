@@ -1,0 +1,355 @@
+"""Adapter for Hugging Face transformers vision encoders: ViT, DeiT, CLIP, SigLIP, DINOv2 (registers too).
+
+How the patch works (transformers 5.x; docs/design.md has the reasoning):
+
+* The model keeps its attention implementation. Its attention modules are pointed at
+  ``"tokenprune"``, an attention function registered with transformers' ``AttentionInterface``
+  that calls the model's own implementation (SDPA by default, or eager) and, only in blocks
+  that reduce and only when the method asks, keeps q and k (and the probabilities, computed
+  explicitly there, when the method needs them).
+* The module that runs the layer loop gets a forward pre-hook that puts a fresh
+  ``ForwardState`` into the forward's keyword arguments; transformers hands those keyword
+  arguments to every layer, so the state travels with the forward, never in a global.
+* Each encoder layer's class becomes a generated subclass whose ``forward`` runs the stock layer
+  when it reduces nothing (with the log-size bias as its attention mask once tokens merged), and
+  otherwise the same parts in the same order with the reduction between the attention residual
+  and the MLP (or, for ``block_input`` methods, before the attention).
+* Heads are left as they are. Heads that read the class token (ViT, DeiT, CLIP, DINOv2 pooler)
+  are exact; heads that average the patch tokens (``*ForImageClassification`` of CLIP, SigLIP and
+  DINOv2) and SigLIP's attention-pooling head weigh a merged token once, as ToMe's own patches do.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from tokenprune.registry import TokenReducer
+from tokenprune.state import AttentionTaps, ForwardState
+
+from ._swap import Swapped, restore, swap
+
+FAMILY = ("transformers ViT, DeiT (distilled too), CLIP and SigLIP vision towers, DINOv2 (registers too): "
+          "their *Model, *ForImageClassification, CLIPModel/SiglipModel and pipelines built on them")
+DEFAULT_METHOD = "tome"
+ATTENTION_NAME = "tokenprune"
+_BASE_ATTENTIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one transformers family keeps what the patch needs (attribute names)."""
+
+    name: str
+    module: str  # transformers.models.<module>
+    backbone: str  # class holding the embeddings and the layer stack
+    stack: str  # attribute of the backbone running the layer loop ("" = the backbone itself)
+    layers: str  # attribute of the stack: the ModuleList of layers
+    norm1: str
+    attention: str
+    after_attention: tuple[str, ...]  # applied to the attention output before the residual add
+    norm2: str
+    mlp: str
+    after_mlp: tuple[str, ...]
+    class_tokens: int  # class (and distillation) tokens before the patch tokens
+    registers: bool = False  # register tokens follow them (``config.num_register_tokens``)
+
+    def num_prefix(self, config) -> int:
+        return self.class_tokens + (config.num_register_tokens if self.registers else 0)
+
+    def backbone_class(self) -> type | None:
+        try:
+            module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+        except ImportError:
+            return None
+        return getattr(module, self.backbone, None)
+
+
+_VIT_PARTS = dict(norm1="layernorm_before", attention="attention", after_attention=("dropout",),
+                  norm2="layernorm_after", mlp="mlp", after_mlp=("dropout",))
+_CLIP_PARTS = dict(norm1="layer_norm1", attention="self_attn", after_attention=(),
+                   norm2="layer_norm2", mlp="mlp", after_mlp=())
+_DINO_PARTS = dict(norm1="norm1", attention="attention", after_attention=("layer_scale1", "drop_path"),
+                   norm2="norm2", mlp="mlp", after_mlp=("layer_scale2", "drop_path"))
+
+FAMILIES = (
+    Family("ViT", "vit", "ViTModel", "", "layers", **_VIT_PARTS, class_tokens=1),
+    Family("DeiT", "deit", "DeiTModel", "", "layers", **_VIT_PARTS, class_tokens=2),
+    Family("CLIP", "clip", "CLIPVisionModel", "encoder", "layers", **_CLIP_PARTS, class_tokens=1),
+    Family("SigLIP", "siglip", "SiglipVisionModel", "encoder", "layers", **_CLIP_PARTS, class_tokens=0),
+    Family("DINOv2", "dinov2", "Dinov2Model", "encoder", "layer", **_DINO_PARTS, class_tokens=1),
+    Family("DINOv2 with registers", "dinov2_with_registers", "Dinov2WithRegistersModel", "encoder", "layer",
+           **_DINO_PARTS, class_tokens=1, registers=True),
+)
+_FAMILY_BY_NAME = {family.name: family for family in FAMILIES}
+
+
+# ---------------------------------------------------------------- the attention function
+
+@dataclass
+class AttentionCall:
+    """A reducing layer's request to its attention call, and what comes back (``taps``)."""
+
+    keep_probabilities: bool
+    taps: AttentionTaps | None = None
+
+
+def base_attention(module: nn.Module) -> Callable:
+    """The attention implementation the model had before patching."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = module._tokenprune_base_attention
+    if name == "eager":  # every transformers modeling file defines its own eager function
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def tokenprune_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, tokenprune_call: AttentionCall | None = None, **kwargs):
+    """The model's own attention; with a ``tokenprune_call`` it also hands back q and k, and
+    with ``keep_probabilities`` runs explicit attention to keep the probabilities."""
+    if tokenprune_call is None:
+        return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    if tokenprune_call.keep_probabilities:
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        dropped = nn.functional.dropout(probs, p=kwargs.get("dropout", 0.0), training=module.training)
+        out, weights = torch.matmul(dropped, value).transpose(1, 2).contiguous(), probs
+    else:
+        out, weights = base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+        probs = None
+    tokenprune_call.taps = AttentionTaps(q=query, k=key, scale=scaling, bias=attention_mask, probs=probs)
+    return out, weights
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, tokenprune_attention)
+    # Without a mask function for the new name transformers would drop a user's attention mask
+    # silently; with it the mask reaches the layers, which refuse it while reducing.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+# ---------------------------------------------------------------- the layer
+
+def _heads(proj: nn.Linear, x: Tensor, head_dim: int) -> Tensor:
+    batch, n, _ = x.shape
+    return proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
+
+
+def _scaling(attn: nn.Module) -> float:
+    return getattr(attn, "scaling", None) or attn.scale
+
+
+def attention_from_parts(attn: nn.Module, h: Tensor, bias: Tensor | None, call: AttentionCall | None = None,
+                         core: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """What the family's attention module computes (q/k/v projections, the attention function, the output
+    projection), run here so that a reducing layer can pass its ``call`` (not every family forwards keyword
+    arguments to the attention function) or replace softmax(qk)v by a method's ``core(v)``."""
+    batch, n, _ = h.shape
+    v = _heads(attn.v_proj, h, attn.head_dim)
+    if core is not None:
+        out = core(v).transpose(1, 2)
+    else:
+        q, k = _heads(attn.q_proj, h, attn.head_dim), _heads(attn.k_proj, h, attn.head_dim)
+        dropout = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0)) if attn.training else 0.0
+        out, _ = tokenprune_attention(attn, q, k, v, bias, tokenprune_call=call, scaling=_scaling(attn),
+                                      dropout=dropout)
+    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    return out_proj(out.reshape(batch, n, -1))
+
+
+class ReducingLayer(Swapped):
+    """Mixed in front of an encoder layer's class; reduces tokens when the forward carries a state."""
+
+    _tokenprune_family_name: str  # set on the instance by ``patch`` (a plain string pickles)
+
+    @property
+    def _tokenprune_family(self) -> Family:
+        return _FAMILY_BY_NAME[self._tokenprune_family_name]
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                tokenprune_state: ForwardState | None = None, **kwargs):
+        state = tokenprune_state
+        if state is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
+                             "count changes inside the encoder); call tokenprune.remove(model) first")
+        x = hidden_states
+        remove = state.enter_block(x)
+        if not remove:
+            x = super().forward(x, state.attention_bias(), **kwargs)
+        else:
+            x = self._reducing_forward(x, remove, state)
+        state.output_tokens = x.shape[1]
+        return x
+
+    def _reducing_forward(self, x: Tensor, remove: int, state: ForwardState) -> Tensor:
+        parts, reducer = self._tokenprune_family, state.reducer
+        attn, norm1 = getattr(self, parts.attention), getattr(self, parts.norm1)
+        taps, core = None, None
+        if reducer.placement == "block_input":
+            h = norm1(x)
+            taps = AttentionTaps(q=_heads(attn.q_proj, h, attn.head_dim), k=_heads(attn.k_proj, h, attn.head_dim),
+                                 scale=_scaling(attn), bias=state.attention_bias())
+            x, core = reducer.reduce(x, remove, taps, state)
+            remove = 0
+        call = AttentionCall(keep_probabilities=reducer.needs_probabilities) if remove and reducer.needs_attention \
+            else None
+        h = attention_from_parts(attn, norm1(x), state.attention_bias(), call, core)
+        if call is not None:
+            taps = call.taps
+        for name in parts.after_attention:
+            h = getattr(self, name)(h)
+        x = x + h
+        if remove:
+            x = reducer.reduce(x, remove, taps, state)
+        h = getattr(self, parts.mlp)(getattr(self, parts.norm2)(x))
+        for name in parts.after_mlp:
+            h = getattr(self, name)(h)
+        return x + h
+
+
+# ---------------------------------------------------------------- per-forward state
+
+def _start_forward(stack: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the module running the layer loop: a fresh state for this forward."""
+    kwargs["tokenprune_state"] = ForwardState(reducer=stack.tokenprune_reducer, depth=stack.tokenprune_depth,
+                                              num_prefix=stack.tokenprune_num_prefix)
+    return args, kwargs
+
+
+def _finish_forward(stack: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    stack._tokenprune_last = kwargs["tokenprune_state"].report()
+
+
+# ---------------------------------------------------------------- finding the encoder
+
+@dataclass(frozen=True)
+class Encoder:
+    family: Family
+    backbone: nn.Module
+    stack: nn.Module  # runs the layer loop; carries the hooks and the reducer
+    layers: nn.ModuleList
+
+    @property
+    def config(self):
+        return getattr(self.layers[0], self.family.attention).config
+
+    @property
+    def num_patches(self) -> int:
+        config = self.backbone.config
+        size, patch = config.image_size, config.patch_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return (size[0] // patch[0]) * (size[1] // patch[1])
+
+
+def _encoders(model: nn.Module) -> list[Encoder]:
+    if "transformers" not in sys.modules:  # nothing from transformers can be inside
+        return []
+    found = []
+    classes = [(family, family.backbone_class()) for family in FAMILIES]
+    for module in model.modules():
+        for family, cls in classes:
+            if cls is not None and type(module) is cls:
+                stack = module.get_submodule(family.stack) if family.stack else module
+                found.append(Encoder(family, module, stack, getattr(stack, family.layers)))
+    return found
+
+
+def _encoder(model: nn.Module) -> Encoder:
+    found = _encoders(model)
+    if len(found) != 1:
+        raise TypeError(f"tokenprune found {len(found)} vision encoders in {type(model).__name__}; "
+                        "apply it to a model (or sub-module) holding exactly one")
+    return found[0]
+
+
+# ---------------------------------------------------------------- the adapter API
+
+def handles(model: nn.Module) -> bool:
+    return bool(_encoders(model))
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(_encoder(model).stack, "tokenprune_reducer")
+
+
+def reducer_of(model: nn.Module) -> TokenReducer:
+    return _encoder(model).stack.tokenprune_reducer
+
+
+def last_forward(model: nn.Module):
+    return _encoder(model).stack._tokenprune_last
+
+
+def check(model: nn.Module) -> None:
+    """Raise TypeError naming what this adapter cannot patch."""
+    enc = _encoder(model)
+    for i, layer in enumerate(enc.layers):
+        for name in ("norm1", "attention", "norm2", "mlp"):
+            if not hasattr(layer, getattr(enc.family, name)):
+                raise TypeError(f"tokenprune cannot patch layer {i} of {enc.family.name}: no "
+                                f"{getattr(enc.family, name)!r} (needs transformers >= 5 module names)")
+        attn = getattr(layer, enc.family.attention)
+        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "head_dim")):
+            raise TypeError(f"tokenprune cannot patch layer {i} of {enc.family.name}: its attention "
+                            f"{type(attn).__name__} has no q_proj/k_proj/v_proj (needs transformers >= 5)")
+    impl = enc.config._attn_implementation
+    if impl not in _BASE_ATTENTIONS + (ATTENTION_NAME,):
+        raise TypeError(f"tokenprune keeps the model's attention, which must be one of {_BASE_ATTENTIONS} "
+                        f"(it adds a log-size bias to the mask); the model uses {impl!r}: call "
+                        "model.set_attn_implementation('sdpa') first")
+
+
+def check_schedule(model: nn.Module, reducer: TokenReducer) -> None:
+    """Plan the schedule for the configured image size now, so an unreachable ``keep`` fails before patching."""
+    enc = _encoder(model)
+    reducer.schedule(enc.num_patches, len(enc.layers))
+
+
+def patch(model: nn.Module, reducer: TokenReducer) -> None:
+    enc = _encoder(model)
+    if not hasattr(enc.stack, "tokenprune_reducer"):
+        _register_attention()
+        config = enc.config
+        for layer in enc.layers:
+            getattr(layer, enc.family.attention)._tokenprune_base_attention = config._attn_implementation
+            layer._tokenprune_family_name = enc.family.name
+            swap(layer, ReducingLayer)
+        config._attn_implementation = ATTENTION_NAME
+        enc.stack.register_forward_pre_hook(_start_forward, with_kwargs=True)
+        enc.stack.register_forward_hook(_finish_forward, with_kwargs=True)
+        enc.stack.tokenprune_num_prefix = enc.family.num_prefix(enc.backbone.config)
+        enc.stack.tokenprune_depth = len(enc.layers)
+    enc.stack.tokenprune_reducer = reducer
+    enc.stack._tokenprune_last = None
+
+
+def unpatch(model: nn.Module) -> None:
+    enc = _encoder(model)
+    base = getattr(enc.layers[0], enc.family.attention)._tokenprune_base_attention
+    for layer in enc.layers:
+        del getattr(layer, enc.family.attention)._tokenprune_base_attention
+        del layer._tokenprune_family_name
+        restore(layer)
+    enc.config._attn_implementation = base
+    for hooks in (enc.stack._forward_pre_hooks, enc.stack._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (_start_forward, _finish_forward)]:
+            del hooks[key]
+            enc.stack._forward_pre_hooks_with_kwargs.pop(key, None)
+            enc.stack._forward_hooks_with_kwargs.pop(key, None)
+    for name in ("tokenprune_reducer", "_tokenprune_last", "tokenprune_num_prefix", "tokenprune_depth"):
+        enc.stack.__dict__.pop(name, None)
+
