@@ -5,12 +5,14 @@
     tokenprune.apply(model, "tome", r=13)       # a method with its native option
     tokenprune.last_forward(model).token_counts # what the last forward did
     tokenprune.remove(model)                    # back to the original, bit for bit
+    pipe = tokenprune.pipeline("image-classification", model="google/vit-base-patch16-224", keep=0.5)
 """
 from . import testbed  # noqa: F401  (registers the testbed model, vit_testbed_fmnist, with timm)
 from .api import apply, is_patched, last_forward, methods, reducer_of, remove
 from .flops import FlopCount, count_flops
+from .pipelines import pipeline
 from .registry import TokenReducer, register
 
 __all__ = ["apply", "remove", "methods", "last_forward", "is_patched", "reducer_of",
-           "count_flops", "FlopCount", "TokenReducer", "register"]
+           "count_flops", "FlopCount", "pipeline", "TokenReducer", "register"]
 __version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""The transformers adapter: every family and method, exactness, restore, heads, pipelines."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import images
+from PIL import Image
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+    ViTModel,
+)
+
+import tokenprune
+
+ALL_METHODS = ["tome", "random", "zero-tprune", "mctf"]
+TINY = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96, image_size=32,
+            patch_size=4)  # 8x8 = 64 patch tokens, as the timm tests
+
+
+def tiny_hf(family: str, **overrides):
+    torch.manual_seed(0)
+    kw = {**TINY, **overrides}
+    build = {
+        "vit": lambda: ViTForImageClassification(ViTConfig(**kw, num_labels=5)),
+        "deit": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**kw, num_labels=5)),
+        "clip": lambda: CLIPVisionModel(CLIPVisionConfig(**kw)),
+        "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**kw)),
+        "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**kw, num_labels=5)),
+        "dinov2-reg": lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**kw, num_register_tokens=4)),
+    }[family]
+    return build().eval()
+
+
+PREFIX = {"vit": 1, "deit": 2, "clip": 1, "siglip": 0, "dinov2": 1, "dinov2-reg": 5}
+
+
+@pytest.fixture(params=sorted(PREFIX))
+def hf_family(request) -> str:
+    return request.param
+
+
+def run(model, x, **kwargs):
+    with torch.inference_mode():
+        out = model(x, **kwargs)
+    if isinstance(out, torch.Tensor):  # timm
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_keep_one_is_bit_identical_and_remove_restores(hf_family, method):
+    model, x = tiny_hf(hf_family), images()
+    expected = run(model, x)
+    tokenprune.apply(model, method, keep=1.0)
+    assert torch.equal(run(model, x), expected)
+    assert tokenprune.last_forward(model).token_counts == [PREFIX[hf_family] + 64] * 4
+    tokenprune.apply(model, method, keep=0.25)
+    assert not torch.equal(run(model, x), expected)
+    tokenprune.remove(model)
+    assert torch.equal(run(model, x), expected)
+    assert not tokenprune.is_patched(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert all("TokenPruned" not in type(m).__name__ for m in model.modules())
+    assert all(not any(fn.__module__.startswith("tokenprune") for fn in m._forward_pre_hooks.values())
+               for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_reaches_the_budget_in_batches(hf_family, method):
+    model, x = tiny_hf(hf_family), images(batch=3)
+    tokenprune.apply(model, method, keep=0.25)
+    out = run(model, x)
+    report = tokenprune.last_forward(model)
+    assert report.output_tokens == PREFIX[hf_family] + 16
+    assert report.token_counts[0] == PREFIX[hf_family] + 64
+    assert torch.isfinite(out).all()
+    if method != "random":  # content-based methods treat each sample on its own
+        torch.testing.assert_close(run(model, x[1:2]), out[1:2], atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_states_have_the_reduced_lengths():
+    model = tiny_hf("clip")
+    tokenprune.apply(model, "tome", keep=0.25)
+    with torch.inference_mode():
+        out = model(images(), output_hidden_states=True)
+    # embeddings, then each layer's output
+    assert [h.shape[1] for h in out.hidden_states] == [65, 53, 41, 29, 17]
+    assert out.last_hidden_state.shape[1] == 17
+    assert out.pooler_output.shape == (2, 48)
+
+
+def _copy_vit_weights_to_timm(hf: ViTModel, timm_vit) -> None:
+    sd = {"cls_token": hf.embeddings.cls_token, "pos_embed": hf.embeddings.position_embeddings,
+          "patch_embed.proj.weight": hf.embeddings.patch_embeddings.projection.weight,
+          "patch_embed.proj.bias": hf.embeddings.patch_embeddings.projection.bias,
+          "norm.weight": hf.layernorm.weight, "norm.bias": hf.layernorm.bias}
+    for i, layer in enumerate(hf.layers):
+        a = layer.attention
+        sd |= {f"blocks.{i}.norm1.weight": layer.layernorm_before.weight,
+               f"blocks.{i}.norm1.bias": layer.layernorm_before.bias,
+               f"blocks.{i}.attn.qkv.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+               f"blocks.{i}.attn.qkv.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+               f"blocks.{i}.attn.proj.weight": a.o_proj.weight, f"blocks.{i}.attn.proj.bias": a.o_proj.bias,
+               f"blocks.{i}.norm2.weight": layer.layernorm_after.weight,
+               f"blocks.{i}.norm2.bias": layer.layernorm_after.bias,
+               f"blocks.{i}.mlp.fc1.weight": layer.mlp.fc1.weight, f"blocks.{i}.mlp.fc1.bias": layer.mlp.fc1.bias,
+               f"blocks.{i}.mlp.fc2.weight": layer.mlp.fc2.weight, f"blocks.{i}.mlp.fc2.bias": layer.mlp.fc2.bias}
+    timm_vit.load_state_dict(sd, strict=True)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_same_reduction_as_the_timm_adapter_on_the_same_weights(method):
+    """The HF path reproduces the timm path (tested against the papers' semantics) on a shared ViT."""
+    torch.manual_seed(0)
+    hf = ViTModel(ViTConfig(**TINY, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
+    tv = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48,
+                           depth=4, num_heads=3, mlp_ratio=2, num_classes=0, global_pool="").eval()
+    _copy_vit_weights_to_timm(hf, tv)
+    x = images()
+    torch.testing.assert_close(run(hf, x), run(tv, x), atol=1e-5, rtol=1e-5)
+    for model in (hf, tv):
+        tokenprune.apply(model, method, keep=0.25, **({"seed": 3} if method == "random" else {}))
+    torch.testing.assert_close(run(hf, x), run(tv, x), atol=1e-5, rtol=1e-5)
+    assert tokenprune.last_forward(hf).token_counts == tokenprune.last_forward(tv).token_counts
+
+
+def test_eager_attention_is_kept_and_exact():
+    model, x = tiny_hf("vit"), images()
+    model.set_attn_implementation("eager")
+    expected = run(model, x)
+    tokenprune.apply(model, "zero-tprune", keep=1.0)
+    assert torch.equal(run(model, x), expected)
+    tokenprune.apply(model, "zero-tprune", keep=0.25)
+    assert tokenprune.last_forward(model) is None
+    run(model, x)
+    assert tokenprune.last_forward(model).output_tokens == 17
+    tokenprune.remove(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_unsupported_attention_and_masks_fail_clearly():
+    model = tiny_hf("vit")
+    model.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(TypeError, match="set_attn_implementation"):
+        tokenprune.apply(model, keep=0.5)
+    assert not tokenprune.is_patched(model)
+    model = ViTModel(ViTConfig(**TINY)).eval()
+    tokenprune.apply(model, keep=0.5)
+    mask = torch.ones(2, 65, dtype=torch.long)
+    mask[0, -3:] = 0
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(images(), attention_mask=mask)
+
+
+def test_unreachable_keep_and_two_encoders_fail_before_patching():
+    model = tiny_hf("vit")
+    with pytest.raises(ValueError, match="cannot reduce 64 patch tokens"):
+        tokenprune.apply(model, "tome", keep=0.001)
+    assert not tokenprune.is_patched(model)
+    pair = torch.nn.ModuleList([tiny_hf("vit"), tiny_hf("clip")])
+    with pytest.raises(TypeError, match="found 2 vision encoders"):
+        tokenprune.apply(pair, keep=0.5)
+
+
+def test_copies_pickles_and_reconfigures():
+    model, x = tiny_hf("dinov2"), images()
+    tokenprune.apply(model, "mctf", keep=0.25)
+    expected = run(model, x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(run(clone, x), expected)
+        assert tokenprune.reducer_of(clone).name == "mctf"
+    tokenprune.apply(model, "tome", keep=0.5)
+    run(model, x)
+    assert tokenprune.last_forward(model).method == "tome"
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<unk>", "a", "photo", "of", "cat", "dog", "This", "is", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", model_max_length=64)
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((40, 40, 3)) * 255).astype("uint8"))
+
+
+TEXT = dict(vocab_size=10, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_zero_shot_pipeline_reduces_only_the_vision_tower(kind):
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=TINY, projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        model = SiglipModel(SiglipConfig(text_config=TEXT, vision_config=TINY))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    pipe = tokenprune.pipeline("zero-shot-image-classification", model=model.eval(), tokenizer=_tiny_tokenizer(),
+                               image_processor=processor, method="tome", keep=0.25)
+    result = pipe(_image(), candidate_labels=["cat", "dog"])
+    assert sorted(r["label"] for r in result) == ["cat", "dog"]
+    assert all(isinstance(r["score"], float) for r in result)
+    assert tokenprune.last_forward(pipe.model).output_tokens == PREFIX[kind] + 16
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "tokenprune"
+
+
+@pytest.fixture(scope="module")
+def saved_vit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    labels = {0: "cat", 1: "dog", 2: "fish"}
+    ViTForImageClassification(ViTConfig(**TINY, num_labels=3, id2label=labels,
+                                         label2id={v: k for k, v in labels.items()})).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+def test_image_classification_pipeline_keeps_its_output_format(saved_vit):
+    from transformers import pipeline
+
+    images_in = [_image(0), _image(1)]
+    stock = pipeline("image-classification", model=saved_vit)(images_in)
+    pipe = tokenprune.pipeline("image-classification", model=saved_vit, keep=1.0)
+    assert pipe(images_in) == stock  # keep=1.0: the same labels and scores
+    assert isinstance(pipe, type(pipeline("image-classification", model=saved_vit)))
+    tokenprune.apply(pipe.model, "zero-tprune", keep=0.25)  # apply works on an existing pipeline
+    result = pipe(images_in)
+    assert [sorted(r["label"] for r in per_image) for per_image in result] == [["cat", "dog", "fish"]] * 2
+    assert tokenprune.last_forward(pipe.model).output_tokens == 17
+
+
+def test_feature_extraction_pipeline_returns_the_reduced_tokens(saved_vit):
+    pipe = tokenprune.pipeline("image-feature-extraction", model=saved_vit, method="mctf", keep=0.25)
+    assert np.array(pipe(_image())).shape == (1, 17, 48)
+
+
+def test_pipeline_checks_arguments_before_loading(saved_vit):
+    with pytest.raises(ValueError, match="keep"):
+        tokenprune.pipeline("image-classification", model="no/such-model", keep=2.0)
+    with pytest.raises(TypeError, match="unknown option"):
+        tokenprune.pipeline("image-classification", model="no/such-model", method="tome", options={"rr": 3})
