@@ -22,7 +22,7 @@ import torch
 from tokenprune.patches import find_adapter
 
 import tokenprune
-from tokenprune.flops import count_flops, default_input_size
+from tokenprune.flops import count_flops, default_input_size, random_model
 from tokenprune.registry import TokenReducer
 
 
@@ -106,13 +106,11 @@ def _time_once(model, x) -> float:
 def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.33,
               options: dict | None = None, batch_sizes=(32, 1), repeats: int = 11, warmup: int = 2,
               threads: int = 2, seed: int = 0) -> list[BenchRow]:
-    """Time ``model_name`` (random init, fp32, CPU) with and without ``method``."""
-    import timm
-
+    """Time ``model_name`` (a timm name or ``hf:<model_type>``; random init, fp32, CPU) with and
+    without ``method``."""
     options = options or {}
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    baseline = timm.create_model(model_name, pretrained=False).eval()
+    baseline = random_model(model_name, seed)
     patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
     ceiling = copy.deepcopy(baseline)
     find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))

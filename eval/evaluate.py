@@ -43,14 +43,74 @@ class Config:
         return f"{self.method} keep={self.keep}" + "".join(f" {k}={v}" for k, v in self.options.items())
 
 
+def is_hf_name(name: str) -> bool:
+    """A transformers model: a local folder with a config.json, or a hub id (``org/name``) that timm
+    does not know (timm's own hub names start with ``hf-hub:`` / ``hf_hub:``)."""
+    if Path(name, "config.json").is_file():
+        return True
+    return "/" in name and not name.startswith(("hf-hub:", "hf_hub:", "timm/")) and not Path(name).exists()
+
+
+class HFClassifier(torch.nn.Module):
+    """A transformers image classifier behind timm's interface: ``forward(images) -> logits``, and a
+    ``pretrained_cfg`` taken from its image processor, so timm's data config and transforms apply."""
+
+    def __init__(self, model: torch.nn.Module, processor) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = processor_data_config(processor, model.config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+def processor_data_config(processor, config) -> dict:
+    """timm data config (input size, mean, std, interpolation, crop) equivalent to an HF image processor."""
+    size = dict(getattr(processor, "size", None) or {})
+    crop = dict(getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
+    if crop:
+        height, width = crop["height"], crop["width"]
+        crop_pct, crop_mode = height / size.get("shortest_edge", height), "center"
+    else:  # resized straight to the target size (ViT, DeiT without crop, SigLIP)
+        height = size.get("height", size.get("shortest_edge", config.image_size))
+        width = size.get("width", height)
+        crop_pct, crop_mode = 1.0, "squash"
+    resample = getattr(processor, "resample", 2)
+    interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear")
+    return dict(input_size=(getattr(config, "num_channels", 3), height, width), interpolation=interpolation,
+                mean=tuple(processor.image_mean), std=tuple(processor.image_std), crop_pct=crop_pct,
+                crop_mode=crop_mode)
+
+
+def load_hf_model(name: str, pretrained: bool) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+        if pretrained:
+            model = AutoModelForImageClassification.from_pretrained(name)
+        else:
+            model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load the transformers image classifier {name!r} (a local folder, or a hub "
+                         f"id in the local cache or reachable): {e}") from e
+    return HFClassifier(model, processor)
+
+
 def load_model(name: str, pretrained: bool, checkpoint: str | None, seed: int = 0) -> torch.nn.Module:
-    """A timm model; weights from the registry (``pretrained``) or a local checkpoint file.
-    Seeded, so that a random-init model (``--no-pretrained``) is the same in every run."""
+    """A timm model (weights from the registry with ``pretrained``) or a transformers image classifier
+    (hub id or local folder; see ``is_hf_name``), or either with weights from a local checkpoint
+    file. Seeded, so that a random-init model (``--no-pretrained``) is the same in every run."""
     import timm
 
     import tokenprune.testbed  # noqa: F401  (registers the testbed with timm)
 
     torch.manual_seed(seed)
+    if is_hf_name(name):
+        model = load_hf_model(name, pretrained and checkpoint is None)
+        if checkpoint:
+            model.model.load_state_dict(read_checkpoint(checkpoint))
+        return model.eval()
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None)
     except RuntimeError as e:
@@ -203,9 +263,11 @@ def evaluate_config(model, loader, accelerator, amp: bool) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenprune eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=TESTBED, help=f"timm model name (default: the testbed, {TESTBED})")
+    p.add_argument("--model", default=TESTBED,
+                   help=f"timm model name (default: the testbed, {TESTBED}), or a transformers image "
+                        "classifier: hub id (e.g. google/vit-base-patch16-224) or local folder")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="load the registered pretrained weights (default on)")
+                   help="load the pretrained weights (default on); off: random init from the config")
     p.add_argument("--checkpoint", help="weights file: .safetensors, or a torch file (read weights_only)")
     p.add_argument("--data", default=EMBEDDED,
                    help="'fashion-mnist' (embedded test split, default), an ImageNet-val style folder, a saved "
@@ -257,7 +319,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
 
     slug = Path(args.data).name or args.data
-    output = Path(args.output or f"runs/eval/{args.model}-{slug}.jsonl")
+    output = Path(args.output or f"runs/eval/{Path(args.model).name}-{slug}.jsonl")
     if output.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
     if accelerator.is_main_process:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tokenprune.eval.evaluate import load_model
 from tokenprune.eval.evaluate import main as evaluate
 
 from tokenprune.cli import main as cli
@@ -102,3 +103,39 @@ def test_report_merges_result_files(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["baseline", "tome", "random"]
     assert (tmp_path / "ab.png").stat().st_size > 5000
+
+
+def test_transformers_classifier_from_a_local_folder(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-vit"
+    config = ViTConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96,
+                       image_size=32, patch_size=4, num_labels=len(CLASSES))
+    ViTForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    data = make_folder(tmp_path / "val", corrupt=False)
+    args = ["--model", str(model_dir), "--data", str(data), "--batch-size", "4", "--method", "tome", "mctf",
+            "--keep", "0.25", "--output", str(tmp_path / "hf.jsonl")]
+    rows = evaluate(args)
+    assert [r["method"] for r in rows] == [None, "tome", "mctf"]
+    assert all(r["images"] == 9 for r in rows)
+    assert rows[0]["gflops"] > 2 * rows[1]["gflops"] > 0 and rows[0]["gflops"] > 2 * rows[2]["gflops"]
+    saved = ViTForImageClassification.from_pretrained(model_dir).state_dict()
+    loaded = load_model(str(model_dir), pretrained=True, checkpoint=None).model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    fresh = load_model(str(model_dir), pretrained=False, checkpoint=None, seed=5).model.state_dict()
+    assert not torch.equal(fresh["classifier.weight"], saved["classifier.weight"])
+
+
+def test_processor_maps_to_timm_data_config():
+    from tokenprune.eval.evaluate import processor_data_config
+    from transformers import CLIPImageProcessor, ViTConfig, ViTImageProcessor
+
+    config = ViTConfig(image_size=224)
+    vit = processor_data_config(ViTImageProcessor(), config)
+    assert vit["input_size"] == (3, 224, 224) and vit["crop_mode"] == "squash" and vit["mean"] == (0.5, 0.5, 0.5)
+    clip = processor_data_config(CLIPImageProcessor(), config)
+    assert clip["crop_mode"] == "center" and clip["crop_pct"] == 1.0 and clip["interpolation"] == "bicubic"
+    assert clip["input_size"] == (3, 224, 224)

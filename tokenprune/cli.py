@@ -18,7 +18,9 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (random init)")
+    p.add_argument("--model", default="deit_small_patch16_224",
+                   help="timm model name, or hf:<model_type> for a transformers model from its default config "
+                   "(hf:vit = ViT-B/16); random init")
     p.add_argument("--method", default="tome", help="a registered method (see `tokenprune methods`)")
     p.add_argument("--keep", type=float, default=0.33, help="fraction of patch tokens that leave the encoder")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -33,13 +35,10 @@ def _cmd_methods(args) -> int:
 
 
 def _cmd_flops(args) -> int:
-    import timm
-    import torch
-
     import tokenprune
+    from tokenprune.flops import random_model
 
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
+    model = random_model(args.model)
     size = tuple(args.input_size) if args.input_size else None
     base = tokenprune.count_flops(model, size)
     tokenprune.apply(model, args.method, keep=args.keep, **dict(args.option))
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README's first command")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("flops", help="count a timm model's forward FLOPs, unpatched and patched")
+    p = sub.add_parser("flops", help="count a model's forward FLOPs, unpatched and patched")
     _add_method_args(p)
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     p.set_defaults(func=_cmd_flops)

@@ -53,9 +53,29 @@ class FlopCount:
         return self.macs / self.batch_size / 1e9
 
 
+def random_model(name: str, seed: int = 0) -> nn.Module:
+    """A random-init model in eval mode: a timm name, or ``hf:<model_type>`` for a transformers
+    model built from that type's default config (``hf:vit`` is ViT-B/16 at 224)."""
+    torch.manual_seed(seed)
+    if name.startswith("hf:"):
+        from transformers import AutoConfig, AutoModel
+
+        return AutoModel.from_config(AutoConfig.for_model(name[3:])).eval()
+    import timm
+
+    return timm.create_model(name, pretrained=False).eval()
+
+
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W): channels from the model's timm data config, H and W from its patch
-    embedding when it has one (the config keeps the pretrained size after an img_size override)."""
+    """(C, H, W) of the model's native input. transformers: from its (vision) config. timm: channels
+    from its data config, H and W from its patch embedding when it has one (the config keeps the
+    pretrained size after an img_size override)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", config)
+    if config is not None and hasattr(config, "image_size"):
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return getattr(config, "num_channels", 3), height, width
     from timm.data import resolve_model_data_config
 
     channels, height, width = resolve_model_data_config(model)["input_size"]
