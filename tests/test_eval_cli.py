@@ -121,7 +121,7 @@ def test_transformers_classifier_from_a_local_folder(tmp_path):
     rows = evaluate(args)
     assert [r["method"] for r in rows] == [None, "tome", "mctf"]
     assert all(r["images"] == 9 for r in rows)
-    assert rows[0]["gflops"] > 2 * rows[1]["gflops"] > 0 and rows[0]["gflops"] > 2 * rows[2]["gflops"]
+    assert rows[0]["gflops"] > 1.3 * rows[1]["gflops"] > 0 and rows[0]["gflops"] > 1.3 * rows[2]["gflops"] > 0
     saved = ViTForImageClassification.from_pretrained(model_dir).state_dict()
     loaded = load_model(str(model_dir), pretrained=True, checkpoint=None).model.state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
