@@ -11,9 +11,9 @@ from types import ModuleType
 
 from torch import nn
 
-from . import hf_vision, timm_vit
+from . import hf_vision, hf_vlm, timm_vit
 
-ADAPTERS: tuple[ModuleType, ...] = (timm_vit, hf_vision)
+ADAPTERS: tuple[ModuleType, ...] = (timm_vit, hf_vlm, hf_vision)  # VLMs before encoders: a VLM holds one
 
 
 def find_adapter(model: nn.Module) -> ModuleType:

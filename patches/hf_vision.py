@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from tokenprune import ops
 from tokenprune.registry import TokenReducer
 from tokenprune.state import AttentionTaps, ForwardState
 
+from ._hooks import remove_hooks
 from ._swap import Swapped, restore, swap
 
 FAMILY = ("transformers ViT, DeiT (distilled too), CLIP and SigLIP vision towers, DINOv2 (registers too): "
@@ -98,6 +100,22 @@ class AttentionCall:
     taps: AttentionTaps | None = None
 
 
+@dataclass
+class ScoreRequest:
+    """Asks the attention function, through a forward's keyword arguments, for the attention each token
+    receives (mean over heads and queries) in the attention modules numbered ``layers``."""
+
+    layers: frozenset[int]
+    received: dict[int, list[Tensor]] = field(default_factory=dict)  # layer -> one (B, N) per call
+
+    def collect(self, layer: int) -> Tensor:
+        """The scores of ``layer``, its calls concatenated along the tokens (Qwen attends per window)."""
+        if layer not in self.received:
+            raise RuntimeError(f"tokenprune: no attention scores came from layer {layer + 1}; was the "
+                               "encoder's attention implementation changed after patching?")
+        return torch.cat(self.received[layer], dim=-1)
+
+
 def base_attention(module: nn.Module) -> Callable:
     """The attention implementation the model had before patching."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -109,9 +127,15 @@ def base_attention(module: nn.Module) -> Callable:
 
 
 def tokenprune_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                         attention_mask: Tensor | None, tokenprune_call: AttentionCall | None = None, **kwargs):
+                         attention_mask: Tensor | None, tokenprune_call: AttentionCall | None = None,
+                         tokenprune_scores: ScoreRequest | None = None, **kwargs):
     """The model's own attention; with a ``tokenprune_call`` it also hands back q and k, and
-    with ``keep_probabilities`` runs explicit attention to keep the probabilities."""
+    with ``keep_probabilities`` runs explicit attention to keep the probabilities. With
+    ``tokenprune_scores`` it records the attention received in the requested layers (in query chunks)."""
+    if tokenprune_scores is not None and getattr(module, "_tokenprune_layer", None) in tokenprune_scores.layers:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        tokenprune_scores.received.setdefault(module._tokenprune_layer, []).append(
+            ops.received_attention(query, key, scaling, attention_mask))
     if tokenprune_call is None:
         return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
@@ -127,6 +151,31 @@ def tokenprune_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
         probs = None
     tokenprune_call.taps = AttentionTaps(q=query, k=key, scale=scaling, bias=attention_mask, probs=probs)
     return out, weights
+
+
+def route_attention(attention_modules: list[nn.Module], config) -> None:
+    """Point these attention modules (numbered in order, for ``ScoreRequest``) at the tokenprune
+    attention function, which calls the implementation ``config`` named before."""
+    _register_attention()
+    for i, attn in enumerate(attention_modules):
+        attn._tokenprune_base_attention = config._attn_implementation
+        attn._tokenprune_layer = i
+    config._attn_implementation = ATTENTION_NAME
+
+
+def unroute_attention(attention_modules: list[nn.Module], config) -> None:
+    base = attention_modules[0]._tokenprune_base_attention
+    for attn in attention_modules:
+        del attn._tokenprune_base_attention, attn._tokenprune_layer
+    config._attn_implementation = base
+
+
+def check_attention(config, where: str) -> None:
+    impl = config._attn_implementation
+    if impl not in _BASE_ATTENTIONS + (ATTENTION_NAME,):
+        raise TypeError(f"tokenprune keeps the {where}'s attention, which must be one of {_BASE_ATTENTIONS} "
+                        f"(it adds a log-size bias to the mask or reads attention scores); it uses {impl!r}: "
+                        "call model.set_attn_implementation('sdpa') first")
 
 
 def _register_attention() -> None:
@@ -306,11 +355,7 @@ def check(model: nn.Module) -> None:
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "head_dim")):
             raise TypeError(f"tokenprune cannot patch layer {i} of {enc.family.name}: its attention "
                             f"{type(attn).__name__} has no q_proj/k_proj/v_proj (needs transformers >= 5)")
-    impl = enc.config._attn_implementation
-    if impl not in _BASE_ATTENTIONS + (ATTENTION_NAME,):
-        raise TypeError(f"tokenprune keeps the model's attention, which must be one of {_BASE_ATTENTIONS} "
-                        f"(it adds a log-size bias to the mask); the model uses {impl!r}: call "
-                        "model.set_attn_implementation('sdpa') first")
+    check_attention(enc.config, "model")
 
 
 def check_schedule(model: nn.Module, reducer: TokenReducer) -> None:
@@ -319,37 +364,34 @@ def check_schedule(model: nn.Module, reducer: TokenReducer) -> None:
     reducer.schedule(enc.num_patches, len(enc.layers))
 
 
-def patch(model: nn.Module, reducer: TokenReducer) -> None:
+def patch(model: nn.Module, reducer: TokenReducer, depth: int | None = None) -> None:
+    """``depth``: the layers whose output is used (a VLM takes an inner layer's features): the
+    schedule reaches its final count there; by default, all layers."""
     enc = _encoder(model)
     if not hasattr(enc.stack, "tokenprune_reducer"):
-        _register_attention()
-        config = enc.config
+        route_attention(_attention_modules(enc), enc.config)
         for layer in enc.layers:
-            getattr(layer, enc.family.attention)._tokenprune_base_attention = config._attn_implementation
             layer._tokenprune_family_name = enc.family.name
             swap(layer, ReducingLayer)
-        config._attn_implementation = ATTENTION_NAME
         enc.stack.register_forward_pre_hook(_start_forward, with_kwargs=True)
         enc.stack.register_forward_hook(_finish_forward, with_kwargs=True)
         enc.stack.tokenprune_num_prefix = enc.family.num_prefix(enc.backbone.config)
-        enc.stack.tokenprune_depth = len(enc.layers)
+    enc.stack.tokenprune_depth = depth or len(enc.layers)
     enc.stack.tokenprune_reducer = reducer
     enc.stack._tokenprune_last = None
 
 
+def _attention_modules(enc: Encoder) -> list[nn.Module]:
+    return [getattr(layer, enc.family.attention) for layer in enc.layers]
+
+
 def unpatch(model: nn.Module) -> None:
     enc = _encoder(model)
-    base = getattr(enc.layers[0], enc.family.attention)._tokenprune_base_attention
+    unroute_attention(_attention_modules(enc), enc.config)
     for layer in enc.layers:
-        del getattr(layer, enc.family.attention)._tokenprune_base_attention
         del layer._tokenprune_family_name
         restore(layer)
-    enc.config._attn_implementation = base
-    for hooks in (enc.stack._forward_pre_hooks, enc.stack._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in (_start_forward, _finish_forward)]:
-            del hooks[key]
-            enc.stack._forward_pre_hooks_with_kwargs.pop(key, None)
-            enc.stack._forward_hooks_with_kwargs.pop(key, None)
+    remove_hooks(enc.stack, _start_forward, _finish_forward)
     for name in ("tokenprune_reducer", "_tokenprune_last", "tokenprune_num_prefix", "tokenprune_depth"):
         enc.stack.__dict__.pop(name, None)
 

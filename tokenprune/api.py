@@ -11,7 +11,8 @@ from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
 
 
-def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, **options: Any) -> nn.Module:
+def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, positions: str | None = None,
+          **options: Any) -> nn.Module:
     """Patch ``model`` in place to reduce its tokens; returns the same object.
 
     ``keep`` is the fraction of patch tokens that leave the encoder: the final count
@@ -21,12 +22,22 @@ def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, **opt
     lists them) override ``keep``. ``keep=1.0`` leaves outputs bit-identical.
     Applying to a patched model re-configures it. Every argument is checked
     before the model is touched.
+
+    Vision-language models (LLaVA, LLaVA-NeXT, Qwen2(.5)-VL; default method ``hiprune``): ``keep``
+    is the fraction of each image's visual tokens the language model receives, and ``positions``
+    ("reindex" or "original") how the kept tokens are numbered (default: LLaVA "reindex",
+    Qwen "original").
     """
     keep = check_keep(keep)
     adapter = find_adapter(model)
     reducer = get_method(method or adapter.DEFAULT_METHOD)(keep=keep, **options)
-    adapter.check_schedule(model, reducer)
-    adapter.patch(model, reducer)
+    settings = {}
+    if positions is not None:
+        if not hasattr(adapter, "POSITIONS"):
+            raise TypeError(f"positions applies to vision-language models only, not to {type(model).__name__}")
+        settings["positions"] = positions
+    adapter.check_schedule(model, reducer, **settings)
+    adapter.patch(model, reducer, **settings)
     return model
 
 

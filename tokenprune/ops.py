@@ -217,3 +217,16 @@ def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
 def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1)."""
     return assign_sum(t * weight, dest, n_out) / assign_sum(weight, dest, n_out)
+
+
+def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
+                       chunk: int = 512) -> Tensor:
+    """Attention each key receives, averaged over heads and queries: ``(B, N_k)`` from q ``(B, H, N_q, D)``
+    and k ``(B, H, N_k, D)``. Queries go in chunks, so memory is O(chunk * N_k) per head, never N_q * N_k."""
+    total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
+    for start in range(0, q.shape[-2], chunk):
+        logits = (q[..., start:start + chunk, :] @ k.transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + (bias if bias.shape[-2] == 1 else bias[..., start:start + chunk, :])
+        total += logits.softmax(dim=-1, dtype=torch.float32).sum(dim=(1, 2))
+    return total / (q.shape[1] * q.shape[-2])

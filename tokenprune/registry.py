@@ -70,6 +70,10 @@ class TokenReducer:
     #: ``(x, core)``: ``core(v)`` computes the block's attention output from the merged tokens'
     #: values (B, H, N', D), reusing the scores; None recomputes attention as usual)
     placement: ClassVar[str] = "after_attention"
+    #: "encoder": reduces tokens inside a vision encoder's blocks (``schedule`` + ``reduce``), usable on
+    #: ViTs and on a VLM's vision tower; "vlm": selects the visual tokens a VLM's language model
+    #: receives from encoder attention scores (``select``), VLMs only
+    scope: ClassVar[str] = "encoder"
 
     def __init__(self, keep: float = 0.33, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))

@@ -1,0 +1,104 @@
+"""HiPrune (Liu et al., 2025; ACL 2026): training-free visual-token selection for VLMs.
+
+For each image, from the attention every visual token receives (mean over heads and queries) at two
+layers of the vision encoder, the object layer (a middle layer) and the output layer (the one whose
+features the VLM takes), HiPrune keeps a budget of K = round(keep * N) tokens:
+
+1. anchors: the round(alpha * K / 5) tokens with the highest object-layer score;
+2. buffers: the 4-neighbours (left, right, above, below) of each anchor on the patch grid;
+3. registers: the rest of the budget, the highest output-layer scores among the tokens left.
+
+Kept tokens stay in raster order. The official code finds left/right neighbours as index -/+ 1,
+which wraps to the neighbouring row at the grid's edges; we do not wrap (``wrap=True`` restores the
+official behaviour). Which tokens reach the language model, and how, is the VLM adapter's business
+(``patches/hf_vlm.py``); this file only selects.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from ..registry import TokenReducer, register
+
+
+def budget(num_tokens: int, keep: float) -> int:
+    """Visual tokens kept of ``num_tokens``; a budget under one token is an error, not a silent 1."""
+    k = round(keep * num_tokens)
+    if k < 1:
+        raise ValueError(f"keep={keep} leaves round({keep} * {num_tokens}) = {k} visual tokens for an image of "
+                         f"{num_tokens}; the budget must be at least one token")
+    return min(k, num_tokens)
+
+
+def neighbours(index: Tensor, grid: tuple[int, int], wrap: bool = False) -> Tensor:
+    """The 4-neighbours of raster ``index`` on an (rows, cols) grid, each anchor's own index included
+    where a neighbour falls off the grid (so the result is always ``(len(index), 4)``)."""
+    rows, cols = grid
+    n = rows * cols
+    if wrap:  # the official code: +-1 in raster order, clamped to the sequence
+        offsets = torch.tensor([-1, 1, -cols, cols], device=index.device)
+        return (index[:, None] + offsets).clamp(0, n - 1)
+    r, c = index // cols, index % cols
+    out = torch.stack([torch.where(c > 0, index - 1, index), torch.where(c < cols - 1, index + 1, index),
+                       torch.where(r > 0, index - cols, index), torch.where(r < rows - 1, index + cols, index)], -1)
+    return out
+
+
+def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int], k: int,
+                   alpha: float = 0.1, wrap: bool = False) -> Tensor:
+    """Indices (sorted, ``(k,)``) of the tokens HiPrune keeps for one image of ``rows * cols`` tokens."""
+    n = object_scores.shape[0]
+    if n != grid[0] * grid[1]:
+        raise ValueError(f"hiprune: {n} scores do not fill a {grid[0]}x{grid[1]} grid")
+    num_anchors = min(round(alpha * k / 5), k)
+    anchors = object_scores.topk(num_anchors).indices
+    chosen = torch.zeros(n, dtype=torch.bool, device=object_scores.device)
+    chosen[anchors] = True
+    chosen[neighbours(anchors, grid, wrap).flatten()] = True
+    if int(chosen.sum()) > k:  # tiny budgets: anchors first, then their buffers by object-layer score
+        extra = torch.where(chosen, object_scores, -torch.inf)
+        extra[anchors] = torch.inf
+        chosen = torch.zeros_like(chosen)
+        chosen[extra.topk(k).indices] = True
+    registers = k - int(chosen.sum())
+    if registers:
+        rest = torch.where(chosen, -torch.inf, output_scores.float())
+        chosen[rest.topk(registers).indices] = True
+    return chosen.nonzero().squeeze(1)
+
+
+@register
+class HiPrune(TokenReducer):
+    name = "hiprune"
+    summary = "HiPrune: anchor / buffer / register selection of a VLM's visual tokens (LLaVA, Qwen2.5-VL)"
+    defaults = {
+        "alpha": 0.1,  # object proportion: anchors = round(alpha * K / 5)
+        "object_layer": None,  # 1-based vision-encoder layer; None: the model's default (LLaVA 9, Qwen2.5-VL 16)
+        "wrap": False,  # True: the official code's neighbours, which wrap across grid rows
+        "tokens": None,  # native budget: visual tokens per image (or per crop), overrides keep
+    }
+    scope = "vlm"
+
+    def validate(self) -> None:
+        o = self.options
+        if isinstance(o["alpha"], bool) or not isinstance(o["alpha"], numbers.Real) or not 0 <= o["alpha"] <= 1:
+            raise ValueError(f"hiprune: alpha must be a number in [0, 1], got {o['alpha']!r}")
+        for key in ("object_layer", "tokens"):
+            v = o[key]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"hiprune: {key} must be a positive int or None, got {v!r}")
+
+    def budget(self, num_tokens: int) -> int:
+        if self.options["tokens"] is not None:
+            return min(self.options["tokens"], num_tokens)
+        return budget(num_tokens, self.keep)
+
+    def select(self, object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int]) -> Tensor:
+        return hiprune_select(object_scores, output_scores, grid, self.budget(object_scores.shape[0]),
+                              self.options["alpha"], self.options["wrap"])
+
+    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+        raise TypeError("hiprune selects the visual tokens a VLM's language model receives; apply it to a "
+                        "LLaVA, LLaVA-NeXT or Qwen2(.5)-VL model, not to a vision encoder alone")
