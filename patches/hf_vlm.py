@@ -229,7 +229,7 @@ def compact(kwargs: dict, compaction: Compaction) -> CompactedPrefill:
     if mask.dim() != 2:
         raise TypeError("tokenprune compacts a 2-D attention_mask (batch, length); got a "
                         f"{mask.dim()}-D mask")
-    keep = keep | (mask == 0)  # padding is compacted like text, never dropped
+    keep = keep & (mask != 0)  # old padding goes; rows are padded again on the left below
     lengths = keep.sum(dim=1)
     kept = int(lengths.max())
     rows, cols = keep.nonzero(as_tuple=True)
@@ -336,7 +336,8 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
                          f"{keep_all.numel()} image features")
     keep_seq = torch.ones_like(placeholders)
     keep_seq[placeholders] = keep_all.to(placeholders.device)
-    kw["tokenprune_compaction"] = Compaction(keep=keep_seq, positions=model.tokenprune_positions)
+    if not bool(keep_all.all()):  # nothing dropped (keep=1.0): the language model runs exactly as stock
+        kw["tokenprune_compaction"] = Compaction(keep=keep_seq, positions=model.tokenprune_positions)
     model._tokenprune_last = VLMReport(method=model.tokenprune_reducer.name,
                                        placeholders=placeholders.sum(dim=1).tolist(),
                                        visual_tokens=(keep_seq & placeholders).sum(dim=1).tolist())
