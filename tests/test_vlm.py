@@ -228,7 +228,8 @@ def test_qwen_prefill_equals_a_reference_with_original_positions():
         embeds = model.get_input_embeddings()(ids)
         embeds[image_at] = feats
         with torch.no_grad():
-            out = model.model.language_model(inputs_embeds=embeds[keep][None], position_ids=positions[:, row:row + 1, keep])
+            out = model.model.language_model(inputs_embeds=embeds[keep][None],
+                                             position_ids=positions[:, row:row + 1, keep])
             reference = model.lm_head(out.last_hidden_state[:, -1])
         torch.testing.assert_close(logits[row], reference[0], atol=1e-4, rtol=1e-4)
 
