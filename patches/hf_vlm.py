@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tokenprune.methods.hiprune import hiprune_select
 from tokenprune.registry import TokenReducer
 
 from . import hf_vision
@@ -86,6 +87,17 @@ class Family:
     def grids(self, model: nn.Module, kw: dict) -> list[tuple[int, int]]:
         raise NotImplementedError
 
+    def choose(self, model: nn.Module, kw: dict, request: ScoreRequest, reducer: TokenReducer,
+               features: list[Tensor], layers: tuple[int, int]) -> list[Tensor]:
+        """Per image, which of its features (placeholders) the method keeps (bool)."""
+        scores = zip(self.image_scores(model, kw, request, layers[0]), self.image_scores(model, kw, request, layers[1]))
+        keeps = []
+        for feats, (obj, last), grid in zip(features, scores, self.grids(model, kw)):
+            keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
+            keep[reducer.select(obj, last, grid)] = True
+            keeps.append(keep)
+        return keeps
+
 
 class Llava(Family):
     name, module, model_class = "LLaVA", "llava", "LlavaModel"
@@ -129,6 +141,64 @@ class Llava(Family):
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
         return [(side, side)] * kw["pixel_values"].shape[0]
+
+
+class LlavaNext(Llava):
+    """Any-resolution LLaVA: a base crop plus high-resolution crops, packed per image (unpadded, with a
+    newline token after each row). HiPrune runs per crop on the crop's surviving (unpadded) tokens with
+    a budget of round(keep * survivors); a row's newline stays when the row keeps a token."""
+
+    name, module, model_class = "LLaVA-NeXT", "llava_next", "LlavaNextModel"
+
+    def encode(self, model, kw):
+        return model.get_image_features(pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"],
+                                        vision_feature_layer=kw.get("vision_feature_layer"),
+                                        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+                                        return_dict=True)
+
+    def _crops_per_image(self, model, kw) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=model.config.image_grid_pinpoints,
+                                          patch_size=model.config.vision_config.image_size)
+                for size in kw["image_sizes"]]
+
+    def choose(self, model, kw, request, reducer, features, layers):
+        obj, last = (self.image_scores(model, kw, request, layer) for layer in layers)  # per crop
+        side = self.grids(model, kw)[0][0]
+        n = side * side
+        # packed position -> crop * n + patch (or -1 for a newline): the model's own packing of an index map
+        index = torch.arange(len(obj) * n, dtype=torch.float32, device=features[0].device).view(len(obj), n, 1)
+        packed, _ = model.pack_image_features(list(index.split(self._crops_per_image(model, kw))), kw["image_sizes"],
+                                              self._strategy(model, kw), image_newline=index.new_tensor([-1.0]))
+        keeps = []
+        for where in packed:
+            where = where[:, 0].long()
+            is_token = where >= 0
+            crop, patch = where // n, where % n
+            keep = torch.zeros_like(is_token)
+            for c in crop[is_token].unique().tolist():
+                in_crop = is_token & (crop == c)
+                allowed = torch.zeros(n, dtype=torch.bool, device=where.device)
+                allowed[patch[in_crop]] = True
+                count = int(allowed.sum())
+                k = min(reducer.options["tokens"] or round(reducer.keep * count), count)
+                chosen = torch.zeros_like(allowed)
+                if k:
+                    chosen[hiprune_select(obj[c], last[c], (side, side), k, reducer.options["alpha"],
+                                          reducer.options["wrap"], allowed)] = True
+                keep[in_crop] = chosen[patch[in_crop]]
+            row = torch.cumsum(~is_token, 0) - (~is_token).long()  # newlines before each position
+            rows_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=where.device)
+            rows_kept.index_add_(0, row, keep.long())
+            keep |= ~is_token & (rows_kept[row] > 0)
+            keeps.append(keep)
+        return keeps
+
+    def grids(self, model, kw):
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return [(side, side)] * sum(self._crops_per_image(model, kw))
 
 
 class Qwen2VL(Family):
@@ -183,7 +253,7 @@ class Qwen25VL(Qwen2VL):
         return window_index
 
 
-FAMILIES: tuple[Family, ...] = (Llava(), Qwen2VL(), Qwen25VL())
+FAMILIES: tuple[Family, ...] = (Llava(), LlavaNext(), Qwen2VL(), Qwen25VL())
 
 
 # ---------------------------------------------------------------- what the hooks carry
@@ -293,10 +363,8 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
         request = ScoreRequest(layers=frozenset({obj_layer, out_layer}))
         out = stock(vlm, **kw, return_dict=True, tokenprune_scores=request)
         features = list(out.pooler_output)
-        scores = zip(family.image_scores(vlm, kw, request, obj_layer), family.image_scores(vlm, kw, request, out_layer))
-        for feats, (obj, last), grid in zip(features, scores, family.grids(vlm, kw)):
-            feats.tokenprune_keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
-            feats.tokenprune_keep[reducer.select(obj, last, grid)] = True
+        for feats, keep in zip(features, family.choose(vlm, kw, request, reducer, features, (obj_layer, out_layer))):
+            feats.tokenprune_keep = keep
     else:  # an encoder method reduced inside the tower: its K features fill an image's first K placeholders
         out = stock(vlm, **kw, return_dict=True)
         features = []
@@ -433,9 +501,10 @@ def check_schedule(model: nn.Module, reducer: TokenReducer, positions: str | Non
             side = vlm.config.vision_config.image_size // vlm.config.vision_config.patch_size
             reducer.budget(side * side)  # a budget under one token fails now
         return
-    if not isinstance(family, Llava):
-        raise TypeError(f"encoder method {reducer.name!r} on {family.name}: only LLaVA's CLIP/SigLIP tower "
-                        "takes encoder methods; use method='hiprune'")
+    if type(family) is not Llava:
+        raise TypeError(f"encoder method {reducer.name!r} on {family.name}: only LLaVA-1.5's CLIP/SigLIP tower "
+                        "takes encoder methods (LLaVA-NeXT packs full crops; Qwen merges 2x2 patches); "
+                        "use method='hiprune'")
     tower = vlm.vision_tower
     hf_vision.check(tower)
     feature_depth = family.output_layer(vlm, {}) + 1

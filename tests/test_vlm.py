@@ -287,6 +287,14 @@ def test_hiprune_buffers_do_not_wrap_unless_asked():
     assert 8 in hiprune_select(obj, out, (4, 4), 5, alpha=1.0, wrap=True).tolist()
 
 
+def test_hiprune_keeps_only_allowed_tokens():
+    gen = torch.Generator().manual_seed(0)
+    obj, out = torch.rand(64, generator=gen), torch.rand(64, generator=gen)
+    allowed = torch.arange(64) < 40  # an unpadded crop: the last 3 rows are gone
+    idx = hiprune_select(obj, out, (8, 8), 16, alpha=1.0, allowed=allowed)
+    assert idx.numel() == 16 and bool(allowed[idx].all())
+
+
 # ------------------------------------------------------------------ errors and copies
 
 def test_clear_errors():
@@ -326,3 +334,46 @@ def test_patched_vlm_deep_copies():
         assert torch.equal(clone.generate(**inputs, **GREEDY), model.generate(**inputs, **GREEDY))
     tokenprune.remove(clone)
     assert tokenprune.is_patched(model) and not tokenprune.is_patched(clone)
+
+
+# ------------------------------------------------------------------ LLaVA-NeXT (any resolution)
+
+def tiny_llava_next():
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                              image_size=32, patch_size=4)
+    text = LlamaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=2048, pad_token_id=PAD)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE,
+                             vision_feature_layer=-2, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    model = LlavaNextForConditionalGeneration(config).eval()
+    sizes = torch.tensor([[40, 60], [64, 64]])  # the first is unpadded: its high-resolution crops lose rows
+    pixels = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    ids, mask = left_padded([[5, 6] + [LLAVA_IMAGE] * len(packed[0]) + [7, 10, 11],
+                             [5, 6] + [LLAVA_IMAGE] * len(packed[1]) + [7, 12]])
+    return model, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+
+
+def test_llava_next_keeps_k_per_crop_and_is_exact_at_keep_one():
+    model, inputs = tiny_llava_next()
+    with torch.no_grad():
+        expected = model.generate(**inputs, **GREEDY)
+        tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+        assert torch.equal(model.generate(**inputs, **GREEDY), expected)
+        tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
+        _, lengths = language_model_inputs(model, lambda: model.generate(**inputs, **GREEDY))
+    report = tokenprune.last_forward(model)
+    # the 64x64 image: a base crop and 4 full crops of 8x8, 16 rows with a newline each:
+    # 16 of 64 tokens per crop and every row's newline
+    assert report.placeholders[1] == 5 * 64 + 16 and report.visual_tokens[1] == 5 * 16 + 16
+    assert report.visual_tokens[0] < report.placeholders[0] * 0.35
+    assert lengths[0] == 2 + max(report.visual_tokens[0] + 3, report.visual_tokens[1] + 2) and lengths[1:] == [1] * 5
+    tokenprune.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **GREEDY), expected)
+    with pytest.raises(TypeError, match="only LLaVA-1.5"):
+        tokenprune.apply(model, "tome", keep=0.5)

@@ -47,16 +47,23 @@ def neighbours(index: Tensor, grid: tuple[int, int], wrap: bool = False) -> Tens
 
 
 def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int], k: int,
-                   alpha: float = 0.1, wrap: bool = False) -> Tensor:
-    """Indices (sorted, ``(k,)``) of the tokens HiPrune keeps for one image of ``rows * cols`` tokens."""
+                   alpha: float = 0.1, wrap: bool = False, allowed: Tensor | None = None) -> Tensor:
+    """Indices (sorted, ``(k,)``) of the tokens HiPrune keeps for one image of ``rows * cols`` tokens.
+    ``allowed`` (bool, ``(rows * cols,)``): only these may be kept (LLaVA-NeXT's unpadded crops)."""
     n = object_scores.shape[0]
     if n != grid[0] * grid[1]:
         raise ValueError(f"hiprune: {n} scores do not fill a {grid[0]}x{grid[1]} grid")
+    if allowed is not None:
+        object_scores = torch.where(allowed, object_scores.float(), -torch.inf)
+        output_scores = torch.where(allowed, output_scores.float(), -torch.inf)
+        k = min(k, int(allowed.sum()))
     num_anchors = min(round(alpha * k / 5), k)
     anchors = object_scores.topk(num_anchors).indices
     chosen = torch.zeros(n, dtype=torch.bool, device=object_scores.device)
     chosen[anchors] = True
     chosen[neighbours(anchors, grid, wrap).flatten()] = True
+    if allowed is not None:
+        chosen &= allowed
     if int(chosen.sum()) > k:  # tiny budgets: anchors first, then their buffers by object-layer score
         extra = torch.where(chosen, object_scores, -torch.inf)
         extra[anchors] = torch.inf
