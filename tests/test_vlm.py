@@ -377,3 +377,27 @@ def test_llava_next_keeps_k_per_crop_and_is_exact_at_keep_one():
         assert torch.equal(model.generate(**inputs, **GREEDY), expected)
     with pytest.raises(TypeError, match="only LLaVA-1.5"):
         tokenprune.apply(model, "tome", keep=0.5)
+
+
+# ------------------------------------------------------------------ FLOPs
+
+def test_llava_flops_formula_matches_a_counted_prefill():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenprune.flops import llava_prefill_flops
+
+    model = tiny_llava()
+    ids = torch.tensor([[5, 6] + [LLAVA_IMAGE] * 64 + [7, 10, 11, 12]])
+    pixels = torch.randn(1, 3, 32, 32)
+    for keep, visual in ((1.0, 64), (0.25, 16)):
+        if keep < 1:
+            tokenprune.apply(model, "hiprune", keep=keep, object_layer=2)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels, logits_to_keep=1)
+        expected = llava_prefill_flops(model.config, visual_tokens=visual, text_tokens=6)["total"]
+        counted = counter.get_total_flops()
+        if keep == 1.0:
+            assert counted == expected
+        else:  # plus HiPrune's scores: q k^T at its two layers (65 x 65 per head)
+            assert counted == expected + 2 * (2 * 65 * 65 * 32)

@@ -65,6 +65,14 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_bench_vlm(args) -> int:
+    from tokenprune.eval.vlm_bench import format_tables, paper_comparison, vlm_benchmark
+
+    rows = vlm_benchmark(args.method, keeps=tuple(args.keep), repeats=args.repeats, threads=args.threads)
+    print(format_tables(rows, paper_comparison()))
+    return 0
+
+
 DEMO_ARGS = ["--keep", "0.5", "--limit", "2000", "--output", "runs/demo/testbed.jsonl", "--overwrite", "--plot"]
 
 
@@ -102,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("bench-vlm", help="VLM prefill FLOPs and time with and without visual-token reduction "
+                       "(small random LLaVA), and the FLOPs formula on LLaVA-1.5-7B's shapes")
+    p.add_argument("--method", default="hiprune")
+    p.add_argument("--keep", type=float, nargs="+", default=[1 / 3, 2 / 9, 1 / 9])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_bench_vlm)
     return parser
 
 

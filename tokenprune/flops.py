@@ -102,3 +102,28 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
         model(inputs)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
     return FlopCount(flops=int(counter.get_total_flops()), batch_size=inputs.shape[0], by_op=by_op)
+
+
+def llava_prefill_flops(config, visual_tokens: int, text_tokens: int, images: int = 1) -> dict[str, int]:
+    """FLOPs (2 x MACs) of a LLaVA-1.5 prefill from its config alone: the vision tower (every layer runs),
+    the projector on each image's features, and the language model on ``text_tokens + visual_tokens``,
+    with logits for the last position only (as ``generate`` computes them). Counts what
+    ``FlopCounterMode`` counts (matrix products, convolutions and attention; attention in full, as SDPA's
+    formula does even for causal masks). ``tests/test_vlm.py`` checks it against a counted forward."""
+    v, t = config.vision_config, config.text_config
+    side = v.image_size // v.patch_size
+    patches = side * side
+    vt = patches + 1  # + class token
+    vision = 2 * patches * 3 * v.patch_size ** 2 * v.hidden_size
+    vision += v.num_hidden_layers * (2 * vt * v.hidden_size * v.hidden_size * 4  # q, k, v, o
+                                     + 2 * vt * v.hidden_size * v.intermediate_size * 2  # MLP
+                                     + 4 * vt * vt * v.hidden_size)  # q k^T and attention @ v
+    projector = 2 * patches * (v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size)
+    n, d = text_tokens + visual_tokens, t.hidden_size
+    head_dim = getattr(t, "head_dim", None) or d // t.num_attention_heads
+    kv = t.num_key_value_heads * head_dim
+    language = t.num_hidden_layers * (2 * n * d * (2 * d + 2 * kv) + 2 * n * d * t.intermediate_size * 3
+                                      + 4 * n * n * t.num_attention_heads * head_dim)
+    language += 2 * d * t.vocab_size
+    return {"vision": images * vision, "projector": images * projector, "language": language,
+            "total": images * (vision + projector) + language}
