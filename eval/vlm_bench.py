@@ -101,7 +101,8 @@ def paper_comparison(text_tokens: int = 48) -> list[dict]:
 
 def format_tables(rows: list[dict], paper: list[dict]) -> str:
     lines = ["| method | keep | visual tokens | prefill GFLOPs (counted) | FLOPs ratio | formula ratio | "
-             "prefill ms | time ratio | foreign load |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "prefill ms | time ratio | foreign load |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         foreign = "n/a" if r["foreign_load"] is None else f"{r['foreign_load']:.0%}"
         lines.append(f"| {r['method']} | {r['keep']:.3f} | {r['visual_tokens']} | {r['base_gflops']:.1f} -> "
