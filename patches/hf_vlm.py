@@ -497,6 +497,10 @@ def check_schedule(model: nn.Module, reducer: TokenReducer, positions: str | Non
         if not 1 <= layer <= depth:
             raise ValueError(f"hiprune: object_layer={layer} is outside the {depth}-layer vision tower of "
                              f"{family.name} (1-based)")
+        full = getattr(family.vision_config(vlm), "fullatt_block_indexes", None)
+        if full is not None and layer - 1 not in full:
+            raise ValueError(f"hiprune: object_layer={layer} of {family.name} attends within windows; scores need a "
+                             f"full-attention block: one of {[i + 1 for i in full]} (1-based)")
         if isinstance(family, Llava):
             side = vlm.config.vision_config.image_size // vlm.config.vision_config.patch_size
             reducer.budget(side * side)  # a budget under one token fails now

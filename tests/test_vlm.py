@@ -127,8 +127,27 @@ def test_llava_language_model_sees_k_visual_tokens_per_image(method):
     assert lengths == [int(max(text[0] + 16, text[1] + 32))] + [1] * (GREEDY["max_new_tokens"] - 1)
 
 
-def test_qwen_keeps_k_per_image_after_the_merger():
-    model, inputs = tiny_qwen(), qwen_batch()
+def tiny_qwen2(seed: int = 0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=4, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text_config=dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}),
+        image_token_id=QWEN_IMAGE, vision_start_token_id=91, vision_end_token_id=92)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_qwen, tiny_qwen2])
+def test_qwen_keeps_k_per_image_after_the_merger(build):
+    model, inputs = build(), qwen_batch()
+    with torch.no_grad():
+        expected = model.generate(**inputs, **GREEDY)
+        tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+        assert torch.equal(model.generate(**inputs, **GREEDY), expected)
     tokenprune.apply(model, "hiprune", keep=0.34, object_layer=2)
     with torch.no_grad():
         model(**inputs)
@@ -310,6 +329,8 @@ def test_clear_errors():
         model.generate(input_ids=torch.tensor([[5, 6, 7]]), **GREEDY)
     with pytest.raises(ValueError, match="positions"):
         tokenprune.apply(tiny_qwen(), "hiprune", keep=0.5, positions="reindex", object_layer=2)
+    with pytest.raises(ValueError, match="full-attention"):  # Qwen2.5-VL's block 1 (1-based) attends in windows
+        tokenprune.apply(tiny_qwen(), "hiprune", keep=0.5, object_layer=1)
     with pytest.raises(TypeError, match="does not support"):
         tokenprune.apply(LlamaForCausalLM(model.config.text_config), "hiprune", keep=0.5)
     from conftest import tiny_timm
