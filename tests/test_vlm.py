@@ -422,3 +422,15 @@ def test_llava_flops_formula_matches_a_counted_prefill():
             assert counted == expected
         else:  # plus HiPrune's scores: q k^T at its two layers (65 x 65 per head)
             assert counted == expected + 2 * (2 * 65 * 65 * 32)
+
+
+def test_generate_without_cache_with_beams_and_sampling():
+    model, inputs = tiny_llava(), llava_batch()
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
+    with torch.no_grad():
+        cached = model.generate(**inputs, **GREEDY)
+        assert torch.equal(model.generate(**inputs, **GREEDY, use_cache=False), cached)
+        _, lengths = language_model_inputs(model, lambda: model.generate(**inputs, **GREEDY, num_beams=2))
+        assert tokenprune.last_forward(model).visual_tokens == [16, 16, 32, 32]  # each sample, once per beam
+        sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    assert sampled.shape[0] == 4 and lengths[1:] == [1] * 5
