@@ -83,6 +83,9 @@ def test_embedded_default_and_bad_input(tmp_path, capsys):
     rows = evaluate(["--no-pretrained", "--limit", "8", "--method", "tome", "--keep", "0.5",
                      "--output", str(tmp_path / "e.jsonl")])
     assert rows[0]["images"] == 8 and "Fashion-MNIST" in rows[0]["data"]
+    # the demo's default sweep: every encoder method (hiprune needs a VLM and is left out)
+    rows = evaluate(["--no-pretrained", "--limit", "4", "--keep", "0.5", "--output", str(tmp_path / "d.jsonl")])
+    assert [r["method"] for r in rows] == [None, "mctf", "random", "tome", "zero-tprune"]
     assert cli(["eval", "--keep", "1.5", "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "keep must be in (0, 1]" in capsys.readouterr().err
     assert cli(["eval", "--method", "nope", "--output", str(tmp_path / "x.jsonl")]) == 2
