@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'fashion-mnist' (embedded test split, default), an ImageNet-val style folder, a saved "
                         "HF dataset folder, or a HF datasets name")
     p.add_argument("--split", default="validation", help="split of a HF dataset")
-    p.add_argument("--method", nargs="+", default=[], help="methods to sweep (default: every registered encoder method)")
+    p.add_argument("--method", nargs="+", default=[],
+                   help="methods to sweep (default: every registered encoder method)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.5], help="keep values to sweep")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="native option for every method (e.g. -o prop_attn=False)")
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     # default: every encoder method (VLM selectors such as hiprune need a VLM, not a classifier)
-    methods = args.method or [m for m in method_names() if tokenprune.registry.get_method(m).scope == "encoder"]
+    methods = args.method or [m for m in method_names()
+                              if tokenprune.registry.get_method(m).scope == "encoder"]
     for m in methods:  # fail on a bad method, keep or option before any work
         tokenprune.registry.get_method(m)(keep=args.keep[0], **dict(args.option))
     for k in args.keep:

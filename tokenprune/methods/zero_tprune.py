@@ -123,7 +123,7 @@ class ZeroTPrune(TokenReducer):
     summary = ("Zero-TPrune (CVPR'24): weighted-PageRank importance (EIR, VHF) and similarity pruning, "
                "I'->S->I at a few pruning layers")
     defaults = {
-        "layers": None,  # block indices that prune; None: depth/4, depth/2, 3*depth/4
+        "layers": None,  # block indices that prune; None: depth/4 - 1, depth/2 - 1, 3*depth/4 - 1 (2, 5, 8 of 12)
         "keep_rates": None,  # fraction of patch tokens each pruning layer keeps (overrides keep)
         "iterations": None,  # WPR rounds: int, per-layer list, or None (paper's rule by depth)
         "tol": None,  # stop WPR once no score moves more than this (overrides iterations)
@@ -132,7 +132,7 @@ class ZeroTPrune(TokenReducer):
         "vhf": True,  # variance-based head filter
         "vhf_range": (0.01, 0.7),  # on scores rescaled to mean 1 per head
         "s_stage": True,
-        "s_fraction": 0.5,  # share of each layer's removal done by the S-stage
+        "s_fraction": 1.0,  # share of each layer's removal done by the S-stage (the rest: I-stage)
         "renormalize": True,  # row-renormalise the survivors' attention before the I-stage
         "importance": "wpr",  # or "random": the ablation's random-drop floor
         "seed": 0,
@@ -170,7 +170,7 @@ class ZeroTPrune(TokenReducer):
                 raise TypeError(f"zero-tprune: {flag} must be True or False, got {o[flag]!r}")
 
     def pruning_layers(self, depth: int) -> list[int]:
-        layers = self.options["layers"] or [depth // 4, depth // 2, (3 * depth) // 4]
+        layers = self.options["layers"] or [max(0, depth // 4 - 1), max(0, depth // 2 - 1), max(0, 3 * depth // 4 - 1)]
         if max(layers) >= depth:
             raise ValueError(f"zero-tprune: layers {list(layers)} outside a model of {depth} blocks")
         return sorted(set(layers))
@@ -219,13 +219,17 @@ class ZeroTPrune(TokenReducer):
         cls = None if o["uniform_start"] or p == 0 else 0
         start = initial_scores(batch, heads, total, cls, x.device, attn.dtype)
         variance_range = tuple(o["vhf_range"]) if o["vhf"] else None
-        s_remove = round(remove * o["s_fraction"]) if o["s_stage"] else 0
+        # the S-stage drops from the less important half only; whatever exceeds it goes to the I-stage
+        s_remove = min(round(remove * o["s_fraction"]), n // 2) if o["s_stage"] else 0
         alive = None  # patch tokens the S-stage leaves to the I-stage (None: all)
         if s_remove:
             rough = weighted_pagerank(attn, start, iterations=1)[..., p:]  # I'-stage: rank only
             rough = aggregate_heads(rough, rms=o["eir"])
             dropped = redundant_tokens(rough, taps.head_mean_keys()[:, p:], s_remove)
             alive = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, dropped, False)
+        if s_remove == remove:  # the S-stage did all the pruning: the I-stage has nothing left to drop
+            kept = torch.arange(n, device=x.device).expand(batch, -1)[alive].view(batch, n - remove)
+            return state.keep(x, kept)
         graph_alive = None if alive is None else torch.cat([alive.new_ones(batch, p), alive], dim=1)[:, None]
         depth = len(state.schedule)
         index = self.pruning_layers(depth).index(state.layer)
