@@ -339,6 +339,11 @@ def decode_fix(kwargs: dict, note: CompactedPrefill, past: int) -> None:
 
 # ---------------------------------------------------------------- the hooks
 
+def _cache_key(kwargs: dict) -> str:
+    """Where the KV cache travels: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if kwargs.get("cache") is not None else "past_key_values"
+
+
 def _bind(forward, args: tuple, kwargs: dict) -> dict:
     """Every argument of a forward call as a keyword."""
     bound = inspect.signature(forward).bind_partial(*args, **kwargs)
@@ -381,7 +386,7 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
     sequence positions the language model keeps (a ``Compaction`` among the keyword arguments that
     the *Model hands to its language model)."""
     kw = _bind(model.forward, args, kwargs)
-    cache = kw.get("past_key_values")
+    cache = kw.get(_cache_key(kw))
     if cache is not None and cache.get_seq_length() > 0:
         return (), kw  # a decode step: the language model's pre-hook fixes the mask
     if kw.get("pixel_values") is not None:  # a direct call; generate encodes the images beforehand
@@ -415,14 +420,15 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
 def _compact(language_model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of the language model: compaction at prefill, mask fix-up at decode."""
     compaction = kwargs.pop("tokenprune_compaction", None)
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get(_cache_key(kwargs))
     if compaction is not None:
         note = compact(kwargs, compaction)
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache or (use_cache is None and language_model.config.use_cache)):
             from transformers import DynamicCache
 
-            cache = kwargs["past_key_values"] = DynamicCache(config=language_model.config)
+            key = "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+            cache = kwargs[key] = DynamicCache(config=language_model.config)
         if cache is not None:
             cache.tokenprune_prefill = note
     elif cache is not None and getattr(cache, "tokenprune_prefill", None) is not None:
