@@ -4,8 +4,15 @@
 configs.json: list of {"name":..., "method":..., "keep":..., "opts":{...}}
 Appends one JSON line per (config) to --out; skips entries already there (by name+split+keep).
 """
-import argparse, json, os, sys, time
-import torch, timm, tokenprune
+import argparse
+import json
+import os
+import time
+
+import timm
+import torch
+
+import tokenprune
 from tokenprune.testbed import load_fashion_mnist, normalize_images
 
 torch.set_num_threads(1)
