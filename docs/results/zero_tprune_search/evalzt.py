@@ -34,7 +34,8 @@ x_all = normalize_images(imgs)
 done = set()
 if os.path.exists(a.out):
     for line in open(a.out):
-        r = json.loads(line); done.add((r["name"], r["split"], r["keep"], r["n"]))
+        r = json.loads(line)
+        done.add((r["name"], r["split"], r["keep"], r["n"]))
 configs = json.load(open(a.configs))
 model = timm.create_model("vit_testbed_fmnist", pretrained=True).eval()
 for c in configs:
