@@ -77,7 +77,7 @@ DEMO_ARGS = ["--keep", "0.5", "--limit", "2000", "--output", "runs/demo/testbed.
 
 
 def _cmd_demo(args) -> int:
-    """The README's first command: every method at keep 0.5 on the embedded testbed."""
+    """The README's first command: every encoder method at keep 0.5 on the embedded testbed."""
     from tokenprune.eval.evaluate import main as eval_main
 
     print("tokenprune eval " + " ".join(DEMO_ARGS))
