@@ -6,6 +6,7 @@
     tokenprune.last_forward(model).token_counts # what the last forward did
     tokenprune.remove(model)                    # back to the original, bit for bit
     pipe = tokenprune.pipeline("image-classification", model="google/vit-base-patch16-224", keep=0.5)
+    tokenprune.apply(llava, "hiprune", keep=1/3)  # VLMs: visual tokens reaching the language model
 """
 from . import testbed  # noqa: F401  (registers the testbed model, vit_testbed_fmnist, with timm)
 from .api import apply, is_patched, last_forward, methods, reducer_of, remove
