@@ -12,6 +12,7 @@ machine other processes used meanwhile, since a shared machine can spoil any tim
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import statistics
@@ -67,7 +68,7 @@ class BenchRow:
         return (1000 * self.batch_size / self.baseline_ms, 1000 * self.batch_size / self.patched_ms)
 
 
-class _ForeignLoad:
+class ForeignLoad:
     """Fraction of all CPUs that other processes used while the block ran (Linux only)."""
 
     def __enter__(self):
@@ -96,10 +97,21 @@ class _ForeignLoad:
         return busy, own, time.perf_counter()
 
 
-def _time_once(model, x) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
+def interleaved_medians(calls: dict, repeats: int, warmup: int = 2) -> tuple[dict[str, float], float | None]:
+    """Median seconds of each zero-argument call, timed in turn (reversed order on odd repeats, so drift
+    in machine load hits all alike), and the CPU share other processes used meanwhile."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    with ForeignLoad() as load:
+        for i in range(repeats):
+            order = list(calls.items())
+            for name, call in order if i % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, load.value
 
 
 @torch.inference_mode()
@@ -122,24 +134,17 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     for batch in batch_sizes:
         x = torch.randn(batch, *input_size)
         models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
-        for _ in range(warmup):
-            for model in models.values():
-                model(x)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
-        times = {name: [] for name in models}
-        with _ForeignLoad() as load:
-            for i in range(n):
-                order = list(models.items())
-                for name, model in order if i % 2 == 0 else order[::-1]:
-                    times[name].append(_time_once(model, x))
-        b, p, c = (statistics.median(times[name]) for name in models)
+        medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
+                                               n, warmup)
+        b, p, c = (medians[name] for name in models)
         rows.append(BenchRow(
             model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
             fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p,
             baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
-            foreign_load=load.value))
+            foreign_load=foreign))
     return rows
 
 

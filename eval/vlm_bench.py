@@ -7,15 +7,14 @@ Times are medians of interleaved repeats (unpruned, pruned, unpruned, ...), batc
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import functools
 
 import torch
 
 import tokenprune
-from tokenprune.flops import llava_prefill_flops
+from tokenprune.flops import count_flops, llava_prefill_flops
 
-from .benchmark import _ForeignLoad
+from .benchmark import interleaved_medians
 
 PAPER_TABLE5 = {576: 8.63, 192: 3.56, 128: 2.71, 64: 1.87}  # LLaVA-1.5-7B prefill TFLOPs (HiPrune, Table 5)
 
@@ -45,15 +44,6 @@ def llava_7b_config():
     return LlavaConfig(vision_config=vision, text_config=text)
 
 
-def _counted_flops(model, inputs) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        model(**inputs, logits_to_keep=1)
-    return counter.get_total_flops()
-
-
 @torch.inference_mode()
 def vlm_benchmark(method: str = "hiprune", keeps=(1 / 3, 2 / 9, 1 / 9), text_tokens: int = 48, repeats: int = 15,
                   threads: int = 2, object_layer: int = 3) -> list[dict]:
@@ -61,32 +51,24 @@ def vlm_benchmark(method: str = "hiprune", keeps=(1 / 3, 2 / 9, 1 / 9), text_tok
     base = small_llava()
     visual = (base.config.vision_config.image_size // base.config.vision_config.patch_size) ** 2
     ids = torch.tensor([[1] + [base.config.image_token_id] * visual + list(range(2, 2 + text_tokens))])
-    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
-    base_flops = _counted_flops(base, inputs)
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, pixel_values=pixels, logits_to_keep=1)  # a prefill: logits for the last token
+    base_flops = count_flops(base, inputs=inputs).flops
     rows = []
     for keep in keeps:
         options = {"object_layer": object_layer} if method == "hiprune" else {}
         pruned = tokenprune.apply(copy.deepcopy(base), method, keep=keep, **options)
-        flops = _counted_flops(pruned, inputs)
-        models = [base, pruned]
-        for m in models:
-            m(**inputs, logits_to_keep=1)
-        times = [[], []]
-        with _ForeignLoad() as load:
-            for i in range(repeats):
-                order = [0, 1] if i % 2 == 0 else [1, 0]
-                for j in order:
-                    start = time.perf_counter()
-                    models[j](**inputs, logits_to_keep=1)
-                    times[j].append(time.perf_counter() - start)
-        base_ms, pruned_ms = (1000 * statistics.median(t) for t in times)
+        flops = count_flops(pruned, inputs=inputs).flops
+        medians, foreign = interleaved_medians({name: functools.partial(m, **inputs)
+                                                for name, m in (("base", base), ("pruned", pruned))}, repeats, 1)
+        base_ms, pruned_ms = 1000 * medians["base"], 1000 * medians["pruned"]
         kept = tokenprune.last_forward(pruned).visual_tokens[0]
         formula = llava_prefill_flops(base.config, kept, text_tokens + 1)["total"]
         rows.append(dict(method=method, keep=keep, visual_tokens=f"{visual}->{kept}", base_gflops=base_flops / 1e9,
                          pruned_gflops=flops / 1e9, flops_ratio=flops / base_flops,
                          formula_ratio=formula / llava_prefill_flops(base.config, visual, text_tokens + 1)["total"],
                          base_ms=base_ms, pruned_ms=pruned_ms, time_ratio=pruned_ms / base_ms,
-                         foreign_load=load.value))
+                         foreign_load=foreign))
     return rows
 
 

@@ -64,11 +64,15 @@ class Family:
         return self.class_tokens + (config.num_register_tokens if self.registers else 0)
 
     def backbone_class(self) -> type | None:
-        try:
-            module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-        except ImportError:
-            return None
-        return getattr(module, self.backbone, None)
+        return transformers_class(self.module, self.backbone)
+
+
+def transformers_class(module: str, name: str) -> type | None:
+    """``transformers.models.<module>.modeling_<module>.<name>``, or None where this transformers lacks it."""
+    try:
+        return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name, None)
+    except ImportError:
+        return None
 
 
 _VIT_PARTS = dict(norm1="layernorm_before", attention="attention", after_attention=("dropout",),
@@ -132,13 +136,12 @@ def tokenprune_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     """The model's own attention; with a ``tokenprune_call`` it also hands back q and k, and
     with ``keep_probabilities`` runs explicit attention to keep the probabilities. With
     ``tokenprune_scores`` it records the attention received in the requested layers (in query chunks)."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if tokenprune_scores is not None and getattr(module, "_tokenprune_layer", None) in tokenprune_scores.layers:
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         tokenprune_scores.received.setdefault(module._tokenprune_layer, []).append(
             ops.received_attention(query, key, scaling, attention_mask))
     if tokenprune_call is None:
         return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if tokenprune_call.keep_probabilities:
         logits = torch.matmul(query, key.transpose(2, 3)) * scaling
         if attention_mask is not None:

@@ -26,7 +26,6 @@ rewritten (docs/design.md has the reasoning, ``../shared/reference/vlm.md`` the 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from dataclasses import dataclass
 
@@ -57,11 +56,7 @@ class Family:
     default_object_layer: int  # 1-based
 
     def model_type(self) -> type | None:
-        try:
-            module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-        except ImportError:
-            return None
-        return getattr(module, self.model_class, None)
+        return hf_vision.transformers_class(self.module, self.model_class)
 
     def vision_layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError

@@ -87,8 +87,9 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
 
 @torch.inference_mode()
 def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1,
-                inputs: torch.Tensor | None = None) -> FlopCount:
-    """FLOPs of ``model(inputs)``; by default a zero image of the model's own input size.
+                inputs: torch.Tensor | dict | None = None) -> FlopCount:
+    """FLOPs of ``model(inputs)`` (``model(**inputs)`` for a dict of keyword inputs, batch size from its
+    first tensor); by default a zero image of the model's own input size.
 
     Token-reduction methods that choose tokens by content reduce the same number of
     tokens for any input, so a zero image counts exactly.
@@ -99,9 +100,13 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
         inputs = torch.zeros(batch_size, *size, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
     with counter:
-        model(inputs)
+        if isinstance(inputs, dict):
+            model(**inputs)
+        else:
+            model(inputs)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
-    return FlopCount(flops=int(counter.get_total_flops()), batch_size=inputs.shape[0], by_op=by_op)
+    first = inputs if isinstance(inputs, torch.Tensor) else next(v for v in inputs.values() if torch.is_tensor(v))
+    return FlopCount(flops=int(counter.get_total_flops()), batch_size=first.shape[0], by_op=by_op)
 
 
 def llava_prefill_flops(config, visual_tokens: int, text_tokens: int, images: int = 1) -> dict[str, int]:
