@@ -11,6 +11,7 @@ from tokenprune.patches.timm_vit import attention_with_core, query_key_taps
 import tokenprune
 from tokenprune import ops
 from tokenprune.methods import mctf
+from tokenprune.state import AttentionTaps, ForwardState
 
 
 def reference_assignment(log_w, remove, bidirectional=True):
@@ -146,3 +147,29 @@ def test_fusion_is_the_attention_times_size_weighted_mean():
     out = ops.assign_mean(x, weight, dest, 3)
     torch.testing.assert_close(out[0, 1], (2 * x[0, 1] + 3 * x[0, 2]) / 5)
     torch.testing.assert_close(out[0, 0], x[0, 0])
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_probabilities_in_the_scratch_buffer_equal_the_plain_ones(with_bias):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    bias = ops.log_size_bias(torch.randint(1, 4, (2, 7, 1), generator=g).float()) if with_bias else None
+    taps = AttentionTaps(q=q, k=k, scale=0.5, bias=bias)
+    state = ForwardState(reducer=mctf.MCTF(), num_prefix=1)
+    in_buffer = taps.probabilities(state)
+    torch.testing.assert_close(in_buffer, taps.probabilities())
+    torch.testing.assert_close(in_buffer.sum(-1), torch.ones(2, 3, 7))
+    # the next block's map (fewer tokens) reuses the same memory instead of allocating a new map
+    smaller = AttentionTaps(q=q[:, :, :5], k=k[:, :, :5], scale=0.5, bias=None if bias is None else bias[..., :5])
+    assert smaller.probabilities(state).data_ptr() == in_buffer.data_ptr()
+
+
+def test_mctf_runs_under_autograd_without_the_scratch_buffer():
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, "mctf", keep=0.5)
+    with torch.inference_mode():
+        expected = model(x)
+    out = model(x)  # parameters require grad: the out= path must step aside
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert model.blocks[1].attn.qkv.weight.grad is not None

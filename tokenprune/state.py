@@ -33,6 +33,7 @@ class ForwardState:
     source: Tensor | None = None  # (B, N, N0) 0/1 map from original tokens, when tracing
     token_counts: list[int] = field(default_factory=list)
     output_tokens: int | None = None  # tokens leaving the last block
+    _scratch: Tensor | None = field(default=None, repr=False)
 
     @property
     def layer(self) -> int:
@@ -51,6 +52,19 @@ class ForwardState:
         if self.size is None or not self.reducer.proportional_attention:
             return None
         return ops.log_size_bias(self.size)
+
+    def scratch(self, numel: int, like: Tensor) -> Tensor | None:
+        """A flat buffer of at least ``numel`` elements (``like``'s dtype and device) that every block of
+        this forward reuses, for per-block maps such as attention probabilities. On CPU a fresh map of
+        tens of MB in every block is served by fresh pages from the OS, and those page faults made MCTF
+        5-10% slower at batch 32 (docs/design.md). None while autograd records ``like`` (``out=`` buffers
+        cannot take part in it)."""
+        if like.requires_grad:
+            return None
+        buf = self._scratch
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
 
     def start_source_tracking(self, x: Tensor) -> None:
         batch, n = x.shape[:2]
@@ -126,20 +140,32 @@ class AttentionTaps:
     bias: Tensor | None = None
     probs: Tensor | None = None  # (B, heads, N, N), when the adapter computed them anyway
 
-    def probabilities(self) -> Tensor:
-        """Post-softmax attention ``(B, heads, N, N)``; rows sum to 1."""
+    def probabilities(self, state: ForwardState | None = None) -> Tensor:
+        """Post-softmax attention ``(B, heads, N, N)``; rows sum to 1.
+
+        Given the forward's ``state``, the map is computed in place in its scratch buffer: valid
+        until the next block asks for the buffer, so callers use it within their own block.
+        """
         if self.probs is not None:
             return self.probs
         q, k, bias = self.q, self.k, self.bias
-        if bias is not None and bias.dim() == 4 and bias.shape[-2] == 1:
-            # a key bias (proportional attention): one fused bias + scale * q k^T (20% faster on CPU)
-            batch, heads, n, d = q.shape
-            row_bias = bias.expand(batch, heads, 1, k.shape[-2]).reshape(batch * heads, 1, -1)
-            logits = torch.baddbmm(row_bias, q.reshape(batch * heads, n, d),
-                                   k.reshape(batch * heads, -1, d).transpose(1, 2), alpha=self.scale)
-            return logits.view(batch, heads, n, -1).softmax(dim=-1)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        return (logits if bias is None else logits + bias).softmax(dim=-1)
+        batch, heads, n, d = q.shape
+        n_k = k.shape[-2]
+        key_bias = bias is None or (bias.dim() == 4 and bias.shape[-2] == 1)
+        buffer = state.scratch(batch * heads * n * n_k, q) if state is not None and key_bias else None
+        if buffer is None:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            return (logits if bias is None else logits + bias).softmax(dim=-1)
+        # one fused bias + scale * q k^T (20% faster on CPU than a separate add), softmax in place
+        logits = buffer.view(batch * heads, n, n_k)
+        q3, k3 = q.reshape(batch * heads, n, d), k.reshape(batch * heads, n_k, d).transpose(1, 2)
+        if bias is None:
+            torch.baddbmm(logits, q3, k3, beta=0, alpha=self.scale, out=logits)
+        else:
+            row_bias = bias.expand(batch, heads, 1, n_k).reshape(batch * heads, 1, n_k)
+            torch.baddbmm(row_bias, q3, k3, alpha=self.scale, out=logits)
+        torch.softmax(logits, dim=-1, out=logits)
+        return logits.view(batch, heads, n, n_k)
 
     def head_mean_keys(self) -> Tensor:
         """ToMe's similarity metric: keys averaged over heads, ``(B, N, head_dim)``."""

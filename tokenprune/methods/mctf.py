@@ -188,7 +188,7 @@ class MCTF(TokenReducer):
     def reduce(self, x, remove, taps, state):
         o, p = self.options, state.num_prefix
         remove = min(remove, max(0, x.shape[1] - o["min_tokens"]))
-        probs = taps.probabilities()
+        probs = taps.probabilities(state)  # used before the next block needs the buffer
         if remove == 0:
             return x, partial(torch.matmul, probs)
         received = attention_received(probs)
