@@ -15,10 +15,12 @@ $TP eval --method tome zero-tprune mctf random --keep 0.7 0.5 0.33 --threads 2 \
 # The other runs share the baseline: seed their files with it and resume.
 for f in zero_tprune_ablation mctf_vs_tome; do head -n 1 $OUT/testbed.jsonl > $OUT/$f.jsonl; done
 
-# 2. Zero-TPrune ablation in the spirit of the paper's Table 1, at keep 0.33 on Zero-TPrune's schedule:
-#    random drop, + WPR, + EIR, + VHF; + S-stage is the default (zero-tprune keep 0.33 in run 1).
+# 2. Zero-TPrune ablation in the spirit of the paper's Table 1, at keep 0.33 on the schedule of its
+#    previous defaults (pruning at blocks 3, 6, 9; the README says why): random drop, + WPR, + EIR, + VHF,
+#    + S-stage (half of each removal, the previous default).
 for opts in "importance='random' s_stage=False" "eir=False vhf=False s_stage=False" "vhf=False s_stage=False" \
-            "s_stage=False"; do
+            "s_stage=False" "s_fraction=0.5"; do
+  opts="layers=[3,6,9] $opts"
   args=(); for o in $opts; do args+=(-o "$o"); done
   $TP eval --method zero-tprune --keep 0.33 "${args[@]}" --threads 2 --output $OUT/zero_tprune_ablation.jsonl --resume
 done

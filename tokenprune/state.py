@@ -33,7 +33,7 @@ class ForwardState:
     source: Tensor | None = None  # (B, N, N0) 0/1 map from original tokens, when tracing
     token_counts: list[int] = field(default_factory=list)
     output_tokens: int | None = None  # tokens leaving the last block
-    _scratch: Tensor | None = field(default=None, repr=False)
+    _scratch: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def layer(self) -> int:
