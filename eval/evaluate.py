@@ -189,15 +189,18 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'method':<10} {'keep':>5} {'options':<14} {'top-1':>7} {'top-5':>7} {'delta':>7} "
+    names = [r["method"] or "baseline" for r in rows]
+    options = [",".join(f"{k}={v}" for k, v in r["options"].items()) for r in rows]
+    mw, ow = max([10, *map(len, names)]), max([14, *map(len, options)])  # columns fit their longest entry
+    head = (f"{'method':<{mw}} {'keep':>5} {'options':<{ow}} {'top-1':>7} {'top-5':>7} {'delta':>7} "
             f"{'GFLOPs':>8} {'img/s':>8} {'speedup':>7}")
     lines = [head, "-" * len(head)]
+
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    for r in rows:
-        options = ",".join(f"{k}={v}" for k, v in r["options"].items())
-        lines.append(f"{r['method'] or 'baseline':<10} {fmt(r['keep'], '>5.2f'):>5} {options:<14} "
+    for r, name, opts in zip(rows, names, options):
+        lines.append(f"{name:<{mw}} {fmt(r['keep'], '>5.2f'):>5} {opts:<{ow}} "
                      f"{r['top1']:>7.2f} {r['top5']:>7.2f} {fmt(r['delta_top1'], '+7.2f'):>7} "
                      f"{r['gflops']:>8.4f} {r['images_per_s']:>8.1f} {fmt(r['speedup'], '>6.2f') + 'x':>7}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from tokenprune.eval.evaluate import load_model
+from tokenprune.eval.evaluate import format_table, load_model
 from tokenprune.eval.evaluate import main as evaluate
 
 from tokenprune.cli import main as cli
@@ -142,3 +142,14 @@ def test_processor_maps_to_timm_data_config():
     clip = processor_data_config(CLIPImageProcessor(), config)
     assert clip["crop_mode"] == "center" and clip["crop_pct"] == 1.0 and clip["interpolation"] == "bicubic"
     assert clip["input_size"] == (3, 224, 224)
+
+
+def test_table_columns_line_up_with_long_method_names_and_options():
+    row = dict(top1=89.9, top5=99.85, gflops=0.7118, images_per_s=136.8)
+    rows = [dict(row, method=None, keep=None, options={}, delta_top1=None, speedup=1.0),
+            dict(row, method="zero-tprune", keep=0.5, options={"layers": [3, 6, 9], "s_fraction": 0.5},
+                 delta_top1=-0.25, speedup=1.56)]
+    lines = format_table(rows).splitlines()
+    columns = {line.index("top-1") + len("top-1") if i == 0 else line.index("89.90") + len("89.90")
+               for i, line in enumerate(lines) if i != 1}
+    assert len(columns) == 1, format_table(rows)
