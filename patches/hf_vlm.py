@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,9 @@ class Family:
 
     def attention(self, layer: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [self.attention(layer) for layer in self.vision_layers(model)]
 
     def vision_config(self, model: nn.Module):
         return self.attention(self.vision_layers(model)[0]).config
@@ -304,15 +308,14 @@ def compact(kwargs: dict, compaction: Compaction) -> CompactedPrefill:
     new_mask = mask.new_zeros(batch, kept)
     new_mask[rows, dest] = mask[rows, cols]
     positions = kwargs.get("position_ids")
+    full = _full_positions(mask) if positions is None else positions
     if compaction.positions == "reindex":
-        if positions is not None and positions.dim() != 2:
+        if full.dim() != 2:
             raise TypeError("positions='reindex' needs 1-D text positions; this model uses multi-axis (M-RoPE) "
                             "positions: use positions='original'")
-        full = _full_positions(mask) if positions is None else positions
         new_positions = _full_positions(new_mask)
         shift = full[:, -1] - new_positions[:, -1]
     else:
-        full = _full_positions(mask) if positions is None else positions
         new_positions = full.new_ones(*full.shape[:-2], batch, kept)
         new_positions[..., rows, dest] = full[..., rows, cols]
         shift = None
@@ -436,15 +439,9 @@ def _compact(language_model: nn.Module, args: tuple, kwargs: dict):
 # ---------------------------------------------------------------- finding the model
 
 def _models(model: nn.Module) -> list[tuple[Family, nn.Module]]:
-    if not any(f.model_type() is not None for f in FAMILIES):
-        return []
-    found = []
-    for module in model.modules():
-        for family in FAMILIES:
-            cls = family.model_type()
-            if cls is not None and type(module) is cls:
-                found.append((family, module))
-    return found
+    by_class = {f.model_type(): f for f in FAMILIES}  # looked up once, not per module
+    by_class.pop(None, None)
+    return [(by_class[type(m)], m) for m in model.modules() if type(m) in by_class]
 
 
 def _vlm(model: nn.Module) -> nn.Module:
@@ -461,8 +458,6 @@ def _family(vlm: nn.Module) -> Family:
 # ---------------------------------------------------------------- the adapter API
 
 def handles(model: nn.Module) -> bool:
-    import sys
-
     return "transformers" in sys.modules and bool(_models(model))
 
 
@@ -522,8 +517,7 @@ def patch(model: nn.Module, reducer: TokenReducer, positions: str | None = None)
     if is_patched(model):
         unpatch(model)
     if reducer.scope == "vlm":
-        hf_vision.route_attention([family.attention(layer) for layer in family.vision_layers(vlm)],
-                                  family.vision_config(vlm))
+        hf_vision.route_attention(family.attention_modules(vlm), family.vision_config(vlm))
     else:
         hf_vision.patch(vlm.vision_tower, reducer, depth=family.output_layer(vlm, {}) + 1)
     vlm.get_image_features = functools.partial(_selecting_image_features, vlm)
@@ -538,8 +532,7 @@ def unpatch(model: nn.Module) -> None:
     vlm = _vlm(model)
     family = _family(vlm)
     if vlm.tokenprune_reducer.scope == "vlm":
-        hf_vision.unroute_attention([family.attention(layer) for layer in family.vision_layers(vlm)],
-                                    family.vision_config(vlm))
+        hf_vision.unroute_attention(family.attention_modules(vlm), family.vision_config(vlm))
     else:
         hf_vision.unpatch(vlm.vision_tower)
     del vlm.get_image_features  # the instance attribute; the class's method shows again
