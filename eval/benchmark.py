@@ -121,6 +121,9 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     """Time ``model_name`` (a timm name or ``hf:<model_type>``; random init, fp32, CPU) with and
     without ``method``."""
     options = options or {}
+    for what, values in (("batch_sizes", list(batch_sizes)), ("repeats", [repeats]), ("threads", [threads])):
+        if not values or any(type(v) is not int or v < 1 for v in values):
+            raise ValueError(f"{what} must be integers >= 1, got {values if what == 'batch_sizes' else values[0]}")
     torch.set_num_threads(threads)
     baseline = random_model(model_name, seed)
     patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)

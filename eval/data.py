@@ -1,97 +1,268 @@
 """Evaluation data: the embedded Fashion-MNIST test split, an ImageNet-val style folder, or a
 Hugging Face dataset. Every source yields ``(image_tensor, label)`` through the model's own timm
-transform; an image that cannot be read or decoded yields the label ``SKIPPED`` and a blank image, so
-batches keep their shape (and multi-process gathering stays exact) while the harness counts it.
+transform.
+
+Only a file that cannot be decoded (not an image PIL recognises, truncated, corrupt, over PIL's
+pixel limit, unreadable on disk) is skipped: it yields a blank image and a negative label that
+says why (``-1 - index into SKIP_REASONS``), so batches keep their shape (and multi-process
+gathering stays exact) while the harness counts skips by reason. Any other error stops the run.
+
+Images reach the model in its own channel count: grey -> RGB replicates the channel, RGB -> grey
+is PIL's ``'L'`` conversion (ITU-R 601-2 luma); models with other channel counts are refused.
+16-bit (and 32-bit integer) greyscale is scaled to 8 bits as value / 257, not clipped.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-SKIPPED = -1
+SKIPPED = -1  # the first skip code; every label below 0 is a skipped image
 EMBEDDED = "fashion-mnist"
+
+SKIP_REASONS = (
+    "not an image PIL recognises",
+    "truncated",
+    "corrupt (decoder error)",
+    "over PIL's pixel limit",
+    "unreadable file",
+)
+# What decoding a broken file raises in PIL: OSError ("image file is truncated", "broken data
+# stream", UnidentifiedImageError), SyntaxError (bad PNG chunks), EOFError, ValueError (bad tiles).
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError)
+
+
+def skip_label(error: BaseException) -> int:
+    """The negative label that records why an image was skipped."""
+    if isinstance(error, UnidentifiedImageError):
+        reason = 0
+    elif isinstance(error, Image.DecompressionBombError):
+        reason = 3
+    elif isinstance(error, OSError) and "truncated" in str(error):
+        reason = 1
+    elif isinstance(error, OSError) and error.errno is not None:  # permission, missing, I/O error
+        reason = 4
+    else:
+        reason = 2
+    return SKIPPED - reason
+
+
+def skip_reason(label: int) -> str:
+    return SKIP_REASONS[SKIPPED - label]
+
+
+def mode_for(channels: int) -> str:
+    if channels not in (1, 3):
+        raise ValueError(f"the model takes {channels} input channels; images can be fed to 1-channel (grey) "
+                         f"or 3-channel (RGB) models only")
+    return "L" if channels == 1 else "RGB"
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` ('L' or 'RGB'), a new image. PIL clips 16-bit values to 255 when it converts
+    them (a near-white image); scale them to 8 bits instead."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        values = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+    return image.convert(mode)
 
 
 class _Source(Dataset):
-    """Base: subclasses give ``__len__`` and ``load(i) -> (PIL image, label)``."""
+    """Base: subclasses give ``__len__`` and ``fetch(i) -> (path, file object or PIL image, label)``."""
 
     transform: Callable
     blank: torch.Tensor
+    mode: str
 
-    def load(self, index: int):
+    def fetch(self, index: int):
         raise NotImplementedError
 
     def __getitem__(self, index: int):
-        try:
-            image, label = self.load(index)
-            return self.transform(image), label
-        except Exception:  # unreadable or corrupt: counted by the harness, never a crash
-            return self.blank, SKIPPED
+        source, label = self.fetch(index)
+        if isinstance(source, Image.Image):
+            image = to_mode(source, self.mode)
+        else:
+            try:
+                opened = Image.open(source)
+            except DECODE_ERRORS as e:
+                return self.blank, skip_label(e)
+            with opened:
+                try:
+                    opened.load()  # decode now, so that a broken file fails here and not in the transform
+                except DECODE_ERRORS as e:
+                    return self.blank, skip_label(e)
+                image = to_mode(opened, self.mode)
+        return self.transform(image), label
 
 
 class EmbeddedFashionMNIST(_Source):
     """The Fashion-MNIST test split shipped inside the package (10,000 images, 10 classes)."""
 
-    def __init__(self, transform, input_size):
+    def __init__(self, transform, input_size, mode="L"):
         from tokenprune.testbed import load_fashion_mnist
 
         self.images, self.labels = load_fashion_mnist("test")
-        self.transform, self.blank = transform, torch.zeros(input_size)
+        self.transform, self.blank, self.mode = transform, torch.zeros(input_size), mode
 
     def __len__(self):
         return len(self.labels)
 
-    def load(self, index):
-        return Image.fromarray(self.images[index].numpy(), mode="L"), int(self.labels[index])
+    def fetch(self, index):
+        return Image.fromarray(self.images[index].numpy()), int(self.labels[index])
 
 
-def imagenet_class_map(class_names: list[str]) -> dict[str, int] | None:
-    """Synset folder names (n01440764, ...) map to timm's ImageNet class order; other names to None."""
-    from timm.data import ImageNetInfo
+SYNSET = re.compile(r"n\d{8}")
 
-    synsets = ImageNetInfo().label_names()
-    index = {s: i for i, s in enumerate(synsets)}
-    if class_names and all(name in index for name in class_names):
-        return {name: index[name] for name in class_names}
-    return None
+
+def image_extensions() -> set[str]:
+    """Every file extension of a format PIL can open (``.png``, ``.jpeg``, ``.tif``, ``.webp``, ...)."""
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _listing(names, limit: int = 8) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def read_class_map(path) -> dict[str, int]:
+    """A JSON object ``{"folder name": class index, ...}``."""
+    def no_duplicate_keys(pairs):
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"--class-map {path}: folder(s) listed twice: {_listing(repeated)}")
+        return dict(pairs)
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"--class-map {path}: cannot read it ({e.strerror or e})") from e
+    try:
+        mapping = json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--class-map {path}: not JSON ({e}); expected {{\"folder\": index, ...}}") from e
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"--class-map {path}: expected a JSON object {{\"folder\": index, ...}}")
+    return mapping
+
+
+def assign_classes(root, folders: list[str], num_classes: int | None, class_map=None) -> tuple[dict[str, int], str]:
+    """Class index of each folder, and a one-line note of how they were assigned.
+
+    With ``class_map`` (a JSON file), its indices; else synset names (n01440764, ...) take timm's
+    ImageNet indices for the model's class count (so a partial ImageNet-val copy scores right);
+    else sorted order. A mix of synset and other names is refused.
+    """
+    limit = f" (the model has {num_classes} classes)" if num_classes else ""
+    if class_map is not None:
+        mapping = read_class_map(class_map)
+        unknown = [f for f in folders if f not in mapping]
+        if unknown:
+            raise ValueError(f"--class-map {class_map} has no index for class folder(s) {_listing(unknown)} "
+                             f"of --data {root}")
+        bad = [f"{k}: {v!r}" for k, v in mapping.items()
+               if type(v) is not int or v < 0 or (num_classes is not None and v >= num_classes)]
+        if bad:
+            accepted = f"integers in 0..{num_classes - 1}{limit}" if num_classes else "integers >= 0"
+            raise ValueError(f"--class-map {class_map}: indices must be {accepted}; got {_listing(bad)}")
+        indices = list(mapping.values())
+        repeated = sorted({f"{k}: {v}" for k, v in mapping.items() if indices.count(v) > 1})
+        if repeated:
+            raise ValueError(f"--class-map {class_map}: class index used twice: {_listing(repeated)}")
+        classes = {f: mapping[f] for f in folders}
+        return classes, f"classes from --class-map {class_map}: " + _note(classes)
+    synsets = [f for f in folders if SYNSET.fullmatch(f)]
+    if synsets and len(synsets) < len(folders):
+        others = [f for f in folders if not SYNSET.fullmatch(f)]
+        raise ValueError(f"--data {root} mixes synset class folders ({_listing(synsets, 3)}) with other names: "
+                         f"{_listing(others)}; remove or hide them (a leading '.') or give --class-map FILE")
+    if synsets:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = "imagenet-1k" if num_classes is None else infer_imagenet_subset({"num_classes": num_classes})
+        if subset is None:
+            raise ValueError(f"--data {root} has synset class folders but the model's {num_classes} classes are "
+                             f"not an ImageNet label set timm knows; give --class-map FILE")
+        index = {s: i for i, s in enumerate(ImageNetInfo(subset).label_names())}
+        unknown = [f for f in folders if f not in index]
+        if unknown:
+            raise ValueError(f"--data {root}: folder(s) {_listing(unknown)} are not {subset} synsets; "
+                             f"give --class-map FILE")
+        return {f: index[f] for f in folders}, f"synset folders: {subset} class indices"
+    if num_classes is not None and len(folders) > num_classes:
+        raise ValueError(f"--data {root} has {len(folders)} class folders but the model has {num_classes} "
+                         f"classes")
+    classes = {f: i for i, f in enumerate(folders)}
+    return classes, "class folders numbered in sorted order (--class-map FILE to choose): " + _note(classes)
+
+
+def _note(classes: dict[str, int], limit: int = 12) -> str:
+    pairs = [f"{i}={f}" for f, i in sorted(classes.items(), key=lambda item: item[1])]
+    if len(pairs) > limit:
+        pairs = pairs[:limit - 2] + ["..."] + pairs[-1:] + [f"({len(classes)} classes)"]
+    return " ".join(pairs)
+
+
+def _natural(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text.lower())]
 
 
 class ImageFolder(_Source):
-    """One subfolder per class, read with timm's folder reader.
+    """One subfolder per class (searched recursively); every file of a format PIL can open is an image.
+    Hidden folders and files (a leading '.') are ignored. Class indices: see ``assign_classes``."""
 
-    Synset folder names take timm's ImageNet indices (so a partial ImageNet-val copy still
-    scores right); any other names are numbered in sorted order.
-    """
-
-    def __init__(self, root, transform, input_size, mode="RGB"):
-        from timm.data.readers.reader_image_folder import ReaderImageFolder
-
-        classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-        if not classes:
+    def __init__(self, root, transform, input_size, mode="RGB", num_classes=None, class_map=None):
+        root = Path(root)
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
             raise ValueError(f"--data {root}: no class subfolders (expected an ImageNet-val style layout)")
-        class_map = imagenet_class_map(classes) or ""
-        self.reader = ReaderImageFolder(str(root), class_map=class_map)
+        self.classes, self.class_note = assign_classes(root, folders, num_classes, class_map)
+        extensions = image_extensions()
+        samples, ignored, empty = [], Counter(), []
+        for folder in folders:
+            found = 0
+            for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    if name.startswith("."):
+                        continue
+                    suffix = os.path.splitext(name)[1].lower()
+                    if suffix in extensions:
+                        samples.append((os.path.join(dirpath, name), self.classes[folder]))
+                        found += 1
+                    else:
+                        ignored[suffix or "(no extension)"] += 1
+            if not found:
+                empty.append(folder)
+        if empty:
+            raise ValueError(f"--data {root}: class folder(s) with no images: {_listing(empty)} (images are files "
+                             f"PIL can open: .png, .jpg, .jpeg, .tif, .webp, ...)")
+        self.samples = sorted(samples, key=lambda s: _natural(os.path.relpath(s[0], root)))
+        self.ignored = (f"ignored {sum(ignored.values())} file(s) PIL cannot open: "
+                        + ", ".join(f"{ext} ({n})" for ext, n in sorted(ignored.items()))) if ignored else ""
         self.transform, self.blank, self.mode = transform, torch.zeros(input_size), mode
 
     def __len__(self):
-        return len(self.reader)
+        return len(self.samples)
 
-    def load(self, index):
-        path, label = self.reader[index]
-        with Image.open(path) as image:
-            return image.convert(self.mode), label
+    def fetch(self, index):
+        return self.samples[index]
 
 
 class HFImages(_Source):
     """A Hugging Face ``datasets`` split with an Image column and a class-label column."""
 
-    def __init__(self, dataset, transform, input_size, mode="RGB"):
+    def __init__(self, dataset, transform, input_size, mode="RGB", num_classes=None):
         from datasets import ClassLabel
         from datasets import Image as HFImage
 
@@ -101,6 +272,9 @@ class HFImages(_Source):
             next((k for k in ("label", "labels") if k in features), None)
         if self.image_key is None or self.label_key is None:
             raise ValueError(f"dataset columns {list(features)}: need an Image column and a label column")
+        label = features[self.label_key]
+        if isinstance(label, ClassLabel) and num_classes is not None and label.num_classes > num_classes:
+            raise ValueError(f"the dataset has {label.num_classes} classes but the model has {num_classes}")
         # Decode lazily ourselves, so a corrupt image is one skipped sample, not a failed batch.
         self.dataset = dataset.cast_column(self.image_key, HFImage(decode=False))
         self.transform, self.blank, self.mode = transform, torch.zeros(input_size), mode
@@ -108,32 +282,52 @@ class HFImages(_Source):
     def __len__(self):
         return len(self.dataset)
 
-    def load(self, index):
+    def fetch(self, index):
         row = self.dataset[index]
         raw = row[self.image_key]
         source = raw["path"] if raw.get("bytes") is None else io.BytesIO(raw["bytes"])
-        with Image.open(source) as image:
-            return image.convert(self.mode), int(row[self.label_key])
+        return source, int(row[self.label_key])
 
 
-def build_dataset(spec: str, transform, input_size, split: str = "validation") -> tuple[Dataset, str]:
+def looks_like_path(text: str) -> bool:
+    """A local path rather than a hub name (``org/name``): it must exist here, never be looked up online."""
+    first = text.split("/", 1)[0]
+    return (text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+            or ("/" in text and Path(first).is_dir()))
+
+
+def build_dataset(spec: str, transform, input_size, split: str = "validation", num_classes: int | None = None,
+                  class_map=None) -> tuple[Dataset, str]:
     """``spec``: ``fashion-mnist`` (embedded), an image folder, a saved HF dataset folder, or a HF name."""
-    mode = "L" if input_size[0] == 1 else "RGB"
+    mode = mode_for(input_size[0])
+    path = Path(spec).expanduser()
+    is_folder = path.is_dir() and spec != EMBEDDED
+    is_hf_folder = is_folder and any((path / f).exists()
+                                     for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    if class_map is not None and (not is_folder or is_hf_folder):
+        raise ValueError("--class-map applies to an image-folder --data only")
     if spec == EMBEDDED:
-        return EmbeddedFashionMNIST(transform, input_size), "embedded Fashion-MNIST test split (10,000)"
-    path = Path(spec)
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if num_classes is not None and num_classes < 10:
+            raise ValueError(f"the embedded Fashion-MNIST has 10 classes but the model has {num_classes}")
+        return EmbeddedFashionMNIST(transform, input_size, mode), "embedded Fashion-MNIST test split (10,000)"
+    if is_hf_folder:
         import datasets
 
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             data = data[split]
-        return HFImages(data, transform, input_size, mode), f"HF dataset at {path} ({split})"
-    if path.is_dir():
-        return ImageFolder(path, transform, input_size, mode), f"image folder {path}"
-    if os.path.sep in spec or spec.startswith("."):
+        return HFImages(data, transform, input_size, mode, num_classes), f"HF dataset at {path} ({split})"
+    if is_folder:
+        return ImageFolder(path, transform, input_size, mode, num_classes, class_map), f"image folder {path}"
+    if path.exists():
+        raise ValueError(f"--data {spec}: a file; expected a folder, {EMBEDDED!r} or a datasets name")
+    if looks_like_path(spec):
         raise ValueError(f"--data {spec}: no such folder")
     import datasets
 
-    data = datasets.load_dataset(spec, split=split)
-    return HFImages(data, transform, input_size, mode), f"HF dataset {spec} ({split})"
+    try:
+        data = datasets.load_dataset(spec, split=split)
+    except (OSError, ValueError) as e:  # DatasetNotFoundError is a FileNotFoundError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--data {spec}: not a local folder, and no datasets name that loads ({first})") from e
+    return HFImages(data, transform, input_size, mode, num_classes), f"HF dataset {spec} ({split})"

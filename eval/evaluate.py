@@ -17,15 +17,16 @@ import csv
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import tokenprune
-from tokenprune.cli import _option
+from tokenprune.cli import ArgumentParser, _option, check_model_name, check_writable, count
 
-from .data import EMBEDDED, SKIPPED, build_dataset
+from .data import EMBEDDED, build_dataset, looks_like_path, skip_reason
 
 TESTBED = "vit_testbed_fmnist"
 
@@ -82,6 +83,13 @@ def processor_data_config(processor, config) -> dict:
                 crop_mode=crop_mode)
 
 
+def model_num_classes(model: torch.nn.Module) -> int | None:
+    """Output classes of a timm model or an ``HFClassifier``."""
+    if isinstance(model, HFClassifier):
+        return model.model.config.num_labels
+    return getattr(model, "num_classes", None) or None
+
+
 def load_hf_model(name: str, pretrained: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
@@ -92,8 +100,9 @@ def load_hf_model(name: str, pretrained: bool) -> torch.nn.Module:
         else:
             model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name))
     except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"could not load the transformers image classifier {name!r} (a local folder, or a hub "
-                         f"id in the local cache or reachable): {e}") from e
+                         f"id in the local cache or reachable): {reason}") from e
     return HFClassifier(model, processor)
 
 
@@ -105,12 +114,17 @@ def load_model(name: str, pretrained: bool, checkpoint: str | None, seed: int = 
 
     import tokenprune.testbed  # noqa: F401  (registers the testbed with timm)
 
+    if looks_like_path(name) and not Path(name).expanduser().exists():  # a typo, never a hub lookup
+        raise ValueError(f"--model {name}: no such folder (a local transformers model folder, a hub id "
+                         f"org/name, or a timm name)")
+    state = read_checkpoint(checkpoint) if checkpoint else None
     torch.manual_seed(seed)
     if is_hf_name(name):
         model = load_hf_model(name, pretrained and checkpoint is None)
-        if checkpoint:
-            model.model.load_state_dict(read_checkpoint(checkpoint))
+        if state is not None:
+            load_weights(model.model, state, checkpoint, name)
         return model.eval()
+    check_model_name(name, transformers_ok="a transformers hub id (org/name) or local folder")
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None)
     except RuntimeError as e:
@@ -118,21 +132,49 @@ def load_model(name: str, pretrained: bool, checkpoint: str | None, seed: int = 
     except OSError as e:
         raise ValueError(f"could not load pretrained weights for {name!r} ({e}); pass --checkpoint PATH "
                          f"or --no-pretrained") from e
-    if checkpoint:
-        model.load_state_dict(read_checkpoint(checkpoint))
+    if state is not None:
+        load_weights(model, state, checkpoint, name)
     return model.eval()
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str, name: str) -> None:
+    """``load_state_dict``, after naming (a few of) the missing, unexpected and wrongly shaped keys in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                   ("shape mismatch(es), checkpoint vs model", shapes)) if keys]
+    if problems:
+        raise ValueError(f"--checkpoint {path} does not fit {name}: {'; '.join(problems)}")
+    model.load_state_dict(state)
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """safetensors, or a torch file read with ``weights_only=True`` (never arbitrary pickles)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    import pickle
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+
+    if not Path(path).is_file():
+        raise ValueError(f"--checkpoint {path}: no such file")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--checkpoint {path}: not a readable weights file (.safetensors, or a torch file of "
+                         f"tensors that loads with weights_only=True): {reason}") from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--checkpoint {path}: not a state dict (a mapping of names to tensors)")
     return state
 
 
@@ -141,8 +183,38 @@ def config_key(run: dict, config: Config) -> str:
                       sort_keys=True, default=str)
 
 
+def repair_results(path: Path) -> str | None:
+    """Drop the lines an interrupted write tore (not JSON, or no result row) so that ``path`` is valid JSON
+    lines again before more are appended; say what was removed, or None if nothing was."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    kept, torn = [], []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            whole = isinstance(row, dict) and "key" in row
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            whole = False
+        if whole:
+            kept.append(line)
+        else:
+            torn.append(f"line {number}, {len(line)} bytes")
+    if not torn and (not data or data.endswith(b"\n")):
+        return None
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return f"removed {len(torn)} torn line(s) from {path} ({'; '.join(torn)})" if torn else None
+
+
 def read_finished(path: Path) -> dict[str, dict]:
-    """Results already in ``path`` by key; a line cut short by an interruption is ignored."""
+    """Results already in ``path`` by key (``repair_results`` first removes torn lines; any left are ignored)."""
     finished = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -164,7 +236,7 @@ def append_result(path: Path, row: dict) -> None:
 
 
 COLUMNS = ["method", "keep", "options", "top1", "top5", "delta_top1", "gflops", "images_per_s", "speedup",
-           "images", "skipped"]
+           "images", "skipped", "skip_reasons"]
 
 
 def with_deltas(rows: list[dict]) -> list[dict]:
@@ -184,7 +256,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"])})
+            writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"]),
+                             "skip_reasons": json.dumps(r.get("skip_reasons", {}))})
     tmp.replace(path)
 
 
@@ -240,7 +313,8 @@ def evaluate_config(model, loader, accelerator, amp: bool) -> dict:
     device = accelerator.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
                 if amp else contextlib.nullcontext())
-    top1 = top5 = images = skipped = 0
+    top1 = top5 = images = 0
+    skipped = Counter()
     forward_seconds, local_images = 0.0, 0
     for x, y in tqdm(loader, disable=not accelerator.is_main_process, leave=False, unit="batch"):
         start = time.perf_counter()
@@ -251,21 +325,28 @@ def evaluate_config(model, loader, accelerator, amp: bool) -> dict:
         forward_seconds += time.perf_counter() - start
         local_images += x.shape[0]
         ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        valid = y != SKIPPED
+        valid = y >= 0  # negative labels: skipped images, by reason
         hit1 = (ranked[:, 0] == y) & valid
         hit5 = (ranked == y[:, None]).any(dim=-1) & valid
-        hit1, hit5, valid = accelerator.gather_for_metrics((hit1, hit5, valid))
-        top1, top5 = top1 + int(hit1.sum()), top5 + int(hit5.sum())
-        images, skipped = images + int(valid.sum()), skipped + int((~valid).sum())
+        hit1, hit5, y = accelerator.gather_for_metrics((hit1, hit5, y.to(device)))
+        top1, top5, images = top1 + int(hit1.sum()), top5 + int(hit5.sum()), images + int((y >= 0).sum())
+        skipped.update(skip_reason(int(label)) for label in y[y < 0].tolist())
     if images == 0:
-        raise ValueError("no readable images in --data")
-    return dict(top1=100 * top1 / images, top5=100 * top5 / images, images=images, skipped=skipped,
+        raise ValueError(f"no readable images in --data ({format_skips(dict(skipped))})")
+    return dict(top1=100 * top1 / images, top5=100 * top5 / images, images=images, skipped=sum(skipped.values()),
+                skip_reasons=dict(sorted(skipped.items())),
                 images_per_s=accelerator.num_processes * local_images / max(forward_seconds, 1e-9))
 
 
+def format_skips(reasons: dict[str, int]) -> str:
+    total = sum(reasons.values())
+    return f"skipped {total} unreadable image(s)" + (": " + ", ".join(f"{n} {why}" for why, n in reasons.items())
+                                                     if reasons else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenprune eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="tokenprune eval", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=TESTBED,
                    help=f"timm model name (default: the testbed, {TESTBED}), or a transformers image "
                         "classifier: hub id (e.g. google/vit-base-patch16-224) or local folder")
@@ -275,19 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=EMBEDDED,
                    help="'fashion-mnist' (embedded test split, default), an ImageNet-val style folder, a saved "
                         "HF dataset folder, or a HF datasets name")
+    p.add_argument("--class-map", metavar="JSON",
+                   help="class index of each folder of an image-folder --data: a JSON object {\"folder\": index}")
     p.add_argument("--split", default="validation", help="split of a HF dataset")
     p.add_argument("--method", nargs="+", default=[],
                    help="methods to sweep (default: every registered encoder method)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.5], help="keep values to sweep")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="native option for every method (e.g. -o prop_attn=False)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=count(1), default=128)
+    p.add_argument("--workers", type=count(0), default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (--no-pretrained)")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--limit", type=count(1), help="evaluate the first N images only (N >= 1)")
+    p.add_argument("--threads", type=count(1), help="torch CPU threads")
     p.add_argument("--output", help="results file (.jsonl; a .csv is written beside it); "
                                     "default runs/eval/<model>-<data>.jsonl")
     p.add_argument("--resume", action="store_true", help="skip configurations already in --output")
@@ -310,28 +393,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # default: every encoder method (VLM selectors such as hiprune need a VLM, not a classifier)
     methods = args.method or [m for m in method_names()
                               if tokenprune.registry.get_method(m).scope == "encoder"]
+    encoder = [m for m in method_names() if tokenprune.registry.get_method(m).scope == "encoder"]
     for m in methods:  # fail on a bad method, keep or option before any work
         tokenprune.registry.get_method(m)(keep=args.keep[0], **dict(args.option))
+        if m not in encoder:
+            raise ValueError(f"--method {m} reduces the visual tokens of a vision-language model; an image "
+                             f"classifier takes: {', '.join(encoder)}")
     for k in args.keep:
         tokenprune.registry.check_keep(k)
+
+    # Where the results go: checked before any work, so a bad path never costs an evaluation.
+    slug = Path(args.data).name or args.data
+    output = Path(args.output or f"runs/eval/{Path(args.model).name}-{slug}.jsonl")
+    if output.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
+    png = (Path(args.plot) if args.plot else output.with_suffix(".png")) if args.plot is not None else None
+    for path, what in ((output, "--output"), (output.with_suffix(".csv"), "--output's CSV"), (png, "--plot")):
+        if path is not None:
+            check_writable(path, what)
 
     accelerator = Accelerator(cpu=args.device == "cpu")
     model = load_model(args.model, args.pretrained, args.checkpoint, args.seed).to(accelerator.device)
     data_config = resolve_data_config(model=model)
     transform = create_transform(**data_config, is_training=False)
-    dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split)
+    dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split,
+                                       num_classes=model_num_classes(model), class_map=args.class_map)
+    for note in (getattr(dataset, "class_note", ""), getattr(dataset, "ignored", "")):
+        if note:
+            accelerator.print(note)
     if args.limit:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
 
-    slug = Path(args.data).name or args.data
-    output = Path(args.output or f"runs/eval/{Path(args.model).name}-{slug}.jsonl")
-    if output.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
     if accelerator.is_main_process:
-        output.parent.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
             output.unlink(missing_ok=True)
+        if args.resume:
+            repaired = repair_results(output)
+            if repaired:
+                print(f"[repair] {repaired}")
+    accelerator.wait_for_everyone()  # every process reads the repaired file
     finished = read_finished(output) if args.resume else {}
 
     run = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
@@ -365,10 +466,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n{args.model} on {data_desc}" + (f", first {args.limit}" if args.limit else ""))
         print(format_table(rows))
         if rows[0]["skipped"]:
-            print(f"skipped {rows[0]['skipped']} unreadable image(s)")
+            print(format_skips(rows[0].get("skip_reasons") or {"(reasons not recorded)": rows[0]["skipped"]}))
         print(f"results: {output} and {output.with_suffix('.csv')}")
-        if args.plot is not None:
-            png = Path(args.plot) if args.plot else output.with_suffix(".png")
+        if png is not None:
             plot(png, rows, f"{args.model} on {data_desc}")
             print(f"plot: {png}")
     return rows

@@ -3,7 +3,7 @@
 Usage::
 
     python -m tokenprune.eval.train_testbed \\
-        --data-root /work/shared/data/fashion-mnist \\
+        --data-root FASHION_MNIST_FOLDER \\
         --out tokenprune/weights/vit_testbed_fmnist.safetensors
 
 Design notes (why things are the way they are):
@@ -52,8 +52,9 @@ from tokenprune import testbed as tb
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--data-root', default=str(tb.SHARED_DATA_DIR),
-                   help='folder with the Fashion-MNIST *-ubyte.gz files (train and test)')
+    p.add_argument('--data-root', default=os.environ.get(tb.FMNIST_ROOT_ENV),
+                   help=f'folder with the Fashion-MNIST *-ubyte.gz files (train and test); default: '
+                        f'${tb.FMNIST_ROOT_ENV}')
     p.add_argument('--out', default=str(tb.WEIGHTS_PATH), help='output .safetensors (eval-ready weights)')
     p.add_argument('--ckpt-dir', default='runs/testbed', help='where full training checkpoints go')
     p.add_argument('--resume', action='store_true', help='resume from <ckpt-dir>/last.pt if it exists')
@@ -223,7 +224,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     amp_dtype = torch.bfloat16 if args.precision == 'bf16' else None
-    command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'tokenprune.eval.train_testbed',
+    command = ' '.join(shlex.quote(a) for a in ['python', '-m', 'tokenprune.eval.train_testbed',
                                                 *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     ckpt_dir = Path(args.ckpt_dir)

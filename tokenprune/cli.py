@@ -3,7 +3,77 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a ``ValueError``: ``main`` prints them as one line (exit 2), like every
+    other bad input, instead of the usage text."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def count(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _close(name: str, names) -> str:
+    matches = difflib.get_close_matches(name, list(names), n=5, cutoff=0.6)
+    return f"; close matches: {', '.join(matches)}" if matches else ""
+
+
+def check_model_name(name: str, transformers_ok: str = "hf:<model_type>") -> None:
+    """A known timm architecture (an optional ``.pretrained_tag``; ``hf-hub:`` names pass) or, for
+    ``hf:<type>``, a transformers model type; else a one-line error with close matches."""
+    if name.startswith("hf:"):
+        from transformers import CONFIG_MAPPING
+
+        types = list(CONFIG_MAPPING.keys())
+        if name[3:] not in types:
+            raise ValueError(f"unknown transformers model type {name[3:]!r} in {name!r} (hf:<model_type>, e.g. "
+                             f"hf:vit){_close(name[3:], types)}")
+        return
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        return
+    import timm
+
+    import tokenprune.testbed  # noqa: F401  (registers the testbed with timm)
+
+    if not timm.is_model(name.split(".", 1)[0]):
+        raise ValueError(f"unknown model {name!r}: not a timm model (timm.list_models()) or {transformers_ok}"
+                         f"{_close(name, timm.list_models())}")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, not after an hour of evaluation, if ``path`` cannot be written: its folder must exist
+    and be writable, or be creatable (it is created)."""
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError("the file is read-only")
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written ({e.strerror or e}); give a path in a writable "
+                         f"folder") from e
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -36,11 +106,20 @@ def _cmd_methods(args) -> int:
 
 def _cmd_flops(args) -> int:
     import tokenprune
-    from tokenprune.flops import random_model
+    from tokenprune.flops import default_input_size, random_model
 
+    check_model_name(args.model)
     model = random_model(args.model)
     size = tuple(args.input_size) if args.input_size else None
-    base = tokenprune.count_flops(model, size)
+    try:
+        base = tokenprune.count_flops(model, size)
+    except (AssertionError, RuntimeError) as e:  # the model's own shape check
+        if size is None:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        native = " ".join(map(str, default_input_size(model)))
+        raise ValueError(f"--input-size {' '.join(map(str, size))} does not fit {args.model} ({reason}); its "
+                         f"native input is C H W = {native}") from e
     tokenprune.apply(model, args.method, keep=args.keep, **dict(args.option))
     reduced = tokenprune.count_flops(model, size)
     report = tokenprune.last_forward(model)
@@ -56,6 +135,9 @@ def _cmd_flops(args) -> int:
 def _cmd_bench(args) -> int:
     from tokenprune.eval.benchmark import benchmark, format_rows, rows_to_json
 
+    check_model_name(args.model)
+    if args.json:
+        check_writable(Path(args.json), "--json")
     rows = benchmark(args.model, args.method, keep=args.keep, options=dict(args.option),
                      batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads)
     print(format_rows(rows))
@@ -86,7 +168,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenprune", description=__doc__)
+    parser = ArgumentParser(prog="tokenprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered methods and their options")
@@ -100,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="count a model's forward FLOPs, unpatched and patched")
     _add_method_args(p)
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--input-size", type=count(1), nargs=3, metavar=("C", "H", "W"))
     p.set_defaults(func=_cmd_flops)
 
     p = sub.add_parser("bench", help="throughput, patched vs unpatched, beside the FLOPs-ideal speedup")
     _add_method_args(p)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
-    p.add_argument("--repeats", type=int, default=11, help="timed repeats at batch 32 (more at smaller batches)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-sizes", type=count(1), nargs="+", default=[32, 1])
+    p.add_argument("--repeats", type=count(1), default=11, help="timed repeats at batch 32 (more at smaller batches)")
+    p.add_argument("--threads", type=count(1), default=2)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench)
 
@@ -115,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(small random LLaVA), and the FLOPs formula on LLaVA-1.5-7B's shapes")
     p.add_argument("--method", default="hiprune")
     p.add_argument("--keep", type=float, nargs="+", default=[1 / 3, 2 / 9, 1 / 9])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=count(1), default=15)
+    p.add_argument("--threads", type=count(1), default=2)
     p.set_defaults(func=_cmd_bench_vlm)
     return parser
 
@@ -132,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as e:
             print(f"tokenprune eval: error: {e}", file=sys.stderr)
             return 2
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, TypeError) as e:  # bad input: one clear line, not a traceback
         print(f"tokenprune: error: {e}", file=sys.stderr)

@@ -40,7 +40,7 @@ __all__ = [
     'TESTBED_ARGS',
     'WEIGHTS_PATH',
     'DATA_DIR',
-    'SHARED_DATA_DIR',
+    'FMNIST_ROOT_ENV',
     'load_fashion_mnist',
     'normalize_images',
     'vit_testbed_fmnist',
@@ -51,8 +51,9 @@ _PKG_DIR = Path(__file__).resolve().parent
 WEIGHTS_PATH = _PKG_DIR / 'weights' / 'vit_testbed_fmnist.safetensors'
 #: Packaged copy of the Fashion-MNIST *test* split (the train split is too large to ship).
 DATA_DIR = _PKG_DIR / 'data'
-#: Full data set on this machine (train + test).
-SHARED_DATA_DIR = Path('/work/shared/data/fashion-mnist')
+#: Environment variable naming a folder with the full data set (train + test ``*-ubyte.gz``), used when
+#: no ``root`` is given and the packaged copy lacks the split (no machine path is built in).
+FMNIST_ROOT_ENV = 'TOKENPRUNE_FMNIST_ROOT'
 
 # Per-pixel statistics of the 60k Fashion-MNIST training images, scaled to [0, 1].
 FMNIST_MEAN = (0.2860,)
@@ -208,7 +209,7 @@ def _create_testbed(variant: str, pretrained: bool = False, **kwargs) -> VisionT
         if not (overlay.get('state_dict') or os.path.isfile(file)):
             raise FileNotFoundError(
                 f"Pretrained weights for '{variant}' not found at {file}. Train them with "
-                "`python -m tokenprune.eval.train_testbed --data-root /work/shared/data/fashion-mnist "
+                "`python -m tokenprune.eval.train_testbed --data-root FASHION_MNIST_FOLDER "
                 f"--out {WEIGHTS_PATH}` or create the model with pretrained=False.")
     kwargs.setdefault('embed_layer', ConvStemPatchEmbed)
     return build_model_with_cfg(
@@ -260,7 +261,8 @@ def load_fashion_mnist(split: str, root: Optional[Union[str, os.PathLike]] = Non
     Args:
         split: ``'train'`` (60k) or ``'test'`` (10k).
         root: folder holding the ``*-ubyte.gz`` files. Default: the packaged copy
-            (``tokenprune/data``, test split only) if it has the files, else ``SHARED_DATA_DIR``.
+            (``tokenprune/data``, test split only) if it has the files, else the folder named by the
+            environment variable ``TOKENPRUNE_FMNIST_ROOT``.
 
     Returns:
         ``(images, labels)``: uint8 tensor ``[N, 28, 28]`` and int64 tensor ``[N]``.
@@ -269,7 +271,11 @@ def load_fashion_mnist(split: str, root: Optional[Union[str, os.PathLike]] = Non
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     img_name, lbl_name = _FILES[split]
     if root is None:
-        root = DATA_DIR if (DATA_DIR / img_name).is_file() else SHARED_DATA_DIR
+        root = DATA_DIR if (DATA_DIR / img_name).is_file() else os.environ.get(FMNIST_ROOT_ENV)
+    if not root:
+        raise FileNotFoundError(
+            f'the Fashion-MNIST {split} split is not packaged (only the test split is): pass its folder '
+            f'(train_testbed --data-root) or set {FMNIST_ROOT_ENV} to the folder holding {img_name} and {lbl_name}')
     root = Path(root)
     img_path, lbl_path = root / img_name, root / lbl_name
     if not img_path.is_file() or not lbl_path.is_file():
