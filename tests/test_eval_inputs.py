@@ -1,0 +1,335 @@
+"""What `tokenprune eval` (and `bench`, `flops`) do with the data, models, paths and numbers users give them:
+class folders and --class-map, which images count and how they are converted, skips by reason, early output
+checks, one-line errors (exit 2, no traceback), torn result files, no machine paths in the package."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_eval_cli import CLASSES, COMMON, make_folder
+from tokenprune.eval import evaluate as evaluate_module
+from tokenprune.eval.data import build_dataset
+from tokenprune.eval.evaluate import main as evaluate
+
+from tokenprune.cli import main as cli
+
+RGB_MODEL = "test_vit"  # timm's 371k-parameter test ViT: RGB, 160 px, 1000 classes
+
+
+def run_cli(argv, capsys):
+    try:
+        code = cli(argv)
+    except SystemExit as e:  # argparse's own exit, as the old CLI did
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(argv, capsys, *fragments) -> str:
+    """The command exits 2 with exactly one stderr line, no traceback, holding every fragment."""
+    code, _, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def never_evaluated(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("evaluation started although the input was bad")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_config", fail)
+
+
+def tensor(image):
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def grey(value, size=28):
+    return Image.fromarray(np.full((size, size), value, dtype=np.uint8))
+
+
+# --- item 3: class folders ------------------------------------------------------------------------------------------
+
+def test_hidden_folder_is_ignored_and_synset_folders_keep_imagenet_indices(tmp_path):
+    # brambling (10) and toilet tissue (999): not 0 and 1, as sorted numbering would give them
+    for synset in ("n01530575", "n15075141"):
+        (tmp_path / synset).mkdir()
+        grey(100).save(tmp_path / synset / "a.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # empty, hidden
+    dataset, _ = build_dataset(str(tmp_path), tensor, (3, 28, 28))
+    assert [dataset[i][1] for i in range(len(dataset))] == [10, 999]
+
+
+def test_synset_and_other_folders_mixed_is_an_error_naming_the_odd_ones(tmp_path, capsys, monkeypatch):
+    never_evaluated(monkeypatch)
+    for name in ("n01530575", "n15075141", "extra", "backup"):
+        (tmp_path / name).mkdir()
+        grey(100).save(tmp_path / name / "a.png")
+    one_line_error(["eval", "--model", RGB_MODEL, "--no-pretrained", "--data", str(tmp_path),
+                    "--output", str(tmp_path / "r.jsonl")], capsys, "mixes synset", "backup, extra", "--class-map")
+
+
+def test_other_folder_names_print_their_class_indices(tmp_path, capsys):
+    data = make_folder(tmp_path / "val", corrupt=False)
+    evaluate(COMMON + ["--data", str(data), "--output", str(tmp_path / "r.jsonl")])
+    assert "0=bag 1=boot 2=coat" in capsys.readouterr().out
+
+
+def test_class_map_gives_the_indices(tmp_path, capsys):
+    data = make_folder(tmp_path / "val", corrupt=False)
+    class_map = tmp_path / "classes.json"
+    class_map.write_text(json.dumps({"bag": 8, "boot": 9, "coat": 4, "not-here": 0}))  # extra entries are fine
+    dataset, _ = build_dataset(str(data), tensor, (1, 28, 28), num_classes=10, class_map=str(class_map))
+    assert sorted({dataset[i][1] for i in range(len(dataset))}) == [4, 8, 9]
+    assert [dataset[i][1] for i in range(3)] == [8, 8, 8]  # bag's images first
+    rows = evaluate(COMMON + ["--data", str(data), "--class-map", str(class_map),
+                              "--output", str(tmp_path / "r.jsonl")])
+    assert rows[0]["images"] == 9
+    assert "4=coat 8=bag 9=boot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ('{"bag": 0, "boot": 1}', ["no index for class folder(s) coat"]),
+    ('{"bag": 0, "boot": 1, "coat": 2, "bag": 3}', ["listed twice: bag"]),
+    ('{"bag": 0, "boot": 1, "coat": 1}', ["index used twice", "boot: 1", "coat: 1"]),
+    ('{"bag": 0, "boot": 1, "coat": 10}', ["integers in 0..9 (the model has 10 classes)", "coat: 10"]),
+    ('{"bag": 0, "boot": 1, "coat": "2"}', ["coat: '2'"]),
+    ('bag 0\nboot 1', ["not JSON"]),
+])
+def test_bad_class_map_is_one_line(tmp_path, capsys, monkeypatch, text, fragments):
+    never_evaluated(monkeypatch)
+    data = make_folder(tmp_path / "val", corrupt=False)
+    (tmp_path / "classes.json").write_text(text)
+    one_line_error(["eval", *COMMON, "--data", str(data), "--class-map", str(tmp_path / "classes.json"),
+                    "--output", str(tmp_path / "r.jsonl")], capsys, "--class-map", *fragments)
+
+
+# --- item 5: only decode errors are skipped, by reason; channels are converted ------------------------------------
+
+def test_rgb_model_on_the_grey_embedded_data_reads_every_image(tmp_path):
+    rows = evaluate(["--model", RGB_MODEL, "--no-pretrained", "--limit", "4", "--batch-size", "2",
+                     "--method", "tome", "--keep", "0.5", "--output", str(tmp_path / "r.jsonl")])
+    assert [(r["images"], r["skipped"]) for r in rows] == [(4, 0), (4, 0)]
+
+
+def test_grey_to_rgb_replicates_and_rgb_to_grey_is_luma(tmp_path):
+    (tmp_path / "a").mkdir()
+    grey(77).save(tmp_path / "a" / "grey.png")
+    Image.new("RGB", (28, 28), (200, 100, 50)).save(tmp_path / "a" / "rgb.png")
+    rgb, _ = build_dataset(str(tmp_path), tensor, (3, 28, 28))
+    assert rgb[0][0].shape == (28, 28, 3) and (rgb[0][0] == 77).all()
+    luma, _ = build_dataset(str(tmp_path), tensor, (1, 28, 28))
+    assert (luma[1][0] == round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)).all()
+    with pytest.raises(ValueError, match="takes 2 input channels.*1-channel .grey. or 3-channel .RGB."):
+        build_dataset(str(tmp_path), tensor, (2, 28, 28))
+
+
+def test_skipped_images_are_counted_by_reason(tmp_path, capsys):
+    data = make_folder(tmp_path / "val")  # bag/broken.png: not an image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+    (data / "boot" / "cut.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    rows = evaluate(COMMON + ["--data", str(data), "--output", str(tmp_path / "r.jsonl")])
+    assert rows[0]["images"] == 9 and rows[0]["skipped"] == 2
+    assert rows[0]["skip_reasons"] == {"not an image PIL recognises": 1, "truncated": 1}
+    assert "skipped 2 unreadable image(s): 1 not an image PIL recognises, 1 truncated" in capsys.readouterr().out
+
+
+def test_an_error_that_is_not_decoding_stops_the_run(tmp_path):
+    data = make_folder(tmp_path / "val", corrupt=False)
+
+    def broken_transform(image):
+        raise KeyError("a bug in the transform")
+
+    dataset, _ = build_dataset(str(data), broken_transform, (1, 28, 28))
+    with pytest.raises(KeyError, match="a bug in the transform"):
+        dataset[0]
+
+
+# --- item 6: --limit, 16-bit images, every format PIL reads -------------------------------------------------------
+
+def test_limit_zero_is_refused(tmp_path, capsys, monkeypatch):
+    never_evaluated(monkeypatch)
+    one_line_error(["eval", "--no-pretrained", "--limit", "0", "--output", str(tmp_path / "r.jsonl")], capsys,
+                   "--limit", "must be an integer >= 1, got '0'")
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    (tmp_path / "a").mkdir()
+    values = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 83  # up to 65,000
+    Image.fromarray(values).save(tmp_path / "a" / "0-deep.png")
+    assert Image.open(tmp_path / "a" / "0-deep.png").mode in ("I;16", "I")
+    Image.fromarray(np.rint(values / 257).astype(np.uint8)).save(tmp_path / "a" / "1-shallow.png")
+    for channels in (1, 3):
+        dataset, _ = build_dataset(str(tmp_path), tensor, (channels, 28, 28))
+        assert torch.equal(dataset[0][0], dataset[1][0])
+
+
+def test_every_format_pil_reads_is_an_image_and_other_files_are_reported(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    data = tmp_path / "val"
+    for c in CLASSES:
+        (data / c).mkdir(parents=True)
+        for ext in ("png", "jpeg", "tif", "bmp", "webp"):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(data / c / f"x.{ext}")
+    (data / "bag" / "notes.txt").write_text("not an image")
+    (data / "bag" / ".DS_Store").write_bytes(b"\0")
+    rows = evaluate(COMMON + ["--data", str(data), "--output", str(tmp_path / "out" / "r.jsonl")])
+    assert rows[0]["images"] == 15 and rows[0]["skipped"] == 0
+    assert "ignored 1 file(s) PIL cannot open: .txt (1)" in capsys.readouterr().out
+
+
+# --- item 7: the output is checked before any evaluation -----------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--output", "--plot"])
+def test_unwritable_output_is_found_before_evaluating(tmp_path, capsys, monkeypatch, flag):
+    never_evaluated(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    bad = str(tmp_path / "a-file" / "run.jsonl")
+    args = ["--output", bad] if flag == "--output" else ["--output", str(tmp_path / "r.jsonl"), "--plot", bad]
+    one_line_error(["eval", "--no-pretrained", *args], capsys, flag, "cannot be written")
+
+
+# --- item 8: one-line errors -----------------------------------------------------------------------------------------
+
+def test_unknown_timm_model_suggests_close_names(tmp_path, capsys, monkeypatch):
+    never_evaluated(monkeypatch)
+    line = one_line_error(["eval", "--model", "deit_smal_patch16_224", "--output", str(tmp_path / "r.jsonl")],
+                          capsys, "unknown model 'deit_smal_patch16_224'", "deit_small_patch16_224")
+    assert len(line) < 400
+    one_line_error(["flops", "--model", "deit_smal_patch16_224"], capsys, "close matches", "deit_small_patch16_224")
+
+
+@pytest.mark.parametrize("command", ["flops", "bench"])
+def test_unknown_transformers_type_suggests_close_types(capsys, command):
+    line = one_line_error([command, "--model", "hf:vitt"], capsys, "unknown transformers model type 'vitt'", "vit")
+    assert len(line) < 400
+
+
+def test_a_mistyped_local_path_is_never_sent_to_the_hub(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for model in ("./models/tiny-vit", "models/tiny-vit", str(tmp_path / "models" / "tiny-vit")):
+        one_line_error(["eval", "--model", model, "--output", "r.jsonl"], capsys, f"--model {model}: no such folder")
+    one_line_error(["eval", "--data", "models/val", "--output", "r.jsonl"], capsys, "--data models/val: no such folder")
+
+
+def test_bench_batch_size_zero_and_bad_input_size(capsys):
+    one_line_error(["bench", "--model", RGB_MODEL, "--batch-sizes", "0"], capsys,
+                   "--batch-sizes", "must be an integer >= 1")
+    from tokenprune.eval.benchmark import benchmark
+
+    with pytest.raises(ValueError, match="batch_sizes must be integers >= 1"):
+        benchmark(RGB_MODEL, batch_sizes=(0,))
+    one_line_error(["flops", "--model", RGB_MODEL, "--input-size", "3", "0", "160"], capsys,
+                   "--input-size", "must be an integer >= 1")
+    for size in (["1", "160", "160"], ["3", "170", "170"]):
+        one_line_error(["flops", "--model", RGB_MODEL, "--input-size", *size], capsys,
+                       f"--input-size {' '.join(size)} does not fit test_vit", "native input is C H W = 3 160 160")
+
+
+def test_class_folders_without_images_are_named(tmp_path, capsys, monkeypatch):
+    never_evaluated(monkeypatch)
+    data = make_folder(tmp_path / "val", corrupt=False)
+    (data / "dress").mkdir()
+    (data / "scarf").mkdir()
+    (data / "scarf" / "readme.txt").write_text("")
+    one_line_error(["eval", *COMMON, "--data", str(data), "--output", str(tmp_path / "r.jsonl")], capsys,
+                   "class folder(s) with no images: dress, scarf", ".png")
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path, capsys, monkeypatch):
+    import timm
+
+    never_evaluated(monkeypatch)
+    common = ["eval", "--model", RGB_MODEL, "--output", str(tmp_path / "r.jsonl"), "--checkpoint"]
+    one_line_error(common + [str(tmp_path / "nope.pt")], capsys, "nope.pt: no such file")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file" * 10)
+    one_line_error(common + [str(tmp_path / "junk.pt")], capsys, "junk.pt: not a readable weights file")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{junk}")
+    one_line_error(common + [str(tmp_path / "junk.safetensors")], capsys, "not a readable weights file")
+    state = timm.create_model(RGB_MODEL, num_classes=10).state_dict()
+    torch.save(state, tmp_path / "ten.pt")
+    one_line_error(common + [str(tmp_path / "ten.pt")], capsys, "does not fit test_vit",
+                   "head.weight (10, 64) vs (1000, 64)")
+    del state["norm.weight"], state["norm.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "partial.pt")
+    one_line_error(common + [str(tmp_path / "partial.pt")], capsys, "2 missing key(s) (norm.weight, norm.bias)",
+                   "1 unexpected key(s) (extra.weight)")
+
+
+def test_hiprune_on_an_image_classifier_is_refused_before_the_baseline(tmp_path, capsys, monkeypatch):
+    never_evaluated(monkeypatch)
+    one_line_error(["eval", "--no-pretrained", "--method", "hiprune", "--output", str(tmp_path / "r.jsonl")], capsys,
+                   "--method hiprune", "an image classifier takes: ", "tome")
+
+
+# --- item 9: --resume repairs a torn file ---------------------------------------------------------------------------
+
+def test_resume_truncates_a_torn_last_line(tmp_path, capsys):
+    import csv
+
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "run.jsonl"
+    args = COMMON + ["--data", str(data), "--output", str(out)]
+    first = evaluate(args)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # killed while writing the third line
+    capsys.readouterr()
+    second = evaluate(args + ["--resume"])
+    assert "[repair] removed 1 torn line(s)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line is JSON again
+    assert [(r["method"], r["keep"]) for r in rows] == [(r["method"], r["keep"]) for r in first]
+    assert [r["top1"] for r in second] == [r["top1"] for r in first]
+    with open(out.with_suffix(".csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [(r["method"], float(r["top1"])) for r in table] == [(r["method"] or "baseline", r["top1"]) for r in rows]
+
+
+# --- item 13: no machine paths; the training data location is an argument or an environment variable -------------
+
+def test_no_absolute_machine_paths_in_the_package():
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"(?<![\w.:/])/(work|home|Users|root|mnt|opt|srv|scratch|data|tmp)/")
+    found = [f"{path.relative_to(root)}:{n}" for folder in ("tokenprune", "patches", "eval")
+             for path in sorted((root / folder).rglob("*")) if path.suffix in (".py", ".json", ".md", ".sh", ".cfg")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found
+
+
+def _write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_train_split_comes_from_the_environment(tmp_path, monkeypatch):
+    from tokenprune import testbed
+
+    monkeypatch.delenv("TOKENPRUNE_FMNIST_ROOT", raising=False)
+    with pytest.raises(FileNotFoundError, match="set TOKENPRUNE_FMNIST_ROOT"):
+        testbed.load_fashion_mnist("train")
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    monkeypatch.setenv("TOKENPRUNE_FMNIST_ROOT", str(tmp_path))
+    images, labels = testbed.load_fashion_mnist("train")
+    assert images.shape == (3, 28, 28) and labels.tolist() == [1, 2, 3]
+    assert testbed.load_fashion_mnist("test")[0].shape[0] == 10000  # the packaged split still comes first
