@@ -29,6 +29,7 @@ from tokenprune.cli import ArgumentParser, _option, check_model_name, check_writ
 from .data import EMBEDDED, build_dataset, looks_like_path, skip_reason
 
 TESTBED = "vit_testbed_fmnist"
+TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm model names with a source prefix
 
 
 @dataclass
@@ -49,7 +50,7 @@ def is_hf_name(name: str) -> bool:
     does not know (timm's own hub names start with ``hf-hub:`` / ``hf_hub:``)."""
     if Path(name, "config.json").is_file():
         return True
-    return "/" in name and not name.startswith(("hf-hub:", "hf_hub:", "timm/")) and not Path(name).exists()
+    return "/" in name and not name.startswith((*TIMM_SOURCES, "timm/")) and not Path(name).exists()
 
 
 class HFClassifier(torch.nn.Module):
@@ -114,7 +115,8 @@ def load_model(name: str, pretrained: bool, checkpoint: str | None, seed: int = 
 
     import tokenprune.testbed  # noqa: F401  (registers the testbed with timm)
 
-    if looks_like_path(name) and not Path(name).expanduser().exists():  # a typo, never a hub lookup
+    prefixed = name.startswith(TIMM_SOURCES)
+    if not prefixed and looks_like_path(name) and not Path(name).expanduser().exists():  # a typo: no hub lookup
         raise ValueError(f"--model {name}: no such folder (a local transformers model folder, a hub id "
                          f"org/name, or a timm name)")
     state = read_checkpoint(checkpoint) if checkpoint else None

@@ -49,7 +49,7 @@ def check_model_name(name: str, transformers_ok: str = "hf:<model_type>") -> Non
             raise ValueError(f"unknown transformers model type {name[3:]!r} in {name!r} (hf:<model_type>, e.g. "
                              f"hf:vit){_close(name[3:], types)}")
         return
-    if name.startswith(("hf-hub:", "hf_hub:")):
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):  # timm loads these from their source
         return
     import timm
 
