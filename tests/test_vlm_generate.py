@@ -292,3 +292,56 @@ def test_llava_positions_and_logits_follow_the_chosen_scheme(positions):
             torch.testing.assert_close(a[row], b[0], atol=1e-6, rtol=0, msg=f"row {row}, step {step}")
         other = references["original" if positions == "reindex" else "reindex"]
         assert max((a[0] - b[0]).abs().max() for a, b in zip(reference.logits[1:], other.logits[1:])) > 1e-3
+
+
+# ------------------------------------------------------------------ HiPrune's options reach the selection
+
+def adapter_choice(model, inputs, image_token=LLAVA_IMAGE, per_image=64) -> list[torch.Tensor]:
+    """Per image (in prompt order), the feature indices the patched model keeps at a prefill."""
+    with torch.no_grad():
+        keeps = compactions(model, lambda: model(**inputs))
+    chosen = []
+    for ids, keep in zip(inputs["input_ids"], keeps[0]):
+        at = (ids == image_token).nonzero().squeeze(1)
+        chosen += [keep[image].nonzero().squeeze(1) for image in at.split(per_image)]
+    return chosen
+
+
+BASE = dict(alpha=1.0, object_layer=2)  # alpha=1: K/5 anchors, so the object layer and buffers matter
+VARIANTS = {"base": {}, "alpha": dict(alpha=0.5), "object_layer=1": dict(object_layer=1),
+            "object_layer=4": dict(object_layer=4), "wrap": dict(wrap=True)}
+
+
+def test_hiprune_options_change_the_selection_as_documented():
+    """Each option, through apply(), gives HiPrune-by-hand's choice with that option (anchors from the
+    object layer's scores, round(alpha * K / 5) of them, buffers wrapping across rows or not), and each
+    differs from the base choice, so an option the adapter dropped would fail."""
+    model, inputs = tiny_llava(), llava_two_by_two()
+    stock = copy.deepcopy(model)
+    k = 32
+    choices = {}
+    for name, variant in VARIANTS.items():
+        options = {**BASE, **variant}
+        tokenprune.apply(model, "hiprune", keep=k / 64, **options)
+        choices[name] = adapter_choice(model, inputs)
+        expected = llava_choice(stock, inputs["pixel_values"], k, **options)
+        assert all(torch.equal(a, b) for a, b in zip(choices[name], expected, strict=True)), name
+    for name in VARIANTS:
+        if name != "base":
+            assert any(not torch.equal(a, b) for a, b in zip(choices[name], choices["base"])), name
+
+
+def test_hiprune_tokens_overrides_keep():
+    """tokens=T: T visual tokens per image whatever keep says, HiPrune's choice of T."""
+    model, inputs = tiny_llava(), llava_two_by_two()
+    stock = copy.deepcopy(model)
+    tokenprune.apply(model, "hiprune", keep=0.5, tokens=10, **BASE)
+    chosen = adapter_choice(model, inputs)
+    assert tokenprune.last_forward(model).visual_tokens == [20, 20]
+    expected = llava_choice(stock, inputs["pixel_values"], 10, **BASE)
+    assert all(torch.equal(a, b) for a, b in zip(chosen, expected, strict=True))
+    qwen, inputs = tiny_qwen(), qwen_two_images()
+    tokenprune.apply(qwen, "hiprune", keep=0.9, tokens=5, object_layer=2)
+    with torch.no_grad():
+        qwen(**inputs)
+    assert tokenprune.last_forward(qwen).visual_tokens == [10, 5]
