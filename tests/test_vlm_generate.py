@@ -179,7 +179,8 @@ def kept_sequence(stock, ids, features, chosen, image_token):
     return embeds, keep
 
 
-def images_of(inputs, row: int, per_row: list[int]) -> slice:
+def images_of(row: int, per_row: list[int]) -> slice:
+    """Which images (rows of pixel_values) belong to prompt ``row``."""
     start = sum(per_row[:row])
     return slice(start, start + per_row[row])
 
@@ -215,7 +216,7 @@ def test_llava_pruned_beams_equal_per_sample_references(batch, images_per_row, p
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
     for row, ids in enumerate(inputs["input_ids"]):
         real = mask[row] == 1
-        images = images_of(inputs, row, images_per_row)
+        images = images_of(row, images_per_row)
         embeds, keep = kept_sequence(stock, ids[real], features[images], chosen[images], LLAVA_IMAGE)
         beams = keeps[0][row * BEAMS["num_beams"]:(row + 1) * BEAMS["num_beams"], -len(keep):]
         assert all(torch.equal(b, keep) for b in beams), row  # every beam of the row: its own images' choice
@@ -276,7 +277,7 @@ def test_llava_positions_and_logits_follow_the_chosen_scheme(positions):
     prompt = inputs["input_ids"].shape[1]
     for row, ids in enumerate(inputs["input_ids"]):
         real = inputs["attention_mask"][row] == 1
-        images = images_of(inputs, row, [1, 2])
+        images = images_of(row, [1, 2])
         embeds, keep = kept_sequence(stock, ids[real], features[images], chosen[images], LLAVA_IMAGE)
         kept, length = int(keep.sum()), int(real.sum())
         own = {"reindex": torch.arange(kept + NEW - 1),
