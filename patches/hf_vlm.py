@@ -379,6 +379,18 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
     return out.to_tuple() if as_tuple else out
 
 
+def _selecting_features_of(vlm: nn.Module):
+    """``_selecting_image_features`` bound to ``vlm``, showing the stock method's signature.
+
+    The signature matters: ``generate`` encodes the images once, before it repeats the batch for beams
+    or ``num_return_sequences``, only if ``get_image_features``'s signature names ``pixel_values``.
+    Behind a bare ``(*args, **kwargs)`` it skips the encoding and repeats ``pixel_values`` row by row
+    (``repeat_interleave``): per image for LLaVA ([A, B] -> [A, A, B, B], so a two-image prompt's beams
+    got A twice and B twice), per patch for Qwen; the prefill then encoded those wrong rows."""
+    selecting = functools.partial(_selecting_image_features, vlm)
+    return functools.update_wrapper(selecting, type(vlm).get_image_features.__get__(vlm))
+
+
 def _select(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of the multimodal *Model: at a prefill, turn the per-image choices into the
     sequence positions the language model keeps (a ``Compaction`` among the keyword arguments that
@@ -520,7 +532,7 @@ def patch(model: nn.Module, reducer: TokenReducer, positions: str | None = None)
         hf_vision.route_attention(family.attention_modules(vlm), family.vision_config(vlm))
     else:
         hf_vision.patch(vlm.vision_tower, reducer, depth=family.output_layer(vlm, {}) + 1)
-    vlm.get_image_features = functools.partial(_selecting_image_features, vlm)
+    vlm.get_image_features = _selecting_features_of(vlm)
     vlm.register_forward_pre_hook(_select, with_kwargs=True)
     vlm.language_model.register_forward_pre_hook(_compact, with_kwargs=True)
     vlm.tokenprune_reducer = reducer
