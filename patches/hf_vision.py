@@ -33,7 +33,7 @@ from tokenprune.registry import TokenReducer
 from tokenprune.state import AttentionTaps, ForwardState
 
 from ._hooks import remove_hooks
-from ._swap import Swapped, restore, swap
+from ._swap import Swapped, refuse_jit_tracing, restore, swap
 
 FAMILY = ("transformers ViT, DeiT (distilled too), CLIP and SigLIP vision towers, DINOv2 (registers too): "
           "their *Model, *ForImageClassification, CLIPModel/SiglipModel and pipelines built on them")
@@ -266,6 +266,11 @@ class ReducingLayer(Swapped):
         state = tokenprune_state
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
+        refuse_jit_tracing()
+        if attention_mask is not None and torch.compiler.is_exporting():
+            raise RuntimeError("tokenprune: torch.export is not supported on a patched transformers model (under "
+                               "export transformers builds an attention mask even without one, which cannot be "
+                               "combined with token reduction); use torch.compile(model), or export a timm model")
         if attention_mask is not None:
             raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
                              "count changes inside the encoder); call tokenprune.remove(model) first")

@@ -32,7 +32,7 @@ from tokenprune import ops
 from tokenprune.registry import TokenReducer
 from tokenprune.state import AttentionTaps, ForwardState
 
-from ._swap import Swapped, restore, swap
+from ._swap import Swapped, refuse_jit_tracing, restore, swap
 
 FAMILY = ("timm VisionTransformer with standard Block/Attention: vit_*, deit_* (distilled too), deit3_*, "
           "*_dinov2 (reg too), CLIP and SigLIP ViTs")
@@ -126,6 +126,7 @@ class ReducingViT(Swapped, VisionTransformer):
     tokenprune_reducer: TokenReducer
 
     def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
+        refuse_jit_tracing()
         if attn_mask is not None or is_causal:
             raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
                              "(the token count changes inside the encoder); call tokenprune.remove(model) first")

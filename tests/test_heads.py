@@ -234,3 +234,28 @@ def test_transformers_heads_are_the_stock_heads_on_the_reduced_tokens(case, meth
         assert torch.equal(out.last_hidden_state if "last_hidden_state" in out else tokens, tokens)
         for field, head in heads.items():
             torch.testing.assert_close(out[field], head(model, tokens), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- TorchScript, torch.export
+
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_torchscript_is_refused_with_a_pointer_to_compile_and_export(kind):
+    model, x = tiny_timm("vit_base_patch16_224"), images()
+    tokenprune.apply(model, "tome", keep=KEEP)
+    with pytest.warns(FutureWarning), pytest.raises(RuntimeError, match=rf"torch\.jit\.{kind} is not supported.*"
+                                                                         r"torch\.compile.*torch\.export"):
+        torch.jit.script(model) if kind == "script" else torch.jit.trace(model, x)
+    tokenprune.remove(model)  # the stock model still scripts
+    with pytest.warns(FutureWarning):
+        torch.jit.script(model)
+
+
+@pytest.mark.parametrize("method", ["mctf", "random"])  # a merging and a dropping method (export takes seconds)
+def test_torch_export_of_a_patched_timm_model(method):
+    model, x = tiny_timm("deit_small_distilled_patch16_224"), images()
+    tokenprune.apply(model, method, keep=KEEP)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), expected, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(exported.module()(x), tiny_timm("deit_small_distilled_patch16_224")(x))

@@ -134,3 +134,26 @@ def test_sdpa_returns_no_maps_as_the_stock_model(method):
     tokenprune.apply(model, method, keep=0.25)
     out = _outputs(model, x, output_attentions=True)
     assert out.attentions == ()
+
+
+@pytest.mark.parametrize("kind", ["script", "trace", "export"])
+def test_torchscript_and_export_are_refused_clearly(kind):
+    model, x = tiny_hf("vit"), images()
+    tokenprune.apply(model, "tome", keep=0.25)
+    if kind == "export":
+        with pytest.raises(RuntimeError, match=r"torch\.export is not supported.*torch\.compile"):
+            torch.export.export(model, (x,))
+        return
+    model.config.return_dict = False  # what tracing needs
+    with pytest.warns(FutureWarning), pytest.raises(RuntimeError, match=rf"torch\.jit\.{kind} is not supported.*"
+                                                                         r"torch\.compile"):
+        torch.jit.script(model) if kind == "script" else torch.jit.trace(model, x)
+
+
+def test_torch_compile_of_a_patched_transformers_model():
+    model, x = tiny_hf("vit"), images()
+    tokenprune.apply(model, "tome", keep=0.25)
+    with torch.no_grad():
+        expected = model(x).logits
+        torch.testing.assert_close(torch.compile(model)(x).logits, expected, atol=1e-5, rtol=1e-4)
+    assert tokenprune.last_forward(model).output_tokens == 17
