@@ -3,8 +3,24 @@ from a mixin and the module's own class, and goes back on ``restore``.
 
 A generated class cannot be pickled by name, so instances pickle (and deep-copy) as
 "the base class, swapped again"; the generated class is cached per (mixin, base).
+
+TorchScript cannot follow a patched forward (per-forward Python state, token counts that depend on
+the input), so ``torch.jit.script`` and ``torch.jit.trace`` are refused with one message pointing at
+``torch.compile`` / ``torch.export``, which do work, instead of failing deep inside the compiler.
 """
 from __future__ import annotations
+
+import torch
+
+JIT_UNSUPPORTED = ("tokenprune: {} is not supported on a patched model (its forward carries Python state "
+                   "from block to block and the token count depends on the input); use torch.compile(model) "
+                   "(or, for timm models, torch.export.export(model, ...)), or tokenprune.remove(model) first")
+
+
+def refuse_jit_tracing() -> None:
+    """Called at the start of a patched forward: a clear error under ``torch.jit.trace``."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(JIT_UNSUPPORTED.format("torch.jit.trace"))
 
 _GENERATED: dict[tuple[type, type], type] = {}
 
@@ -17,6 +33,9 @@ class Swapped:
 
     def __reduce_ex__(self, protocol):
         return _new_instance, (self._tokenprune_mixin, self._tokenprune_base), self.__getstate__()
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every sub-module first
+        raise RuntimeError(JIT_UNSUPPORTED.format("torch.jit.script"))
 
 
 def swapped_class(mixin: type, base: type) -> type:

@@ -33,7 +33,7 @@ from tokenprune.registry import TokenReducer
 from tokenprune.state import AttentionTaps, ForwardState
 
 from ._hooks import remove_hooks
-from ._swap import Swapped, restore, swap
+from ._swap import Swapped, refuse_jit_tracing, restore, swap
 
 FAMILY = ("transformers ViT, DeiT (distilled too), CLIP and SigLIP vision towers, DINOv2 (registers too): "
           "their *Model, *ForImageClassification, CLIPModel/SiglipModel and pipelines built on them")
@@ -126,7 +126,8 @@ def base_attention(module: nn.Module) -> Callable:
 
     name = module._tokenprune_base_attention
     if name == "eager":  # every transformers modeling file defines its own eager function
-        return sys.modules[type(module).__module__].eager_attention_forward
+        cls = getattr(module, "_tokenprune_base", type(module))  # the module's own class, if swapped
+        return sys.modules[cls.__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
@@ -148,7 +149,10 @@ def tokenprune_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
             logits = logits + attention_mask
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
         dropped = nn.functional.dropout(probs, p=kwargs.get("dropout", 0.0), training=module.training)
-        out, weights = torch.matmul(dropped, value).transpose(1, 2).contiguous(), probs
+        out = torch.matmul(dropped, value).transpose(1, 2).contiguous()
+        # returned as the layer's attention map where the model's own implementation returns one (eager, as
+        # transformers' eager function: after dropout); SDPA returns none, as the stock model does
+        weights = dropped if module._tokenprune_base_attention == "eager" else None
     else:
         out, weights = base_attention(module)(module, query, key, value, attention_mask, **kwargs)
         probs = None
@@ -203,21 +207,49 @@ def _scaling(attn: nn.Module) -> float:
 
 
 def attention_from_parts(attn: nn.Module, h: Tensor, bias: Tensor | None, call: AttentionCall | None = None,
-                         core: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                         core: Callable[[Tensor], Tensor] | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
     """What the family's attention module computes (q/k/v projections, the attention function, the output
     projection), run here so that a reducing layer can pass its ``call`` (not every family forwards keyword
-    arguments to the attention function) or replace softmax(qk)v by a method's ``core(v)``."""
+    arguments to the attention function) or replace softmax(qk)v by a method's ``core(v)``. Returns the
+    output and the attention map (None where the model's attention implementation returns none)."""
     batch, n, _ = h.shape
     v = _heads(attn.v_proj, h, attn.head_dim)
     if core is not None:
-        out = core(v).transpose(1, 2)
+        out, weights = core(v).transpose(1, 2), None
+        if attn._tokenprune_base_attention == "eager":
+            # eager returns a map whether or not it is asked for (config.output_attentions never reaches the
+            # layers): the map the method's core applies to the values; the core is linear in v, so it is core(I)
+            eye = torch.eye(n, dtype=v.dtype, device=v.device).expand(batch, v.shape[1], n, n)
+            weights = core(eye)
     else:
         q, k = _heads(attn.q_proj, h, attn.head_dim), _heads(attn.k_proj, h, attn.head_dim)
         dropout = getattr(attn, "attention_dropout", getattr(attn, "dropout", 0.0)) if attn.training else 0.0
-        out, _ = tokenprune_attention(attn, q, k, v, bias, tokenprune_call=call, scaling=_scaling(attn),
-                                      dropout=dropout)
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("scaling", "dropout", "is_causal")}
+        out, weights = tokenprune_attention(attn, q, k, v, bias, tokenprune_call=call, scaling=_scaling(attn),
+                                            dropout=dropout, **kwargs)
     out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    return out_proj(out.reshape(batch, n, -1))
+    return out_proj(out.reshape(batch, n, -1)), weights
+
+
+@dataclass
+class AttentionParts:
+    """A reducing layer's attention: its ``call`` to the attention function and/or a method's ``core``."""
+
+    call: AttentionCall | None = None
+    core: Callable[[Tensor], Tensor] | None = None
+
+
+class ReducingAttention(Swapped):
+    """Mixed in front of an attention module's class, so that a reducing layer's attention, computed from
+    the module's parts, still goes through the module's call: transformers records ``output_attentions``
+    (and user hooks see the attention) with forward hooks on this module."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                tokenprune_parts: AttentionParts | None = None, **kwargs):
+        if tokenprune_parts is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        return attention_from_parts(self, hidden_states, attention_mask, tokenprune_parts.call,
+                                    tokenprune_parts.core, **kwargs)
 
 
 class ReducingLayer(Swapped):
@@ -234,6 +266,11 @@ class ReducingLayer(Swapped):
         state = tokenprune_state
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
+        refuse_jit_tracing()
+        if attention_mask is not None and torch.compiler.is_exporting():
+            raise RuntimeError("tokenprune: torch.export is not supported on a patched transformers model (under "
+                               "export transformers builds an attention mask even without one, which cannot be "
+                               "combined with token reduction); use torch.compile(model), or export a timm model")
         if attention_mask is not None:
             raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
                              "count changes inside the encoder); call tokenprune.remove(model) first")
@@ -242,11 +279,11 @@ class ReducingLayer(Swapped):
         if not remove:
             x = super().forward(x, state.attention_bias(), **kwargs)
         else:
-            x = self._reducing_forward(x, remove, state)
+            x = self._reducing_forward(x, remove, state, kwargs)
         state.output_tokens = x.shape[1]
         return x
 
-    def _reducing_forward(self, x: Tensor, remove: int, state: ForwardState) -> Tensor:
+    def _reducing_forward(self, x: Tensor, remove: int, state: ForwardState, kwargs: dict) -> Tensor:
         parts, reducer = self._tokenprune_family, state.reducer
         attn, norm1 = getattr(self, parts.attention), getattr(self, parts.norm1)
         taps, core = None, None
@@ -258,7 +295,7 @@ class ReducingLayer(Swapped):
             remove = 0
         call = AttentionCall(keep_probabilities=reducer.needs_probabilities) if remove and reducer.needs_attention \
             else None
-        h = attention_from_parts(attn, norm1(x), state.attention_bias(), call, core)
+        h, _ = attn(norm1(x), state.attention_bias(), tokenprune_parts=AttentionParts(call, core), **kwargs)
         if call is not None:
             taps = call.taps
         for name in parts.after_attention:
@@ -376,6 +413,7 @@ def patch(model: nn.Module, reducer: TokenReducer, depth: int | None = None) -> 
         for layer in enc.layers:
             layer._tokenprune_family_name = enc.family.name
             swap(layer, ReducingLayer)
+            swap(getattr(layer, enc.family.attention), ReducingAttention)
         enc.stack.register_forward_pre_hook(_start_forward, with_kwargs=True)
         enc.stack.register_forward_hook(_finish_forward, with_kwargs=True)
         enc.stack.tokenprune_num_prefix = enc.family.num_prefix(enc.backbone.config)
@@ -394,6 +432,7 @@ def unpatch(model: nn.Module) -> None:
     for layer in enc.layers:
         del layer._tokenprune_family_name
         restore(layer)
+        restore(getattr(layer, enc.family.attention))
     remove_hooks(enc.stack, _start_forward, _finish_forward)
     for name in ("tokenprune_reducer", "_tokenprune_last", "tokenprune_num_prefix", "tokenprune_depth"):
         enc.stack.__dict__.pop(name, None)

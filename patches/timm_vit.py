@@ -4,9 +4,12 @@ How the patch works (docs/design.md has the reasoning and the measurements):
 
 * The model's class is swapped for a subclass whose ``forward`` and
   ``forward_features`` create a ``ForwardState`` and hand it to each block as an
-  argument; ``forward`` then pools with token sizes ('avg' becomes a size-weighted
-  mean, 'map' gets the log-size bias). No parameters or buffers change, so
-  ``state_dict`` is untouched, and ``remove`` swaps the classes back.
+  argument; ``forward`` then runs the model's own ``forward_head`` (class, distillation,
+  'max' and no pooling read the reduced tokens as they are) except for the pools that
+  average over tokens once tokens merged: 'avg' / 'avgmax' take a size-weighted mean and
+  'map' gets the log-size bias, so a merged token counts as the patches it absorbed.
+  No parameters or buffers change, so ``state_dict`` is untouched, and ``remove``
+  swaps the classes back.
 * Each ``Block`` becomes a ``ReducingBlock`` (a subclass that only overrides
   ``forward``). Called without a state (``forward_intermediates``, user code) it is
   the stock block. With one, it adds the log-size bias to the attention mask, so
@@ -20,7 +23,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.attention import maybe_add_mask
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -29,12 +32,13 @@ from tokenprune import ops
 from tokenprune.registry import TokenReducer
 from tokenprune.state import AttentionTaps, ForwardState
 
-from ._swap import Swapped, restore, swap
+from ._swap import Swapped, refuse_jit_tracing, restore, swap
 
 FAMILY = ("timm VisionTransformer with standard Block/Attention: vit_*, deit_* (distilled too), deit3_*, "
           "*_dinov2 (reg too), CLIP and SigLIP ViTs")
 DEFAULT_METHOD = "tome"
 _POOLS = ("token", "avg", "avgmax", "max", "")
+_SIZE_POOLS = ("avg", "avgmax")  # with 'map': the pools a merged token must enter with its size
 
 
 def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None,
@@ -122,6 +126,7 @@ class ReducingViT(Swapped, VisionTransformer):
     tokenprune_reducer: TokenReducer
 
     def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
+        refuse_jit_tracing()
         if attn_mask is not None or is_causal:
             raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
                              "(the token count changes inside the encoder); call tokenprune.remove(model) first")
@@ -143,30 +148,53 @@ class ReducingViT(Swapped, VisionTransformer):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         x, state = self._reduced_features(x, attn_mask, is_causal)
-        if state.size is None:  # nothing merged: the stock head, bit for bit
+        if state.size is None or not _pools_by_size(self):
+            # nothing merged, or a head that reads tokens as they are: the model's own head
+            # (this is also what keeps a subclass's head, e.g. DeiT's class + distillation mean)
             return self.forward_head(x)
         return self._head_from_pooled(self._size_aware_pool(x, state.size))
 
     def _size_aware_pool(self, x: Tensor, size: Tensor) -> Tensor:
-        """timm's ``pool`` where a merged token counts as the patches it absorbed."""
-        prefix = self.num_prefix_tokens
-        if self.attn_pool is not None:
-            if not self.pool_include_prefix:
-                x, size = x[:, prefix:], size[:, prefix:]
-            return self.attn_pool(x, attn_mask=ops.log_size_bias(size))
-        if self.global_pool in ("token", ""):
-            return self.pool(x)
+        """timm's ``pool`` for the pools that average over tokens, where a merged token counts as the
+        patches it absorbed: exactly the stock pool over the tokens repeated ``size`` times."""
         if not self.pool_include_prefix:
+            prefix = self.num_prefix_tokens
             x, size = x[:, prefix:], size[:, prefix:]
+        if self.attn_pool is not None:
+            return self.attn_pool(x, attn_mask=ops.log_size_bias(size))
         mean = ops.size_weighted_mean(x, size)
         if self.global_pool == "avg":
             return mean
-        if self.global_pool == "max":  # a merged token is an average: max over tokens is unchanged
-            return x.amax(dim=1)
-        return 0.5 * (x.amax(dim=1) + mean)  # avgmax
+        return 0.5 * (x.amax(dim=1) + mean)  # avgmax; a merged token is an average, max over tokens is unchanged
 
     def _head_from_pooled(self, x: Tensor) -> Tensor:
         return self.head(self.head_drop(self.fc_norm(x)))
+
+
+def _pools_by_size(model: VisionTransformer) -> bool:
+    """Whether the head averages over tokens, so that merged tokens must be weighted by size."""
+    return model.attn_pool is not None or model.global_pool in _SIZE_POOLS
+
+
+def unsupported_head(model: VisionTransformer) -> str | None:
+    """Why the model's head cannot be given what it computes on the patches a merged token stands
+    for, or None. Heads that read tokens as they are (class / distillation token, 'max', no pooling)
+    always can: ``forward`` runs them unchanged."""
+    if model.attn_pool is not None:
+        if type(model.attn_pool) is not AttentionPoolLatent:
+            return (f"cannot patch global_pool={model.global_pool!r} ({type(model.attn_pool).__name__}): "
+                    f"its attention pool cannot weigh merged tokens; supported: {_POOLS + ('map',)}")
+        if model.attn_pool.pos_embed is not None:
+            return ("cannot patch an attention-pool head with its own position embedding "
+                    "(it assumes the full token count)")
+    elif model.global_pool not in _POOLS:
+        return f"cannot patch global_pool={model.global_pool!r}; supported: {_POOLS + ('map',)}"
+    base = getattr(model, "_tokenprune_base", type(model))
+    if _pools_by_size(model) and (base.forward_head is not VisionTransformer.forward_head
+                                  or base.pool is not VisionTransformer.pool):
+        return (f"cannot patch {base.__name__} with global_pool={model.global_pool!r}: it overrides timm's "
+                "head, so tokenprune cannot weigh merged tokens in it; use global_pool='token'")
+    return None
 
 
 # ---------------------------------------------------------------- the adapter API
@@ -196,11 +224,9 @@ def check(model: nn.Module) -> None:
         if type(block.attn) is not Attention:
             raise TypeError(f"tokenprune cannot patch block {i}: its attention is "
                             f"{type(block.attn).__module__}.{type(block.attn).__name__}; supported: {FAMILY}")
-    if model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is not None:
-        raise TypeError("tokenprune cannot patch an attention-pool head with its own position embedding "
-                        "(it assumes the full token count)")
-    if model.attn_pool is None and model.global_pool not in _POOLS:
-        raise TypeError(f"tokenprune cannot patch global_pool={model.global_pool!r}; supported: {_POOLS}")
+    problem = unsupported_head(model)
+    if problem:
+        raise TypeError(f"tokenprune {problem}")
 
 
 def check_schedule(model: VisionTransformer, reducer: TokenReducer) -> None:
