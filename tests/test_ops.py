@@ -11,10 +11,13 @@ from tokenprune import ops
 
 
 def reference_tome_merge(x, size, metric, r, prefix):
-    """ToMe for one sample, loop by loop: returns (x, size) in ToMe's output order."""
-    patches = list(range(prefix, x.shape[0]))
-    a, b = patches[0::2], patches[1::2]
-    r = min(r, len(patches) // 2)
+    """ToMe for one sample, loop by loop: returns (x, size) in ToMe's output order.
+
+    The official convention: A and B alternate over all tokens from position 0; prefix tokens
+    in either set are left out of the matching, and come first in the output."""
+    a = [i for i in range(0, x.shape[0], 2) if i >= prefix]
+    b = [j for j in range(1, x.shape[0], 2) if j >= prefix]
+    r = min(r, (x.shape[0] - prefix) // 2)
     unit = metric / metric.norm(dim=-1, keepdim=True)
     best = []
     for i in a:

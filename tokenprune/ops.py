@@ -5,6 +5,17 @@ Nothing here knows about any model: every function takes token tensors shaped
 register tokens) are protected, and returns new tensors. The framework adapters in
 ``tokenprune.patches`` call these; so do the methods in ``tokenprune.methods``.
 
+Conventions of the bipartite matching (ToMe, MCTF), the official code's so that our outputs
+are the official implementations' outputs (docs/methods.md):
+
+* set A is every even position and set B every odd position of the *whole* sequence, prefix
+  included (the class token is A's first token);
+* prefix tokens are protected: one in A is never a source, one in B never a destination
+  (``protect_prefix``); the official code masks the class token (and the distillation token,
+  B's first) the same way, and this extends it to no prefix (SigLIP) or registers (DINOv2);
+* every output starts with all prefix tokens in their original order (adapters and heads read
+  them there); the other tokens follow in the order each method defines.
+
 Indexing follows two measured rules for CPU speed (see docs/design.md):
 advanced indexing ``t[batch, idx]`` instead of ``torch.gather`` with an expanded
 index (3-4x faster), and a single ``index_add`` into the destinations instead of
@@ -21,21 +32,40 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class MergePlan:
-    """Which patch tokens merge where, for one bipartite matching step.
+    """Which tokens merge where, for one bipartite matching step.
 
-    Patch tokens (prefix excluded) are split by alternating position into set A
-    (patch positions 0, 2, 4, ...) and set B (1, 3, 5, ...). ``src`` tokens of A merge
-    into ``dst`` tokens of B; the ``unmerged`` tokens of A stay. All indices are
-    per sample, shaped ``(batch, k)``, and index into A or B respectively.
+    All tokens, prefix included, are split by alternating position from position 0 into set A
+    (positions 0, 2, 4, ...) and set B (1, 3, 5, ...), as the official ToMe code does; prefix
+    tokens are protected (see ``protect_prefix``). ``src`` tokens of A merge into ``dst`` tokens of
+    B; the ``unmerged`` non-prefix tokens of A stay. All indices are per sample, shaped ``(batch, k)``,
+    and index into A or B respectively.
     """
 
-    unmerged: Tensor  # (B, |A| - r), ascending, indices into A
+    unmerged: Tensor  # (B, |A| - prefix in A - r), ascending, indices into A; prefix A tokens excluded
     src: Tensor  # (B, r), indices into A
     dst: Tensor  # (B, r), indices into B
 
     @property
     def removed(self) -> int:
         return self.src.shape[1]
+
+
+def prefix_in_sets(num_prefix: int) -> tuple[int, int]:
+    """How many prefix tokens fall in set A (even positions) and in set B (odd positions)."""
+    return (num_prefix + 1) // 2, num_prefix // 2
+
+
+def protect_prefix(scores: Tensor, num_prefix: int) -> Tensor:
+    """Mask A x B pair scores ``(B, |A|, |B|)`` in place so that no prefix token takes part in a pair.
+
+    Prefix A tokens (rows) can never be a source and prefix B tokens (columns) never a destination;
+    a bidirectional matching that reads the scores transposed gets the same protection. For one
+    class token this is the official code's mask of row 0 (and of column 0 for a distillation token).
+    """
+    in_a, in_b = prefix_in_sets(num_prefix)
+    scores[:, :in_a, :] = -math.inf
+    scores[:, :, :in_b] = -math.inf
+    return scores
 
 
 def _batch_index(t: Tensor) -> Tensor:
@@ -45,25 +75,20 @@ def _batch_index(t: Tensor) -> Tensor:
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> MergePlan:
     """ToMe's matching: merge the ``r`` A-tokens most similar to some B-token.
 
-    ``metric`` is ``(B, N, d)`` for all tokens (prefix included; the prefix rows are
-    ignored). Similarity is cosine. ``r`` is clamped to half the patch tokens.
+    ``metric`` is ``(B, N, d)`` for all tokens, prefix included: the A/B alternation runs over the
+    whole sequence (the official code's), so the prefix changes which patch tokens are in A. Prefix
+    tokens never merge. Similarity is cosine. ``r`` is clamped to half the non-prefix tokens.
     """
-    patches = metric[:, num_prefix:]
-    r = min(r, patches.shape[1] // 2)
-    patches = patches / patches.norm(dim=-1, keepdim=True)
-    a, b = patches[:, ::2], patches[:, 1::2]
-    scores = a @ b.transpose(-1, -2)
+    r = min(r, (metric.shape[1] - num_prefix) // 2)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    scores = protect_prefix(unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2), num_prefix)
     best_score, best_dst = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True)
     src = order[:, :r]
-    unmerged = order[:, r:].sort(dim=-1).values
+    # prefix A rows score -inf, so they are never sources and sort first among the rest
+    unmerged = order[:, r:].sort(dim=-1).values[:, prefix_in_sets(num_prefix)[0]:]
     dst = best_dst.gather(1, src)
     return MergePlan(unmerged=unmerged, src=src, dst=dst)
-
-
-def _split(t: Tensor, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Prefix tokens, set A (even patch positions) and set B (odd patch positions)."""
-    return t[:, :num_prefix], t[:, num_prefix::2], t[:, num_prefix + 1::2]
 
 
 def _add_sources(b: Tensor, src: Tensor, dst: Tensor) -> Tensor:
@@ -77,31 +102,26 @@ def _add_sources(b: Tensor, src: Tensor, dst: Tensor) -> Tensor:
 def merge_sum(t: Tensor, plan: MergePlan, num_prefix: int) -> Tensor:
     """Apply ``plan`` by summing each source token into its destination.
 
-    Output order: ``[prefix, unmerged A (in original order), all of B]``. Summing is
-    right for token sizes and for 0/1 source maps.
+    Output order: ``[prefix (original order), unmerged non-prefix A (position order), non-prefix B
+    (position order)]``: for one class token (or class + distillation) the official ToMe order.
+    Summing is right for token sizes and for 0/1 source maps.
     """
-    prefix, a, b = _split(t, num_prefix)
+    a, b = t[:, ::2], t[:, 1::2]
     batch = _batch_index(t)
-    return torch.cat([prefix, a[batch, plan.unmerged], _add_sources(b, a[batch, plan.src], plan.dst)], dim=1)
+    merged = _add_sources(b, a[batch, plan.src], plan.dst)[:, prefix_in_sets(num_prefix)[1]:]
+    return torch.cat([t[:, :num_prefix], a[batch, plan.unmerged], merged], dim=1)
 
 
 def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int) -> tuple[Tensor, Tensor]:
     """Size-weighted average merge (ToMe's ``merge_wavg``); returns ``(x, size)``, same order as ``merge_sum``.
 
     ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1. Only the
-    destination set B is reweighted; unmerged tokens are copied as they are.
+    destinations are reweighted; unmerged tokens are copied as they are.
     """
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
-    prefix, a, b = _split(x, num_prefix)
-    prefix_size, a_size, b_size = _split(size, num_prefix)
-    batch = _batch_index(x)
-    src_size = a_size[batch, plan.src]
-    merged_size = _add_sources(b_size, src_size, plan.dst)
-    merged = _add_sources(b * b_size, a[batch, plan.src] * src_size, plan.dst) / merged_size
-    unmerged = plan.unmerged
-    return (torch.cat([prefix, a[batch, unmerged], merged], dim=1),
-            torch.cat([prefix_size, a_size[batch, unmerged], merged_size], dim=1))
+    merged_size = merge_sum(size, plan, num_prefix)
+    return merge_sum(x * size, plan, num_prefix) / merged_size, merged_size
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:

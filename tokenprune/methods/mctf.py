@@ -9,8 +9,12 @@ three criteria, fuses the best pairs in two directions, and then reuses that att
 
 with x the token features entering the block, a the attention a token receives (mean over heads and
 queries), s its size, ~ = reciprocal over its max, and (tau_sim, tau_info, tau_size) = (1, 20, 40).
-Merged tokens are averaged with weights a * s. Prefix tokens never take part; the A/B alternation
-starts at the first patch token (as our ToMe). docs/methods.md records the remaining choices.
+Merged tokens are averaged with weights a * s. The matching follows the official code's conventions
+(``tokenprune.ops``): A/B alternate over the whole sequence from position 0, prefix tokens are protected
+(never a source, never a destination, in either direction), and the output is the prefix in its
+original order, the remaining A tokens in position order, then the remaining B tokens in the order of
+their descending second-step score (the official order, which sets the next block's A/B partition).
+docs/methods.md records the remaining choices.
 """
 from __future__ import annotations
 
@@ -33,8 +37,9 @@ def attention_received(probs: Tensor) -> Tensor:
 
 
 def pair_scores(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
-                criteria: tuple[bool, bool, bool]) -> Tensor:
-    """log W for every (A, B) pair of patch tokens, ``(B, |A|, |B|)``; A = even, B = odd positions.
+                criteria: tuple[bool, bool, bool], num_prefix: int = 0) -> Tensor:
+    """log W for every (A, B) pair of tokens, ``(B, |A|, |B|)``; A = even, B = odd positions of the whole
+    sequence, prefix included, with pairs that touch a prefix token at -inf (``ops.protect_prefix``).
 
     Works in log space, where the exponents 1/tau become weights (same ranking, no underflow).
     """
@@ -50,34 +55,46 @@ def pair_scores(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, flo
             inv = value.reciprocal()
             log_inv = (inv / inv.amax(dim=-1, keepdim=True)).log() / t
             log_w = log_w + log_inv[:, a, None] + log_inv[:, None, b]
-    return log_w
+    return ops.protect_prefix(log_w, num_prefix)
 
 
-def bidirectional_assignment(log_w: Tensor, remove: int, bidirectional: bool = True) -> tuple[Tensor, int]:
-    """Slots for the ``n`` patch tokens after fusing ``remove`` of them; returns ``(dest (B, n), n_out)``.
+def bidirectional_assignment(log_w: Tensor, remove: int, num_prefix: int = 0,
+                             bidirectional: bool = True) -> tuple[Tensor, int]:
+    """Slots for the ``n`` tokens after fusing ``remove`` of them; returns ``(dest (B, n), n_out)``.
 
-    First ``remove // 2`` A-tokens merge into their best B-token; then, reusing the same scores
-    restricted to the A-tokens left, the rest of ``remove`` B-tokens (with whatever they absorbed)
-    merge into their best remaining A-token. One-directional: all ``remove`` go A to B (ToMe's
-    matching). Slots: the remaining A-tokens in order, then the remaining B-tokens in order.
+    ``log_w`` comes from ``pair_scores`` (prefix pairs at -inf). First ``remove // 2`` A-tokens merge
+    into their best B-token; then, reusing the same scores restricted to the A-tokens left, the rest
+    of ``remove`` B-tokens (with whatever they absorbed) merge into their best remaining A-token.
+    One-directional: all ``remove`` go A to B (ToMe's matching). Slots, the official code's order
+    after the prefix: the prefix tokens in their original order, the remaining A-tokens in position
+    order, then the remaining B-tokens in the order of their descending best score of the second
+    step (position order when one-directional). That order is the next block's A/B partition.
     """
     batch, n_a, n_b = log_w.shape
     device = log_w.device
+    in_a, in_b = ops.prefix_in_sets(num_prefix)
     r1 = remove // 2 if bidirectional else remove
     r2 = remove - r1
     best, best_b = log_w.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
-    src1, kept_a = order[:, :r1], order[:, r1:].sort(dim=-1).values
-    rows = log_w.gather(1, kept_a[..., None].expand(-1, -1, n_b)).transpose(1, 2)  # (B, |B|, |A'|)
-    best2, best_a = rows.max(dim=-1)
-    order2 = best2.argsort(dim=-1, descending=True)
-    src2, kept_b = order2[:, :r2], order2[:, r2:].sort(dim=-1).values
-    n_kept_a = n_a - r1
+    src1, kept_a = order[:, :r1], order[:, r1:].sort(dim=-1).values  # prefix A rows (-inf) first
+    n_kept_a = n_a - in_a - r1
     slot_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
     slot_b = torch.empty(batch, n_b, dtype=torch.long, device=device)
-    slot_a.scatter_(1, kept_a, torch.arange(n_kept_a, device=device).expand(batch, -1))
-    slot_b.scatter_(1, kept_b, n_kept_a + torch.arange(n_b - r2, device=device).expand(batch, -1))
-    slot_b.scatter_(1, src2, best_a.gather(1, src2))  # a B source lands on its A' token's slot
+    slot_a[:, :in_a] = 2 * torch.arange(in_a, device=device)  # prefix tokens keep their positions
+    slot_b[:, :in_b] = 2 * torch.arange(in_b, device=device) + 1
+    slot_a.scatter_(1, kept_a[:, in_a:], num_prefix + torch.arange(n_kept_a, device=device).expand(batch, -1))
+    if bidirectional:
+        rows = log_w.gather(1, kept_a[..., None].expand(-1, -1, n_b)).transpose(1, 2)  # (B, |B|, |A'|)
+        best2, best_a = rows.max(dim=-1)
+        order2 = best2.argsort(dim=-1, descending=True)
+        # prefix B rows score -inf: they are the last in_b of the order, whatever their tie order
+        src2, kept_b = order2[:, :r2], order2[:, r2:n_b - in_b]
+    else:
+        kept_b = torch.arange(in_b, n_b, device=device).expand(batch, -1)
+    slot_b.scatter_(1, kept_b, num_prefix + n_kept_a + torch.arange(n_b - in_b - r2, device=device).expand(batch, -1))
+    if bidirectional:  # a B source lands on its A' token's slot (best_a indexes kept_a, prefix rows first)
+        slot_b.scatter_(1, src2, num_prefix - in_a + best_a.gather(1, src2))
     slot_a.scatter_(1, src1, slot_b.gather(1, best_b.gather(1, src1)))  # A sources follow their B token
     dest = torch.empty(batch, n_a + n_b, dtype=torch.long, device=device)
     dest[:, 0::2], dest[:, 1::2] = slot_a, slot_b
@@ -193,13 +210,11 @@ class MCTF(TokenReducer):
             return x, partial(torch.matmul, probs)
         received = attention_received(probs)
         size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-        log_w = pair_scores(x[:, p:], received[:, p:], size[:, p:, 0], tuple(o["tau"]),
-                            (o["similarity"], o["informativeness"], o["size"]))
-        dest, n_out = bidirectional_assignment(log_w, remove, o["bidirectional"])
-        prefix = torch.arange(p, device=x.device).expand(x.shape[0], -1)
-        dest = torch.cat([prefix, dest + p], dim=1)
+        log_w = pair_scores(x, received, size[..., 0], tuple(o["tau"]),
+                            (o["similarity"], o["informativeness"], o["size"]), p)
+        dest, n_out = bidirectional_assignment(log_w, remove, p, o["bidirectional"])
         weight = received.unsqueeze(-1) * size  # fuse by attention x size
-        x = state.fuse(x, weight, dest, p + n_out)
+        x = state.fuse(x, weight, dest, n_out)
         if o["one_step_ahead"] == "exact":
             return x, None
-        return x, partial(attend_merged, probs, dest, p + n_out, weight[..., 0])
+        return x, partial(attend_merged, probs, dest, n_out, weight[..., 0])

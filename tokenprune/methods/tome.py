@@ -2,9 +2,13 @@
 
 At every block, between attention and MLP: bipartite soft matching on the
 head-mean keys, size-weighted merging, and proportional attention (log-size key
-bias) in the blocks that follow. Differences from the official code: prefix tokens
-(class, distillation, registers) sit out of the matching altogether and stay first,
-so the A/B alternation starts at the first patch token (docs/methods.md).
+bias) in the blocks that follow. The matching follows the official code's conventions
+(``tokenprune.ops``), so outputs are the official implementation's: A/B alternate over the
+whole sequence from position 0 (the class token is A's first token), prefix tokens are
+protected (never a source, never a destination), and the output is the prefix in its
+original order, then the unmerged A tokens, then the B tokens, each in position order.
+For a class token (+ distillation token) this is exactly the official code; for no prefix
+(SigLIP) and for registers (DINOv2) it is the same rule applied (docs/methods.md).
 """
 from __future__ import annotations
 
