@@ -1,6 +1,7 @@
 """The public entry points: ``apply``, ``remove``, ``methods``, ``last_forward``."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -18,10 +19,12 @@ def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, po
     ``keep`` is the fraction of patch tokens that leave the encoder: the final count
     is ``max(1, round(keep * num_patches))``; prefix tokens (class, distillation,
     registers) are never reduced nor counted. ``method=None`` picks the model
-    family's default (``tome`` for ViTs). Native options (``tokenprune.methods()``
-    lists them) override ``keep``. ``keep=1.0`` leaves outputs bit-identical.
-    Applying to a patched model re-configures it. Every argument is checked
-    before the model is touched.
+    family's default (``tome`` for ViTs); any other value must name a registered
+    method. Native options (``tokenprune.methods()`` lists them) override ``keep``.
+    ``keep=1.0`` leaves outputs bit-identical. Applying to a patched model
+    re-configures it. Every argument is checked before the model is touched; a
+    native schedule the method clamps (``r`` above half the patch tokens a block
+    sees) is applied as clamped, with a warning.
 
     Vision-language models (LLaVA, LLaVA-NeXT, Qwen2(.5)-VL; default method ``hiprune``): ``keep``
     is the fraction of each image's visual tokens the language model receives, and ``positions``
@@ -30,13 +33,16 @@ def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, po
     """
     keep = check_keep(keep)
     adapter = find_adapter(model)
-    reducer = get_method(method or adapter.DEFAULT_METHOD)(keep=keep, **options)
+    reducer = get_method(adapter.DEFAULT_METHOD if method is None else method)(keep=keep, **options)
     settings = {}
     if positions is not None:
         if not hasattr(adapter, "POSITIONS"):
             raise TypeError(f"positions applies to vision-language models only, not to {type(model).__name__}")
         settings["positions"] = positions
-    adapter.check_schedule(model, reducer, **settings)
+    with reducer.collecting_notes() as notes:
+        adapter.check_schedule(model, reducer, **settings)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     adapter.patch(model, reducer, **settings)
     return model
 
@@ -58,12 +64,14 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def methods() -> str:
-    """One line per registered method: its name, what it is, and its native options."""
+    """Every registered method: its name and what it is, then one line per native option with its
+    default and the values it accepts (the declarations validation reads)."""
     lines = []
     for name in method_names():
         cls = get_method(name)
-        opts = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items())
-        lines.append(f"{name:<12} {cls.summary}. Options: keep, {opts}")
+        lines.append(f"{name:<12} {cls.summary}")
+        lines.append("    keep=0.33: a number in (0, 1]")
+        lines += [f"    {key}={option.default!r}: {option.accepts}" for key, option in cls.native_options.items()]
     return "\n".join(lines)
 
 

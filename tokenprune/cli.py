@@ -94,7 +94,15 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="tome", help="a registered method (see `tokenprune methods`)")
     p.add_argument("--keep", type=float, default=0.33, help="fraction of patch tokens that leave the encoder")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a native method option, e.g. -o r=13 (overrides --keep); repeatable")
+                   help="a native method option, VALUE a Python literal: -o r=13 (overrides --keep), "
+                   "-o prop_attn=False; repeatable. `tokenprune methods` lists what each option accepts")
+
+
+def _check_method(args) -> None:
+    """The method, keep and options against the method's declarations, before any model is built."""
+    from tokenprune.registry import get_method
+
+    get_method(args.method)(keep=args.keep, **dict(args.option))
 
 
 def _cmd_methods(args) -> int:
@@ -109,6 +117,7 @@ def _cmd_flops(args) -> int:
     from tokenprune.flops import default_input_size, random_model
 
     check_model_name(args.model)
+    _check_method(args)
     model = random_model(args.model)
     size = tuple(args.input_size) if args.input_size else None
     try:
@@ -138,6 +147,7 @@ def _cmd_bench(args) -> int:
     check_model_name(args.model)
     if args.json:
         check_writable(Path(args.json), "--json")
+    _check_method(args)
     rows = benchmark(args.model, args.method, keep=args.keep, options=dict(args.option),
                      batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads)
     print(format_rows(rows))

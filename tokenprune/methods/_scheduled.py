@@ -1,14 +1,55 @@
 """Shared ``keep`` / ``r`` handling for methods that remove tokens at every block."""
 from __future__ import annotations
 
-import numbers
-
 from .. import ops
-from ..registry import TokenReducer
+from ..registry import Option, TokenReducer, flag, is_int, is_real
 
 
 def _is_count(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+    return is_int(v)
+
+
+def _is_tome_r(r) -> bool:
+    return (r is None or is_int(r)
+            or (isinstance(r, tuple) and len(r) == 2 and is_int(r[0]) and is_real(r[1], -1.0, 1.0))
+            or (isinstance(r, list) and all(is_int(v) for v in r)))
+
+
+#: seeds of ``torch.Generator.manual_seed`` (plus the block index): a 32-bit range leaves room for it
+SEED = Option(0, "an int in [0, 2**32)", lambda v: is_int(v, 0, 2**32 - 1), TypeError)
+TRACE_SOURCE = flag(False)
+
+
+def keep_schedule(reducer: TokenReducer, num_patches: int, blocks: int) -> tuple[int, ...]:
+    """``keep`` as an even removal over ``blocks`` reducing blocks, at most half of a block's patch
+    tokens each (``ops.plan_removals``); an unreachable ``keep`` is an error naming it."""
+    target = ops.final_patch_count(num_patches, reducer.keep)
+    try:
+        return ops.plan_removals(num_patches, blocks, target)
+    except ValueError as e:
+        raise ValueError(f"{reducer.name}: keep={reducer.keep}: {e}") from None
+
+
+def capped(reducer: TokenReducer, requested: tuple[int | float, ...], num_patches: int, floor: int = 0,
+           what: str = "r") -> tuple[int, ...]:
+    """A native per-block removal (ints, or fractions of the patch tokens left) clamped, block by block,
+    to half the patch tokens the block sees (the bipartite matching's limit, as ToMe clamps) and to
+    leave at least ``floor`` patch tokens. A clamp is reported by ``reducer.note`` (a warning at apply)."""
+    steps, left, clamped = [], num_patches, []
+    for block, step in enumerate(requested):
+        if isinstance(step, float):
+            step = int(step * left)
+        allowed = min(left // 2, max(0, left - floor))
+        if step > allowed:
+            clamped.append(f"block {block} {allowed} instead of {step}")
+        step = min(step, allowed)
+        steps.append(step)
+        left -= step
+    if clamped:
+        limit = "half the patch tokens a block sees" + (f", leaving at least {floor}" if floor else "")
+        reducer.note(f"{reducer.name}: {what} exceeds the per-block cap ({limit}) on {num_patches} patch "
+                     f"tokens; removing {'; '.join(clamped)}")
+    return tuple(steps)
 
 
 class EveryBlockReducer(TokenReducer):
@@ -16,30 +57,19 @@ class EveryBlockReducer(TokenReducer):
 
     ``keep`` becomes an even per-block removal that ends at ``max(1, round(keep * N))``
     patch tokens. The native ``r`` (int, ``(r, inflection)`` or per-block list, as in
-    ToMe) overrides ``keep``. No block removes more than half its patch tokens.
+    ToMe) overrides ``keep``. No block removes more than half its patch tokens: a larger
+    ``r`` is clamped there, as ToMe does, with a warning when ``apply`` plans the schedule.
     """
 
-    defaults = {"r": None, "trace_source": False}
-
-    def validate(self) -> None:
-        r = self.options["r"]
-        if r is None:
-            return
-        ok = (_is_count(r)
-              or (isinstance(r, tuple) and len(r) == 2 and _is_count(r[0])
-                  and isinstance(r[1], numbers.Real) and -1.0 <= r[1] <= 1.0)
-              or (isinstance(r, list) and all(_is_count(v) for v in r)))
-        if not ok:
-            raise ValueError(f"{self.name}: r must be a non-negative int, a tuple (r, inflection) with "
-                             f"inflection in [-1, 1], or a list of non-negative ints; got {r!r}")
+    native_options = {
+        "r": Option(None, "a non-negative int, a tuple (r, inflection) with inflection in [-1, 1], "
+                          "a list of non-negative ints, or None (keep decides)", _is_tome_r),
+        "trace_source": TRACE_SOURCE,
+    }
 
     def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
         r = self.options["r"]
         if r is None:
-            return ops.plan_removals(num_patches, depth, ops.final_patch_count(num_patches, self.keep))
-        steps, left = [], num_patches
-        for step in ops.tome_r_schedule(r, depth):  # clamp to the 50% cap as the matching does
-            step = min(step, left // 2)
-            steps.append(step)
-            left -= step
-        return tuple(steps)
+            return keep_schedule(self, num_patches, depth)
+        return capped(self, ops.tome_r_schedule(r, depth), num_patches, what=f"r={r!r}")
+

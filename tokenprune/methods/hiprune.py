@@ -15,12 +15,10 @@ official behaviour). Which tokens reach the language model, and how, is the VLM 
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
-from ..registry import TokenReducer, register
+from ..registry import Option, TokenReducer, flag, is_int, is_real, register
 
 
 def budget(num_tokens: int, keep: float) -> int:
@@ -80,22 +78,16 @@ def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int
 class HiPrune(TokenReducer):
     name = "hiprune"
     summary = "HiPrune: anchor / buffer / register selection of a VLM's visual tokens (LLaVA, Qwen2.5-VL)"
-    defaults = {
-        "alpha": 0.1,  # object proportion: anchors = round(alpha * K / 5)
-        "object_layer": None,  # 1-based vision-encoder layer; None: the model's default (LLaVA 9, Qwen2.5-VL 16)
-        "wrap": False,  # True: the official code's neighbours, which wrap across grid rows
-        "tokens": None,  # native budget: visual tokens per image (or per crop), overrides keep
+    native_options = {
+        # object proportion: anchors = round(alpha * K / 5)
+        "alpha": Option(0.1, "a number in [0, 1]", lambda v: is_real(v, 0.0, 1.0)),
+        # 1-based vision-encoder layer; None: the model's default (LLaVA 9, Qwen2.5-VL 16)
+        "object_layer": Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1)),
+        "wrap": flag(False),  # True: the official code's neighbours, which wrap across grid rows
+        # native budget: visual tokens per image (or per crop), overrides keep
+        "tokens": Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1)),
     }
     scope = "vlm"
-
-    def validate(self) -> None:
-        o = self.options
-        if isinstance(o["alpha"], bool) or not isinstance(o["alpha"], numbers.Real) or not 0 <= o["alpha"] <= 1:
-            raise ValueError(f"hiprune: alpha must be a number in [0, 1], got {o['alpha']!r}")
-        for key in ("object_layer", "tokens"):
-            v = o[key]
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
-                raise ValueError(f"hiprune: {key} must be a positive int or None, got {v!r}")
 
     def budget(self, num_tokens: int) -> int:
         if self.options["tokens"] is not None:

@@ -18,15 +18,14 @@ docs/methods.md records the remaining choices.
 """
 from __future__ import annotations
 
-import numbers
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..registry import TokenReducer, register
-from ._scheduled import _is_count
+from ..registry import Option, TokenReducer, choice, flag, is_index_list, is_int, is_real, register
+from ._scheduled import TRACE_SOURCE, capped, keep_schedule
 
 # ----------------------------------------------------------------------------- pure tensor functions
 
@@ -132,48 +131,37 @@ def attend_merged(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor, v
 # ----------------------------------------------------------------------------- the method
 
 
+def _is_mctf_r(r) -> bool:
+    return (r is None or is_int(r) or (isinstance(r, float) and 0 < r < 1)
+            or (isinstance(r, list) and all(is_int(v) for v in r)))
+
+
 @register
 class MCTF(TokenReducer):
     name = "mctf"
     summary = ("MCTF (CVPR'24): similarity x informativeness x size scores, bidirectional matching, "
                "attention x size fusion, one-step-ahead attention")
-    defaults = {
-        "r": None,  # per-block merges: int, per-block list, or a float < 1 (fraction of patch tokens)
-        "layers": None,  # blocks that merge at their input; None: 1 .. depth-1
-        "fast": False,  # MCTF-Fast preset: r = 0.35 at blocks 3, 6, 9
-        "tau": (1.0, 20.0, 40.0),  # (tau_sim, tau_info, tau_size), exponents 1/tau
-        "similarity": True,
-        "informativeness": True,
-        "size": True,
-        "bidirectional": True,
-        "one_step_ahead": "approximate",  # or "exact": recompute attention after merging
-        "prop_attn": True,
-        "min_tokens": 10,  # never merge below this many tokens in all
-        "trace_source": False,
+    native_options = {
+        "r": Option(None, "a non-negative int, a fraction in (0, 1) of the patch tokens left, a list of "
+                          "non-negative ints (one per merging block), or None (keep decides)", _is_mctf_r),
+        "layers": Option(None, "a non-empty, increasing list of block indices, or None (blocks 1 .. depth-1)",
+                         lambda v: v is None or is_index_list(v)),
+        "fast": flag(False),  # MCTF-Fast preset: r = 0.35 at blocks 3, 6, 9
+        "tau": Option((1.0, 20.0, 40.0), "three positive numbers (tau_sim, tau_info, tau_size)",
+                      lambda v: isinstance(v, (list, tuple)) and len(v) == 3
+                      and all(is_real(t, 0.0, low_open=True) for t in v)),
+        "similarity": flag(True),
+        "informativeness": flag(True),
+        "size": flag(True),
+        "bidirectional": flag(True),
+        "one_step_ahead": choice("approximate", "exact"),  # "exact": recompute attention after merging
+        "prop_attn": flag(True),
+        # never merge below this many patch tokens (the official code: 10 tokens, class token included)
+        "min_tokens": Option(10, "a non-negative int (patch tokens)", is_int),
+        "trace_source": TRACE_SOURCE,
     }
     needs_attention = True
     placement = "block_input"
-
-    def validate(self) -> None:
-        o = self.options
-        r = o["r"]
-        if r is not None and not (_is_count(r) or (isinstance(r, float) and 0 < r < 1)
-                                  or (isinstance(r, list) and all(_is_count(v) for v in r))):
-            raise ValueError(f"mctf: r must be a non-negative int, a fraction in (0, 1) or a list of ints; got {r!r}")
-        if o["layers"] is not None and not (isinstance(o["layers"], (list, tuple))
-                                            and all(_is_count(v) for v in o["layers"])):
-            raise ValueError(f"mctf: layers must be a list of block indices, got {o['layers']!r}")
-        tau = o["tau"]
-        if not (isinstance(tau, (list, tuple)) and len(tau) == 3
-                and all(isinstance(t, numbers.Real) and t > 0 for t in tau)):
-            raise ValueError(f"mctf: tau must be three positive numbers (sim, info, size), got {tau!r}")
-        if o["one_step_ahead"] not in ("approximate", "exact"):
-            raise ValueError(f"mctf: one_step_ahead must be 'approximate' or 'exact', got {o['one_step_ahead']!r}")
-        for flag in ("fast", "similarity", "informativeness", "size", "bidirectional", "prop_attn"):
-            if not isinstance(o[flag], bool):
-                raise TypeError(f"mctf: {flag} must be True or False, got {o[flag]!r}")
-        if not _is_count(o["min_tokens"]):
-            raise ValueError(f"mctf: min_tokens must be a non-negative int, got {o['min_tokens']!r}")
 
     @property
     def proportional_attention(self) -> bool:
@@ -184,22 +172,29 @@ class MCTF(TokenReducer):
         r = 0.35 if o["fast"] and o["r"] is None else o["r"]
         layers = o["layers"] or ([3, 6, 9] if o["fast"] else list(range(1, depth)))
         if max(layers, default=0) >= depth:
-            raise ValueError(f"mctf: layers {list(layers)} outside a model of {depth} blocks")
+            chosen = "layers" if o["layers"] else "fast=True (blocks 3, 6, 9)"
+            raise ValueError(f"mctf: {chosen}: {list(layers)} outside a model of {depth} blocks")
+        driver = f"keep={self.keep}" if r is None else "fast=True" if o["r"] is None else f"r={r!r}"
+        if not layers and (r or ops.final_patch_count(num_patches, self.keep) < num_patches):
+            raise ValueError(f"mctf: {driver} needs a merging block, and a {depth}-block model has none "
+                             "(MCTF merges at the input of blocks 1 .. depth-1): pass layers=[0]")
         if r is None:
-            per_layer = ops.plan_removals(num_patches, len(layers), ops.final_patch_count(num_patches, self.keep))
+            target = ops.final_patch_count(num_patches, self.keep)
+            if target < min(num_patches, o["min_tokens"]):
+                raise ValueError(f"mctf: keep={self.keep} leaves {target} of {num_patches} patch tokens, fewer "
+                                 f"than min_tokens={o['min_tokens']}: pass a larger keep or a smaller min_tokens")
+            per_layer = keep_schedule(self, num_patches, len(layers))
         elif isinstance(r, list):
             if len(r) > len(layers):
                 raise ValueError(f"mctf: r has {len(r)} entries for {len(layers)} merging blocks")
-            per_layer = list(r) + [0] * (len(layers) - len(r))
+            per_layer = tuple(r) + (0,) * (len(layers) - len(r))
         else:
-            per_layer = [r] * len(layers)
-        steps, left = [0] * depth, num_patches
+            per_layer = (r,) * len(layers)
+        # the planned counts are the forward's: min_tokens and the 50% cap are applied here, not in reduce
+        per_layer = capped(self, per_layer, num_patches, o["min_tokens"], what=driver)
+        steps = [0] * depth
         for layer, step in zip(layers, per_layer):
-            if isinstance(step, float):  # a fraction of the patch tokens left
-                step = int(step * left)
-            step = min(step, left // 2)
             steps[layer] = step
-            left -= step
         return tuple(steps)
 
     def reduce(self, x, remove, taps, state):

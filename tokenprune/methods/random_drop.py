@@ -7,26 +7,18 @@ batch get different choices.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .. import ops
 from ..registry import register
-from ._scheduled import EveryBlockReducer
+from ._scheduled import SEED, EveryBlockReducer
 
 
 @register
 class RandomDrop(EveryBlockReducer):
     name = "random"
     summary = "Seeded random token dropping on ToMe's schedule: the baseline every method must beat"
-    defaults = {**EveryBlockReducer.defaults, "seed": 0}
-
-    def validate(self) -> None:
-        super().validate()
-        seed = self.options["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"random: seed must be an int, got {seed!r}")
+    native_options = {**EveryBlockReducer.native_options, "seed": SEED}
 
     def reduce(self, x, remove, taps, state):
         return drop_at_random(x, min(remove, (x.shape[1] - state.num_prefix) // 2), self.options["seed"], state)

@@ -13,7 +13,7 @@ For a class token (+ distillation token) this is exactly the official code; for 
 from __future__ import annotations
 
 from .. import ops
-from ..registry import register
+from ..registry import flag, register
 from ._scheduled import EveryBlockReducer
 
 
@@ -22,13 +22,8 @@ class ToMe(EveryBlockReducer):
     name = "tome"
     summary = ("Token Merging (ICLR'23): bipartite matching on head-mean keys, size-weighted merge, "
                "proportional attention")
-    defaults = {**EveryBlockReducer.defaults, "prop_attn": True}
+    native_options = {**EveryBlockReducer.native_options, "prop_attn": flag(True)}
     needs_attention = True
-
-    def validate(self) -> None:
-        super().validate()
-        if not isinstance(self.options["prop_attn"], bool):
-            raise TypeError(f"tome: prop_attn must be True or False, got {self.options['prop_attn']!r}")
 
     @property
     def proportional_attention(self) -> bool:

@@ -17,14 +17,12 @@ docs/methods.md records what we chose and the measurements behind it.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..registry import TokenReducer, register
-from ._scheduled import _is_count
+from ..registry import Option, TokenReducer, choice, flag, is_index_list, is_int, is_real, register
+from ._scheduled import SEED, TRACE_SOURCE
 from .random_drop import drop_at_random
 
 # ----------------------------------------------------------------------------- pure tensor functions
@@ -113,76 +111,66 @@ def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
 # ----------------------------------------------------------------------------- the method
 
 
-def _is_fraction(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0.0 < v <= 1.0
-
-
 @register
 class ZeroTPrune(TokenReducer):
     name = "zero-tprune"
     summary = ("Zero-TPrune (CVPR'24): weighted-PageRank importance (EIR, VHF) and similarity pruning, "
                "I'->S->I at a few pruning layers")
-    defaults = {
-        "layers": None,  # block indices that prune; None: depth/4 - 1, depth/2 - 1, 3*depth/4 - 1 (2, 5, 8 of 12)
-        "keep_rates": None,  # fraction of patch tokens each pruning layer keeps (overrides keep)
-        "iterations": None,  # WPR rounds: int, per-layer list, or None (paper's rule by depth)
-        "tol": None,  # stop WPR once no score moves more than this (overrides iterations)
-        "uniform_start": False,  # Zero-TPrune-uni: no class-token emphasis
-        "eir": True,  # root-mean-square over heads (else mean)
-        "vhf": True,  # variance-based head filter
-        "vhf_range": (0.01, 0.7),  # on scores rescaled to mean 1 per head
-        "s_stage": True,
-        "s_fraction": 1.0,  # share of each layer's removal done by the S-stage (the rest: I-stage)
-        "renormalize": True,  # row-renormalise the survivors' attention before the I-stage
-        "importance": "wpr",  # or "random": the ablation's random-drop floor
-        "seed": 0,
-        "trace_source": False,
+    native_options = {
+        # block indices that prune; None: depth/4 - 1, depth/2 - 1, 3*depth/4 - 1 (2, 5, 8 of 12)
+        "layers": Option(None, "a non-empty, increasing list of block indices, or None",
+                         lambda v: v is None or is_index_list(v)),
+        # fraction of patch tokens each pruning layer keeps (overrides keep)
+        "keep_rates": Option(None, "a non-empty list of fractions in (0, 1], one per pruning layer, or None",
+                             lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
+                                                     and all(is_real(f, 0.0, 1.0, low_open=True) for f in v))),
+        # WPR rounds: int, per-layer list, or None (paper's rule by depth)
+        "iterations": Option(None, "a positive int, a list of them (one per pruning layer), or None",
+                             lambda v: v is None or is_int(v, 1) or (isinstance(v, (list, tuple)) and len(v) > 0
+                                                                     and all(is_int(i, 1) for i in v))),
+        # stop WPR once no score moves more than this (overrides iterations)
+        "tol": Option(None, "a positive number or None", lambda v: v is None or is_real(v, 0.0, low_open=True)),
+        "uniform_start": flag(False),  # Zero-TPrune-uni: no class-token emphasis
+        "eir": flag(True),  # root-mean-square over heads (else mean)
+        "vhf": flag(True),  # variance-based head filter
+        # on scores rescaled to mean 1 per head
+        "vhf_range": Option((0.01, 0.7), "(low, high), numbers with 0 <= low < high",
+                            lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and is_real(v[0], 0.0)
+                            and is_real(v[1]) and v[0] < v[1]),
+        "s_stage": flag(True),
+        # share of each layer's removal done by the S-stage (the rest: I-stage)
+        "s_fraction": Option(1.0, "a number in [0, 1]", lambda v: is_real(v, 0.0, 1.0)),
+        "renormalize": flag(True),  # row-renormalise the survivors' attention before the I-stage
+        "importance": choice("wpr", "random"),  # "random": the ablation's random-drop floor
+        "seed": SEED,
+        "trace_source": TRACE_SOURCE,
     }
     needs_attention = True
     needs_probabilities = True
 
     def validate(self) -> None:
         o = self.options
-        if o["layers"] is not None and not (isinstance(o["layers"], (list, tuple)) and o["layers"]
-                                            and all(_is_count(v) for v in o["layers"])):
-            raise ValueError(f"zero-tprune: layers must be a non-empty list of block indices, got {o['layers']!r}")
-        if o["keep_rates"] is not None:
-            if not (isinstance(o["keep_rates"], (list, tuple)) and all(_is_fraction(v) for v in o["keep_rates"])):
-                raise ValueError(f"zero-tprune: keep_rates must be a list of fractions in (0, 1], "
-                                 f"got {o['keep_rates']!r}")
-            if o["layers"] is not None and len(o["keep_rates"]) != len(o["layers"]):
-                raise ValueError("zero-tprune: keep_rates needs one entry per pruning layer")
-        its = o["iterations"]
-        if its is not None and not (_is_count(its) and its > 0) and not (
-                isinstance(its, (list, tuple)) and all(_is_count(v) and v > 0 for v in its)):
-            raise ValueError(f"zero-tprune: iterations must be a positive int or a list of them, got {its!r}")
-        if o["tol"] is not None and not (isinstance(o["tol"], numbers.Real) and o["tol"] > 0):
-            raise ValueError(f"zero-tprune: tol must be a positive number, got {o['tol']!r}")
-        lo_hi = o["vhf_range"]
-        if not (isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1]):
-            raise ValueError(f"zero-tprune: vhf_range must be (low, high) with 0 <= low < high, got {lo_hi!r}")
-        if not (isinstance(o["s_fraction"], numbers.Real) and 0.0 <= o["s_fraction"] <= 1.0):
-            raise ValueError(f"zero-tprune: s_fraction must be in [0, 1], got {o['s_fraction']!r}")
-        if o["importance"] not in ("wpr", "random"):
-            raise ValueError(f"zero-tprune: importance must be 'wpr' or 'random', got {o['importance']!r}")
-        for flag in ("uniform_start", "eir", "vhf", "s_stage", "renormalize"):
-            if not isinstance(o[flag], bool):
-                raise TypeError(f"zero-tprune: {flag} must be True or False, got {o[flag]!r}")
+        for key in ("keep_rates", "iterations"):
+            if isinstance(o[key], (list, tuple)) and o["layers"] is not None and len(o[key]) != len(o["layers"]):
+                raise ValueError(f"zero-tprune: {key} needs one entry per pruning layer: {len(o[key])} for "
+                                 f"layers {list(o['layers'])}")
 
     def pruning_layers(self, depth: int) -> list[int]:
         layers = self.options["layers"] or [max(0, depth // 4 - 1), max(0, depth // 2 - 1), max(0, 3 * depth // 4 - 1)]
         if max(layers) >= depth:
             raise ValueError(f"zero-tprune: layers {list(layers)} outside a model of {depth} blocks")
-        return sorted(set(layers))
+        layers = sorted(set(layers))  # the default collapses on shallow models
+        for key in ("keep_rates", "iterations"):
+            if isinstance(self.options[key], (list, tuple)) and len(self.options[key]) != len(layers):
+                raise ValueError(f"zero-tprune: {key} has {len(self.options[key])} entries for {len(layers)} pruning "
+                                 f"layers {layers}")
+        return layers
 
     def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
         layers = self.pruning_layers(depth)
         rates = self.options["keep_rates"]
         counts, n = [], num_patches
         if rates is not None:
-            if len(rates) != len(layers):
-                raise ValueError(f"zero-tprune: keep_rates has {len(rates)} entries for {len(layers)} pruning "
-                                 f"layers {layers}")
             for rate in rates:
                 n = max(1, round(n * rate))
                 counts.append(n)
