@@ -37,8 +37,8 @@ class ZeroCostTruncation(TokenReducer):
         super().__init__(keep=inner.keep)
         self.inner = inner
 
-    def schedule(self, num_patches, depth):
-        return self.inner.schedule(num_patches, depth)
+    def schedule(self, num_patches, depth, num_prefix=0):
+        return self.inner.schedule(num_patches, depth, num_prefix)
 
     def reduce(self, x, remove, taps, state):
         return x[:, : x.shape[1] - remove]

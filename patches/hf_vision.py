@@ -401,7 +401,7 @@ def check(model: nn.Module) -> None:
 def check_schedule(model: nn.Module, reducer: TokenReducer) -> None:
     """Plan the schedule for the configured image size now, so an unreachable ``keep`` fails before patching."""
     enc = _encoder(model)
-    reducer.schedule(enc.num_patches, len(enc.layers))
+    reducer.schedule(enc.num_patches, len(enc.layers), enc.family.num_prefix(enc.backbone.config))
 
 
 def patch(model: nn.Module, reducer: TokenReducer, depth: int | None = None) -> None:

@@ -520,7 +520,8 @@ def check_schedule(model: nn.Module, reducer: TokenReducer, positions: str | Non
     tower = vlm.vision_tower
     hf_vision.check(tower)
     feature_depth = family.output_layer(vlm, {}) + 1
-    reducer.schedule(hf_vision._encoder(tower).num_patches, feature_depth)
+    enc = hf_vision._encoder(tower)
+    reducer.schedule(enc.num_patches, feature_depth, enc.family.num_prefix(enc.backbone.config))
 
 
 def patch(model: nn.Module, reducer: TokenReducer, positions: str | None = None) -> None:

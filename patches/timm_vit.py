@@ -134,7 +134,7 @@ class ReducingViT(Swapped, VisionTransformer):
         reducer = self.tokenprune_reducer
         num_patches = x.shape[1] - self.num_prefix_tokens
         state = ForwardState(reducer=reducer, num_prefix=self.num_prefix_tokens,
-                             schedule=reducer.schedule(num_patches, len(self.blocks)))
+                             schedule=reducer.schedule(num_patches, len(self.blocks), self.num_prefix_tokens))
         if reducer.trace_source:
             state.start_source_tracking(x)
         for block in self.blocks:
@@ -232,7 +232,7 @@ def check(model: nn.Module) -> None:
 def check_schedule(model: VisionTransformer, reducer: TokenReducer) -> None:
     """Plan the schedule for the model's native input size now, so an unreachable
     ``keep`` fails before patching (other sizes, with ``dynamic_img_size``, plan per forward)."""
-    reducer.schedule(model.patch_embed.num_patches, len(model.blocks))
+    reducer.schedule(model.patch_embed.num_patches, len(model.blocks), model.num_prefix_tokens)
 
 
 def patch(model: VisionTransformer, reducer: TokenReducer) -> None:

@@ -173,7 +173,7 @@ def test_apply_refuses_cleanly_or_runs_the_planned_schedule(method, data):
         with torch.inference_mode():
             out = model(x)
         report, reducer = tokenprune.last_forward(model), tokenprune.reducer_of(model)
-        steps = reducer.schedule(n, depth)
+        steps = reducer.schedule(n, depth, p)
         assert len(steps) == depth and all(s >= 0 for s in steps)
         expected, left = [], n
         for step in steps:
@@ -187,7 +187,7 @@ def test_apply_refuses_cleanly_or_runs_the_planned_schedule(method, data):
         if keep_drives(method, options):
             assert left == max(1, round(keep * n))
         if method == "mctf" and left < n:
-            assert left >= options.get("min_tokens", 10)
+            assert p + left >= options.get("min_tokens", 10)  # the floor counts prefix tokens too
         if left == n:
             assert torch.equal(out, stock)  # nothing reduced: the stock model's output, bit for bit
         assert out.shape == stock.shape and torch.isfinite(out).all()

@@ -54,7 +54,7 @@ def run_and_check_plan(model, x=None):
     with torch.inference_mode():
         model(images() if x is None else x)
     report, reducer = tokenprune.last_forward(model), tokenprune.reducer_of(model)
-    schedule = reducer.schedule(model.patch_embed.num_patches, len(model.blocks))
+    schedule = reducer.schedule(model.patch_embed.num_patches, len(model.blocks), model.num_prefix_tokens)
     counts, out = counts_from(schedule, model.patch_embed.num_patches, model.num_prefix_tokens)
     assert report.token_counts == counts and report.output_tokens == out, (schedule, report.token_counts)
     return schedule
@@ -141,19 +141,22 @@ def test_one_directional_mctf_at_the_cap_runs_the_plan():
 
 def test_mctf_min_tokens_is_in_the_plan():
     model = tiny_timm()
-    with pytest.warns(UserWarning, match="leaving at least 20"):
+    with pytest.warns(UserWarning, match="leaving at least 19"):  # 20 tokens: the class token and 19 patches
         tokenprune.apply(model, "mctf", r=20, min_tokens=20)
     schedule = run_and_check_plan(model)
-    assert 64 - sum(schedule) == 20
+    assert 1 + 64 - sum(schedule) == 20
 
 
 def test_mctf_keep_below_min_tokens_is_refused():
-    refused(tiny_timm(), "mctf", ValueError, r"keep=0.14 leaves 9 of 64 patch tokens, fewer than min_tokens=10",
-            keep=0.14)
+    refused(tiny_timm(), "mctf", ValueError,
+            r"keep=0.125 leaves 9 tokens \(8 of 64 patch tokens\), fewer than min_tokens=10", keep=0.125)
     model = tiny_timm()
-    tokenprune.apply(model, "mctf", keep=0.14, min_tokens=0)
+    tokenprune.apply(model, "mctf", keep=0.14, min_tokens=10)  # 9 patch tokens + the class token: allowed
     run_and_check_plan(model)
     assert tokenprune.last_forward(model).output_tokens == 1 + 9
+    tokenprune.apply(model, "mctf", keep=0.125, min_tokens=0)
+    run_and_check_plan(model)
+    assert tokenprune.last_forward(model).output_tokens == 1 + 8
 
 
 @pytest.mark.parametrize("layers", [[2, 1], [1, 1], [], [-1], "1", 3, [True]])

@@ -170,8 +170,9 @@ class TokenReducer:
     def trace_source(self) -> bool:
         return self.options.get("trace_source", False)
 
-    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
-        """Tokens to remove at each of ``depth`` blocks for an input of ``num_patches``."""
+    def schedule(self, num_patches: int, depth: int, num_prefix: int = 0) -> tuple[int, ...]:
+        """Tokens to remove at each of ``depth`` blocks for an input of ``num_patches`` patch tokens
+        behind ``num_prefix`` prefix tokens (only a floor on the total, MCTF's ``min_tokens``, needs it)."""
         raise NotImplementedError
 
     def reduce(self, x: Tensor, remove: int, taps: AttentionTaps | None, state: ForwardState) -> Tensor:

@@ -43,7 +43,7 @@ class ForwardState:
     def enter_block(self, x: Tensor) -> int:
         """Record the tokens entering a block; return how many it must remove."""
         if self.schedule is None:
-            self.schedule = self.reducer.schedule(x.shape[1] - self.num_prefix, self.depth)
+            self.schedule = self.reducer.schedule(x.shape[1] - self.num_prefix, self.depth, self.num_prefix)
         self.token_counts.append(x.shape[1])
         return self.schedule[self.layer] if self.layer < len(self.schedule) else 0
 

@@ -67,7 +67,7 @@ class EveryBlockReducer(TokenReducer):
         "trace_source": TRACE_SOURCE,
     }
 
-    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+    def schedule(self, num_patches: int, depth: int, num_prefix: int = 0) -> tuple[int, ...]:
         r = self.options["r"]
         if r is None:
             return keep_schedule(self, num_patches, depth)

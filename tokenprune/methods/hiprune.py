@@ -98,6 +98,6 @@ class HiPrune(TokenReducer):
         return hiprune_select(object_scores, output_scores, grid, self.budget(object_scores.shape[0]),
                               self.options["alpha"], self.options["wrap"])
 
-    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+    def schedule(self, num_patches: int, depth: int, num_prefix: int = 0) -> tuple[int, ...]:
         raise TypeError("hiprune selects the visual tokens a VLM's language model receives; apply it to a "
                         "LLaVA, LLaVA-NeXT or Qwen2(.5)-VL model, not to a vision encoder alone")

@@ -157,7 +157,7 @@ class MCTF(TokenReducer):
         "one_step_ahead": choice("approximate", "exact"),  # "exact": recompute attention after merging
         "prop_attn": flag(True),
         # never merge below this many patch tokens (the official code: 10 tokens, class token included)
-        "min_tokens": Option(10, "a non-negative int (patch tokens)", is_int),
+        "min_tokens": Option(10, "a non-negative int (tokens, prefix included)", is_int),
         "trace_source": TRACE_SOURCE,
     }
     needs_attention = True
@@ -167,7 +167,7 @@ class MCTF(TokenReducer):
     def proportional_attention(self) -> bool:
         return self.options["prop_attn"]
 
-    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+    def schedule(self, num_patches: int, depth: int, num_prefix: int = 0) -> tuple[int, ...]:
         o = self.options
         r = 0.35 if o["fast"] and o["r"] is None else o["r"]
         layers = o["layers"] or ([3, 6, 9] if o["fast"] else list(range(1, depth)))
@@ -178,11 +178,14 @@ class MCTF(TokenReducer):
         if not layers and (r or ops.final_patch_count(num_patches, self.keep) < num_patches):
             raise ValueError(f"mctf: {driver} needs a merging block, and a {depth}-block model has none "
                              "(MCTF merges at the input of blocks 1 .. depth-1): pass layers=[0]")
+        # min_tokens counts every token, prefix included, as the official code's floor of 10 does
+        floor = max(0, o["min_tokens"] - num_prefix)
         if r is None:
             target = ops.final_patch_count(num_patches, self.keep)
-            if target < min(num_patches, o["min_tokens"]):
-                raise ValueError(f"mctf: keep={self.keep} leaves {target} of {num_patches} patch tokens, fewer "
-                                 f"than min_tokens={o['min_tokens']}: pass a larger keep or a smaller min_tokens")
+            if target < min(num_patches, floor):
+                raise ValueError(f"mctf: keep={self.keep} leaves {target + num_prefix} tokens ({target} of "
+                                 f"{num_patches} patch tokens), fewer than min_tokens={o['min_tokens']}: pass a "
+                                 "larger keep or a smaller min_tokens")
             per_layer = keep_schedule(self, num_patches, len(layers))
         elif isinstance(r, list):
             if len(r) > len(layers):
@@ -191,7 +194,7 @@ class MCTF(TokenReducer):
         else:
             per_layer = (r,) * len(layers)
         # the planned counts are the forward's: min_tokens and the 50% cap are applied here, not in reduce
-        per_layer = capped(self, per_layer, num_patches, o["min_tokens"], what=driver)
+        per_layer = capped(self, per_layer, num_patches, floor, what=driver)
         steps = [0] * depth
         for layer, step in zip(layers, per_layer):
             steps[layer] = step
@@ -199,7 +202,6 @@ class MCTF(TokenReducer):
 
     def reduce(self, x, remove, taps, state):
         o, p = self.options, state.num_prefix
-        remove = min(remove, max(0, x.shape[1] - o["min_tokens"]))
         probs = taps.probabilities(state)  # used before the next block needs the buffer
         if remove == 0:
             return x, partial(torch.matmul, probs)

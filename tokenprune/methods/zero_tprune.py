@@ -166,7 +166,7 @@ class ZeroTPrune(TokenReducer):
                                  f"layers {layers}")
         return layers
 
-    def schedule(self, num_patches: int, depth: int) -> tuple[int, ...]:
+    def schedule(self, num_patches: int, depth: int, num_prefix: int = 0) -> tuple[int, ...]:
         layers = self.pruning_layers(depth)
         rates = self.options["keep_rates"]
         counts, n = [], num_patches
