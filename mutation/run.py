@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -100,6 +102,11 @@ def main() -> int:
             name = config.stem
             session = OUT / f"{name}.sqlite"
             session.unlink(missing_ok=True)
+            command = re.search(r'^test-command = "(.*)"$', config.read_text(), re.M).group(1)
+            if subprocess.run(shlex.split(command), cwd=copy, env=env, capture_output=True).returncode:
+                print(f"{name:<16} its tests fail without any mutant: {command}", flush=True)
+                rows.append((name, 0, 0, 0, 0, 0.0))
+                continue
             run([str(BIN / "cosmic-ray"), "init", str(config), str(session)], copy, env)
             if "operators-filter" in config.read_text():
                 run([str(BIN / "cr-filter-operators"), str(session), str(config)], copy, env)
