@@ -3,6 +3,7 @@
     .venv/bin/python mutation/run.py                   # every mutation/*.toml, every mutant
     .venv/bin/python mutation/run.py --sample 80       # a fixed random sample of 80 mutants per module
     .venv/bin/python mutation/run.py zero_tprune hiprune
+    .venv/bin/python mutation/run.py --recheck hiprune   # re-run only the last session's survivors
 
 cosmic-ray mutates the file on disk, so the runs happen in a scratch copy of the working tree (tracked
 and untracked files, not ignored ones), never in the checkout itself: an interrupted run leaves nothing
@@ -65,6 +66,14 @@ def sample(session: Path, keep: int, seed: int = 0) -> None:
                                 WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
 
 
+def forget_survivors(session: Path) -> None:
+    """Make the survivors of a finished session pending again (to re-run them against new tests)."""
+    import sqlite3
+
+    with sqlite3.connect(session) as db:
+        db.execute("DELETE FROM work_results WHERE test_outcome IN ('SURVIVED', 'survived')")
+
+
 def summarize(name: str, session: Path) -> tuple[int, int, int]:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
@@ -87,10 +96,20 @@ def summarize(name: str, session: Path) -> tuple[int, int, int]:
     return killed, incompetent, survived
 
 
+def report(name: str, session: Path) -> tuple:
+    killed, incompetent, survived = summarize(name, session)
+    total = killed + incompetent + survived
+    score = (killed + incompetent) / total if total else 1.0
+    print(f"{name:<16} mutants {total:4d}  killed {killed:4d}  incompetent {incompetent:3d}  "
+          f"survived {survived:3d}  score {score:6.1%}   (survivors: .mutation/{name}.survivors.txt)", flush=True)
+    return name, total, killed, incompetent, survived, score
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help="config names (mutation/NAME.toml); default: all")
     parser.add_argument("--sample", type=int, default=0, help="mutants per module (0: all)")
+    parser.add_argument("--recheck", action="store_true", help="re-run the survivors of the last session only")
     args = parser.parse_args()
     configs = [ROOT / "mutation" / f"{n}.toml" for n in args.configs] or sorted((ROOT / "mutation").glob("*.toml"))
     OUT.mkdir(exist_ok=True)
@@ -101,6 +120,11 @@ def main() -> int:
         for config in configs:
             name = config.stem
             session = OUT / f"{name}.sqlite"
+            if args.recheck:
+                forget_survivors(session)
+                run([str(BIN / "cosmic-ray"), "exec", str(config), str(session)], copy, env)
+                rows.append(report(name, session))
+                continue
             session.unlink(missing_ok=True)
             command = re.search(r'^test-command = "(.*)"$', config.read_text(), re.M).group(1)
             if subprocess.run(shlex.split(command), cwd=copy, env=env, capture_output=True).returncode:
@@ -113,13 +137,7 @@ def main() -> int:
             if args.sample:
                 sample(session, args.sample)
             run([str(BIN / "cosmic-ray"), "exec", str(config), str(session)], copy, env)
-            killed, incompetent, survived = summarize(name, session)
-            total = killed + incompetent + survived
-            score = (killed + incompetent) / total if total else 1.0
-            rows.append((name, total, killed, incompetent, survived, score))
-            print(f"{name:<16} mutants {total:4d}  killed {killed:4d}  incompetent {incompetent:3d}  "
-                  f"survived {survived:3d}  score {score:6.1%}   (survivors: .mutation/{name}.survivors.txt)",
-                  flush=True)
+            rows.append(report(name, session))
     finally:
         shutil.rmtree(copy, ignore_errors=True)
     return 0 if all(row[-1] >= 0.9 for row in rows) else 1
