@@ -54,3 +54,19 @@ def test_scratch_buffer_follows_size_dtype_and_autograd():
     assert wider.dtype == torch.float64 and wider.numel() == 10
     assert state.scratch(20, torch.zeros(1, dtype=torch.float64)).numel() == 20
     assert state.scratch(5, torch.zeros(1, requires_grad=True)) is None  # out= cannot join autograd
+
+
+def test_random_default_seed_is_zero():
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, "random", keep=0.5, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    default = tokenprune.last_forward(model).source
+    tokenprune.apply(model, "random", keep=0.5, seed=0, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    assert torch.equal(tokenprune.last_forward(model).source, default)
+    tokenprune.apply(model, "random", keep=0.5, seed=1, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    assert not torch.equal(tokenprune.last_forward(model).source, default)
