@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench mutation clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,13 @@ test: setup
 bench: setup
 	$(BIN)/tokenprune bench --model deit_small_patch16_224 --method tome --option r=13
 
+# Mutation testing (mutation/run.py: every mutation/*.toml, in a scratch copy of the tree), then the
+# hand-written mutants of every documented option. SAMPLE=N runs a fixed random N mutants per module.
+SAMPLE ?= 0
+mutation: setup
+	$(BIN)/pip install --quiet 'cosmic-ray>=8.4'
+	$(BIN)/python mutation/run.py --sample $(SAMPLE)
+	$(BIN)/python mutation/documented_options.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mutation

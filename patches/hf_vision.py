@@ -275,6 +275,8 @@ class ReducingLayer(Swapped):
             raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
                              "count changes inside the encoder); call tokenprune.remove(model) first")
         x = hidden_states
+        if state.reducer.trace_source and not state.token_counts:  # the first layer sees the input tokens
+            state.start_source_tracking(x)
         remove = state.enter_block(x)
         if not remove:
             x = super().forward(x, state.attention_bias(), **kwargs)

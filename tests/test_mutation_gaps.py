@@ -1,0 +1,72 @@
+"""Tests for behaviour that mutation testing (mutation/) found unchecked: each kills mutants that every
+other test let survive."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, tiny_timm
+
+import tokenprune
+from tokenprune import ops
+from tokenprune.methods.random_drop import RandomDrop
+from tokenprune.state import ForwardState
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "avg"])
+def test_timm_pools_count_merged_tokens_by_size(pool):
+    """'avg' is the size-weighted mean; 'max' is unchanged by merging (a merged token is an average);
+    'avgmax' is half of each."""
+    model, x = tiny_timm("vit_base_patch16_siglip_gap_224", global_pool=pool), images()
+    tokenprune.apply(model, "tome", keep=0.25)
+    with torch.inference_mode():
+        logits = model(x)
+        size = tokenprune.last_forward(model).size
+        feats = model.forward_features(x)
+    mean, peak = ops.size_weighted_mean(feats, size), feats.amax(dim=1)
+    pooled = {"avg": mean, "max": peak, "avgmax": 0.5 * (mean + peak)}[pool]
+    torch.testing.assert_close(logits, model.head(model.fc_norm(pooled)))
+
+
+def test_random_reduce_removes_at_most_half_the_patch_tokens():
+    """The 50% cap holds in the method itself, not only in the schedules that call it."""
+    reducer = RandomDrop(seed=1)
+    x = torch.randn(2, 1 + 11, 4)
+    state = ForwardState(reducer=reducer, num_prefix=1, token_counts=[12])
+    assert reducer.reduce(x, 9, None, state).shape == (2, 1 + 6, 4)
+    assert reducer.reduce(x, 3, None, state).shape == (2, 1 + 8, 4)
+
+
+def test_r_inflection_bounds_are_inclusive():
+    model = tiny_timm()
+    for inflection in (-1.0, 1.0, 1):
+        tokenprune.apply(model, "tome", r=(4, inflection))
+    for bad in ((4, 1.01), (4, -1.01), (-1, 0.0), (4, 0.5, 1)):
+        with pytest.raises(ValueError, match="inflection"):
+            tokenprune.apply(model, "tome", r=bad)
+
+
+def test_scratch_buffer_follows_size_dtype_and_autograd():
+    state = ForwardState(reducer=RandomDrop(), num_prefix=0)
+    first = state.scratch(10, torch.zeros(1))
+    assert first.numel() == 10 and first.dtype == torch.float32
+    assert state.scratch(6, torch.zeros(1)).data_ptr() == first.data_ptr()  # reused while big enough
+    wider = state.scratch(10, torch.zeros(1, dtype=torch.float64))
+    assert wider.dtype == torch.float64 and wider.numel() == 10
+    assert state.scratch(20, torch.zeros(1, dtype=torch.float64)).numel() == 20
+    assert state.scratch(5, torch.zeros(1, requires_grad=True)) is None  # out= cannot join autograd
+
+
+def test_random_default_seed_is_zero():
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, "random", keep=0.5, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    default = tokenprune.last_forward(model).source
+    tokenprune.apply(model, "random", keep=0.5, seed=0, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    assert torch.equal(tokenprune.last_forward(model).source, default)
+    tokenprune.apply(model, "random", keep=0.5, seed=1, trace_source=True)
+    with torch.inference_mode():
+        model(x)
+    assert not torch.equal(tokenprune.last_forward(model).source, default)

@@ -1,0 +1,223 @@
+"""Properties of the pure ops in tokenprune.ops, for any shapes and inputs hypothesis draws.
+
+Nothing here depends on how bipartite matching splits the tokens into its two sets: the merge checks
+use only what any plan must satisfy (sizes and mass conserved, each input token in exactly one output
+token, prefix tokens first and untouched, ``min(r, N // 2)`` tokens removed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenprune import ops
+
+settings.register_profile("tokenprune", max_examples=60, deadline=None, derandomize=True)
+settings.load_profile("tokenprune")
+
+
+@st.composite
+def tokens(draw, min_patches=2, max_patches=24):
+    """(x, size, metric, prefix): float64 tokens, integer sizes >= 1, a matching metric. At least two patch
+    tokens: with one, set B is empty and the matching fails (no caller gets there: r is clamped to 0 and a
+    block removing nothing does not match)."""
+    batch = draw(st.integers(1, 3))
+    prefix = draw(st.integers(0, 3))
+    n = draw(st.integers(min_patches, max_patches))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
+    x = torch.randn(batch, prefix + n, 4, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, prefix + n, 1), generator=g).double()
+    metric = torch.randn(batch, prefix + n, 3, generator=g, dtype=torch.float64)
+    return x, size, metric, prefix
+
+
+@given(tokens(), st.integers(0, 30))
+def test_matching_removes_min_r_half_and_merge_mean_conserves_size_and_mass(data, r):
+    x, size, metric, prefix = data
+    n = x.shape[1] - prefix
+    plan = ops.bipartite_soft_matching(metric, r, prefix)
+    assert plan.removed == min(r, n // 2)
+    merged, merged_size = ops.merge_mean(x, size, plan, prefix)
+    assert merged.shape == (x.shape[0], x.shape[1] - plan.removed, 4)
+    assert merged_size.shape == (x.shape[0], x.shape[1] - plan.removed, 1)
+    torch.testing.assert_close(merged_size.sum(1), size.sum(1))  # every patch counted once
+    torch.testing.assert_close((merged * merged_size).sum(1), (x * size).sum(1))  # size-weighted sum kept
+    assert torch.equal(merged[:, :prefix], x[:, :prefix]) and torch.equal(merged_size[:, :prefix], size[:, :prefix])
+    unit = ops.merge_mean(x, None, plan, prefix)  # None: every size is 1
+    ones = torch.ones_like(size)
+    torch.testing.assert_close(unit[0], ops.merge_mean(x, ones, plan, prefix)[0])
+    torch.testing.assert_close(unit[1], ops.merge_mean(x, ones, plan, prefix)[1])
+
+
+@given(tokens(), st.integers(0, 30))
+def test_plan_indices_are_disjoint_cover_their_sets(data, r):
+    x, _, metric, prefix = data
+    plan = ops.bipartite_soft_matching(metric, r, prefix)
+    n = x.shape[1] - prefix
+    set_a = plan.src.shape[1] + plan.unmerged.shape[1]
+    for b in range(x.shape[0]):
+        a_ids = sorted(plan.src[b].tolist() + plan.unmerged[b].tolist())
+        assert a_ids == list(range(set_a))  # sources and unmerged split set A
+        assert plan.unmerged[b].tolist() == sorted(plan.unmerged[b].tolist())  # unmerged keep their order
+        assert all(0 <= d < n - set_a + prefix for d in plan.dst[b].tolist())  # destinations index set B
+
+
+@given(tokens(), st.integers(0, 30))
+def test_merge_sum_of_one_hot_sources_is_a_partition(data, r):
+    x, _, metric, prefix = data
+    batch, total = x.shape[:2]
+    plan = ops.bipartite_soft_matching(metric, r, prefix)
+    source = ops.merge_sum(torch.eye(total, dtype=torch.float64).expand(batch, total, total), plan, prefix)
+    assert source.shape == (batch, total - plan.removed, total)
+    assert ((source == 0) | (source == 1)).all()
+    assert torch.equal(source.sum(1), torch.ones(batch, total, dtype=torch.float64))  # each input once
+    assert (source.sum(-1) >= 1).all()  # no output token is empty
+    assert torch.equal(source[:, :prefix, :prefix], torch.eye(prefix, dtype=torch.float64).expand(batch, -1, -1))
+    # merging features by the same plan is the source map applied to them (the mean by sizes)
+    merged, size = ops.merge_mean(x, None, plan, prefix)
+    torch.testing.assert_close(size[..., 0], source.sum(-1))
+    torch.testing.assert_close(merged, source @ x / size)
+
+
+@given(tokens(), st.data())
+def test_keep_tokens_keeps_the_prefix_and_the_chosen_patches(data, draw):
+    x, _, _, prefix = data
+    n = x.shape[1] - prefix
+    keep = [sorted(draw.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n).map(sorted)))
+            for _ in range(x.shape[0])]
+    k = min(len(ids) for ids in keep)
+    idx = torch.tensor([ids[:k] for ids in keep])
+    out = ops.keep_tokens(x, idx, prefix)
+    assert out.shape == (x.shape[0], prefix + k, 4)
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+    for b in range(x.shape[0]):
+        assert torch.equal(out[b, prefix:], x[b, prefix + idx[b]])
+
+
+@given(st.integers(1, 4), st.integers(1, 200), st.data(), st.integers(0, 2 ** 31))
+def test_random_keep_indices_are_ascending_unique_and_in_range(batch, n, draw, seed):
+    keep = draw.draw(st.integers(0, n))
+    idx = ops.random_keep_indices(batch, n, keep, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    assert idx.shape == (batch, keep)
+    for row in idx.tolist():
+        assert row == sorted(set(row)) and all(0 <= i < n for i in row)
+    again = ops.random_keep_indices(batch, n, keep, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    assert torch.equal(idx, again)  # seeded
+
+
+def fits_under_the_cap(n, depth, target, fraction=0.5):
+    """Whether removing the most each layer may (floor(fraction * tokens)) gets down to ``target``."""
+    t = n
+    for _ in range(depth):
+        t -= math.floor(fraction * t)
+    return t <= target
+
+
+@given(st.integers(1, 400), st.integers(1, 14), st.data())
+def test_plan_removals_reaches_the_target_under_the_cap_or_says_why(n, depth, draw):
+    target = draw.draw(st.integers(1, n))
+    if not fits_under_the_cap(n, depth, target):
+        try:
+            ops.plan_removals(n, depth, target)
+        except ValueError as e:
+            assert str(n) in str(e)
+            return
+        raise AssertionError("an unreachable target must raise")
+    steps = ops.plan_removals(n, depth, target)
+    assert len(steps) == depth and all(isinstance(s, int) and s >= 0 for s in steps)
+    assert sum(steps) == n - target
+    left = n
+    for s in steps:
+        assert s <= left // 2  # at most half of the tokens a layer sees
+        left -= s
+    base = (n - target) // depth
+    assert max(steps, default=0) <= base + 1 or steps[0] >= steps[-1]  # even, or the cap pushed it early
+
+
+@given(st.integers(0, 40), st.integers(1, 24))
+def test_tome_r_schedule_constant_int(r, depth):
+    assert ops.tome_r_schedule(r, depth) == (r,) * depth
+
+
+@given(st.lists(st.integers(0, 20), max_size=12), st.integers(1, 24))
+def test_tome_r_schedule_list_is_zero_padded_or_refused(values, depth):
+    if len(values) > depth:
+        try:
+            ops.tome_r_schedule(values, depth)
+        except ValueError:
+            return
+        raise AssertionError("a list longer than the depth must raise")
+    assert ops.tome_r_schedule(values, depth) == tuple(values) + (0,) * (depth - len(values))
+
+
+@given(st.integers(0, 40), st.floats(-1.0, 1.0), st.integers(1, 24))
+def test_tome_r_schedule_inflection_is_linear_around_r(r, inflection, depth):
+    steps = ops.tome_r_schedule((r, inflection), depth)
+    assert len(steps) == depth and all(s >= 0 for s in steps)
+    start = int(r * (1.0 - inflection))
+    assert steps[0] == start
+    if depth > 1:
+        assert abs(steps[-1] - (2 * r - start)) <= 1  # ends at twice r minus the start
+    diffs = [b - a for a, b in zip(steps, steps[1:])]
+    assert all(d >= 0 for d in diffs) if inflection >= 0 else all(d <= 0 for d in diffs)
+    if depth > 1:
+        assert abs(sum(steps) - r * depth) <= depth  # the mean stays r (up to the int rounding per block)
+    if inflection == 0:
+        assert steps == (r,) * depth
+
+
+@st.composite
+def assignments(draw):
+    batch, n = draw(st.integers(1, 3)), draw(st.integers(1, 16))
+    n_out = draw(st.integers(1, n))
+    dest = torch.tensor([draw(st.lists(st.integers(0, n_out - 1), min_size=n, max_size=n)) for _ in range(batch)])
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
+    t = torch.randn(batch, n, 3, generator=g, dtype=torch.float64)
+    weight = torch.rand(batch, n, 1, generator=g, dtype=torch.float64) + 0.1
+    return t, weight, dest, n_out
+
+
+@given(assignments())
+def test_assign_sum_and_mean_equal_the_dense_one_hot_products(data):
+    t, weight, dest, n_out = data
+    onehot = torch.nn.functional.one_hot(dest, n_out).double().transpose(1, 2)  # (B, n_out, N)
+    torch.testing.assert_close(ops.assign_sum(t, dest, n_out), onehot @ t)
+    mean = ops.assign_mean(t, weight, dest, n_out)
+    used = onehot.sum(-1) > 0
+    torch.testing.assert_close(mean[used], ((onehot @ (t * weight)) / (onehot @ weight))[used])
+    four_d = t[..., None].expand(-1, -1, -1, 2)  # trailing dimensions ride along
+    torch.testing.assert_close(ops.assign_sum(four_d, dest, n_out), (onehot @ t)[..., None].expand(-1, -1, -1, 2))
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 20), st.integers(1, 20), st.integers(1, 25),
+       st.sampled_from(["none", "key", "full"]), st.integers(0, 2 ** 31))
+def test_received_attention_is_the_dense_mean_for_any_chunk(batch, heads, n_q, n_k, chunk, bias_kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n_q, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, heads, n_k, 4, generator=g, dtype=torch.float64)
+    bias = {"none": None, "key": torch.randn(batch, 1, 1, n_k, generator=g, dtype=torch.float64),
+            "full": torch.randn(batch, 1, n_q, n_k, generator=g, dtype=torch.float64)}[bias_kind]
+    logits = q @ k.transpose(-2, -1) * 0.7
+    dense = (logits if bias is None else logits + bias).softmax(-1).mean(dim=(1, 2))
+    got = ops.received_attention(q, k, 0.7, bias, chunk=chunk)
+    torch.testing.assert_close(got, dense.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(-1), torch.ones(batch), atol=1e-5, rtol=0)
+
+
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(0, 2 ** 31))
+def test_size_weighted_mean_is_the_mean_over_copies_and_the_bias_is_log_size(batch, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 3, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).double()
+    for b in range(batch):
+        copies = x[b].repeat_interleave(size[b, :, 0].long(), dim=0)
+        torch.testing.assert_close(ops.size_weighted_mean(x, size)[b], copies.mean(0))
+    assert torch.equal(ops.log_size_bias(size), size.log().view(batch, 1, 1, n))
+
+
+@given(st.integers(1, 5000), st.floats(0.0, 1.0, exclude_min=True))
+def test_final_patch_count(n, keep):
+    count = ops.final_patch_count(n, keep)
+    assert 1 <= count <= n and count == max(1, round(keep * n))
