@@ -13,7 +13,9 @@ How the patch works (transformers 5.x; docs/design.md has the reasoning):
 * Each encoder layer's class becomes a generated subclass whose ``forward`` runs the stock layer
   when it reduces nothing (with the log-size bias as its attention mask once tokens merged), and
   otherwise the same parts in the same order with the reduction between the attention residual
-  and the MLP (or, for ``block_input`` methods, before the attention).
+  and the MLP (or, for ``block_input`` methods, before the attention). A reducing layer still calls
+  its attention module (whose class gets a mixin too), so forward hooks, and with them transformers'
+  ``output_attentions``, see every layer's attention at its reduced size.
 * Heads are left as they are. Heads that read the class token (ViT, DeiT, CLIP, DINOv2 pooler)
   are exact; heads that average the patch tokens (``*ForImageClassification`` of CLIP, SigLIP and
   DINOv2) and SigLIP's attention-pooling head weigh a merged token once, as ToMe's own patches do.
