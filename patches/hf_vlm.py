@@ -38,6 +38,7 @@ from tokenprune.registry import TokenReducer
 
 from . import hf_vision
 from ._hooks import remove_hooks
+from ._swap import refuse_jit_tracing
 from .hf_vision import ScoreRequest
 
 FAMILY = "transformers LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL"
@@ -355,6 +356,7 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
     the prefill): the model's own, run with a ``ScoreRequest``, then the method's choice per image.
     Each image's feature tensor carries its choice as ``tokenprune_keep`` (bool, one per placeholder),
     so the choice travels wherever ``generate`` moves the features (it repeats them for beams)."""
+    refuse_jit_tracing()
     family, reducer = _family(vlm), vlm.tokenprune_reducer
     stock = type(vlm).get_image_features
     kw = _bind(stock, (vlm, *args), kwargs)
@@ -395,6 +397,7 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of the multimodal *Model: at a prefill, turn the per-image choices into the
     sequence positions the language model keeps (a ``Compaction`` among the keyword arguments that
     the *Model hands to its language model)."""
+    refuse_jit_tracing()
     kw = _bind(model.forward, args, kwargs)
     cache = kw.get(_cache_key(kw))
     if cache is not None and cache.get_seq_length() > 0:

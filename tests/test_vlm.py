@@ -435,3 +435,10 @@ def test_generate_without_cache_with_beams_and_sampling():
         assert tokenprune.last_forward(model).visual_tokens == [16, 16, 32, 32]  # each sample, once per beam
         sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2)
     assert sampled.shape[0] == 4 and lengths[1:] == [1] * 5
+
+
+def test_jit_trace_of_a_patched_vlm_is_refused_with_a_pointer_to_compile():
+    model, inputs = tiny_llava(), llava_batch()
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"torch\.jit\.trace is not supported.*torch\.compile"):
+        torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False)
