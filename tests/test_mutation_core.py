@@ -1,0 +1,39 @@
+"""Behaviours of the matching core that mutation testing (mutation/core.toml) found untested."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, tiny_timm
+
+import tokenprune
+from tokenprune import ops
+
+
+def test_mctf_never_merges_below_min_tokens():
+    """min_tokens is a floor on all tokens: with it above what the model has, MCTF merges nothing and the
+    output is the stock model's."""
+    model, x = tiny_timm(), images()
+    with torch.inference_mode():
+        expected = model(x)
+    tokenprune.apply(model, "mctf", r=8, min_tokens=65)  # 64 patches + the class token
+    with torch.inference_mode():
+        out = model(x)
+    assert tokenprune.last_forward(model).token_counts == [65] * 4
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    tokenprune.apply(model, "mctf", r=8, min_tokens=60)  # the floor stops block 1 at 60 tokens, then nothing
+    with torch.inference_mode():
+        model(x)
+    assert tokenprune.last_forward(model).token_counts == [65, 65, 60, 60]
+
+
+@pytest.mark.parametrize("r", [0.0, 1.0, -0.5])
+def test_mctf_rejects_a_fraction_outside_the_open_interval(r):
+    with pytest.raises(ValueError, match=r"a fraction in \(0, 1\)"):
+        tokenprune.apply(tiny_timm(), "mctf", r=r)
+
+
+def test_linear_r_schedule_on_a_one_block_model():
+    """(r, inflection) on a single block is just r at that block (no step to spread over)."""
+    assert ops.tome_r_schedule((4, 0.0), 1) == (4,)
+    assert ops.tome_r_schedule((4, -1.0), 1) == (8,)
+    assert ops.tome_r_schedule((4, -1.0), 3) == (8, 4, 0)
