@@ -37,3 +37,15 @@ def test_linear_r_schedule_on_a_one_block_model():
     assert ops.tome_r_schedule((4, 0.0), 1) == (4,)
     assert ops.tome_r_schedule((4, -1.0), 1) == (8,)
     assert ops.tome_r_schedule((4, -1.0), 3) == (8, 4, 0)
+
+
+@pytest.mark.parametrize("row_bias", [False, True])
+def test_received_attention_is_the_mean_attention_a_key_receives(row_bias):
+    """Chunked over queries (chunk 3 of 7), with a key bias or a per-query bias; against the plain formula."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    bias = torch.randn(2, 1, 7 if row_bias else 1, 5, generator=g)
+    probs = ((q @ k.transpose(-2, -1)) * 0.5 + bias).softmax(-1)
+    torch.testing.assert_close(ops.received_attention(q, k, 0.5, bias, chunk=3), probs.mean(dim=(1, 2)))
+    plain = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1).mean(dim=(1, 2))
+    torch.testing.assert_close(ops.received_attention(q, k, 0.5, chunk=3), plain)
