@@ -49,3 +49,57 @@ def test_received_attention_is_the_mean_attention_a_key_receives(row_bias):
     torch.testing.assert_close(ops.received_attention(q, k, 0.5, bias, chunk=3), probs.mean(dim=(1, 2)))
     plain = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1).mean(dim=(1, 2))
     torch.testing.assert_close(ops.received_attention(q, k, 0.5, chunk=3), plain)
+
+
+def test_mctf_default_floor_is_ten_tokens():
+    """The official floor: never merge below 10 tokens in all (class token included)."""
+    model = tiny_timm()
+    tokenprune.apply(model, "mctf", r=32)
+    with torch.inference_mode():
+        model(images())
+    report = tokenprune.last_forward(model)
+    assert report.token_counts == [65, 65, 33, 17] and report.output_tokens == 10
+
+
+def test_mctf_per_block_r_list_fits_the_merging_blocks():
+    model = tiny_timm()
+    tokenprune.apply(model, "mctf", r=[4, 4, 4])  # one per merging block (1, 2, 3): accepted
+    with torch.inference_mode():
+        model(images())
+    assert tokenprune.last_forward(model).token_counts == [65, 65, 61, 57]
+    with pytest.raises(ValueError, match="r has 4 entries for 3 merging blocks"):
+        tokenprune.apply(model, "mctf", r=[4, 4, 4, 4])
+
+
+def test_mctf_on_a_one_block_model_merges_nothing():
+    model, x = tiny_timm(depth=1), images()
+    with torch.inference_mode():
+        expected = model(x)
+    tokenprune.apply(model, "mctf", keep=0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected)
+    assert tokenprune.last_forward(model).token_counts == [65]
+
+
+def _greedy(n, depth, total, r):
+    """Constant r per layer, capped at half the tokens a layer sees, until ``total`` are removed."""
+    steps, left, t = [], total, n
+    for _ in range(depth):
+        steps.append(min(r, t // 2, left))
+        left -= steps[-1]
+        t -= steps[-1]
+    return steps, left
+
+
+@pytest.mark.parametrize("n, depth", [(196, 12), (64, 4), (50, 3)])
+def test_plan_removals_uses_the_smallest_constant_r_when_the_cap_binds(n, depth):
+    for target in range(1, n // 4):
+        try:
+            steps = ops.plan_removals(n, depth, target)
+        except ValueError:
+            continue
+        total = n - target
+        r = next(r for r in range(1, n + 1) if _greedy(n, depth, total, r)[1] == 0)
+        even = [total // depth + (i < total % depth) for i in range(depth)]
+        if any(s > c // 2 for s, c in zip(even, [n - sum(even[:i]) for i in range(depth)])):
+            assert list(steps) == _greedy(n, depth, total, r)[0], target
