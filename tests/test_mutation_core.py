@@ -103,3 +103,17 @@ def test_plan_removals_uses_the_smallest_constant_r_when_the_cap_binds(n, depth)
         even = [total // depth + (i < total % depth) for i in range(depth)]
         if any(s > c // 2 for s, c in zip(even, [n - sum(even[:i]) for i in range(depth)])):
             assert list(steps) == _greedy(n, depth, total, r)[0], target
+
+
+def test_mctf_fraction_r_merges_that_share_of_the_tokens_left():
+    model = tiny_timm()
+    tokenprune.apply(model, "mctf", r=0.25)  # 64 patches: 16, then 12 of 48, then 9 of 36
+    with torch.inference_mode():
+        model(images())
+    report = tokenprune.last_forward(model)
+    assert report.token_counts == [65, 65, 49, 37] and report.output_tokens == 28
+
+
+def test_final_patch_count_keeps_at_least_one_patch():
+    assert ops.final_patch_count(64, 0.001) == 1
+    assert ops.final_patch_count(64, 0.5) == 32
