@@ -41,6 +41,6 @@ def test_tome_counts_its_matching_matmuls():
     count = tokenprune.count_flops(model)
     report = tokenprune.last_forward(model)
     head_dim = 16
-    patches = [n - 1 for n in report.token_counts]
-    matching = sum(2 * ((p + 1) // 2) * (p // 2) * head_dim for p in patches)  # A @ B^T per block
+    # A @ B^T per block, A and B alternating over all tokens (the class token is A's first, masked)
+    matching = sum(2 * ((n + 1) // 2) * (n // 2) * head_dim for n in report.token_counts)
     assert count.flops == analytic_vit_flops(report.token_counts, report.output_tokens) + matching
