@@ -71,13 +71,15 @@ def test_mctf_per_block_r_list_fits_the_merging_blocks():
         tokenprune.apply(model, "mctf", r=[4, 4, 4, 4])
 
 
-def test_mctf_on_a_one_block_model_merges_nothing():
+def test_mctf_on_a_one_block_model_has_no_merging_block():
     model, x = tiny_timm(depth=1), images()
     with torch.inference_mode():
         expected = model(x)
-    tokenprune.apply(model, "mctf", keep=0.5)
+    with pytest.raises(ValueError, match=r"layers=\[0\]"):  # a reducing keep would merge nothing: refused
+        tokenprune.apply(model, "mctf", keep=0.5)
+    tokenprune.apply(model, "mctf", keep=1.0)
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), expected)
+        assert torch.equal(model(x), expected)
     assert tokenprune.last_forward(model).token_counts == [65]
 
 
@@ -117,3 +119,23 @@ def test_mctf_fraction_r_merges_that_share_of_the_tokens_left():
 def test_final_patch_count_keeps_at_least_one_patch():
     assert ops.final_patch_count(64, 0.001) == 1
     assert ops.final_patch_count(64, 0.5) == 32
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2])
+def test_matching_with_nothing_to_merge_is_an_empty_plan(num_prefix):
+    """A single patch token (B may hold no patch token at all) or r=0: no merge, every token stays."""
+    for n_patches, r in ((1, 1), (4, 0)):
+        metric = torch.randn(2, num_prefix + n_patches, 8)
+        plan = ops.bipartite_soft_matching(metric, r, num_prefix)
+        assert plan.removed == 0
+        x = torch.randn(2, num_prefix + n_patches, 3)
+        merged, size = ops.merge_mean(x, None, plan, num_prefix)
+        assert merged.shape == x.shape and torch.equal(size, torch.ones(2, x.shape[1], 1))
+        assert sorted(ops.merge_sum(torch.arange(x.shape[1]).expand(2, -1)[..., None], plan, num_prefix)[0, :, 0]
+                      .tolist()) == list(range(x.shape[1]))
+
+
+def test_plan_removals_without_layers_cannot_reach_a_target():
+    assert ops.plan_removals(16, 0, 16) == ()
+    with pytest.raises(ValueError, match="without a reducing layer"):
+        ops.plan_removals(16, 0, 8)

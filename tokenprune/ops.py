@@ -80,6 +80,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> MergePla
     tokens never merge. Similarity is cosine. ``r`` is clamped to half the non-prefix tokens.
     """
     r = min(r, (metric.shape[1] - num_prefix) // 2)
+    if r <= 0:  # nothing merges (and a single patch token leaves B empty: no scores to take a max over)
+        a_patches = torch.arange(prefix_in_sets(num_prefix)[0], (metric.shape[1] + 1) // 2, device=metric.device)
+        none = a_patches.new_empty(metric.shape[0], 0)
+        return MergePlan(unmerged=a_patches.expand(metric.shape[0], -1), src=none, dst=none)
     unit = metric / metric.norm(dim=-1, keepdim=True)
     scores = protect_prefix(unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2), num_prefix)
     best_score, best_dst = scores.max(dim=-1)
@@ -164,8 +168,10 @@ def plan_removals(num_patches: int, depth: int, target: int, max_fraction: float
     if not 1 <= target <= num_patches:
         raise ValueError(f"target must be in [1, {num_patches}], got {target}")
     total = num_patches - target
-    if total == 0 or depth == 0:
+    if total == 0:
         return (0,) * depth
+    if depth == 0:
+        raise ValueError(f"cannot reduce {num_patches} patch tokens to {target} without a reducing layer")
 
     def fits(steps) -> bool:
         t = num_patches
