@@ -8,7 +8,10 @@ from conftest import images, tiny_timm
 
 import tokenprune
 from tokenprune import ops
+from tokenprune.methods._scheduled import capped
+from tokenprune.methods.mctf import MCTF
 from tokenprune.methods.random_drop import RandomDrop
+from tokenprune.methods.tome import ToMe
 from tokenprune.state import ForwardState
 
 
@@ -70,3 +73,35 @@ def test_random_default_seed_is_zero():
     with torch.inference_mode():
         model(x)
     assert not torch.equal(tokenprune.last_forward(model).source, default)
+
+
+# ----------------------------------------------------------------------------- methods/_scheduled.py
+
+def test_mctf_fraction_r_removes_that_share_of_the_patch_tokens_left():
+    """A fractional r removes that fraction of the patch tokens each merging block sees (rounded down)."""
+    assert MCTF(r=0.25).schedule(64, 4) == (0, 64 // 4, 48 // 4, 36 // 4)
+
+
+def test_per_block_cap_clamps_and_reports_only_where_r_exceeds_it():
+    reducer = ToMe()
+    with reducer.collecting_notes() as notes:
+        assert capped(reducer, (4, 4, 32), 64) == (4, 4, 28)  # 56 left at the last block: at most 28
+    assert len(notes) == 1 and "block 2 28 instead of 32" in notes[0] and "block 0" not in notes[0]
+    with reducer.collecting_notes() as notes:
+        assert capped(reducer, (4, 4, 28), 64) == (4, 4, 28)  # exactly at the cap: nothing to report
+    assert notes == []
+
+
+def test_per_block_cap_removes_nothing_below_the_floor():
+    """A block that already sees fewer patch tokens than the floor removes none (never a negative count)."""
+    reducer = ToMe()
+    with reducer.collecting_notes():
+        assert capped(reducer, (4, 4), 16, floor=49) == (0, 0)
+        assert capped(reducer, (4, 4), 16, floor=14) == (2, 0)
+
+
+def test_seed_accepts_the_whole_32_bit_range_only():
+    assert RandomDrop(seed=2**32 - 1).options["seed"] == 2**32 - 1
+    for bad in (2**32, 2**32 + 1, -1):
+        with pytest.raises(TypeError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+            RandomDrop(seed=bad)
