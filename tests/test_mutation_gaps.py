@@ -12,6 +12,7 @@ from tokenprune.methods._scheduled import capped
 from tokenprune.methods.mctf import MCTF
 from tokenprune.methods.random_drop import RandomDrop
 from tokenprune.methods.tome import ToMe
+from tokenprune.methods.zero_tprune import ZeroTPrune, weighted_pagerank
 from tokenprune.state import ForwardState
 
 
@@ -105,3 +106,39 @@ def test_seed_accepts_the_whole_32_bit_range_only():
     for bad in (2**32, 2**32 + 1, -1):
         with pytest.raises(TypeError, match=r"seed must be an int in \[0, 2\*\*32\)"):
             RandomDrop(seed=bad)
+
+
+# ----------------------------------------------------------------------------- methods/zero_tprune.py
+
+def test_zero_tprune_default_iterations_follow_the_papers_rule_by_block():
+    """docs/methods.md: 30 WPR rounds in blocks 0-2, 1 in the last three, 5 between; an int or a per-layer list
+    replaces the rule, and ``tol`` (iterate to convergence) overrides both."""
+    assert [ZeroTPrune().iterations_at(layer, 12, 0) for layer in range(12)] == [30] * 3 + [5] * 6 + [1] * 3
+    assert [ZeroTPrune().iterations_at(layer, 5, 0) for layer in range(5)] == [30, 30, 30, 1, 1]
+    assert ZeroTPrune(iterations=7).iterations_at(0, 12, 0) == 7
+    assert ZeroTPrune(layers=[1, 4, 9], iterations=[2, 3, 4]).iterations_at(4, 12, 1) == 3
+    assert ZeroTPrune(iterations=7, tol=1e-6).iterations_at(0, 12, 0) is None
+
+
+def test_zero_tprune_default_layers_by_depth():
+    """depth/4 - 1, depth/2 - 1, 3*depth/4 - 1 (2, 5, 8 of 12), collapsing to distinct blocks >= 0 on shallow
+    models; a layer past the last block is refused, the last block itself is allowed."""
+    assert ZeroTPrune().pruning_layers(12) == [2, 5, 8]
+    assert ZeroTPrune().pruning_layers(16) == [3, 7, 11]
+    assert ZeroTPrune().pruning_layers(4) == [0, 1, 2]
+    assert ZeroTPrune().pruning_layers(2) == [0]
+    with pytest.raises(ValueError, match="outside a model of 4 blocks"):
+        ZeroTPrune(layers=[1, 4]).pruning_layers(4)
+
+
+def test_zero_tprune_keep_rates_keep_at_least_one_patch_token():
+    assert ZeroTPrune(layers=[0, 2], keep_rates=[0.001, 1.0]).schedule(64, 4) == (63, 0, 0, 0)
+    assert ZeroTPrune(layers=[1], keep_rates=[0.5]).schedule(64, 4) == (0, 32, 0, 0)
+
+
+def test_weighted_pagerank_with_tol_stops_after_max_iterations():
+    """A walk that never converges (two tokens attending only to each other) runs ``max_iterations`` rounds."""
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    start = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    assert torch.equal(weighted_pagerank(swap, start, tol=1e-9), start)  # 200 rounds: back where it started
+    assert torch.equal(weighted_pagerank(swap, start, tol=1e-9, max_iterations=3), start.flip(0))
