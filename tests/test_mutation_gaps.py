@@ -88,6 +88,7 @@ def test_per_block_cap_clamps_and_reports_only_where_r_exceeds_it():
     with reducer.collecting_notes() as notes:
         assert capped(reducer, (4, 4, 32), 64) == (4, 4, 28)  # 56 left at the last block: at most 28
     assert len(notes) == 1 and "block 2 28 instead of 32" in notes[0] and "block 0" not in notes[0]
+    assert "r exceeds the per-block cap (half the patch tokens a block sees) on 64 patch tokens" in notes[0]
     with reducer.collecting_notes() as notes:
         assert capped(reducer, (4, 4, 28), 64) == (4, 4, 28)  # exactly at the cap: nothing to report
     assert notes == []
@@ -96,9 +97,19 @@ def test_per_block_cap_clamps_and_reports_only_where_r_exceeds_it():
 def test_per_block_cap_removes_nothing_below_the_floor():
     """A block that already sees fewer patch tokens than the floor removes none (never a negative count)."""
     reducer = ToMe()
-    with reducer.collecting_notes():
+    with reducer.collecting_notes() as notes:
         assert capped(reducer, (4, 4), 16, floor=49) == (0, 0)
         assert capped(reducer, (4, 4), 16, floor=14) == (2, 0)
+    assert all("(half the patch tokens a block sees, leaving at least " in note for note in notes)
+
+
+def test_sources_are_traced_only_when_asked():
+    model, x = tiny_timm(), images()
+    for method in ("tome", "random", "zero-tprune"):
+        tokenprune.apply(model, method, keep=0.5)
+        with torch.inference_mode():
+            model(x)
+        assert tokenprune.last_forward(model).source is None, method
 
 
 def test_seed_accepts_the_whole_32_bit_range_only():
