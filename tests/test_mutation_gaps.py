@@ -137,7 +137,7 @@ def test_zero_tprune_default_layers_by_depth():
     assert ZeroTPrune().pruning_layers(12) == [2, 5, 8]
     assert ZeroTPrune().pruning_layers(16) == [3, 7, 11]
     assert ZeroTPrune().pruning_layers(4) == [0, 1, 2]
-    assert ZeroTPrune().pruning_layers(2) == [0]
+    assert ZeroTPrune().pruning_layers(2) == ZeroTPrune().pruning_layers(1) == [0]
     with pytest.raises(ValueError, match="outside a model of 4 blocks"):
         ZeroTPrune(layers=[1, 4]).pruning_layers(4)
 
@@ -153,3 +153,29 @@ def test_weighted_pagerank_with_tol_stops_after_max_iterations():
     start = torch.tensor([0.25, 0.75], dtype=torch.float64)
     assert torch.equal(weighted_pagerank(swap, start, tol=1e-9), start)  # 200 rounds: back where it started
     assert torch.equal(weighted_pagerank(swap, start, tol=1e-9, max_iterations=3), start.flip(0))
+
+
+def test_zero_tprune_documented_defaults():
+    """docs/methods.md's table: S-stage does all the removal, EIR + VHF on [0.01, 0.7], renormalised sub-graph,
+    class-token start, WPR importance."""
+    o = ZeroTPrune().options
+    assert (o["s_stage"], o["s_fraction"], o["eir"], o["vhf"], tuple(o["vhf_range"]), o["renormalize"]) == \
+        (True, 1.0, True, True, (0.01, 0.7), True)
+    assert (o["uniform_start"], o["importance"], o["layers"], o["keep_rates"], o["iterations"], o["tol"]) == \
+        (False, "wpr", None, None, None, None)
+
+
+@pytest.mark.parametrize("key, good, bad", [
+    ("s_fraction", [0, 0.0, 0.5, 1, 1.0], [-0.1, 1.1, float("nan")]),
+    ("keep_rates", [[1.0], [1e-6, 0.5]], [[0.0], [1.1], [], [-0.5]]),
+    ("vhf_range", [(0.0, 1e-9), [0.2, 5.0]], [(-0.1, 0.5), (0.5, 0.5), (0.7, 0.1), (0.1,), (0.1, 0.2, 0.3)]),
+    ("tol", [1e-12, 1], [0, 0.0, -1e-6]),
+    ("iterations", [1, [1, 2, 3]], [0, [1, 0, 2], []]),
+])
+def test_zero_tprune_option_ranges_are_the_documented_ones(key, good, bad):
+    """Each option accepts exactly what its description says (ends included where it says so)."""
+    for value in good:
+        ZeroTPrune(**{key: value})
+    for value in bad:
+        with pytest.raises(ValueError, match=f"zero-tprune: {key} must be"):
+            ZeroTPrune(**{key: value})
