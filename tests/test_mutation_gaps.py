@@ -179,3 +179,23 @@ def test_zero_tprune_option_ranges_are_the_documented_ones(key, good, bad):
     for value in bad:
         with pytest.raises(ValueError, match=f"zero-tprune: {key} must be"):
             ZeroTPrune(**{key: value})
+
+
+def test_weighted_pagerank_stops_once_no_score_moves_more_than_tol():
+    g = torch.Generator().manual_seed(0)
+    attn = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64).softmax(-1)
+    start = torch.full((2, 3, 6), 1 / 6, dtype=torch.float64)
+    assert torch.equal(weighted_pagerank(attn, start, tol=1.0), weighted_pagerank(attn, start, iterations=1))
+    rounds = [weighted_pagerank(attn, start, iterations=i) for i in range(1, 200)]
+    first = next(i for i in range(1, len(rounds)) if (rounds[i] - rounds[i - 1]).abs().max() < 1e-6)
+    assert torch.equal(weighted_pagerank(attn, start, tol=1e-6), rounds[first])
+
+
+def test_weighted_pagerank_renormalizes_the_survivors_rows_by_default():
+    g = torch.Generator().manual_seed(1)
+    attn = torch.randn(1, 2, 6, 6, generator=g, dtype=torch.float64).softmax(-1)
+    start = torch.full((1, 2, 6), 1 / 6, dtype=torch.float64)
+    alive = torch.tensor([[[True, False, True, True, False, True]]])
+    default = weighted_pagerank(attn, start, iterations=3, alive=alive)
+    assert torch.equal(default, weighted_pagerank(attn, start, iterations=3, alive=alive, renormalize=True))
+    assert not torch.allclose(default, weighted_pagerank(attn, start, iterations=3, alive=alive, renormalize=False))
