@@ -102,12 +102,11 @@ def mctf_reference(x, q, k, size, p, remove, o):
     attention x size weighted mean; sizes add."""
     probs = ((q * 0.5) @ k.transpose(-2, -1) + ops.log_size_bias(size)).softmax(-1)
     received = probs.mean(dim=(1, 2))
-    log_w = mctf.pair_scores(x[:, p:], received[:, p:], size[:, p:, 0], tuple(o["tau"]),
-                             (o["similarity"], o["informativeness"], o["size"]))
-    dest, n_out = mctf.bidirectional_assignment(log_w, remove, o["bidirectional"])
-    dest = torch.cat([torch.arange(p).expand(x.shape[0], -1), dest + p], dim=1)
+    log_w = mctf.pair_scores(x, received, size[..., 0], tuple(o["tau"]),
+                             (o["similarity"], o["informativeness"], o["size"]), p)
+    dest, n_out = mctf.bidirectional_assignment(log_w, remove, p, bidirectional=o["bidirectional"])
     weight = received.unsqueeze(-1) * size
-    return ops.assign_mean(x, weight, dest, p + n_out), ops.assign_sum(size, dest, p + n_out), probs, dest, weight
+    return ops.assign_mean(x, weight, dest, n_out), ops.assign_sum(size, dest, n_out), probs, dest, weight
 
 
 def mctf_step(options, remove=6, p=1, seed=0):
@@ -257,7 +256,7 @@ def test_random_draws_each_block_from_seed_plus_block_index():
 # ----------------------------------------------------------------------------- the transformers adapter
 
 @pytest.mark.parametrize("method, options", [
-    ("tome", {"prop_attn": False}), ("mctf", {"prop_attn": False, "r": 12}), ("mctf", {"min_tokens": 50}),
+    ("tome", {"prop_attn": False}), ("mctf", {"prop_attn": False, "r": 12}), ("mctf", {"min_tokens": 50, "r": 16}),
     ("zero-tprune", {"s_fraction": 0.5, "renormalize": False}), ("random", {"seed": 5})])
 def test_transformers_adapter_follows_the_options_and_traces_sources_as_timm(method, options):
     """The same options give the same tokens, sources and outputs through both adapters (the timm path is
