@@ -9,11 +9,9 @@ partition the matching uses.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from conftest import images, tiny_timm
-from test_hf_patch import TINY, _copy_vit_weights_to_timm
-from transformers import ViTConfig, ViTModel
+from test_hf_patch import hf_and_timm_vit
 
 import tokenprune
 from tokenprune import ops
@@ -261,11 +259,7 @@ def test_random_draws_each_block_from_seed_plus_block_index():
 def test_transformers_adapter_follows_the_options_and_traces_sources_as_timm(method, options):
     """The same options give the same tokens, sources and outputs through both adapters (the timm path is
     pinned by the references above); ``trace_source`` works on transformers models too."""
-    torch.manual_seed(0)
-    hf = ViTModel(ViTConfig(**TINY, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
-    tv = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48,
-                           depth=4, num_heads=3, mlp_ratio=2, num_classes=0, global_pool="").eval()
-    _copy_vit_weights_to_timm(hf, tv)
+    hf, tv = hf_and_timm_vit()
     x = images()
     for model in (hf, tv):
         tokenprune.apply(model, method, keep=0.25, trace_source=True, **options)
