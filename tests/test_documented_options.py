@@ -9,11 +9,9 @@ partition the matching uses.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from conftest import images, tiny_timm
-from test_hf_patch import TINY, _copy_vit_weights_to_timm
-from transformers import ViTConfig, ViTModel
+from test_hf_patch import hf_and_timm_vit
 
 import tokenprune
 from tokenprune import ops
@@ -102,12 +100,11 @@ def mctf_reference(x, q, k, size, p, remove, o):
     attention x size weighted mean; sizes add."""
     probs = ((q * 0.5) @ k.transpose(-2, -1) + ops.log_size_bias(size)).softmax(-1)
     received = probs.mean(dim=(1, 2))
-    log_w = mctf.pair_scores(x[:, p:], received[:, p:], size[:, p:, 0], tuple(o["tau"]),
-                             (o["similarity"], o["informativeness"], o["size"]))
-    dest, n_out = mctf.bidirectional_assignment(log_w, remove, o["bidirectional"])
-    dest = torch.cat([torch.arange(p).expand(x.shape[0], -1), dest + p], dim=1)
+    log_w = mctf.pair_scores(x, received, size[..., 0], tuple(o["tau"]),
+                             (o["similarity"], o["informativeness"], o["size"]), p)
+    dest, n_out = mctf.bidirectional_assignment(log_w, remove, p, bidirectional=o["bidirectional"])
     weight = received.unsqueeze(-1) * size
-    return ops.assign_mean(x, weight, dest, p + n_out), ops.assign_sum(size, dest, p + n_out), probs, dest, weight
+    return ops.assign_mean(x, weight, dest, n_out), ops.assign_sum(size, dest, n_out), probs, dest, weight
 
 
 def mctf_step(options, remove=6, p=1, seed=0):
@@ -257,16 +254,12 @@ def test_random_draws_each_block_from_seed_plus_block_index():
 # ----------------------------------------------------------------------------- the transformers adapter
 
 @pytest.mark.parametrize("method, options", [
-    ("tome", {"prop_attn": False}), ("mctf", {"prop_attn": False, "r": 12}), ("mctf", {"min_tokens": 50}),
+    ("tome", {"prop_attn": False}), ("mctf", {"prop_attn": False, "r": 12}), ("mctf", {"min_tokens": 50, "r": 16}),
     ("zero-tprune", {"s_fraction": 0.5, "renormalize": False}), ("random", {"seed": 5})])
 def test_transformers_adapter_follows_the_options_and_traces_sources_as_timm(method, options):
     """The same options give the same tokens, sources and outputs through both adapters (the timm path is
     pinned by the references above); ``trace_source`` works on transformers models too."""
-    torch.manual_seed(0)
-    hf = ViTModel(ViTConfig(**TINY, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
-    tv = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48,
-                           depth=4, num_heads=3, mlp_ratio=2, num_classes=0, global_pool="").eval()
-    _copy_vit_weights_to_timm(hf, tv)
+    hf, tv = hf_and_timm_vit()
     x = images()
     for model in (hf, tv):
         tokenprune.apply(model, method, keep=0.25, trace_source=True, **options)

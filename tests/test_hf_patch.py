@@ -132,14 +132,20 @@ def _copy_vit_weights_to_timm(hf: ViTModel, timm_vit) -> None:
     timm_vit.load_state_dict(sd, strict=True)
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
-def test_same_reduction_as_the_timm_adapter_on_the_same_weights(method):
-    """The HF path reproduces the timm path (tested against the papers' semantics) on a shared ViT."""
+def hf_and_timm_vit():
+    """A tiny transformers ViT (seed 0) and a timm ViT carrying the same weights."""
     torch.manual_seed(0)
     hf = ViTModel(ViTConfig(**TINY, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
     tv = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48,
                            depth=4, num_heads=3, mlp_ratio=2, num_classes=0, global_pool="").eval()
     _copy_vit_weights_to_timm(hf, tv)
+    return hf, tv
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_same_reduction_as_the_timm_adapter_on_the_same_weights(method):
+    """The HF path reproduces the timm path (tested against the papers' semantics) on a shared ViT."""
+    hf, tv = hf_and_timm_vit()
     x = images()
     torch.testing.assert_close(run(hf, x), run(tv, x), atol=1e-5, rtol=1e-5)
     for model in (hf, tv):
