@@ -199,3 +199,20 @@ def test_weighted_pagerank_renormalizes_the_survivors_rows_by_default():
     default = weighted_pagerank(attn, start, iterations=3, alive=alive)
     assert torch.equal(default, weighted_pagerank(attn, start, iterations=3, alive=alive, renormalize=True))
     assert not torch.allclose(default, weighted_pagerank(attn, start, iterations=3, alive=alive, renormalize=False))
+
+
+# ----------------------------------------------------------------------------- patches/timm_vit.py
+
+def test_timm_attention_dropout_is_off_in_eval_mode():
+    """The attention that keeps q/k for a method follows the stock block: dropout only while training."""
+    model, x = tiny_timm(attn_drop_rate=0.5).eval(), images()
+    tokenprune.apply(model, "tome", keep=0.5)
+    with torch.inference_mode():
+        assert torch.equal(model(x), model(x))
+
+
+def test_timm_unsupported_pool_names_the_supported_ones():
+    model = tiny_timm()
+    model.global_pool = "prr"
+    with pytest.raises(TypeError, match=r"global_pool='prr'; supported: \('token', 'avg', 'avgmax', 'max', '', 'map'\)"):
+        tokenprune.apply(model, "tome", keep=0.5)
