@@ -139,3 +139,11 @@ def test_plan_removals_without_layers_cannot_reach_a_target():
     assert ops.plan_removals(16, 0, 16) == ()
     with pytest.raises(ValueError, match="without a reducing layer"):
         ops.plan_removals(16, 0, 8)
+
+
+def test_plan_removals_reaches_a_single_token():
+    """keep small enough leaves max(1, ...) = 1 patch token: a valid target, spread under the 50% cap."""
+    steps = ops.plan_removals(16, 4, 1)
+    assert sum(steps) == 15 and len(steps) == 4
+    with pytest.raises(ValueError, match=r"target must be in \[1, 16\]"):
+        ops.plan_removals(16, 4, 0)
