@@ -217,3 +217,41 @@ def test_timm_unsupported_pool_names_the_supported_ones():
     supported = r"supported: \('token', 'avg', 'avgmax', 'max', '', 'map'\)"
     with pytest.raises(TypeError, match=r"global_pool='prr'; " + supported):
         tokenprune.apply(model, "tome", keep=0.5)
+
+
+# ----------------------------------------------------------------------------- HiPrune's pure parts
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 4), (3, 1), (3, 4), (5, 5)])
+def test_hiprune_neighbours_match_a_brute_force_grid(grid):
+    """Left, right, above, below on the patch grid (an off-grid neighbour is the anchor itself); with
+    ``wrap`` the official code's raster-order +-1 / +-cols, clamped to the sequence."""
+    from tokenprune.methods.hiprune import neighbours
+    rows, cols = grid
+    n = rows * cols
+    index = torch.arange(n)
+    expected, wrapped = [], []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        expected.append([i - 1 if c > 0 else i, i + 1 if c < cols - 1 else i,
+                         i - cols if r > 0 else i, i + cols if r < rows - 1 else i])
+        wrapped.append([min(max(i + d, 0), n - 1) for d in (-1, 1, -cols, cols)])
+    assert neighbours(index, grid).tolist() == expected
+    assert neighbours(index, grid, wrap=True).tolist() == wrapped
+
+
+def test_hiprune_select_refuses_scores_that_do_not_fill_the_grid():
+    from tokenprune.methods.hiprune import hiprune_select
+    scores = torch.rand(6)
+    assert hiprune_select(scores, scores, (2, 3), 3).shape == (3,)
+    with pytest.raises(ValueError, match="6 scores do not fill a 3x3 grid"):
+        hiprune_select(scores, scores, (3, 3), 3)
+
+
+@pytest.mark.parametrize("key", ["tokens", "object_layer"])
+def test_hiprune_positive_int_options(key):
+    from tokenprune.methods.hiprune import HiPrune
+    HiPrune(**{key: None}), HiPrune(**{key: 1})
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises((TypeError, ValueError), match=key):
+            HiPrune(**{key: bad})
