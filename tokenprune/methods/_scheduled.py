@@ -5,10 +5,6 @@ from .. import ops
 from ..registry import Option, TokenReducer, flag, is_int, is_real
 
 
-def _is_count(v) -> bool:
-    return is_int(v)
-
-
 def _is_tome_r(r) -> bool:
     return (r is None or is_int(r)
             or (isinstance(r, tuple) and len(r) == 2 and is_int(r[0]) and is_real(r[1], -1.0, 1.0))
