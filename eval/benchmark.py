@@ -20,28 +20,28 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tokenprune.patches import find_adapter
 
 import tokenprune
+from tokenprune.adapters import find_adapter
 from tokenprune.flops import count_flops, default_input_size, random_model
-from tokenprune.registry import TokenReducer
+from tokenprune.registry import EncoderReducer, Reduction
 
 
-class ZeroCostTruncation(TokenReducer):
+class ZeroCostTruncation(EncoderReducer):
     """The ceiling for any method: the same token counts as ``inner``, reached by simply
     dropping the last tokens (no scoring, no merging). Not registered: a measuring device."""
 
     name, summary = "truncate", "zero-cost truncation on another method's schedule"
 
-    def __init__(self, inner: TokenReducer):
+    def __init__(self, inner: EncoderReducer):
         super().__init__(keep=inner.keep)
         self.inner = inner
 
     def schedule(self, num_patches, depth, num_prefix=0):
         return self.inner.schedule(num_patches, depth, num_prefix)
 
-    def reduce(self, x, remove, taps, state):
-        return x[:, : x.shape[1] - remove]
+    def after_attention(self, x, remove, taps, state):
+        return Reduction(x[:, : x.shape[1] - remove])
 
 
 @dataclass

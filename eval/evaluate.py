@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import tokenprune
-from tokenprune.cli import ArgumentParser, _option, check_model_name, check_writable, count
+from tokenprune.cli import ArgumentParser, add_option_argument, check_model_name, check_writable, count
 
 from .data import EMBEDDED, build_dataset, looks_like_path, skip_reason
 
@@ -364,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", nargs="+", default=[],
                    help="methods to sweep (default: every registered encoder method)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.5], help="keep values to sweep")
-    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="native option for every method (e.g. -o prop_attn=False)")
+    add_option_argument(p)  # applies to every method of the sweep
     p.add_argument("--batch-size", type=count(1), default=128)
     p.add_argument("--workers", type=count(0), default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -387,15 +386,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from timm.data import create_transform, resolve_data_config
     from torch.utils.data import DataLoader, Subset
 
-    from tokenprune.registry import method_names
+    from tokenprune.registry import EncoderReducer, method_names
 
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     # default: every encoder method (VLM selectors such as hiprune need a VLM, not a classifier)
-    methods = args.method or [m for m in method_names()
-                              if tokenprune.registry.get_method(m).scope == "encoder"]
-    encoder = [m for m in method_names() if tokenprune.registry.get_method(m).scope == "encoder"]
+    encoder = [m for m in method_names() if issubclass(tokenprune.registry.get_method(m), EncoderReducer)]
+    methods = args.method or encoder
     for m in methods:  # fail on a bad method, keep or option before any work
         tokenprune.registry.get_method(m)(keep=args.keep[0], **dict(args.option))
         if m not in encoder:

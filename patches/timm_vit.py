@@ -10,120 +10,120 @@ How the patch works (docs/design.md has the reasoning and the measurements):
   'map' gets the log-size bias, so a merged token counts as the patches it absorbed.
   No parameters or buffers change, so ``state_dict`` is untouched, and ``remove``
   swaps the classes back.
-* Each ``Block`` becomes a ``ReducingBlock`` (a subclass that only overrides
-  ``forward``). Called without a state (``forward_intermediates``, user code) it is
-  the stock block. With one, it adds the log-size bias to the attention mask, so
-  SDPA stays SDPA, and reduces tokens between the attention residual and the MLP.
-* Where a method needs q/k, the block runs ``attention_with_taps``: timm's
-  ``Attention.forward`` step by step, keeping q and k. Blocks that reduce nothing
-  call the stock attention.
+* Each ``Block`` becomes a ``ReducingBlock``, which overrides ``forward`` and supplies its parts
+  (norms, attention, residual branches) to ``tokenprune.block.run_block``, the reducing step every
+  framework shares. Called without a state (``forward_intermediates``, user code) it is the stock
+  block; blocks that reduce nothing run the stock block with the log-size bias as their attention
+  mask, so SDPA stays SDPA. ``TimmAttention`` is timm's ``Attention.forward`` in the pieces
+  ``tokenprune.block.attend`` runs (q/k taps, explicit probabilities, a method's attention core).
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.attention import maybe_add_mask
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from tokenprune import ops
-from tokenprune.registry import TokenReducer
-from tokenprune.state import AttentionTaps, ForwardState
+from tokenprune.adapters import EncoderAdapter, register_adapter
+from tokenprune.block import attend, run_block
+from tokenprune.registry import EncoderReducer
+from tokenprune.state import ForwardState
 
 from ._swap import Swapped, refuse_jit_tracing, restore, swap
 
 FAMILY = ("timm VisionTransformer with standard Block/Attention: vit_*, deit_* (distilled too), deit3_*, "
           "*_dinov2 (reg too), CLIP and SigLIP ViTs")
-DEFAULT_METHOD = "tome"
 _POOLS = ("token", "avg", "avgmax", "max", "")
 _SIZE_POOLS = ("avg", "avgmax")  # with 'map': the pools a merged token must enter with its size
 
 
-def attention_with_taps(attn: Attention, x: Tensor, attn_mask: Tensor | None,
-                        keep_probabilities: bool = False) -> tuple[Tensor, AttentionTaps]:
-    """timm ``Attention.forward`` (timm 1.0.x), also returning the q and k it used, and with
-    ``keep_probabilities`` the attention probabilities (explicit attention instead of SDPA)."""
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = None
-    if attn.fused_attn and not keep_probabilities:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        weights = maybe_add_mask((q * attn.scale) @ k.transpose(-2, -1), attn_mask).softmax(dim=-1)
-        out = attn.attn_drop(weights) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, AttentionTaps(q=q, k=k, scale=attn.scale, bias=attn_mask,
-                              probs=weights if keep_probabilities else None)
+@dataclass(frozen=True)
+class TimmAttention:
+    """timm's ``Attention`` (timm 1.0.x) as ``tokenprune.block.AttentionParts``: its ``forward`` step by
+    step (a test pins ``attend`` through it bit-exact to timm's own forward)."""
 
+    attn: Attention
+    returns_maps = False
 
-def query_key_taps(attn: Attention, x: Tensor, bias: Tensor | None) -> AttentionTaps:
-    """q and k only (the first two thirds of the qkv projection), for methods that score before attending."""
-    B, N, _ = x.shape
-    dim = attn.attn_dim
-    bias_qk = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * dim]
-    q, k = F.linear(x, attn.qkv.weight[: 2 * dim], bias_qk).reshape(B, N, 2, attn.num_heads, attn.head_dim) \
-        .permute(2, 0, 3, 1, 4).unbind(0)
-    return AttentionTaps(q=attn.q_norm(q), k=attn.k_norm(k), scale=attn.scale, bias=bias)
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn.scale
 
+    def project_qkv(self, h):
+        attn, (B, N, _) = self.attn, h.shape
+        q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
 
-def attention_with_core(attn: Attention, x: Tensor, core: Callable[[Tensor], Tensor]) -> Tensor:
-    """The rest of timm's ``Attention.forward`` around a method's own attention core: values from
-    the last third of the qkv projection, ``core(v)`` (B, H, N, D) in place of softmax(qk)v, then
-    norm, gate and output projection."""
-    B, N, _ = x.shape
-    dim = attn.attn_dim
-    bias_v = None if attn.qkv.bias is None else attn.qkv.bias[2 * dim:]
-    v = F.linear(x, attn.qkv.weight[2 * dim:], bias_v).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-    out = attn.norm(core(v).transpose(1, 2).reshape(B, N, dim))
-    if attn.gate is not None:
-        out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
+    def project_qk(self, h):
+        attn, dim = self.attn, self.attn.attn_dim
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * dim]
+        B, N, _ = h.shape
+        q, k = F.linear(h, attn.qkv.weight[: 2 * dim], bias).reshape(B, N, 2, attn.num_heads, attn.head_dim) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k)
+
+    def project_v(self, h):
+        attn, dim = self.attn, self.attn.attn_dim
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * dim:]
+        B, N, _ = h.shape
+        return F.linear(h, attn.qkv.weight[2 * dim:], bias).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    def kernel(self, q, k, v, bias):
+        attn = self.attn
+        if attn.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                  dropout_p=attn.attn_drop.p if attn.training else 0.0), None
+        weights = maybe_add_mask((q * attn.scale) @ k.transpose(-2, -1), bias).softmax(dim=-1)
+        return attn.attn_drop(weights) @ v, None
+
+    def drop_attention(self, probs):
+        return self.attn.attn_drop(probs)
+
+    def project_out(self, h, heads):
+        attn, (B, N, _) = self.attn, h.shape
+        out = attn.norm(heads.transpose(1, 2).reshape(B, N, attn.attn_dim))
+        if attn.gate is not None:
+            out = out * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(out))
 
 
 class ReducingBlock(Block):
-    """A timm ``Block`` that reduces tokens when it is given a ``ForwardState``.
-
-    Methods reduce either between the attention residual and the MLP (``after_attention``: ToMe,
-    Zero-TPrune, random) or at the block input using this block's own attention
-    (``block_input``: MCTF, which may hand back an attention core that reuses its scores).
-    """
+    """A timm ``Block`` that reduces tokens when it is given a ``ForwardState`` (``tokenprune.block.run_block``);
+    without one it is the stock block. It is the block's ``BlockParts``."""
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
                 state: ForwardState | None = None) -> Tensor:
         if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        reducer = state.reducer
-        remove = state.enter_block(x)
-        taps, core = None, None
-        if remove and reducer.placement == "block_input":
-            taps = query_key_taps(self.attn, self.norm1(x), state.attention_bias())
-            x, core = reducer.reduce(x, remove, taps, state)
-            remove = 0
-        h = self.norm1(x)
-        if core is not None:
-            h = attention_with_core(self.attn, h, core)
-        elif remove and reducer.needs_attention:
-            h, taps = attention_with_taps(self.attn, h, state.attention_bias(), reducer.needs_probabilities)
-        else:
-            h = self.attn(h, attn_mask=state.attention_bias())
-        x = x + self.drop_path1(self.ls1(h))
-        if remove:
-            x = reducer.reduce(x, remove, taps, state)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return run_block(self, x, state)
+
+    def stock_block(self, x, bias):
+        return super().forward(x, attn_mask=bias)
+
+    def attention_input(self, x):
+        return self.norm1(x)
+
+    def attention_parts(self):
+        return TimmAttention(self.attn)
+
+    def run_attention(self, h, bias, request):
+        return attend(TimmAttention(self.attn), h, bias, request)[0]
+
+    def attention_residual(self, h):
+        return self.drop_path1(self.ls1(h))
+
+    def mlp_residual(self, x):
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class ReducingViT(Swapped, VisionTransformer):
     """Mixed in front of the model's own class (``_swap.swap``); never built directly."""
 
-    tokenprune_reducer: TokenReducer
+    tokenprune_reducer: EncoderReducer
 
     def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
         refuse_jit_tracing()
@@ -197,56 +197,44 @@ def unsupported_head(model: VisionTransformer) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- the adapter API
+# ---------------------------------------------------------------- the adapter
 
-def handles(model: nn.Module) -> bool:
-    return isinstance(model, VisionTransformer)
+@register_adapter
+class TimmViTAdapter(EncoderAdapter):
+    family = FAMILY
 
+    def handles(self, model):
+        return isinstance(model, VisionTransformer)
 
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(model, ReducingViT)
+    def anchor(self, model):
+        return model
 
+    def check(self, model):
+        for i, block in enumerate(model.blocks):
+            if type(block) not in (Block, ReducingBlock):
+                raise TypeError(f"tokenprune cannot patch block {i} of {type(model).__name__}: it is "
+                                f"{type(block).__module__}.{type(block).__name__}; supported: {FAMILY}")
+            if type(block.attn) is not Attention:
+                raise TypeError(f"tokenprune cannot patch block {i}: its attention is "
+                                f"{type(block.attn).__module__}.{type(block.attn).__name__}; supported: {FAMILY}")
+        problem = unsupported_head(model)
+        if problem:
+            raise TypeError(f"tokenprune {problem}")
 
-def reducer_of(model: nn.Module) -> TokenReducer:
-    return model.tokenprune_reducer
+    def plan(self, model, reducer):
+        """Plan the schedule for the model's native input size now, so an unreachable ``keep`` fails
+        before patching (other sizes, with ``dynamic_img_size``, plan per forward)."""
+        reducer.schedule(model.patch_embed.num_patches, len(model.blocks), model.num_prefix_tokens)
 
+    def patch(self, model, reducer):
+        if not self.is_patched(model):
+            for block in model.blocks:
+                block.__class__ = ReducingBlock
+            swap(model, ReducingViT)
+        self.configure(model, reducer)
 
-def last_forward(model: nn.Module):
-    return model._tokenprune_last
-
-
-def check(model: nn.Module) -> None:
-    """Raise TypeError naming the first part of ``model`` this adapter cannot patch."""
-    for i, block in enumerate(model.blocks):
-        if type(block) not in (Block, ReducingBlock):
-            raise TypeError(f"tokenprune cannot patch block {i} of {type(model).__name__}: it is "
-                            f"{type(block).__module__}.{type(block).__name__}; supported: {FAMILY}")
-        if type(block.attn) is not Attention:
-            raise TypeError(f"tokenprune cannot patch block {i}: its attention is "
-                            f"{type(block.attn).__module__}.{type(block.attn).__name__}; supported: {FAMILY}")
-    problem = unsupported_head(model)
-    if problem:
-        raise TypeError(f"tokenprune {problem}")
-
-
-def check_schedule(model: VisionTransformer, reducer: TokenReducer) -> None:
-    """Plan the schedule for the model's native input size now, so an unreachable
-    ``keep`` fails before patching (other sizes, with ``dynamic_img_size``, plan per forward)."""
-    reducer.schedule(model.patch_embed.num_patches, len(model.blocks), model.num_prefix_tokens)
-
-
-def patch(model: VisionTransformer, reducer: TokenReducer) -> None:
-    if not is_patched(model):
+    def unpatch(self, model):
         for block in model.blocks:
-            block.__class__ = ReducingBlock
-        swap(model, ReducingViT)
-    model.tokenprune_reducer = reducer
-    model._tokenprune_last = None
-
-
-def unpatch(model: VisionTransformer) -> None:
-    for block in model.blocks:
-        block.__class__ = Block
-    restore(model)
-    del model.tokenprune_reducer
-    del model._tokenprune_last
+            block.__class__ = Block
+        restore(model)
+        self.unconfigure(model)

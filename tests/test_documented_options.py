@@ -117,7 +117,8 @@ def mctf_step(options, remove=6, p=1, seed=0):
     state = ForwardState(reducer=reducer, num_prefix=p)
     state.size = size
     taps = AttentionTaps(q=q, k=k, scale=0.5, bias=state.attention_bias())
-    out, core = reducer.reduce(x, remove, taps, state)
+    reduced = reducer.before_attention(x, remove, taps, state)
+    out, core = reduced.tokens, reduced.attention_core
     return x, q, k, size, out, core, state
 
 
@@ -209,7 +210,7 @@ def zero_tprune_step(options, remove=10, p=1, seed=0):
     reducer = ZeroTPrune(layers=[10], **options)
     state = ForwardState(reducer=reducer, num_prefix=p, schedule=reducer.schedule(n, 12))
     state.token_counts = [p + n] * 11  # the state is at block 10
-    out = reducer.reduce(x, remove, AttentionTaps(q=q, k=k, scale=0.5, probs=probs), state)
+    out = reducer.after_attention(x, remove, AttentionTaps(q=q, k=k, scale=0.5, probs=probs), state).tokens
     return x, probs, k.mean(1), out
 
 

@@ -13,6 +13,7 @@ from conftest import images
 from test_hf_patch import PREFIX, tiny_hf
 
 import tokenprune
+from tokenprune.registry import Stage
 
 REDUCING = ["tome", "mctf", "zero-tprune", "random"]
 
@@ -64,7 +65,7 @@ def test_every_layer_returns_its_reduced_attention_map_and_hidden_states(hf_fami
 
     # one map per layer, (B, H, N_l, N_l) with N_l the tokens that layer attended over
     assert len(out.attentions) == len(layers) == len(seen)
-    if tokenprune.reducer_of(model).placement == "block_input":  # reduces before its attention
+    if tokenprune.reducer_of(model).stage is Stage.BEFORE_ATTENTION:  # reduces before its attention
         attended = report.token_counts[1:] + [report.output_tokens]
     else:
         attended = report.token_counts

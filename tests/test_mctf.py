@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import images, tiny_timm
 from test_official_conventions import reference_mctf_features
-from tokenprune.patches.timm_vit import attention_with_core, query_key_taps
+from tokenprune.patches.timm_vit import TimmAttention
 
 import tokenprune
 from tokenprune import ops
+from tokenprune.block import AttentionRequest, attend
 from tokenprune.methods import mctf
 from tokenprune.state import AttentionTaps, ForwardState
 
@@ -67,10 +68,11 @@ def test_approximate_and_recomputed_attention_agree_when_nothing_merges():
     block = model.blocks[1]
     with torch.inference_mode():
         h = block.norm1(model._pos_embed(model.patch_embed(x)))
-        taps = query_key_taps(block.attn, h, None)
-        probs = taps.probabilities()
-        torch.testing.assert_close(attention_with_core(block.attn, h, partial(torch.matmul, probs)), block.attn(h),
-                                   atol=1e-6, rtol=1e-5)
+        parts = TimmAttention(block.attn)
+        q, k = parts.project_qk(h)
+        probs = AttentionTaps(q=q, k=k, scale=parts.softmax_scale).probabilities()
+        out = attend(parts, h, None, AttentionRequest(core=partial(torch.matmul, probs)))[0]
+        torch.testing.assert_close(out, block.attn(h), atol=1e-6, rtol=1e-5)
 
 
 def test_scores_follow_the_criteria():

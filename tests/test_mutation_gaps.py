@@ -36,8 +36,8 @@ def test_random_reduce_removes_at_most_half_the_patch_tokens():
     reducer = RandomDrop(seed=1)
     x = torch.randn(2, 1 + 11, 4)
     state = ForwardState(reducer=reducer, num_prefix=1, token_counts=[12])
-    assert reducer.reduce(x, 9, None, state).shape == (2, 1 + 6, 4)
-    assert reducer.reduce(x, 3, None, state).shape == (2, 1 + 8, 4)
+    assert reducer.after_attention(x, 9, None, state).tokens.shape == (2, 1 + 6, 4)
+    assert reducer.after_attention(x, 3, None, state).tokens.shape == (2, 1 + 8, 4)
 
 
 def test_r_inflection_bounds_are_inclusive():

@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import images, tiny_timm
 from timm.models.vision_transformer import Block
-from tokenprune.patches.timm_vit import ReducingBlock
+from tokenprune.patches.timm_vit import ReducingBlock, TimmAttention
 
 import tokenprune
 from tokenprune import ops
+from tokenprune.block import AttentionRequest, attend
+from tokenprune.registry import Needs
 
 METHODS = ["tome", "random"]  # the every-block methods
 ALL_METHODS = ["tome", "random", "zero-tprune", "mctf"]
@@ -220,13 +222,17 @@ def test_attn_mask_is_refused_while_reducing():
         model(images(), attn_mask=torch.zeros(1, 1, 65, 65))
 
 
+def attention_with_taps(attn, x, bias, keep_probabilities=False):
+    """The shared attention step on timm's attention, asking for q/k (and probabilities)."""
+    request = AttentionRequest(needs=Needs.PROBABILITIES if keep_probabilities else Needs.QUERIES_KEYS)
+    return attend(TimmAttention(attn), x, bias, request)[0], request.taps
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"scale_norm": True, "norm_layer": torch.nn.LayerNorm},
                                      {"gated": True}])
 def test_attention_with_taps_is_timms_attention(fused, variant):
     from timm.layers import Attention
-    from tokenprune.patches.timm_vit import attention_with_taps
-
     torch.manual_seed(0)
     attn = Attention(48, num_heads=3, **({"norm_layer": torch.nn.LayerNorm} if "qk_norm" in variant else {}),
                      **variant).eval()
@@ -236,12 +242,12 @@ def test_attention_with_taps_is_timms_attention(fused, variant):
         for mask in (None, bias):
             out, taps = attention_with_taps(attn, x, mask)
             assert torch.equal(out, attn(x, attn_mask=mask))
+            assert torch.equal(attend(TimmAttention(attn), x, mask, AttentionRequest())[0], attn(x, attn_mask=mask))
             assert taps.q.shape == taps.k.shape == (2, 3, 17, 16)
 
 
 def test_taps_keep_the_probabilities_they_were_asked_for():
     from timm.layers import Attention
-    from tokenprune.patches.timm_vit import attention_with_taps
 
     torch.manual_seed(0)
     attn = Attention(48, num_heads=3).eval()

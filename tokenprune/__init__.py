@@ -8,12 +8,16 @@
     pipe = tokenprune.pipeline("image-classification", model="google/vit-base-patch16-224", keep=0.5)
     tokenprune.apply(llava, "hiprune", keep=1/3)  # VLMs: visual tokens reaching the language model
 """
-from . import testbed  # noqa: F401  (registers the testbed model, vit_testbed_fmnist, with timm)
+# registration side effects: every method, every adapter, the testbed model (vit_testbed_fmnist) with timm
+from . import methods as _methods  # noqa: F401
+from . import patches as _patches  # noqa: F401
+from . import testbed as _testbed  # noqa: F401
 from .api import apply, is_patched, last_forward, methods, reducer_of, remove
 from .flops import FlopCount, count_flops
 from .pipelines import pipeline
-from .registry import TokenReducer, register
+from .registry import EncoderReducer, Needs, Reduction, TokenReducer, VisualTokenSelector, register
 
 __all__ = ["apply", "remove", "methods", "last_forward", "is_patched", "reducer_of",
-           "count_flops", "FlopCount", "pipeline", "TokenReducer", "register"]
+           "count_flops", "FlopCount", "pipeline", "TokenReducer", "EncoderReducer", "VisualTokenSelector",
+           "Reduction", "Needs", "register"]
 __version__ = "0.1.0"

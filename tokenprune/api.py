@@ -6,8 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from . import methods as _methods  # noqa: F401  (registers every method)
-from .patches import find_adapter
+from .adapters import adapters, find_adapter
 from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
 
@@ -33,14 +32,19 @@ def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, po
     """
     keep = check_keep(keep)
     adapter = find_adapter(model)
-    reducer = get_method(adapter.DEFAULT_METHOD if method is None else method)(keep=keep, **options)
+    reducer = get_method(adapter.default_method if method is None else method)(keep=keep, **options)
+    if not isinstance(reducer, adapter.method_types):
+        takers = "; ".join(a.family for a in adapters() if isinstance(reducer, a.method_types))
+        usable = ", ".join(m for m in method_names() if issubclass(get_method(m), adapter.method_types))
+        raise TypeError(f"{reducer.name} is {reducer.kind}: apply it to {takers}. "
+                        f"{type(model).__name__} takes: {usable}")
     settings = {}
     if positions is not None:
-        if not hasattr(adapter, "POSITIONS"):
+        if "positions" not in adapter.settings:
             raise TypeError(f"positions applies to vision-language models only, not to {type(model).__name__}")
         settings["positions"] = positions
     with reducer.collecting_notes() as notes:
-        adapter.check_schedule(model, reducer, **settings)
+        adapter.plan(model, reducer, **settings)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     adapter.patch(model, reducer, **settings)

@@ -76,7 +76,7 @@ def check_writable(path: Path, what: str) -> None:
                          f"folder") from e
 
 
-def _option(text: str) -> tuple[str, object]:
+def parse_option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as a Python literal when it is one (``r=13``, ``r=(13,-1)``)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -93,7 +93,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    "(hf:vit = ViT-B/16); random init")
     p.add_argument("--method", default="tome", help="a registered method (see `tokenprune methods`)")
     p.add_argument("--keep", type=float, default=0.33, help="fraction of patch tokens that leave the encoder")
-    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    add_option_argument(p)
+
+
+def add_option_argument(p: argparse.ArgumentParser) -> None:
+    """``--option/-o KEY=VALUE`` (repeatable), read by ``parse_option``; shared with the eval CLI."""
+    p.add_argument("--option", "-o", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a native method option, VALUE a Python literal: -o r=13 (overrides --keep), "
                    "-o prop_attn=False; repeatable. `tokenprune methods` lists what each option accepts")
 

@@ -1,13 +1,24 @@
-"""The one registry of token-reduction methods.
+"""The one registry of token-reduction methods, and the two kinds of method.
 
-A method is a subclass of ``TokenReducer`` decorated with ``@register``. It declares
-its native options (``native_options``: each an ``Option``, a default and the values it
-accepts), maps ``keep`` or its native options to a per-block schedule, and reduces tokens
-given the block's tokens and, when it asks for them, the attention's q and k. Adding a method means adding one file in
-``tokenprune/methods/`` and importing it in ``tokenprune/methods/__init__.py``.
+A method is a subclass of one of two types, decorated with ``@register``:
+
+* ``EncoderReducer``: reduces tokens inside a vision encoder's blocks. It maps ``keep`` (or its native
+  options) to a per-block schedule and implements one hook, ``after_attention`` (between the attention
+  residual and the MLP: ToMe, Zero-TPrune, random) or ``before_attention`` (at the block input, from
+  the q and k of the un-reduced tokens: MCTF). Both return a ``Reduction``. ``needs`` says what the
+  block's attention must hand the ``after_attention`` hook. Runs on ViTs and on a VLM's vision tower.
+* ``VisualTokenSelector``: chooses, per image, the visual tokens a VLM's language model receives, from
+  the attention each token receives at encoder layers it names and the image's patch grid (HiPrune).
+  It owns its budget. VLMs only.
+
+Both declare their native options once (``native_options``: each an ``Option``, a default and the
+values it accepts); validation, ``tokenprune.methods()``, the CLI's ``-o KEY=VALUE`` and the docs read
+that declaration. Adding a method means adding one file in ``tokenprune/methods/`` and importing it in
+``tokenprune/methods/__init__.py`` (docs/design.md has a worked example of each kind).
 """
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from contextlib import contextmanager
@@ -97,32 +108,18 @@ def choice(default: str, *values: str) -> Option:
 class TokenReducer:
     """Base class of every method. One instance holds one configuration.
 
-    Subclasses set ``name``, ``summary``, ``native_options`` (``Option``s by name) and
-    override ``schedule`` and ``reduce``. Construction validates everything (each option
-    against its declaration, then ``validate`` for constraints between options), so a bad
-    option fails before any model is touched.
+    Methods subclass ``EncoderReducer`` or ``VisualTokenSelector`` and set ``name``, ``summary`` and
+    ``native_options`` (``Option``s by name). Construction validates everything (each option against
+    its declaration, then ``validate`` for constraints between options), so a bad option fails before
+    any model is touched.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    kind: ClassVar[str]  # what sort of method, in words (set by EncoderReducer / VisualTokenSelector)
     native_options: ClassVar[dict[str, Option]] = {}
     #: the default of every native option (derived from ``native_options``)
     defaults: ClassVar[dict[str, Any]] = {}
-    #: ask the adapter for q/k (``AttentionTaps``) at blocks that reduce
-    needs_attention: ClassVar[bool] = False
-    #: and for the attention probabilities: the adapter then runs explicit attention at those
-    #: blocks only (cheaper than SDPA plus a second q @ k^T and softmax)
-    needs_probabilities: ClassVar[bool] = False
-    #: where a block reduces: "after_attention" (between the attention residual and the MLP), or
-    #: "block_input" (before attention, from q/k of the un-reduced tokens; ``reduce`` then returns
-    #: ``(x, core)``: ``core(v)`` computes the block's attention output from the merged tokens'
-    #: values (B, H, N', D), reusing the scores; None recomputes attention as usual)
-    placement: ClassVar[str] = "after_attention"
-    #: "encoder": reduces tokens inside a vision encoder's blocks (``schedule`` + ``reduce``), usable on
-    #: ViTs and on a VLM's vision tower; "vlm": selects the visual tokens a VLM's language model
-    #: receives from encoder attention scores (``select``), VLMs only
-    scope: ClassVar[str] = "encoder"
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.defaults = {key: option.default for key, option in cls.native_options.items()}
@@ -161,6 +158,60 @@ class TokenReducer:
         finally:
             self._notes = None
 
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != self.defaults[k])
+        return f"{type(self).__name__}(keep={self.keep}{', ' + opts if opts else ''})"
+
+
+class Stage(enum.Enum):
+    """Where in a block an ``EncoderReducer`` reduces: the hook it implements."""
+
+    BEFORE_ATTENTION = "before_attention"  # at the block input, from q/k of the un-reduced tokens
+    AFTER_ATTENTION = "after_attention"  # between the attention residual and the MLP
+
+
+class Needs(enum.Enum):
+    """What a block's attention hands an ``after_attention`` hook (``AttentionTaps``); asked for only at
+    blocks that reduce, since each costs time."""
+
+    NOTHING = "nothing"
+    QUERIES_KEYS = "q and k"
+    #: q, k and the attention probabilities: the adapter then runs explicit attention at that block
+    #: (cheaper than SDPA plus a second q @ k^T and softmax)
+    PROBABILITIES = "q, k and probabilities"
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a hook returns: the block's tokens after reduction and, from ``before_attention`` only, an
+    attention core ``core(v)`` that computes the block's attention output ``(B, H, N', D)`` from the
+    reduced tokens' values, reusing the scores it already has (None: attention is computed as usual)."""
+
+    tokens: Tensor
+    attention_core: Callable[[Tensor], Tensor] | None = None
+
+
+class EncoderReducer(TokenReducer):
+    """A method that reduces tokens inside a vision encoder's blocks.
+
+    Subclasses implement ``schedule`` (tokens to remove per block) and exactly one hook,
+    ``before_attention`` or ``after_attention``; ``stage`` records which (set from the subclass).
+    Use ``state.merge``, ``state.fuse`` or ``state.keep`` so token sizes and source maps stay in step.
+    """
+
+    kind: ClassVar[str] = "a vision-encoder method (it reduces tokens inside the encoder's blocks)"
+    stage: ClassVar[Stage] = Stage.AFTER_ATTENTION
+    needs: ClassVar[Needs] = Needs.NOTHING
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hooks = {stage for stage in Stage if getattr(cls, stage.value) is not getattr(EncoderReducer, stage.value)}
+        if len(hooks) > 1:
+            raise TypeError(f"{cls.__name__} implements both before_attention and after_attention; a method "
+                            "reduces at one of them")
+        if hooks:
+            cls.stage = hooks.pop()
+
     @property
     def proportional_attention(self) -> bool:
         """Whether merged tokens bias attention by ``log(size)``."""
@@ -175,10 +226,57 @@ class TokenReducer:
         behind ``num_prefix`` prefix tokens (only a floor on the total, MCTF's ``min_tokens``, needs it)."""
         raise NotImplementedError
 
-    def reduce(self, x: Tensor, remove: int, taps: AttentionTaps | None, state: ForwardState) -> Tensor:
-        """Remove ``remove`` patch tokens from ``x`` (B, N, C) inside one block."""
+    def before_attention(self, x: Tensor, remove: int, taps: AttentionTaps, state: ForwardState) -> Reduction:
+        """Remove ``remove`` patch tokens from a block's input ``x`` (B, N, C); ``taps`` holds the q and k
+        the block's attention would use on ``x`` (and the log-size bias)."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != self.defaults[k])
-        return f"{type(self).__name__}(keep={self.keep}{', ' + opts if opts else ''})"
+    def after_attention(self, x: Tensor, remove: int, taps: AttentionTaps | None, state: ForwardState) -> Reduction:
+        """Remove ``remove`` patch tokens from ``x`` (B, N, C), the tokens after the attention residual;
+        ``taps`` is what ``needs`` asked for (None for ``Needs.NOTHING``)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """What a visual-token selector may know of the VLM's vision tower (layers 0-based)."""
+
+    family: str  # "LLaVA", "Qwen2.5-VL", ...
+    depth: int
+    output_layer: int  # the layer whose features the language model receives
+    object_layer: int  # the family's middle layer for object-level scores (HiPrune's papers: LLaVA 9, Qwen 16; 1-based)
+    full_attention_layers: tuple[int, ...] | None = None  # None: every layer attends over the whole image
+
+
+class VisualTokenSelector(TokenReducer):
+    """A method that chooses which visual tokens of each image a VLM's language model receives.
+
+    The adapter records the attention each visual token receives (mean over heads and queries) at the
+    encoder layers ``score_layers`` names, then calls ``select`` per image (per crop for LLaVA-NeXT) with
+    those scores and the image's patch grid. The selector owns its budget (``budget``).
+    """
+
+    kind: ClassVar[str] = "a visual-token selector (it chooses the visual tokens a VLM's language model receives)"
+
+    def check(self, tower: VisionTower) -> None:
+        """Raise ValueError if this configuration cannot run on ``tower`` (before anything is patched)."""
+
+    def score_layers(self, tower: VisionTower) -> tuple[int, ...]:
+        """The encoder layers (0-based) whose received-attention scores ``select`` reads, in its order."""
+        raise NotImplementedError
+
+    def budget(self, num_tokens: int) -> int:
+        """Visual tokens kept of an image's ``num_tokens``; a budget under one token is an error, not a
+        silent 1."""
+        k = round(self.keep * num_tokens)
+        if k < 1:
+            raise ValueError(f"keep={self.keep} leaves round({self.keep} * {num_tokens}) = {k} visual tokens for an "
+                             f"image of {num_tokens}; the budget must be at least one token")
+        return min(k, num_tokens)
+
+    def select(self, scores: tuple[Tensor, ...], grid: tuple[int, int], allowed: Tensor | None = None) -> Tensor:
+        """Sorted indices of the tokens kept of one image of ``rows * cols`` tokens in raster order, from
+        ``scores`` (one ``(rows * cols,)`` tensor per ``score_layers`` entry). ``allowed`` (bool): only
+        these tokens exist (LLaVA-NeXT's unpadded crop); the budget then counts them, and a budget that
+        rounds to zero keeps none."""
+        raise NotImplementedError

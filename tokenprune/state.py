@@ -16,16 +16,16 @@ from torch import Tensor
 from . import ops
 
 if TYPE_CHECKING:
-    from .registry import TokenReducer
+    from .registry import EncoderReducer
 
 
 @dataclass
 class ForwardState:
     """What one forward pass knows about its tokens while it runs."""
 
-    reducer: "TokenReducer"
+    reducer: "EncoderReducer"
     num_prefix: int
-    #: tokens each block removes (see TokenReducer.schedule); None: planned by the first block
+    #: tokens each block removes (see EncoderReducer.schedule); None: planned by the first block
     #: from the tokens it receives and ``depth`` (for adapters that only see tokens inside the encoder)
     schedule: tuple[int, ...] | None = None
     depth: int | None = None

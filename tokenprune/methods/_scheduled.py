@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import ops
-from ..registry import Option, TokenReducer, flag, is_int, is_real
+from ..registry import EncoderReducer, Option, flag, is_int, is_real
 
 
 def _is_tome_r(r) -> bool:
@@ -16,7 +16,7 @@ SEED = Option(0, "an int in [0, 2**32)", lambda v: is_int(v, 0, 2**32 - 1), Type
 TRACE_SOURCE = flag(False)
 
 
-def keep_schedule(reducer: TokenReducer, num_patches: int, blocks: int) -> tuple[int, ...]:
+def keep_schedule(reducer: EncoderReducer, num_patches: int, blocks: int) -> tuple[int, ...]:
     """``keep`` as an even removal over ``blocks`` reducing blocks, at most half of a block's patch
     tokens each (``ops.plan_removals``); an unreachable ``keep`` is an error naming it."""
     target = ops.final_patch_count(num_patches, reducer.keep)
@@ -26,7 +26,7 @@ def keep_schedule(reducer: TokenReducer, num_patches: int, blocks: int) -> tuple
         raise ValueError(f"{reducer.name}: keep={reducer.keep}: {e}") from None
 
 
-def capped(reducer: TokenReducer, requested: tuple[int | float, ...], num_patches: int, floor: int = 0,
+def capped(reducer: EncoderReducer, requested: tuple[int | float, ...], num_patches: int, floor: int = 0,
            what: str = "r") -> tuple[int, ...]:
     """A native per-block removal (ints, or fractions of the patch tokens left) clamped, block by block,
     to half the patch tokens the block sees (the bipartite matching's limit, as ToMe clamps) and to
@@ -48,7 +48,7 @@ def capped(reducer: TokenReducer, requested: tuple[int | float, ...], num_patche
     return tuple(steps)
 
 
-class EveryBlockReducer(TokenReducer):
+class EveryBlockReducer(EncoderReducer):
     """Removes tokens inside every block (ToMe's placement: after attention, before the MLP).
 
     ``keep`` becomes an even per-block removal that ends at ``max(1, round(keep * N))``

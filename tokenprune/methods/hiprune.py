@@ -11,23 +11,14 @@ features the VLM takes), HiPrune keeps a budget of K = round(keep * N) tokens:
 Kept tokens stay in raster order. The official code finds left/right neighbours as index -/+ 1,
 which wraps to the neighbouring row at the grid's edges; we do not wrap (``wrap=True`` restores the
 official behaviour). Which tokens reach the language model, and how, is the VLM adapter's business
-(``patches/hf_vlm.py``); this file only selects.
+(``patches/vlm.py``); this file only selects.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..registry import Option, TokenReducer, flag, is_int, is_real, register
-
-
-def budget(num_tokens: int, keep: float) -> int:
-    """Visual tokens kept of ``num_tokens``; a budget under one token is an error, not a silent 1."""
-    k = round(keep * num_tokens)
-    if k < 1:
-        raise ValueError(f"keep={keep} leaves round({keep} * {num_tokens}) = {k} visual tokens for an image of "
-                         f"{num_tokens}; the budget must be at least one token")
-    return min(k, num_tokens)
+from ..registry import Option, VisionTower, VisualTokenSelector, flag, is_int, is_real, register
 
 
 def neighbours(index: Tensor, grid: tuple[int, int], wrap: bool = False) -> Tensor:
@@ -75,7 +66,7 @@ def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int
 
 
 @register
-class HiPrune(TokenReducer):
+class HiPrune(VisualTokenSelector):
     name = "hiprune"
     summary = "HiPrune: anchor / buffer / register selection of a VLM's visual tokens (LLaVA, Qwen2.5-VL)"
     native_options = {
@@ -87,17 +78,34 @@ class HiPrune(TokenReducer):
         # native budget: visual tokens per image (or per crop), overrides keep
         "tokens": Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1)),
     }
-    scope = "vlm"
+
+    def check(self, tower: VisionTower) -> None:
+        layer = self.options["object_layer"] or tower.object_layer
+        if not 1 <= layer <= tower.depth:
+            raise ValueError(f"hiprune: object_layer={layer} is outside the {tower.depth}-layer vision tower of "
+                             f"{tower.family} (1-based)")
+        full = tower.full_attention_layers
+        if full is not None and layer - 1 not in full:
+            raise ValueError(f"hiprune: object_layer={layer} of {tower.family} attends within windows; scores need a "
+                             f"full-attention block: one of {[i + 1 for i in full]} (1-based)")
+
+    def score_layers(self, tower: VisionTower) -> tuple[int, int]:
+        """The object layer, then the output layer."""
+        return (self.options["object_layer"] or tower.object_layer) - 1, tower.output_layer
 
     def budget(self, num_tokens: int) -> int:
         if self.options["tokens"] is not None:
             return min(self.options["tokens"], num_tokens)
-        return budget(num_tokens, self.keep)
+        return super().budget(num_tokens)
 
-    def select(self, object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int]) -> Tensor:
-        return hiprune_select(object_scores, output_scores, grid, self.budget(object_scores.shape[0]),
-                              self.options["alpha"], self.options["wrap"])
-
-    def schedule(self, num_patches: int, depth: int, num_prefix: int = 0) -> tuple[int, ...]:
-        raise TypeError("hiprune selects the visual tokens a VLM's language model receives; apply it to a "
-                        "LLaVA, LLaVA-NeXT or Qwen2(.5)-VL model, not to a vision encoder alone")
+    def select(self, scores, grid, allowed=None):
+        object_scores, output_scores = scores
+        if allowed is None:
+            k = self.budget(object_scores.shape[0])
+        else:  # a crop's unpadded tokens: a budget that rounds to zero keeps none of them
+            count = int(allowed.sum())
+            k = min(self.options["tokens"] or round(self.keep * count), count)
+            if k == 0:
+                return allowed.nonzero().squeeze(1)[:0]
+        return hiprune_select(object_scores, output_scores, grid, k, self.options["alpha"], self.options["wrap"],
+                              allowed)

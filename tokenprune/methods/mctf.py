@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..registry import Option, TokenReducer, choice, flag, is_index_list, is_int, is_real, register
+from ..registry import EncoderReducer, Option, Reduction, choice, flag, is_index_list, is_int, is_real, register
 from ._scheduled import TRACE_SOURCE, capped, keep_schedule
 
 # ----------------------------------------------------------------------------- pure tensor functions
@@ -137,7 +137,7 @@ def _is_mctf_r(r) -> bool:
 
 
 @register
-class MCTF(TokenReducer):
+class MCTF(EncoderReducer):
     name = "mctf"
     summary = ("MCTF (CVPR'24): similarity x informativeness x size scores, bidirectional matching, "
                "attention x size fusion, one-step-ahead attention")
@@ -160,8 +160,6 @@ class MCTF(TokenReducer):
         "min_tokens": Option(10, "a non-negative int (tokens, prefix included)", is_int),
         "trace_source": TRACE_SOURCE,
     }
-    needs_attention = True
-    placement = "block_input"
 
     @property
     def proportional_attention(self) -> bool:
@@ -200,11 +198,11 @@ class MCTF(TokenReducer):
             steps[layer] = step
         return tuple(steps)
 
-    def reduce(self, x, remove, taps, state):
+    def before_attention(self, x, remove, taps, state):
         o, p = self.options, state.num_prefix
         probs = taps.probabilities(state)  # used before the next block needs the buffer
         if remove == 0:
-            return x, partial(torch.matmul, probs)
+            return Reduction(x, partial(torch.matmul, probs))
         received = attention_received(probs)
         size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
         log_w = pair_scores(x, received, size[..., 0], tuple(o["tau"]),
@@ -213,5 +211,5 @@ class MCTF(TokenReducer):
         weight = received.unsqueeze(-1) * size  # fuse by attention x size
         x = state.fuse(x, weight, dest, n_out)
         if o["one_step_ahead"] == "exact":
-            return x, None
-        return x, partial(attend_merged, probs, dest, n_out, weight[..., 0])
+            return Reduction(x)
+        return Reduction(x, partial(attend_merged, probs, dest, n_out, weight[..., 0]))

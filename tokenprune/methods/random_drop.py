@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..registry import register
+from ..registry import Reduction, register
 from ._scheduled import SEED, EveryBlockReducer
 
 
@@ -20,8 +20,9 @@ class RandomDrop(EveryBlockReducer):
     summary = "Seeded random token dropping on ToMe's schedule: the baseline every method must beat"
     native_options = {**EveryBlockReducer.native_options, "seed": SEED}
 
-    def reduce(self, x, remove, taps, state):
-        return drop_at_random(x, min(remove, (x.shape[1] - state.num_prefix) // 2), self.options["seed"], state)
+    def after_attention(self, x, remove, taps, state):
+        remove = min(remove, (x.shape[1] - state.num_prefix) // 2)
+        return Reduction(drop_at_random(x, remove, self.options["seed"], state))
 
 
 def drop_at_random(x, remove, seed, state):

@@ -13,7 +13,7 @@ For a class token (+ distillation token) this is exactly the official code; for 
 from __future__ import annotations
 
 from .. import ops
-from ..registry import flag, register
+from ..registry import Needs, Reduction, flag, register
 from ._scheduled import EveryBlockReducer
 
 
@@ -23,12 +23,12 @@ class ToMe(EveryBlockReducer):
     summary = ("Token Merging (ICLR'23): bipartite matching on head-mean keys, size-weighted merge, "
                "proportional attention")
     native_options = {**EveryBlockReducer.native_options, "prop_attn": flag(True)}
-    needs_attention = True
+    needs = Needs.QUERIES_KEYS
 
     @property
     def proportional_attention(self) -> bool:
         return self.options["prop_attn"]
 
-    def reduce(self, x, remove, taps, state):
+    def after_attention(self, x, remove, taps, state):
         plan = ops.bipartite_soft_matching(taps.head_mean_keys(), remove, state.num_prefix)
-        return state.merge(x, plan)
+        return Reduction(state.merge(x, plan))

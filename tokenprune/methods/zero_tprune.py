@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..registry import Option, TokenReducer, choice, flag, is_index_list, is_int, is_real, register
+from ..registry import EncoderReducer, Needs, Option, Reduction, choice, flag, is_index_list, is_int, is_real, register
 from ._scheduled import SEED, TRACE_SOURCE
 from .random_drop import drop_at_random
 
@@ -112,7 +112,7 @@ def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
 
 
 @register
-class ZeroTPrune(TokenReducer):
+class ZeroTPrune(EncoderReducer):
     name = "zero-tprune"
     summary = ("Zero-TPrune (CVPR'24): weighted-PageRank importance (EIR, VHF) and similarity pruning, "
                "I'->S->I at a few pruning layers")
@@ -145,8 +145,7 @@ class ZeroTPrune(TokenReducer):
         "seed": SEED,
         "trace_source": TRACE_SOURCE,
     }
-    needs_attention = True
-    needs_probabilities = True
+    needs = Needs.PROBABILITIES
 
     def validate(self) -> None:
         o = self.options
@@ -196,11 +195,11 @@ class ZeroTPrune(TokenReducer):
         # The paper's rule: many rounds early (scores still near uniform), one in the last three blocks.
         return 30 if layer < 3 else 1 if layer >= depth - 3 else 5
 
-    def reduce(self, x, remove, taps, state):
+    def after_attention(self, x, remove, taps, state):
         o, p = self.options, state.num_prefix
         n = x.shape[1] - p
         if o["importance"] == "random":
-            return drop_at_random(x, remove, o["seed"], state)
+            return Reduction(drop_at_random(x, remove, o["seed"], state))
 
         attn = taps.probabilities()  # (B, H, N, N)
         batch, heads, total = attn.shape[:3]
@@ -217,7 +216,7 @@ class ZeroTPrune(TokenReducer):
             alive = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, dropped, False)
         if s_remove == remove:  # the S-stage did all the pruning: the I-stage has nothing left to drop
             kept = torch.arange(n, device=x.device).expand(batch, -1)[alive].view(batch, n - remove)
-            return state.keep(x, kept)
+            return Reduction(state.keep(x, kept))
         graph_alive = None if alive is None else torch.cat([alive.new_ones(batch, p), alive], dim=1)[:, None]
         depth = len(state.schedule)
         index = self.pruning_layers(depth).index(state.layer)
@@ -225,4 +224,4 @@ class ZeroTPrune(TokenReducer):
                                    tol=o["tol"], alive=graph_alive, renormalize=o["renormalize"])
         importance = aggregate_heads(scores[..., p:], rms=o["eir"], variance_range=variance_range, alive=alive)
         kept = importance.topk(n - remove, dim=-1).indices.sort(dim=-1).values
-        return state.keep(x, kept)
+        return Reduction(state.keep(x, kept))

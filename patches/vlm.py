@@ -33,32 +33,35 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tokenprune.methods.hiprune import hiprune_select
-from tokenprune.registry import TokenReducer
+from tokenprune.adapters import Adapter, register_adapter
+from tokenprune.registry import EncoderReducer, VisionTower, VisualTokenSelector
 
 from . import hf_vision
 from ._hooks import remove_hooks
 from ._swap import refuse_jit_tracing
-from .hf_vision import ScoreRequest
+from .hf_attention import ScoreRequest, check_attention, route_attention, transformers_class, unroute_attention
 
-FAMILY = "transformers LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL"
-DEFAULT_METHOD = "hiprune"
 POSITIONS = ("reindex", "original")
 
 
 # ---------------------------------------------------------------- per-family knowledge
 
-class Family:
-    """What differs between VLM families: the vision tower, the layers HiPrune reads, the image grids."""
+class VLMFamily:
+    """What differs between VLM families: where the vision tower is, how it is called, which attention
+    scores belong to which image, and the images' patch grids. One subclass per family (``vlm_*.py``),
+    registered with ``@register_family``."""
 
     name: str
-    module: str
+    module: str  # transformers.models.<module>
     model_class: str  # the multimodal *Model holding get_image_features and language_model
-    default_positions: str
-    default_object_layer: int  # 1-based
+    default_positions: str  # "reindex" or "original"
+    default_object_layer: int  # 1-based middle layer for object-level scores (``VisionTower.object_layer``)
+    #: whether encoder methods (ToMe, ...) may reduce inside its vision tower: their K features then fill
+    #: each image's first K placeholders, which needs one fixed-size feature map per image
+    takes_encoder_methods: bool = False
 
     def model_type(self) -> type | None:
-        return hf_vision.transformers_class(self.module, self.model_class)
+        return transformers_class(self.module, self.model_class)
 
     def vision_layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
@@ -76,6 +79,17 @@ class Family:
         """0-based index of the vision layer whose features (and attention) the VLM uses."""
         raise NotImplementedError
 
+    def tower(self, model: nn.Module, kw: dict) -> VisionTower:
+        """The vision tower as a selector sees it, for a forward call ``kw`` ({} at apply: the defaults)."""
+        full = getattr(self.vision_config(model), "fullatt_block_indexes", None)
+        return VisionTower(family=self.name, depth=len(self.vision_layers(model)),
+                           output_layer=self.output_layer(model, kw), object_layer=self.default_object_layer,
+                           full_attention_layers=None if full is None else tuple(full))
+
+    def tokens_per_image(self, model: nn.Module) -> int | None:
+        """Visual tokens of every image when the config fixes it (checked against the budget at apply)."""
+        return None
+
     def encode(self, model: nn.Module, kw: dict):
         """``model.get_image_features`` called with the image arguments of a forward call ``kw``."""
         raise NotImplementedError
@@ -87,173 +101,32 @@ class Family:
     def grids(self, model: nn.Module, kw: dict) -> list[tuple[int, int]]:
         raise NotImplementedError
 
-    def choose(self, model: nn.Module, kw: dict, request: ScoreRequest, reducer: TokenReducer,
-               features: list[Tensor], layers: tuple[int, int]) -> list[Tensor]:
-        """Per image, which of its features (placeholders) the method keeps (bool)."""
-        scores = zip(self.image_scores(model, kw, request, layers[0]), self.image_scores(model, kw, request, layers[1]))
+    def choose(self, model: nn.Module, kw: dict, request: ScoreRequest, selector: VisualTokenSelector,
+               features: list[Tensor], layers: tuple[int, ...]) -> list[Tensor]:
+        """Per image, which of its features (placeholders) the selector keeps (bool)."""
+        scores = zip(*(self.image_scores(model, kw, request, layer) for layer in layers))
         keeps = []
-        for feats, (obj, last), grid in zip(features, scores, self.grids(model, kw)):
+        for feats, image_scores, grid in zip(features, scores, self.grids(model, kw)):
             keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
-            keep[reducer.select(obj, last, grid)] = True
+            keep[selector.select(tuple(image_scores), grid)] = True
             keeps.append(keep)
         return keeps
 
 
-class Llava(Family):
-    name, module, model_class = "LLaVA", "llava", "LlavaModel"
-    default_positions, default_object_layer = "reindex", 9
-
-    def vision_layers(self, model):
-        return list(model.vision_tower.encoder.layers)
-
-    def attention(self, layer):
-        return layer.self_attn
-
-    def _feature_layer(self, model, kw) -> int:
-        layer = kw.get("vision_feature_layer")
-        layer = model.config.vision_feature_layer if layer is None else layer
-        if not isinstance(layer, int):
-            raise TypeError(f"tokenprune needs one vision_feature_layer (an int), got {layer!r}")
-        return layer
-
-    def _strategy(self, model, kw) -> str:
-        return kw.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
-
-    def output_layer(self, model, kw):
-        depth = len(self.vision_layers(model))
-        return self._feature_layer(model, kw) % (depth + 1) - 1  # hidden_states[0] is the embeddings
-
-    def encode(self, model, kw):
-        if kw.get("image_sizes") is not None:
-            raise TypeError("tokenprune does not support LLaVA with per-image sizes (Pixtral-style towers)")
-        return model.get_image_features(pixel_values=kw["pixel_values"],
-                                        vision_feature_layer=kw.get("vision_feature_layer"),
-                                        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                                        return_dict=True)
-
-    def image_scores(self, model, kw, request, layer):
-        if self._strategy(model, kw) != "default":
-            raise TypeError("hiprune on LLaVA needs vision_feature_select_strategy='default' (features without "
-                            "the class token)")
-        return list(request.collect(layer)[:, 1:])  # the class token's column is not a feature
-
-    def grids(self, model, kw):
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return [(side, side)] * kw["pixel_values"].shape[0]
+_FAMILIES: list[VLMFamily] = []
 
 
-class LlavaNext(Llava):
-    """Any-resolution LLaVA: a base crop plus high-resolution crops, packed per image (unpadded, with a
-    newline token after each row). HiPrune runs per crop on the crop's surviving (unpadded) tokens with
-    a budget of round(keep * survivors); a row's newline stays when the row keeps a token."""
-
-    name, module, model_class = "LLaVA-NeXT", "llava_next", "LlavaNextModel"
-
-    def encode(self, model, kw):
-        return model.get_image_features(pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"],
-                                        vision_feature_layer=kw.get("vision_feature_layer"),
-                                        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
-                                        return_dict=True)
-
-    def _crops_per_image(self, model, kw) -> list[int]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        return [image_size_to_num_patches(image_size=size, grid_pinpoints=model.config.image_grid_pinpoints,
-                                          patch_size=model.config.vision_config.image_size)
-                for size in kw["image_sizes"]]
-
-    def choose(self, model, kw, request, reducer, features, layers):
-        obj, last = (self.image_scores(model, kw, request, layer) for layer in layers)  # per crop
-        side = self.grids(model, kw)[0][0]
-        n = side * side
-        # packed position -> crop * n + patch (or -1 for a newline): the model's own packing of an index map
-        index = torch.arange(len(obj) * n, dtype=torch.float32, device=features[0].device).view(len(obj), n, 1)
-        packed, _ = model.pack_image_features(list(index.split(self._crops_per_image(model, kw))), kw["image_sizes"],
-                                              self._strategy(model, kw), image_newline=index.new_tensor([-1.0]))
-        keeps = []
-        for where in packed:
-            where = where[:, 0].long()
-            is_token = where >= 0
-            crop, patch = where // n, where % n
-            keep = torch.zeros_like(is_token)
-            for c in crop[is_token].unique().tolist():
-                in_crop = is_token & (crop == c)
-                allowed = torch.zeros(n, dtype=torch.bool, device=where.device)
-                allowed[patch[in_crop]] = True
-                count = int(allowed.sum())
-                k = min(reducer.options["tokens"] or round(reducer.keep * count), count)
-                chosen = torch.zeros_like(allowed)
-                if k:
-                    chosen[hiprune_select(obj[c], last[c], (side, side), k, reducer.options["alpha"],
-                                          reducer.options["wrap"], allowed)] = True
-                keep[in_crop] = chosen[patch[in_crop]]
-            row = torch.cumsum(~is_token, 0) - (~is_token).long()  # newlines before each position
-            rows_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=where.device)
-            rows_kept.index_add_(0, row, keep.long())
-            keep |= ~is_token & (rows_kept[row] > 0)
-            keeps.append(keep)
-        return keeps
-
-    def grids(self, model, kw):
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return [(side, side)] * sum(self._crops_per_image(model, kw))
+def register_family(cls: type[VLMFamily]) -> type[VLMFamily]:
+    """Class decorator: the VLM adapter handles this family's models."""
+    _FAMILIES.append(cls())
+    _by_class.cache_clear()
+    return cls
 
 
-class Qwen2VL(Family):
-    name, module, model_class = "Qwen2-VL", "qwen2_vl", "Qwen2VLModel"
-    default_positions, default_object_layer = "original", 16
-
-    def vision_layers(self, model):
-        return list(model.visual.blocks)
-
-    def attention(self, layer):
-        return layer.attn
-
-    def output_layer(self, model, kw):
-        return len(model.visual.blocks) - 1
-
-    def encode(self, model, kw):
-        return model.get_image_features(kw["pixel_values"], kw["image_grid_thw"], return_dict=True)
-
-    def _window_index(self, model, grid_thw: Tensor) -> Tensor | None:
-        return None  # Qwen2-VL attends over whole images in every block
-
-    def image_scores(self, model, kw, request, layer):
-        merge = model.visual.spatial_merge_size ** 2
-        scores = request.collect(layer).reshape(-1, merge).mean(dim=-1)  # one score per merged token
-        window_index = self._window_index(model, kw["image_grid_thw"])
-        if window_index is not None:  # blocks run in window order; the features come back in raster order
-            scores = scores[torch.argsort(window_index)]
-        return list(scores.split(self._tokens_per_image(model, kw)))
-
-    def _tokens_per_image(self, model, kw) -> list[int]:
-        return (kw["image_grid_thw"].prod(-1) // model.visual.spatial_merge_size ** 2).tolist()
-
-    def grids(self, model, kw):
-        merge = model.visual.spatial_merge_size
-        grids = []
-        for t, h, w in kw["image_grid_thw"].tolist():
-            if t != 1:
-                raise TypeError("tokenprune prunes Qwen-VL images; video inputs (t > 1) are not supported")
-            grids.append((h // merge, w // merge))
-        return grids
-
-
-class Qwen25VL(Qwen2VL):
-    name, module, model_class = "Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLModel"
-
-    def _window_index(self, model, grid_thw):
-        from transformers.vision_utils import get_vision_window_index
-
-        visual = model.visual
-        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                                  window_size=visual.window_size, patch_size=visual.patch_size)
-        return window_index
-
-
-FAMILIES: tuple[Family, ...] = (Llava(), LlavaNext(), Qwen2VL(), Qwen25VL())
+@functools.cache
+def _by_class() -> dict[type, VLMFamily]:
+    """Each family's model class (resolved once: ``apply``, ``is_patched``, ... look up per call)."""
+    return {cls: family for family in _FAMILIES if (cls := family.model_type()) is not None}
 
 
 # ---------------------------------------------------------------- what the hooks carry
@@ -362,13 +235,12 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
     kw = _bind(stock, (vlm, *args), kwargs)
     kw.pop("self")
     as_tuple = kw.pop("return_dict", True) is False
-    if reducer.scope == "vlm":
-        out_layer = family.output_layer(vlm, kw)
-        obj_layer = (reducer.options["object_layer"] or family.default_object_layer) - 1
-        request = ScoreRequest(layers=frozenset({obj_layer, out_layer}))
+    if isinstance(reducer, VisualTokenSelector):
+        layers = reducer.score_layers(family.tower(vlm, kw))
+        request = ScoreRequest(layers=frozenset(layers))
         out = stock(vlm, **kw, return_dict=True, tokenprune_scores=request)
         features = list(out.pooler_output)
-        for feats, keep in zip(features, family.choose(vlm, kw, request, reducer, features, (obj_layer, out_layer))):
+        for feats, keep in zip(features, family.choose(vlm, kw, request, reducer, features, layers)):
             feats.tokenprune_keep = keep
     else:  # an encoder method reduced inside the tower: its K features fill an image's first K placeholders
         out = stock(vlm, **kw, return_dict=True)
@@ -453,106 +325,85 @@ def _compact(language_model: nn.Module, args: tuple, kwargs: dict):
 
 # ---------------------------------------------------------------- finding the model
 
-def _models(model: nn.Module) -> list[tuple[Family, nn.Module]]:
-    by_class = {f.model_type(): f for f in FAMILIES}  # looked up once, not per module
-    by_class.pop(None, None)
+def _models(model: nn.Module) -> list[tuple[VLMFamily, nn.Module]]:
+    if "transformers" not in sys.modules:  # nothing from transformers can be inside
+        return []
+    by_class = _by_class()
     return [(by_class[type(m)], m) for m in model.modules() if type(m) in by_class]
 
 
-def _vlm(model: nn.Module) -> nn.Module:
+def _vlm(model: nn.Module) -> tuple[VLMFamily, nn.Module]:
     found = _models(model)
     if len(found) != 1:
         raise TypeError(f"tokenprune found {len(found)} vision-language models in {type(model).__name__}")
-    return found[0][1]
+    return found[0]
 
 
-def _family(vlm: nn.Module) -> Family:
-    return next(f for f in FAMILIES if f.model_type() is type(vlm))
+def _family(vlm: nn.Module) -> VLMFamily:
+    return _by_class()[type(vlm)]
 
 
-# ---------------------------------------------------------------- the adapter API
+# ---------------------------------------------------------------- the adapter
 
-def handles(model: nn.Module) -> bool:
-    return "transformers" in sys.modules and bool(_models(model))
+@register_adapter
+class VLMAdapter(Adapter):
+    family = "transformers LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL"
+    default_method = "hiprune"
+    method_types = (VisualTokenSelector, EncoderReducer)
+    settings = ("positions",)
+    contains_others = True  # a VLM holds a vision encoder the encoder adapter would take
 
+    def handles(self, model):
+        return bool(_models(model))
 
-def is_patched(model: nn.Module) -> bool:
-    return hasattr(_vlm(model), "tokenprune_reducer")
+    def anchor(self, model):
+        return _vlm(model)[1]
 
+    def check(self, model):
+        family, vlm = _vlm(model)
+        check_attention(family.vision_config(vlm), f"{family.name} vision tower")
 
-def reducer_of(model: nn.Module) -> TokenReducer:
-    return _vlm(model).tokenprune_reducer
+    def plan(self, model, reducer, positions=None):
+        family, vlm = _vlm(model)
+        if positions is not None and positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if family.default_positions == "original" and positions == "reindex":
+            raise ValueError(f"{family.name} keeps original (M-RoPE) positions; positions='reindex' is not available")
+        if isinstance(reducer, VisualTokenSelector):
+            reducer.check(family.tower(vlm, {}))
+            tokens = family.tokens_per_image(vlm)
+            if tokens is not None:
+                reducer.budget(tokens)  # a budget under one token fails now
+            return
+        if not family.takes_encoder_methods:
+            raise TypeError(f"encoder method {reducer.name!r} on {family.name}: only LLaVA-1.5's CLIP/SigLIP tower "
+                            "takes encoder methods (LLaVA-NeXT packs full crops; Qwen merges 2x2 patches); "
+                            "use method='hiprune'")
+        hf_vision.check_encoder(vlm.vision_tower)
+        hf_vision.plan_encoder(vlm.vision_tower, reducer, depth=family.output_layer(vlm, {}) + 1)
 
+    def patch(self, model, reducer, positions=None):
+        family, vlm = _vlm(model)
+        if self.is_patched(model):
+            self.unpatch(model)
+        if isinstance(reducer, VisualTokenSelector):
+            route_attention(family.attention_modules(vlm), family.vision_config(vlm))
+        else:
+            hf_vision.patch_encoder(vlm.vision_tower, reducer, depth=family.output_layer(vlm, {}) + 1)
+        vlm.get_image_features = _selecting_features_of(vlm)
+        vlm.register_forward_pre_hook(_select, with_kwargs=True)
+        vlm.language_model.register_forward_pre_hook(_compact, with_kwargs=True)
+        self.configure(vlm, reducer)
+        vlm.tokenprune_positions = positions or family.default_positions
 
-def last_forward(model: nn.Module) -> VLMReport | None:
-    return _vlm(model)._tokenprune_last
-
-
-def check(model: nn.Module) -> None:
-    vlm = _vlm(model)
-    family = _family(vlm)
-    hf_vision.check_attention(family.vision_config(vlm), f"{family.name} vision tower")
-
-
-def check_schedule(model: nn.Module, reducer: TokenReducer, positions: str | None = None) -> None:
-    """Everything ``patch`` needs, checked before anything changes."""
-    vlm = _vlm(model)
-    family = _family(vlm)
-    if positions is not None and positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if family.default_positions == "original" and positions == "reindex":
-        raise ValueError(f"{family.name} keeps original (M-RoPE) positions; positions='reindex' is not available")
-    depth = len(family.vision_layers(vlm))
-    if reducer.scope == "vlm":
-        layer = reducer.options["object_layer"] or family.default_object_layer
-        if not 1 <= layer <= depth:
-            raise ValueError(f"hiprune: object_layer={layer} is outside the {depth}-layer vision tower of "
-                             f"{family.name} (1-based)")
-        full = getattr(family.vision_config(vlm), "fullatt_block_indexes", None)
-        if full is not None and layer - 1 not in full:
-            raise ValueError(f"hiprune: object_layer={layer} of {family.name} attends within windows; scores need a "
-                             f"full-attention block: one of {[i + 1 for i in full]} (1-based)")
-        if isinstance(family, Llava):
-            side = vlm.config.vision_config.image_size // vlm.config.vision_config.patch_size
-            reducer.budget(side * side)  # a budget under one token fails now
-        return
-    if type(family) is not Llava:
-        raise TypeError(f"encoder method {reducer.name!r} on {family.name}: only LLaVA-1.5's CLIP/SigLIP tower "
-                        "takes encoder methods (LLaVA-NeXT packs full crops; Qwen merges 2x2 patches); "
-                        "use method='hiprune'")
-    tower = vlm.vision_tower
-    hf_vision.check(tower)
-    feature_depth = family.output_layer(vlm, {}) + 1
-    enc = hf_vision._encoder(tower)
-    reducer.schedule(enc.num_patches, feature_depth, enc.family.num_prefix(enc.backbone.config))
-
-
-def patch(model: nn.Module, reducer: TokenReducer, positions: str | None = None) -> None:
-    vlm = _vlm(model)
-    family = _family(vlm)
-    if is_patched(model):
-        unpatch(model)
-    if reducer.scope == "vlm":
-        hf_vision.route_attention(family.attention_modules(vlm), family.vision_config(vlm))
-    else:
-        hf_vision.patch(vlm.vision_tower, reducer, depth=family.output_layer(vlm, {}) + 1)
-    vlm.get_image_features = _selecting_features_of(vlm)
-    vlm.register_forward_pre_hook(_select, with_kwargs=True)
-    vlm.language_model.register_forward_pre_hook(_compact, with_kwargs=True)
-    vlm.tokenprune_reducer = reducer
-    vlm.tokenprune_positions = positions or family.default_positions
-    vlm._tokenprune_last = None
-
-
-def unpatch(model: nn.Module) -> None:
-    vlm = _vlm(model)
-    family = _family(vlm)
-    if vlm.tokenprune_reducer.scope == "vlm":
-        hf_vision.unroute_attention(family.attention_modules(vlm), family.vision_config(vlm))
-    else:
-        hf_vision.unpatch(vlm.vision_tower)
-    del vlm.get_image_features  # the instance attribute; the class's method shows again
-    remove_hooks(vlm, _select)
-    remove_hooks(vlm.language_model, _compact)
-    for name in ("tokenprune_reducer", "tokenprune_positions", "_tokenprune_last"):
-        vlm.__dict__.pop(name, None)
+    def unpatch(self, model):
+        family, vlm = _vlm(model)
+        if isinstance(vlm.tokenprune_reducer, VisualTokenSelector):
+            unroute_attention(family.attention_modules(vlm), family.vision_config(vlm))
+        else:
+            hf_vision.unpatch_encoder(vlm.vision_tower)
+        del vlm.get_image_features  # the instance attribute; the class's method shows again
+        remove_hooks(vlm, _select)
+        remove_hooks(vlm.language_model, _compact)
+        vlm.__dict__.pop("tokenprune_positions", None)
+        self.unconfigure(vlm)

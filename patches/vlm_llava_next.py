@@ -1,0 +1,64 @@
+"""LLaVA-NeXT (``LlavaNextModel``): any-resolution LLaVA, a base crop plus high-resolution crops per image."""
+from __future__ import annotations
+
+import torch
+
+from .vlm import register_family
+from .vlm_llava import Llava
+
+
+@register_family
+class LlavaNext(Llava):
+    """Any-resolution LLaVA: a base crop plus high-resolution crops, packed per image (unpadded, with a
+    newline token after each row). HiPrune runs per crop on the crop's surviving (unpadded) tokens with
+    a budget of round(keep * survivors); a row's newline stays when the row keeps a token."""
+
+    name, module, model_class = "LLaVA-NeXT", "llava_next", "LlavaNextModel"
+    takes_encoder_methods = False  # crops are packed after unpadding: the placeholders do not follow a prefix
+
+    def encode(self, model, kw):
+        return model.get_image_features(pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"],
+                                        vision_feature_layer=kw.get("vision_feature_layer"),
+                                        vision_feature_select_strategy=kw.get("vision_feature_select_strategy"),
+                                        return_dict=True)
+
+    def _crops_per_image(self, model, kw) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=model.config.image_grid_pinpoints,
+                                          patch_size=model.config.vision_config.image_size)
+                for size in kw["image_sizes"]]
+
+    def choose(self, model, kw, request, selector, features, layers):
+        per_layer = [self.image_scores(model, kw, request, layer) for layer in layers]  # per crop
+        side = self.grids(model, kw)[0][0]
+        n = side * side
+        # packed position -> crop * n + patch (or -1 for a newline): the model's own packing of an index map
+        crops = len(per_layer[0])
+        index = torch.arange(crops * n, dtype=torch.float32, device=features[0].device).view(crops, n, 1)
+        packed, _ = model.pack_image_features(list(index.split(self._crops_per_image(model, kw))), kw["image_sizes"],
+                                              self._strategy(model, kw), image_newline=index.new_tensor([-1.0]))
+        keeps = []
+        for where in packed:
+            where = where[:, 0].long()
+            is_token = where >= 0
+            crop, patch = where // n, where % n
+            keep = torch.zeros_like(is_token)
+            for c in crop[is_token].unique().tolist():
+                in_crop = is_token & (crop == c)
+                allowed = torch.zeros(n, dtype=torch.bool, device=where.device)
+                allowed[patch[in_crop]] = True
+                chosen = torch.zeros_like(allowed)
+                chosen[selector.select(tuple(scores[c] for scores in per_layer), (side, side), allowed)] = True
+                keep[in_crop] = chosen[patch[in_crop]]
+            row = torch.cumsum(~is_token, 0) - (~is_token).long()  # newlines before each position
+            rows_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=where.device)
+            rows_kept.index_add_(0, row, keep.long())
+            keep |= ~is_token & (rows_kept[row] > 0)
+            keeps.append(keep)
+        return keeps
+
+    def grids(self, model, kw):
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return [(side, side)] * sum(self._crops_per_image(model, kw))
