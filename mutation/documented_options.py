@@ -28,16 +28,17 @@ M = "tokenprune/methods/"
 TOME, RANDOM, SCHED, ZT, MCTF = (M + f for f in ("tome.py", "random_drop.py", "_scheduled.py", "zero_tprune.py",
                                                  "mctf.py"))
 OPS, STATE = "tokenprune/ops.py", "tokenprune/state.py"
-TIMM, HF = "patches/timm_vit.py", "patches/hf_vision.py"
+TIMM, HF, VLM = "patches/timm_vit.py", "patches/hf_vision.py", "patches/vlm.py"
+BLOCK, HIPRUNE = "tokenprune/block.py", M + "hiprune.py"
 
 # name -> [(file, old text, new text)]; every occurrence of ``old`` in ``file`` is replaced
 BREAKS: dict[str, list[tuple[str, str, str]]] = {
     "tome.prop_attn": [(TOME, 'return self.options["prop_attn"]', "return True")],
-    "tome.r (ignored)": [(SCHED, 'r = self.options["r"]\n        if r is None:\n            return ops.plan',
-                          'r = None\n        if r is None:\n            return ops.plan')],
+    "tome.r (ignored)": [(SCHED, 'r = self.options["r"]\n        if r is None:\n            return keep_schedule',
+                          'r = None\n        if r is None:\n            return keep_schedule')],
     "tome.r (r, inflection)": [(OPS, "r, inflection = r\n", "r, inflection = r[0], 0.0\n")],
     "tome.r per-block list": [(OPS, "return tuple(r) + (0,) * (depth - len(r))", "return (r[0],) * depth")],
-    "tome.r 50% cap": [(SCHED, "step = min(step, left // 2)", "step = step")],
+    "tome.r 50% cap": [(SCHED, "allowed = min(left // 2, max(0, left - floor))", "allowed = max(0, left - floor)")],
     "trace_source (timm)": [(TIMM, "if reducer.trace_source:", "if False:")],
     "trace_source (transformers)": [(HF, "if state.reducer.trace_source", "if False")],
     "random.seed": [(RANDOM, 'self.options["seed"], state)', "0, state)")],
@@ -59,9 +60,9 @@ BREAKS: dict[str, list[tuple[str, str, str]]] = {
     "zero-tprune.importance": [(ZT, 'if o["importance"] == "random":', "if False:")],
     "mctf.r (ignored)": [(MCTF, 'r = 0.35 if o["fast"] and o["r"] is None else o["r"]',
                           'r = 0.35 if o["fast"] else None')],
-    "mctf.r per-block list": [(MCTF, "per_layer = list(r) + [0] * (len(layers) - len(r))",
-                               "per_layer = [r[0]] * len(layers)")],
-    "mctf.r fraction of tokens left": [(MCTF, "step = int(step * left)", "step = int(step * num_patches)")],
+    "mctf.r per-block list": [(MCTF, "per_layer = tuple(r) + (0,) * (len(layers) - len(r))",
+                               "per_layer = (r[0],) * len(layers)")],
+    "mctf.r fraction of tokens left": [(SCHED, "step = int(step * left)", "step = int(step * num_patches)")],
     "mctf.layers": [(MCTF, 'layers = o["layers"] or (', "layers = None or (")],
     "mctf.fast": [(MCTF, 'r = 0.35 if o["fast"] and o["r"] is None else o["r"]', 'r = o["r"]'),
                   (MCTF, '[3, 6, 9] if o["fast"] else', "[3, 6, 9] if False else")],
@@ -72,10 +73,10 @@ BREAKS: dict[str, list[tuple[str, str, str]]] = {
                               '(o["similarity"], True, o["size"])')],
     "mctf.size": [(MCTF, '(o["similarity"], o["informativeness"], o["size"])',
                    '(o["similarity"], o["informativeness"], True)')],
-    "mctf.bidirectional": [(MCTF, 'remove, o["bidirectional"])', "remove, True)")],
+    "mctf.bidirectional": [(MCTF, 'p, o["bidirectional"])', "p, True)")],
     "mctf.one_step_ahead": [(MCTF, 'if o["one_step_ahead"] == "exact":', "if False:")],
     "mctf.prop_attn": [(MCTF, 'return self.options["prop_attn"]', "return True")],
-    "mctf.min_tokens": [(MCTF, 'x.shape[1] - o["min_tokens"]', "x.shape[1] - 10")],
+    "mctf.min_tokens": [(MCTF, 'floor = max(0, o["min_tokens"] - num_prefix)', "floor = max(0, 10 - num_prefix)")],
     "mctf fusion weight attention x size": [(MCTF, "weight = received.unsqueeze(-1) * size", "weight = size")],
     "report.method": [(STATE, "method=self.reducer.name", 'method="tome"')],
     "report.num_prefix_tokens": [(STATE, "num_prefix_tokens=self.num_prefix", "num_prefix_tokens=0")],
@@ -86,11 +87,34 @@ BREAKS: dict[str, list[tuple[str, str, str]]] = {
     "remove (timm blocks)": [(TIMM, "block.__class__ = Block", "pass")],
     "remove (transformers layers)": [(HF, "        restore(layer)\n", "        pass\n")],
     "timm size-weighted average pool": [(TIMM, "mean = ops.size_weighted_mean(x, size)", "mean = x.mean(dim=1)")],
+    "block: reduction before the MLP": [
+        (BLOCK, "    if remove:\n        x = reducer.after_attention(x, remove, request.taps, state).tokens\n"
+                "    return x + block.mlp_residual(x)",
+         "    x = x + block.mlp_residual(x)\n    if remove:\n"
+         "        x = reducer.after_attention(x, remove, request.taps, state).tokens\n    return x")],
+    "block: proportional attention in blocks that reduce nothing": [
+        (BLOCK, "return block.stock_block(x, state.attention_bias())", "return block.stock_block(x, None)")],
+    "block: attention after a before_attention reduction sees the new sizes": [
+        (BLOCK, "block.run_attention(block.attention_input(x), state.attention_bias(), request)",
+         "block.run_attention(block.attention_input(x), taps.bias if request.core else state.attention_bias(), "
+         "request)")],
+    "hiprune.alpha": [(HIPRUNE, 'self.options["alpha"], self.options["wrap"]', '0.1, self.options["wrap"]')],
+    "hiprune.wrap": [(HIPRUNE, 'self.options["alpha"], self.options["wrap"]', 'self.options["alpha"], False')],
+    "hiprune.object_layer": [(HIPRUNE, 'return (self.options["object_layer"] or tower.object_layer) - 1',
+                              "return tower.object_layer - 1")],
+    "hiprune.tokens": [(HIPRUNE, 'if self.options["tokens"] is not None:', "if False:")],
+    "vlm positions='reindex'": [(VLM, 'if compaction.positions == "reindex":', "if False:")],
+    "vlm decode-time position shift": [(VLM, 'kwargs["position_ids"] = positions - note.shift[:, None]',
+                                        'kwargs["position_ids"] = positions')],
+    "vlm decode-time mask rebuild": [
+        (VLM, 'kwargs["attention_mask"] = torch.cat([note.mask, tail.to(note.mask.dtype)], dim=1)', "pass")],
 }
 
 EXISTING = ["tests/test_ops.py", "tests/test_mctf.py", "tests/test_zero_tprune.py"]  # before this harness
 FAST = EXISTING + ["tests/test_documented_options.py", "tests/test_ops_properties.py", "tests/test_mutation_gaps.py"]
-SLOW = ["tests/test_timm_patch.py", "tests/test_hf_patch.py", "tests/test_bad_input.py"]
+SLOW = ["tests/test_timm_patch.py", "tests/test_hf_patch.py", "tests/test_bad_input.py",
+        "tests/test_official_conventions.py", "tests/test_vlm.py", "tests/test_vlm_generate.py",
+        "tests/test_extending.py"]
 
 
 def pytest(root: Path, files: list[str], extra: list[str] = ()) -> bool:

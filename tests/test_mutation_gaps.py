@@ -255,3 +255,54 @@ def test_hiprune_positive_int_options(key):
     for bad in (0, -1, 1.5, True):
         with pytest.raises((TypeError, ValueError), match=key):
             HiPrune(**{key: bad})
+
+
+# --- state.py (mutation/state.toml survivors) ------------------------------------------------------------------------
+
+def test_probabilities_with_a_full_mask_bias_match_with_and_without_the_scratch_buffer():
+    """The scratch path fuses a key bias (B, 1, 1, N); a full (B, 1, N, N) mask takes the plain path. Both
+    must give softmax(scale * q k^T + bias)."""
+    from tokenprune.state import AttentionTaps
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    state = ForwardState(reducer=ToMe(), num_prefix=0)
+    for bias in (torch.randn(2, 1, 1, 5, generator=g), torch.randn(2, 1, 5, 5, generator=g),
+                 torch.randn(2, 3, 5, 5, generator=g)):
+        expected = ((q * 0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
+        taps = AttentionTaps(q=q, k=k, scale=0.5, bias=bias)
+        torch.testing.assert_close(taps.probabilities(state), expected)
+        torch.testing.assert_close(taps.probabilities(), expected)
+
+
+def test_reports_and_taps_cannot_be_altered_after_the_fact():
+    import dataclasses
+
+    from tokenprune.state import AttentionTaps
+
+    model = tiny_timm()
+    tokenprune.apply(model, "tome", keep=0.5)
+    with torch.inference_mode():
+        model(images())
+    report = tokenprune.last_forward(model)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.token_counts = []
+    taps = AttentionTaps(q=torch.zeros(1, 1, 2, 2), k=torch.zeros(1, 1, 2, 2), scale=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        taps.q = None
+
+
+@pytest.mark.parametrize("method", ["tome", "random", "mctf"])
+def test_layers_past_a_vlm_feature_layer_reduce_nothing(method):
+    """LLaVA takes features from layer -2: the schedule ends there, and the tower's last layer (which still
+    runs) removes nothing."""
+    from test_vlm import llava_batch, tiny_llava
+
+    model, inputs = tiny_llava(), llava_batch()
+    tokenprune.apply(model, method, keep=0.25, **({"min_tokens": 0} if method == "mctf" else {}))
+    with torch.no_grad():
+        model(**inputs)
+    encoder = model.model.vision_tower.encoder
+    counts = encoder._tokenprune_last.token_counts
+    assert len(counts) == 4 and counts[-1] == 1 + 16  # the feature layer's input holds the final count
+    assert encoder._tokenprune_last.output_tokens == 1 + 16
