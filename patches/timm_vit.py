@@ -202,6 +202,7 @@ def unsupported_head(model: VisionTransformer) -> str | None:
 @register_adapter
 class TimmViTAdapter(EncoderAdapter):
     family = FAMILY
+    lookup_order = 0  # an isinstance check on the model itself
 
     def handles(self, model):
         return isinstance(model, VisionTransformer)

@@ -351,7 +351,7 @@ class VLMAdapter(Adapter):
     default_method = "hiprune"
     method_types = (VisualTokenSelector, EncoderReducer)
     settings = ("positions",)
-    contains_others = True  # a VLM holds a vision encoder the encoder adapter would take
+    lookup_order = 10  # a VLM holds a vision encoder the transformers encoder adapter would take
 
     def handles(self, model):
         return bool(_models(model))

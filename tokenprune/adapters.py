@@ -34,9 +34,9 @@ class Adapter(abc.ABC):
     method_types: ClassVar[tuple[type[TokenReducer], ...]]
     #: keyword settings of ``apply`` beyond the method's options (VLMs: ``positions``)
     settings: ClassVar[tuple[str, ...]] = ()
-    #: looked up before the others: its models contain models another adapter handles (a VLM holds a
-    #: vision encoder)
-    contains_others: ClassVar[bool] = False
+    #: adapters are tried in increasing order: those that look at the model's class only first (timm: 0),
+    #: then those whose models contain others' (a VLM holds a vision encoder: 10) before those (20)
+    lookup_order: ClassVar[int] = 20
 
     @abc.abstractmethod
     def handles(self, model: nn.Module) -> bool:
@@ -94,7 +94,7 @@ class EncoderAdapter(Adapter):
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: add an instance of ``cls`` to the adapters ``find_adapter`` tries."""
     _ADAPTERS.append(cls())
-    _ADAPTERS.sort(key=lambda adapter: not adapter.contains_others)  # stable: registration order otherwise
+    _ADAPTERS.sort(key=lambda adapter: adapter.lookup_order)  # stable: registration order otherwise
     return cls
 
 
