@@ -1,4 +1,4 @@
-"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``."""
+"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``, ``show``, ``demo``, ``eval``."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +162,19 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_show(args) -> int:
+    from tokenprune.visualize import render
+
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"--image {args.image} is not a file")
+    for method in args.method:
+        _check_method(argparse.Namespace(method=method, keep=args.keep, option=args.option))
+    check_writable(Path(args.out) / "token_counts.png", "--out")
+    for path in render(args.model, args.image, args.method, args.keep, dict(args.option), args.out):
+        print(path)
+    return 0
+
+
 def _cmd_bench_vlm(args) -> int:
     from tokenprune.eval.vlm_bench import format_tables, paper_comparison, vlm_benchmark
 
@@ -207,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=count(1), default=2)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("show", help="draw which patches each output token stands for (PNG per method) and the "
+                       "token counts per block")
+    p.add_argument("--model", default="vit_testbed_fmnist",
+                   help="timm model name (the testbed loads its trained weights; others are random init)")
+    p.add_argument("--image", help="an image file (default: the first Fashion-MNIST test image, testbed only)")
+    p.add_argument("--method", nargs="+", default=["tome", "mctf", "zero-tprune", "random"])
+    p.add_argument("--keep", type=float, default=0.33)
+    add_option_argument(p)
+    p.add_argument("--out", default="runs/show", help="folder for the PNGs")
+    p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench-vlm", help="VLM prefill FLOPs and time with and without visual-token reduction "
                        "(small random LLaVA), and the FLOPs formula on LLaVA-1.5-7B's shapes")

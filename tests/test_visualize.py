@@ -1,0 +1,105 @@
+"""tokenprune.visualize: the arrays behind the pictures equal what the forward did."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import images, tiny_timm
+
+import tokenprune
+import tokenprune.visualize as tv
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+
+def traced_report(method, **options):
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, method, trace_source=True, **options)
+    with torch.inference_mode():
+        model(x)
+    return tokenprune.last_forward(model), x
+
+
+@pytest.mark.parametrize("method,options", [("tome", {"keep": 0.25}), ("mctf", {"keep": 0.25, "min_tokens": 0}),
+                                            ("random", {"keep": 0.25}), ("zero-tprune", {"keep": 0.25})])
+def test_groups_are_the_source_map(method, options):
+    report, _ = traced_report(method, **options)
+    groups = tv.token_groups(report, (8, 8))
+    assert groups.shape == (2, 8, 8)
+    p = report.num_prefix_tokens
+    for b in range(2):
+        flat = groups[b].reshape(-1)
+        for token in range(report.output_tokens - p):  # every output patch token: the patches it absorbed
+            members = set(np.flatnonzero(flat == token).tolist())
+            assert members == set(torch.nonzero(report.source[b, p + token, p:]).flatten().tolist())
+            expected_size = 1 if report.size is None else int(report.size[b, p + token, 0])
+            assert len(members) == expected_size
+        dropped = flat < 0
+        assert int(dropped.sum()) == (64 - 16 if method in ("random", "zero-tprune") else 0)
+
+
+def test_groups_need_the_source_map():
+    model = tiny_timm()
+    tokenprune.apply(model, "tome", keep=0.5)
+    with torch.inference_mode():
+        model(images())
+    with pytest.raises(ValueError, match="trace_source=True"):
+        tv.token_groups(tokenprune.last_forward(model), (8, 8))
+    report, _ = traced_report("tome", keep=0.5)
+    with pytest.raises(ValueError, match="not a 4x4 grid"):
+        tv.token_groups(report, (4, 4))
+
+
+def test_group_colours_paint_each_group_with_its_mean_and_drops_dark():
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 8, 3))
+    groups = np.array([[0, 0, 1, -1], [2, 1, 1, -1], [2, 2, 3, 3], [4, 4, 4, 4]])
+    out = tv.group_colours(image, groups)
+    patches = image.reshape(4, 2, 4, 2, 3).transpose(0, 2, 1, 3, 4)  # (rows, cols, 2, 2, 3)
+    painted = out.reshape(4, 2, 4, 2, 3).transpose(0, 2, 1, 3, 4)
+    for g in range(5):
+        where = groups == g
+        np.testing.assert_allclose(painted[where], np.broadcast_to(patches[where].reshape(-1, 3).mean(0),
+                                                                    painted[where].shape))
+    np.testing.assert_allclose(painted[groups < 0], np.broadcast_to(tv.DROPPED, painted[groups < 0].shape))
+
+
+def test_show_tokens_draws_the_groups_and_saves(tmp_path):
+    report, x = traced_report("tome", keep=0.25)
+    groups = tv.token_groups(report, (8, 8))[0]
+    fig = tv.show_tokens(x[0], groups, path=tmp_path / "tokens.png")
+    assert (tmp_path / "tokens.png").stat().st_size > 0
+    drawn = np.asarray(fig.axes[1].images[0].get_array())
+    np.testing.assert_allclose(drawn, tv.group_colours(np.asarray(fig.axes[0].images[0].get_array()), groups))
+    assert fig.axes[1].get_title() == "16 tokens of 64 patches"
+
+
+def test_token_count_plot_holds_each_methods_counts():
+    tome, _ = traced_report("tome", keep=0.25)
+    fig = tv.plot_token_counts({"tome": tome, "by hand": [65, 40, 17]})
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert lines == {"tome": tome.token_counts + [tome.output_tokens], "by hand": [65, 40, 17]}
+
+
+def test_show_command_writes_a_png_per_method_and_the_counts(tmp_path, capsys):
+    from tokenprune.cli import main
+
+    assert main(["show", "--method", "tome", "random", "--keep", "0.5", "--out", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [str(tmp_path / name) for name in ("tome.png", "random.png", "token_counts.png")]
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("tome.png", "random.png", "token_counts.png"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image", "no/such.png"], "--image no/such.png is not a file"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--keep", "2"], "keep must be in (0, 1]"),
+    (["--model", "vit_tiny_patch16_224"], "give an image"),
+])
+def test_show_command_refuses_bad_input_in_one_line(tmp_path, capsys, argv, message):
+    from tokenprune.cli import main
+
+    assert main(["show", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

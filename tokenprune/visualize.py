@@ -1,0 +1,183 @@
+"""Looking at what a method did: which patches each output token stands for, and token counts per block.
+
+    import tokenprune, tokenprune.visualize as tv
+    tokenprune.apply(model, "tome", keep=0.33, trace_source=True)   # trace_source: keep the source map
+    model(x)
+    groups = tv.token_groups(tokenprune.last_forward(model), grid=(14, 14))  # (B, 14, 14) ints, -1 = dropped
+    fig = tv.show_tokens(image, groups[0])                           # ToMe-style: one colour per group
+    fig = tv.plot_token_counts({"tome": report_a, "mctf": report_b})
+
+``token_groups`` is the array behind every picture (tests compare it with the report's source map);
+the drawing functions only colour it. matplotlib (the ``plot`` extra) is imported when drawing.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .state import ForwardReport
+
+
+def token_groups(report: ForwardReport, grid: tuple[int, int]) -> np.ndarray:
+    """For each input patch (in raster order on ``grid``), the output patch token it ended up in:
+    ``(B, rows, cols)`` ints in ``[0, output patch tokens)``, or -1 where the patch was dropped.
+
+    Needs the forward's source map (``apply(..., trace_source=True)``); prefix tokens (class,
+    distillation, registers) are left out on both sides. Merged patches share a group; a pruning
+    method's kept patches are groups of one.
+    """
+    if report.source is None:
+        raise ValueError("token_groups needs the forward's source map: apply the method with trace_source=True "
+                         "and run a forward")
+    prefix = report.num_prefix_tokens
+    source = report.source[:, prefix:, prefix:]  # (B, output patch tokens, input patches)
+    rows, cols = grid
+    if source.shape[-1] != rows * cols:
+        raise ValueError(f"the forward saw {source.shape[-1]} patches, not a {rows}x{cols} grid")
+    absorbed = source > 0.5
+    if bool((absorbed.sum(dim=1) > 1).any()):
+        raise ValueError("a patch is in two output tokens: this source map was not made by tokenprune")
+    group = torch.where(absorbed.any(dim=1), absorbed.float().argmax(dim=1), -1)
+    return group.view(-1, rows, cols).cpu().numpy()
+
+
+#: dropped patches: a muted red, told apart from any grey or dark background
+DROPPED = (0.6, 0.15, 0.15)
+
+
+def group_colours(image: np.ndarray, groups: np.ndarray, dropped: Sequence[float] = DROPPED) -> np.ndarray:
+    """An image of the groups as ToMe draws them: every patch of a group painted with the group's mean
+    colour, dropped patches in ``dropped``. ``image`` (H, W, 3) floats in [0, 1], H and W multiples of
+    the grid; returns the same shape."""
+    rows, cols = groups.shape
+    height, width = image.shape[:2]
+    if height % rows or width % cols:
+        raise ValueError(f"a {height}x{width} image does not split into a {rows}x{cols} patch grid")
+    ph, pw = height // rows, width // cols
+    patches = image.reshape(rows, ph, cols, pw, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, ph * pw, 3)
+    flat = groups.reshape(-1)
+    out = np.empty_like(patches)
+    out[flat < 0] = dropped
+    for g in np.unique(flat[flat >= 0]):
+        members = flat == g
+        out[members] = patches[members].reshape(-1, 3).mean(axis=0)
+    return out.reshape(rows, cols, ph, pw, 3).transpose(0, 2, 1, 3, 4).reshape(height, width, 3)
+
+
+def _as_image(image) -> np.ndarray:
+    """(H, W, 3) floats in [0, 1] from a PIL image, a (3, H, W) / (H, W, 3) tensor or array, or a grey (H, W)."""
+    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else (
+        image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image))
+    array = array.astype(np.float64)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.max() > 1.0:
+        array = array / 255.0
+    return (array - array.min()) / max(array.max() - array.min(), 1e-12) if array.min() < 0 else array
+
+
+def show_tokens(image, groups: np.ndarray, title: str | None = None, path: str | None = None):
+    """The image beside its token groups (``token_groups(report, grid)[i]``): a matplotlib Figure, also saved
+    to ``path`` if given."""
+    import matplotlib.pyplot as plt
+
+    picture = _as_image(image)
+    rows, cols = groups.shape
+    # resize by repetition to a multiple of the grid (nearest neighbour; the picture is for looking)
+    scale_h, scale_w = -(-picture.shape[0] // rows), -(-picture.shape[1] // cols)
+    index_h = np.minimum((np.arange(rows * scale_h) * picture.shape[0]) // (rows * scale_h), picture.shape[0] - 1)
+    index_w = np.minimum((np.arange(cols * scale_w) * picture.shape[1]) // (cols * scale_w), picture.shape[1] - 1)
+    picture = picture[index_h][:, index_w]
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    axes[0].imshow(picture)
+    axes[0].set_title("input")
+    axes[1].imshow(group_colours(picture, groups))
+    _draw_boundaries(axes[1], groups, picture.shape[0] // rows, picture.shape[1] // cols)
+    kept = int((np.unique(groups) >= 0).sum())
+    axes[1].set_title(title or f"{kept} tokens of {rows * cols} patches")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _draw_boundaries(ax, groups: np.ndarray, patch_h: int, patch_w: int) -> None:
+    """White lines between neighbouring patches of different groups (ToMe's drawing has them too)."""
+    rows, cols = groups.shape
+    style = dict(color="white", linewidth=0.6)
+    for r, c in zip(*np.nonzero(groups[:, 1:] != groups[:, :-1])):  # vertical edges
+        ax.plot([(c + 1) * patch_w - 0.5] * 2, [r * patch_h - 0.5, (r + 1) * patch_h - 0.5], **style)
+    for r, c in zip(*np.nonzero(groups[1:] != groups[:-1])):  # horizontal edges
+        ax.plot([c * patch_w - 0.5, (c + 1) * patch_w - 0.5], [(r + 1) * patch_h - 0.5] * 2, **style)
+
+
+def plot_token_counts(reports: Mapping[str, ForwardReport | Sequence[int]], path: str | None = None):
+    """Tokens entering each block, one line per method (reports, or lists of counts): a Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (name, report) in enumerate(reports.items()):
+        counts = list(report.token_counts) + [report.output_tokens] if isinstance(report, ForwardReport) \
+            else list(report)
+        # methods on one schedule draw the same line: vary the style so each stays visible
+        ax.plot(range(len(counts)), counts, marker="os^D"[i % 4], markersize=3, linestyle=("-", "--", "-.", ":")[i % 4],
+                label=name)
+    ax.set_xlabel("block (last point: encoder output)")
+    ax.set_ylabel("tokens")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence[str] = ("tome", "mctf", "zero-tprune",
+           "random"), keep: float = 0.33, options: Mapping | None = None, out_dir: str = "runs/show") -> list:
+    """Write one PNG of the token groups per method and one of the token counts, for ``image`` (a path or
+    a PIL image; default: the first Fashion-MNIST test image) through the timm model ``model_name``
+    (the testbed with its trained weights, any other name at random init). Returns the paths."""
+    from pathlib import Path
+
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_model_data_config
+
+    from . import apply, last_forward, testbed
+
+    model = timm.create_model(model_name, pretrained=model_name == "vit_testbed_fmnist").eval()
+    config = resolve_model_data_config(model)
+    if image is None:
+        if model_name != "vit_testbed_fmnist":
+            raise ValueError("give an image: the default image (Fashion-MNIST) suits the testbed only")
+        image = Image.fromarray(testbed.load_fashion_mnist("test")[0][0].numpy())
+    elif not hasattr(image, "convert"):
+        image = Image.open(image)
+    image = image.convert("L" if config["input_size"][0] == 1 else "RGB")
+    x = create_transform(**config)(image).unsqueeze(0)
+    grid = model.patch_embed.grid_size
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, reports = [], {}
+    import matplotlib.pyplot as plt
+
+    for method in methods:
+        apply(model, method, keep=keep, trace_source=True, **(options or {}))
+        with torch.inference_mode():
+            model(x)
+        reports[method] = report = last_forward(model)
+        groups = token_groups(report, tuple(grid))[0]
+        paths.append(out / f"{method}.png")
+        plt.close(show_tokens(image, groups, title=f"{method}: {int((np.unique(groups) >= 0).sum())} tokens",
+                              path=paths[-1]))
+    paths.append(out / "token_counts.png")
+    plt.close(plot_token_counts(reports, path=paths[-1]))
+    return paths
