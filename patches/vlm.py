@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -142,11 +142,14 @@ class Compaction:
 @dataclass(frozen=True)
 class VLMReport:
     """What the last prefill kept (``tokenprune.last_forward(vlm)``): per sample, the image placeholder
-    tokens of the prompt and the visual tokens the language model received."""
+    tokens of the prompt and the visual tokens the language model received; per image (in the batch's
+    order), which of its placeholders were kept (bool, raster order of its features; LLaVA-NeXT: the
+    packed order, newlines included)."""
 
     method: str
     placeholders: list[int]
     visual_tokens: list[int]
+    kept: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -298,7 +301,8 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
         kw["tokenprune_compaction"] = Compaction(keep=keep_seq, positions=model.tokenprune_positions)
     model._tokenprune_last = VLMReport(method=model.tokenprune_reducer.name,
                                        placeholders=placeholders.sum(dim=1).tolist(),
-                                       visual_tokens=(keep_seq & placeholders).sum(dim=1).tolist())
+                                       visual_tokens=(keep_seq & placeholders).sum(dim=1).tolist(),
+                                       kept=[keep.detach().cpu() for keep in keeps])
     return (), kw
 
 

@@ -103,3 +103,19 @@ def test_show_command_refuses_bad_input_in_one_line(tmp_path, capsys, argv, mess
     assert main(["show", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_kept_groups_follow_a_vlm_report():
+    from test_vlm import llava_batch, tiny_llava
+
+    model, inputs = tiny_llava(), llava_batch()
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
+    with torch.no_grad():
+        model(**inputs)
+    kept = tokenprune.last_forward(model).kept
+    assert [int(k.sum()) for k in kept] == [16, 16, 16]
+    groups = tv.kept_groups(kept[1], (8, 8))
+    np.testing.assert_array_equal(groups.reshape(-1) >= 0, kept[1].numpy())
+    np.testing.assert_array_equal(groups.reshape(-1)[kept[1].numpy()], np.flatnonzero(kept[1].numpy()))
+    with pytest.raises(ValueError, match="do not fill a 4x4 grid"):
+        tv.kept_groups(kept[1], (4, 4))

@@ -159,7 +159,8 @@ def test_qwen_keeps_k_per_image_after_the_merger(build):
 
 def _llava_reference(model, input_ids, pixels, keep, object_layer):
     """One sample, unpatched: HiPrune's choice from eager attention maps, then generation from
-    inputs_embeds holding only the kept features (re-indexed positions: contiguous)."""
+    inputs_embeds holding only the kept features (re-indexed positions: contiguous). Returns the
+    generation and the kept indices per image."""
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")
     try:
@@ -170,18 +171,19 @@ def _llava_reference(model, input_ids, pixels, keep, object_layer):
         tower.set_attn_implementation("sdpa")
     received = [a.mean(dim=(1, 2))[:, 1:] for a in out.attentions]  # drop the class token's column
     embeds = model.get_input_embeddings()(input_ids[None])[0]
-    pieces, at = [], 0
+    pieces, at, chosen = [], 0, []
     for i in range(pixels.shape[0]):
         k = round(keep * 64)
         idx = hiprune_select(received[object_layer - 1][i], received[2][i], (8, 8), k)  # output layer: 3rd of 4
+        chosen.append(idx)
         start = (input_ids == LLAVA_IMAGE).nonzero()[i * 64].item()
         pieces += [embeds[at:start], features[i, idx]]
         at = start + 64
     pieces.append(embeds[at:])
     inputs_embeds = torch.cat(pieces)[None]
+    mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long)
     with torch.no_grad():
-        return model.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones(inputs_embeds.shape[:2],
-                                                                                     dtype=torch.long), **GREEDY)
+        return model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **GREEDY), chosen
 
 
 def test_llava_pruned_generation_equals_a_per_sample_reference():
@@ -189,12 +191,15 @@ def test_llava_pruned_generation_equals_a_per_sample_reference():
     tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
     with torch.no_grad():
         batch_out = model.generate(**inputs, **GREEDY)[:, inputs["input_ids"].shape[1]:]
+    kept = tokenprune.last_forward(model).kept  # per image, in batch order
     tokenprune.remove(model)
     images = [inputs["pixel_values"][:1], inputs["pixel_values"][1:]]
+    reported = [kept[:1], kept[1:]]
     for row, pixels in enumerate(images):
         ids = inputs["input_ids"][row][inputs["attention_mask"][row] == 1]
-        reference = _llava_reference(model, ids, pixels, 0.25, object_layer=2)
+        reference, chosen = _llava_reference(model, ids, pixels, 0.25, object_layer=2)
         assert torch.equal(batch_out[row], reference[0]), row
+        assert [mask.nonzero().flatten().tolist() for mask in reported[row]] == [c.tolist() for c in chosen]
 
 
 def _qwen_scores_by_hand(model, inputs, layer):

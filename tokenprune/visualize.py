@@ -6,6 +6,7 @@
     groups = tv.token_groups(tokenprune.last_forward(model), grid=(14, 14))  # (B, 14, 14) ints, -1 = dropped
     fig = tv.show_tokens(image, groups[0])                           # ToMe-style: one colour per group
     fig = tv.plot_token_counts({"tome": report_a, "mctf": report_b})
+    fig = tv.show_tokens(image, tv.kept_groups(tokenprune.last_forward(vlm).kept[0], (24, 24)))  # a VLM's image
 
 ``token_groups`` is the array behind every picture (tests compare it with the report's source map);
 the drawing functions only colour it. matplotlib (the ``plot`` extra) is imported when drawing.
@@ -45,6 +46,16 @@ def token_groups(report: ForwardReport, grid: tuple[int, int]) -> np.ndarray:
 
 #: dropped patches: a muted red, told apart from any grey or dark background
 DROPPED = (0.6, 0.15, 0.15)
+
+
+def kept_groups(kept: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """``token_groups``' layout for a kept/dropped mask over one image's tokens (for VLMs:
+    ``last_forward(vlm).kept[i]``): each kept token its own group, -1 where dropped; ``(rows, cols)``."""
+    rows, cols = grid
+    if kept.numel() != rows * cols:
+        raise ValueError(f"{kept.numel()} tokens do not fill a {rows}x{cols} grid")
+    index = torch.arange(kept.numel())
+    return torch.where(kept.cpu().flatten().bool(), index, -1).view(rows, cols).numpy()
 
 
 def group_colours(image: np.ndarray, groups: np.ndarray, dropped: Sequence[float] = DROPPED) -> np.ndarray:
