@@ -103,14 +103,11 @@ class VLMFamily:
 
     def choose(self, model: nn.Module, kw: dict, request: ScoreRequest, selector: VisualTokenSelector,
                features: list[Tensor], layers: tuple[int, ...]) -> list[Tensor]:
-        """Per image, which of its features (placeholders) the selector keeps (bool)."""
+        """Per image, the role the selector gave each of its features (placeholders): int8, 0 where dropped
+        (``VisualTokenSelector.explain``; -1 marks a kept token that is not a patch, LLaVA-NeXT's newlines)."""
         scores = zip(*(self.image_scores(model, kw, request, layer) for layer in layers))
-        keeps = []
-        for feats, image_scores, grid in zip(features, scores, self.grids(model, kw)):
-            keep = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
-            keep[selector.select(tuple(image_scores), grid)] = True
-            keeps.append(keep)
-        return keeps
+        return [selector.explain(tuple(image_scores), grid).to(feats.device)
+                for feats, image_scores, grid in zip(features, scores, self.grids(model, kw))]
 
 
 _FAMILIES: list[VLMFamily] = []
@@ -144,12 +141,16 @@ class VLMReport:
     """What the last prefill kept (``tokenprune.last_forward(vlm)``): per sample, the image placeholder
     tokens of the prompt and the visual tokens the language model received; per image (in the batch's
     order), which of its placeholders were kept (bool, raster order of its features; LLaVA-NeXT: the
-    packed order, newlines included)."""
+    packed order, newlines included) and, for a selector, why."""
 
     method: str
     placeholders: list[int]
     visual_tokens: list[int]
     kept: list[Tensor] = field(default_factory=list)
+    #: per image, each placeholder's role in a selector's choice (``VisualTokenSelector.explain``: an index
+    #: into ``role_names``, 0 = dropped; -1: a kept LLaVA-NeXT newline); None for encoder methods
+    roles: list[Tensor] | None = None
+    role_names: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -243,8 +244,8 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
         request = ScoreRequest(layers=frozenset(layers))
         out = stock(vlm, **kw, return_dict=True, tokenprune_scores=request)
         features = list(out.pooler_output)
-        for feats, keep in zip(features, family.choose(vlm, kw, request, reducer, features, layers)):
-            feats.tokenprune_keep = keep
+        for feats, roles in zip(features, family.choose(vlm, kw, request, reducer, features, layers)):
+            feats.tokenprune_keep, feats.tokenprune_roles = roles != 0, roles
     else:  # an encoder method reduced inside the tower: its K features fill an image's first K placeholders
         out = stock(vlm, **kw, return_dict=True)
         features = []
@@ -302,8 +303,16 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
     model._tokenprune_last = VLMReport(method=model.tokenprune_reducer.name,
                                        placeholders=placeholders.sum(dim=1).tolist(),
                                        visual_tokens=(keep_seq & placeholders).sum(dim=1).tolist(),
-                                       kept=[keep.detach().cpu() for keep in keeps])
+                                       kept=[keep.detach().cpu() for keep in keeps], **_roles(model.tokenprune_reducer,
+                                                                                              image.pooler_output))
     return (), kw
+
+
+def _roles(reducer, features: list[Tensor]) -> dict:
+    """The report's ``roles`` and ``role_names`` from a selector's image features; nothing for encoder methods."""
+    if not isinstance(reducer, VisualTokenSelector):
+        return {}
+    return {"roles": [feats.tokenprune_roles.detach().cpu() for feats in features], "role_names": reducer.role_names}
 
 
 def _compact(language_model: nn.Module, args: tuple, kwargs: dict):

@@ -38,25 +38,24 @@ class LlavaNext(Llava):
         index = torch.arange(crops * n, dtype=torch.float32, device=features[0].device).view(crops, n, 1)
         packed, _ = model.pack_image_features(list(index.split(self._crops_per_image(model, kw))), kw["image_sizes"],
                                               self._strategy(model, kw), image_newline=index.new_tensor([-1.0]))
-        keeps = []
+        images = []
         for where in packed:
             where = where[:, 0].long()
             is_token = where >= 0
             crop, patch = where // n, where % n
-            keep = torch.zeros_like(is_token)
+            roles = torch.zeros(is_token.shape, dtype=torch.int8, device=where.device)
             for c in crop[is_token].unique().tolist():
                 in_crop = is_token & (crop == c)
                 allowed = torch.zeros(n, dtype=torch.bool, device=where.device)
                 allowed[patch[in_crop]] = True
-                chosen = torch.zeros_like(allowed)
-                chosen[selector.select(tuple(scores[c] for scores in per_layer), (side, side), allowed)] = True
-                keep[in_crop] = chosen[patch[in_crop]]
+                crop_roles = selector.explain(tuple(scores[c] for scores in per_layer), (side, side), allowed)
+                roles[in_crop] = crop_roles.to(where.device)[patch[in_crop]]
             row = torch.cumsum(~is_token, 0) - (~is_token).long()  # newlines before each position
             rows_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=where.device)
-            rows_kept.index_add_(0, row, keep.long())
-            keep |= ~is_token & (rows_kept[row] > 0)
-            keeps.append(keep)
-        return keeps
+            rows_kept.index_add_(0, row, (roles != 0).long())
+            roles[~is_token & (rows_kept[row] > 0)] = -1  # a row's newline stays when the row keeps a token
+            images.append(roles)
+        return images
 
     def grids(self, model, kw):
         vision = model.config.vision_config

@@ -119,3 +119,38 @@ def test_kept_groups_follow_a_vlm_report():
     np.testing.assert_array_equal(groups.reshape(-1)[kept[1].numpy()], np.flatnonzero(kept[1].numpy()))
     with pytest.raises(ValueError, match="do not fill a 4x4 grid"):
         tv.kept_groups(kept[1], (4, 4))
+
+
+def test_roles_are_drawn_from_the_report(tmp_path):
+    from test_vlm import llava_batch, tiny_llava
+
+    model, inputs = tiny_llava(), llava_batch()
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2, alpha=1.0)  # 3 anchors of 16 tokens
+    with torch.no_grad():
+        model(**inputs)
+    report = tokenprune.last_forward(model)
+    roles = report.roles[0].numpy().reshape(8, 8)
+    assert all((roles == role).any() for role in (1, 2, 3))
+    fig = tv.show_roles(inputs["pixel_values"][0], report.roles[0], (8, 8), report.role_names,
+                        path=tmp_path / "roles.png")
+    assert (tmp_path / "roles.png").stat().st_size > 0
+    drawn = np.asarray(fig.axes[0].images[0].get_array())  # 32x32: 4x4 pixels per token
+    picture = tv._as_image(inputs["pixel_values"][0])
+    np.testing.assert_allclose(drawn, tv.role_colours(picture, roles))
+    painted, seen = (a.reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4) for a in (drawn, picture))  # per token
+    np.testing.assert_allclose(painted[roles == 0], tv.DIMMED * seen[roles == 0])
+    for role in (1, 2, 3):  # a kept token is half its role's colour
+        expected = 0.5 * seen[roles == role] + 0.5 * np.asarray(tv.ROLE_COLOURS[role - 1])
+        np.testing.assert_allclose(painted[roles == role], expected)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"{name} ({int((roles == i).sum())})" for i, name in enumerate(report.role_names)]
+    assert int((roles > 0).sum()) == 16
+
+
+def test_role_colours_tint_kept_patches_and_paint_dropped_ones():
+    image = np.full((4, 4, 3), 0.5)
+    roles = np.array([[0, 1], [2, 3]])
+    out = tv.role_colours(image, roles, blend=0.5)
+    np.testing.assert_allclose(out[:2, :2], np.full((2, 2, 3), 0.5 * tv.DIMMED))
+    np.testing.assert_allclose(out[:2, 2:], np.broadcast_to(0.25 + 0.5 * np.array(tv.ROLE_COLOURS[0]), (2, 2, 3)))
+    np.testing.assert_allclose(out[2:, 2:], np.broadcast_to(0.25 + 0.5 * np.array(tv.ROLE_COLOURS[2]), (2, 2, 3)))

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 import tokenprune
-from tokenprune.methods.hiprune import hiprune_select
+from tokenprune.methods.hiprune import hiprune_roles, hiprune_select
 
 LLAVA_IMAGE, QWEN_IMAGE, PAD = 99, 90, 0
 GREEDY = dict(max_new_tokens=6, do_sample=False)
@@ -160,7 +160,7 @@ def test_qwen_keeps_k_per_image_after_the_merger(build):
 def _llava_reference(model, input_ids, pixels, keep, object_layer):
     """One sample, unpatched: HiPrune's choice from eager attention maps, then generation from
     inputs_embeds holding only the kept features (re-indexed positions: contiguous). Returns the
-    generation and the kept indices per image."""
+    generation and HiPrune's roles per image."""
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")
     try:
@@ -174,8 +174,9 @@ def _llava_reference(model, input_ids, pixels, keep, object_layer):
     pieces, at, chosen = [], 0, []
     for i in range(pixels.shape[0]):
         k = round(keep * 64)
-        idx = hiprune_select(received[object_layer - 1][i], received[2][i], (8, 8), k)  # output layer: 3rd of 4
-        chosen.append(idx)
+        roles = hiprune_roles(received[object_layer - 1][i], received[2][i], (8, 8), k)  # output layer: 3rd of 4
+        idx = roles.nonzero().flatten()
+        chosen.append(roles)
         start = (input_ids == LLAVA_IMAGE).nonzero()[i * 64].item()
         pieces += [embeds[at:start], features[i, idx]]
         at = start + 64
@@ -191,15 +192,17 @@ def test_llava_pruned_generation_equals_a_per_sample_reference():
     tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
     with torch.no_grad():
         batch_out = model.generate(**inputs, **GREEDY)[:, inputs["input_ids"].shape[1]:]
-    kept = tokenprune.last_forward(model).kept  # per image, in batch order
+    report = tokenprune.last_forward(model)  # per image, in batch order
+    assert report.role_names == ("dropped", "anchor", "buffer", "register")
+    assert all(torch.equal(kept, roles != 0) for kept, roles in zip(report.kept, report.roles))
     tokenprune.remove(model)
     images = [inputs["pixel_values"][:1], inputs["pixel_values"][1:]]
-    reported = [kept[:1], kept[1:]]
+    reported = [report.roles[:1], report.roles[1:]]
     for row, pixels in enumerate(images):
         ids = inputs["input_ids"][row][inputs["attention_mask"][row] == 1]
         reference, chosen = _llava_reference(model, ids, pixels, 0.25, object_layer=2)
         assert torch.equal(batch_out[row], reference[0]), row
-        assert [mask.nonzero().flatten().tolist() for mask in reported[row]] == [c.tolist() for c in chosen]
+        assert [roles.tolist() for roles in reported[row]] == [roles.tolist() for roles in chosen]
 
 
 def _qwen_scores_by_hand(model, inputs, layer):
@@ -299,6 +302,17 @@ def test_hiprune_anchor_buffer_register_counts():
         top = obj.topk(anchors).indices
         assert set(top.tolist()) <= set(idx.tolist())
         assert round(0.1 * k / 5) == anchors
+        roles = hiprune_roles(obj, out, grid, k)
+        assert torch.equal(roles.nonzero().flatten(), idx)
+        assert sorted(torch.nonzero(roles == 1).flatten().tolist()) == sorted(top.tolist())
+        rows, cols = top // 24, top % 24
+        neighbours = {(int(r) + dr) * 24 + int(c) + dc for r, c in zip(rows, cols)
+                      for dr, dc in ((0, -1), (0, 1), (-1, 0), (1, 0)) if 0 <= r + dr < 24 and 0 <= c + dc < 24}
+        assert set(torch.nonzero(roles == 2).flatten().tolist()) == neighbours - set(top.tolist())
+        registers = torch.nonzero(roles == 3).flatten()
+        rest = out.masked_fill((roles == 1) | (roles == 2), -1)
+        assert sorted(registers.tolist()) == sorted(rest.topk(k - anchors - len(neighbours - set(top.tolist())))
+                                                    .indices.tolist())
 
 
 def test_hiprune_buffers_do_not_wrap_unless_asked():
@@ -399,6 +413,9 @@ def test_llava_next_keeps_k_per_crop_and_is_exact_at_keep_one():
     assert report.placeholders[1] == 5 * 64 + 16 and report.visual_tokens[1] == 5 * 16 + 16
     assert report.visual_tokens[0] < report.placeholders[0] * 0.35
     assert lengths[0] == 2 + max(report.visual_tokens[0] + 3, report.visual_tokens[1] + 2) and lengths[1:] == [1] * 5
+    # roles in the packed order: -1 exactly at the 16 kept newlines, a role per kept patch token
+    assert all(torch.equal(kept, roles != 0) for kept, roles in zip(report.kept, report.roles))
+    assert int((report.roles[1] == -1).sum()) == 16 and int((report.roles[1] > 0).sum()) == 5 * 16
     tokenprune.remove(model)
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, **GREEDY), expected)

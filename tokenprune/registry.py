@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
+import torch
 from torch import Tensor
 
 from .state import AttentionTaps, ForwardState
@@ -280,3 +281,14 @@ class VisualTokenSelector(TokenReducer):
         these tokens exist (LLaVA-NeXT's unpadded crop); the budget then counts them, and a budget that
         rounds to zero keeps none."""
         raise NotImplementedError
+
+    #: the roles ``explain`` numbers, 0 being "dropped" (drawn by ``tokenprune.visualize.show_roles``)
+    role_names: ClassVar[tuple[str, ...]] = ("dropped", "kept")
+
+    def explain(self, scores: tuple[Tensor, ...], grid: tuple[int, int], allowed: Tensor | None = None) -> Tensor:
+        """Each token's role in the choice ``select`` makes, an index into ``role_names`` (int8, 0 for a dropped
+        token); ``last_forward(vlm).roles`` holds it per image. By default kept (1) or dropped (0); a selector
+        whose choice has parts (HiPrune: anchors, buffers, registers) says which part each token came from."""
+        roles = torch.zeros(grid[0] * grid[1], dtype=torch.int8, device=scores[0].device)
+        roles[self.select(scores, grid, allowed)] = 1
+        return roles

@@ -7,6 +7,8 @@
     fig = tv.show_tokens(image, groups[0])                           # ToMe-style: one colour per group
     fig = tv.plot_token_counts({"tome": report_a, "mctf": report_b})
     fig = tv.show_tokens(image, tv.kept_groups(tokenprune.last_forward(vlm).kept[0], (24, 24)))  # a VLM's image
+    report = tokenprune.last_forward(vlm)
+    fig = tv.show_roles(image, report.roles[0], (24, 24), report.role_names)  # HiPrune's anchors, buffers, registers
 
 ``token_groups`` is the array behind every picture (tests compare it with the report's source map);
 the drawing functions only colour it. matplotlib (the ``plot`` extra) is imported when drawing.
@@ -98,13 +100,8 @@ def show_tokens(image, groups: np.ndarray, title: str | None = None, path: str |
     to ``path`` if given."""
     import matplotlib.pyplot as plt
 
-    picture = _as_image(image)
     rows, cols = groups.shape
-    # resize by repetition to a multiple of the grid (nearest neighbour; the picture is for looking)
-    scale_h, scale_w = -(-picture.shape[0] // rows), -(-picture.shape[1] // cols)
-    index_h = np.minimum((np.arange(rows * scale_h) * picture.shape[0]) // (rows * scale_h), picture.shape[0] - 1)
-    index_w = np.minimum((np.arange(cols * scale_w) * picture.shape[1]) // (cols * scale_w), picture.shape[1] - 1)
-    picture = picture[index_h][:, index_w]
+    picture = _fit(_as_image(image), (rows, cols))
     fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
     axes[0].imshow(picture)
     axes[0].set_title("input")
@@ -118,6 +115,54 @@ def show_tokens(image, groups: np.ndarray, title: str | None = None, path: str |
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+#: colours of a selector's roles 1, 2, ... (HiPrune: anchor, buffer, register); dropped patches are dimmed
+ROLE_COLOURS = ((0.9, 0.1, 0.1), (1.0, 0.65, 0.0), (0.2, 0.45, 1.0), (0.3, 0.8, 0.3), (0.7, 0.3, 0.9))
+DIMMED = 0.25  # a dropped patch keeps this share of its brightness
+
+
+def role_colours(image: np.ndarray, roles: np.ndarray, blend: float = 0.5) -> np.ndarray:
+    """The image with each patch tinted by its role (``roles`` (rows, cols) ints, 0 dropped): kept patches
+    ``blend`` of the way to their role's colour, dropped ones dimmed to ``DIMMED``. Same shape as ``image``."""
+    rows, cols = roles.shape
+    height, width = image.shape[:2]
+    if height % rows or width % cols:
+        raise ValueError(f"a {height}x{width} image does not split into a {rows}x{cols} patch grid")
+    colour = np.array([(0.0, 0.0, 0.0), *ROLE_COLOURS])[np.clip(roles, 0, len(ROLE_COLOURS))]  # (rows, cols, 3)
+    per_pixel = np.repeat(np.repeat(colour, height // rows, axis=0), width // cols, axis=1)
+    dropped = np.repeat(np.repeat(roles == 0, height // rows, axis=0), width // cols, axis=1)[..., None]
+    return np.where(dropped, DIMMED * image, (1 - blend) * image + blend * per_pixel)
+
+
+def show_roles(image, roles, grid: tuple[int, int], role_names: Sequence[str], path: str | None = None):
+    """A VLM image with each visual token tinted by its role in the selector's choice
+    (``last_forward(vlm).roles[i]`` and ``.role_names``; HiPrune: anchors, buffers, registers): a Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    roles = np.asarray(roles.cpu() if isinstance(roles, torch.Tensor) else roles).reshape(grid)
+    picture = _fit(_as_image(image), grid)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(role_colours(picture, roles))
+    ax.axis("off")
+    counts = {name: int((roles == i).sum()) for i, name in enumerate(role_names)}
+    palette = [(DIMMED,) * 3, *ROLE_COLOURS]
+    ax.legend(handles=[Patch(color=palette[i], label=f"{name} ({counts[name]})") for i, name in enumerate(role_names)],
+              loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=len(role_names), fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _fit(picture: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``picture`` resized (nearest neighbour) to a multiple of ``grid``, for drawing patch by patch."""
+    rows, cols = grid
+    scale_h, scale_w = -(-picture.shape[0] // rows), -(-picture.shape[1] // cols)
+    index_h = np.minimum((np.arange(rows * scale_h) * picture.shape[0]) // (rows * scale_h), picture.shape[0] - 1)
+    index_w = np.minimum((np.arange(cols * scale_w) * picture.shape[1]) // (cols * scale_w), picture.shape[1] - 1)
+    return picture[index_h][:, index_w]
 
 
 def _draw_boundaries(ax, groups: np.ndarray, patch_h: int, patch_w: int) -> None:

@@ -35,10 +35,15 @@ def neighbours(index: Tensor, grid: tuple[int, int], wrap: bool = False) -> Tens
     return out
 
 
-def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int], k: int,
-                   alpha: float = 0.1, wrap: bool = False, allowed: Tensor | None = None) -> Tensor:
-    """Indices (sorted, ``(k,)``) of the tokens HiPrune keeps for one image of ``rows * cols`` tokens.
-    ``allowed`` (bool, ``(rows * cols,)``): only these may be kept (LLaVA-NeXT's unpadded crops)."""
+#: what ``hiprune_roles`` numbers mean
+ROLES = ("dropped", "anchor", "buffer", "register")
+
+
+def hiprune_roles(object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int], k: int,
+                  alpha: float = 0.1, wrap: bool = False, allowed: Tensor | None = None) -> Tensor:
+    """Each token's role for one image of ``rows * cols`` tokens: an index into ``ROLES`` (int8, ``(n,)``;
+    0 dropped, 1 anchor, 2 buffer, 3 register), ``k`` tokens kept. ``allowed`` (bool, ``(n,)``): only
+    these may be kept (LLaVA-NeXT's unpadded crops)."""
     n = object_scores.shape[0]
     if n != grid[0] * grid[1]:
         raise ValueError(f"hiprune: {n} scores do not fill a {grid[0]}x{grid[1]} grid")
@@ -48,21 +53,29 @@ def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int
         k = min(k, int(allowed.sum()))
     num_anchors = min(round(alpha * k / 5), k)
     anchors = object_scores.topk(num_anchors).indices
-    chosen = torch.zeros(n, dtype=torch.bool, device=object_scores.device)
-    chosen[anchors] = True
-    chosen[neighbours(anchors, grid, wrap).flatten()] = True
+    roles = torch.zeros(n, dtype=torch.int8, device=object_scores.device)
+    roles[neighbours(anchors, grid, wrap).flatten()] = 2
+    roles[anchors] = 1
     if allowed is not None:
-        chosen &= allowed
-    if int(chosen.sum()) > k:  # tiny budgets: anchors first, then their buffers by object-layer score
-        extra = torch.where(chosen, object_scores, -torch.inf)
+        roles[~allowed] = 0
+    if int((roles > 0).sum()) > k:  # tiny budgets: anchors first, then their buffers by object-layer score
+        extra = torch.where(roles > 0, object_scores, -torch.inf)
         extra[anchors] = torch.inf
-        chosen = torch.zeros_like(chosen)
-        chosen[extra.topk(k).indices] = True
-    registers = k - int(chosen.sum())
+        chosen = extra.topk(k).indices
+        roles = torch.zeros_like(roles)
+        roles[chosen] = 2
+        roles[anchors[torch.isin(anchors, chosen)]] = 1
+    registers = k - int((roles > 0).sum())
     if registers:
-        rest = torch.where(chosen, -torch.inf, output_scores.float())
-        chosen[rest.topk(registers).indices] = True
-    return chosen.nonzero().squeeze(1)
+        rest = torch.where(roles > 0, -torch.inf, output_scores.float())
+        roles[rest.topk(registers).indices] = 3
+    return roles
+
+
+def hiprune_select(object_scores: Tensor, output_scores: Tensor, grid: tuple[int, int], k: int,
+                   alpha: float = 0.1, wrap: bool = False, allowed: Tensor | None = None) -> Tensor:
+    """Indices (sorted, ``(k,)``) of the tokens HiPrune keeps (``hiprune_roles`` not 0)."""
+    return hiprune_roles(object_scores, output_scores, grid, k, alpha, wrap, allowed).nonzero().squeeze(1)
 
 
 @register
@@ -98,7 +111,9 @@ class HiPrune(VisualTokenSelector):
             return min(self.options["tokens"], num_tokens)
         return super().budget(num_tokens)
 
-    def select(self, scores, grid, allowed=None):
+    role_names = ROLES
+
+    def explain(self, scores, grid, allowed=None):
         object_scores, output_scores = scores
         if allowed is None:
             k = self.budget(object_scores.shape[0])
@@ -106,6 +121,9 @@ class HiPrune(VisualTokenSelector):
             count = int(allowed.sum())
             k = min(self.options["tokens"] or round(self.keep * count), count)
             if k == 0:
-                return allowed.nonzero().squeeze(1)[:0]
-        return hiprune_select(object_scores, output_scores, grid, k, self.options["alpha"], self.options["wrap"],
-                              allowed)
+                return torch.zeros(allowed.shape[0], dtype=torch.int8, device=allowed.device)
+        return hiprune_roles(object_scores, output_scores, grid, k, self.options["alpha"], self.options["wrap"],
+                             allowed)
+
+    def select(self, scores, grid, allowed=None):
+        return self.explain(scores, grid, allowed).nonzero().squeeze(1)
