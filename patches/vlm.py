@@ -102,12 +102,22 @@ class VLMFamily:
         raise NotImplementedError
 
     def choose(self, model: nn.Module, kw: dict, request: ScoreRequest, selector: VisualTokenSelector,
-               features: list[Tensor], layers: tuple[int, ...]) -> list[Tensor]:
-        """Per image, the role the selector gave each of its features (placeholders): int8, 0 where dropped
-        (``VisualTokenSelector.explain``; -1 marks a kept token that is not a patch, LLaVA-NeXT's newlines)."""
+               features: list[Tensor], layers: tuple[int, ...]) -> list["ImageChoice"]:
+        """Per image, the role the selector gave each of its features (placeholders)."""
         scores = zip(*(self.image_scores(model, kw, request, layer) for layer in layers))
-        return [selector.explain(tuple(image_scores), grid).to(feats.device)
+        return [ImageChoice(selector.explain(tuple(image_scores), grid).to(feats.device))
                 for feats, image_scores, grid in zip(features, scores, self.grids(model, kw))]
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """A selector's choice for one image: ``roles`` per placeholder (int8, ``VisualTokenSelector.explain``:
+    0 dropped; -1 a kept token that is not a patch, LLaVA-NeXT's row newlines) and, where the image is
+    split into crops, ``crops`` (crops, rows * cols): each crop's roles on its own grid (0 where dropped
+    or padded)."""
+
+    roles: Tensor
+    crops: Tensor | None = None
 
 
 _FAMILIES: list[VLMFamily] = []
@@ -151,6 +161,8 @@ class VLMReport:
     #: into ``role_names``, 0 = dropped; -1: a kept LLaVA-NeXT newline); None for encoder methods
     roles: list[Tensor] | None = None
     role_names: tuple[str, ...] | None = None
+    #: per image, (crops, rows * cols) roles on each crop's own grid (LLaVA-NeXT; None for single-grid images)
+    crop_roles: list[Tensor | None] | None = None
 
 
 @dataclass
@@ -244,8 +256,8 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
         request = ScoreRequest(layers=frozenset(layers))
         out = stock(vlm, **kw, return_dict=True, tokenprune_scores=request)
         features = list(out.pooler_output)
-        for feats, roles in zip(features, family.choose(vlm, kw, request, reducer, features, layers)):
-            feats.tokenprune_keep, feats.tokenprune_roles = roles != 0, roles
+        for feats, choice in zip(features, family.choose(vlm, kw, request, reducer, features, layers)):
+            feats.tokenprune_keep, feats.tokenprune_choice = choice.roles != 0, choice
     else:  # an encoder method reduced inside the tower: its K features fill an image's first K placeholders
         out = stock(vlm, **kw, return_dict=True)
         features = []
@@ -312,7 +324,9 @@ def _roles(reducer, features: list[Tensor]) -> dict:
     """The report's ``roles`` and ``role_names`` from a selector's image features; nothing for encoder methods."""
     if not isinstance(reducer, VisualTokenSelector):
         return {}
-    return {"roles": [feats.tokenprune_roles.detach().cpu() for feats in features], "role_names": reducer.role_names}
+    choices = [feats.tokenprune_choice for feats in features]
+    return {"roles": [c.roles.detach().cpu() for c in choices], "role_names": reducer.role_names,
+            "crop_roles": [None if c.crops is None else c.crops.detach().cpu() for c in choices]}
 
 
 def _compact(language_model: nn.Module, args: tuple, kwargs: dict):

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .vlm import register_family
+from .vlm import ImageChoice, register_family
 from .vlm_llava import Llava
 
 
 @register_family
 class LlavaNext(Llava):
     """Any-resolution LLaVA: a base crop plus high-resolution crops, packed per image (unpadded, with a
-    newline token after each row). HiPrune runs per crop on the crop's surviving (unpadded) tokens with
-    a budget of round(keep * survivors); a row's newline stays when the row keeps a token."""
+    newline token after each row). A selector runs per crop on the crop's surviving (unpadded) tokens
+    (HiPrune: a budget of round(keep * survivors)); a row's newline stays when the row keeps a token.
+    The report keeps each crop's roles on its own grid (``crop_roles``), for drawing."""
 
     name, module, model_class = "LLaVA-NeXT", "llava_next", "LlavaNextModel"
     takes_encoder_methods = False  # crops are packed after unpadding: the placeholders do not follow a prefix
@@ -44,17 +45,19 @@ class LlavaNext(Llava):
             is_token = where >= 0
             crop, patch = where // n, where % n
             roles = torch.zeros(is_token.shape, dtype=torch.int8, device=where.device)
+            crops = []
             for c in crop[is_token].unique().tolist():
                 in_crop = is_token & (crop == c)
                 allowed = torch.zeros(n, dtype=torch.bool, device=where.device)
                 allowed[patch[in_crop]] = True
                 crop_roles = selector.explain(tuple(scores[c] for scores in per_layer), (side, side), allowed)
                 roles[in_crop] = crop_roles.to(where.device)[patch[in_crop]]
+                crops.append(crop_roles.to(where.device))
             row = torch.cumsum(~is_token, 0) - (~is_token).long()  # newlines before each position
             rows_kept = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=where.device)
             rows_kept.index_add_(0, row, (roles != 0).long())
             roles[~is_token & (rows_kept[row] > 0)] = -1  # a row's newline stays when the row keeps a token
-            images.append(roles)
+            images.append(ImageChoice(roles, torch.stack(crops)))
         return images
 
     def grids(self, model, kw):

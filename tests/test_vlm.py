@@ -416,6 +416,13 @@ def test_llava_next_keeps_k_per_crop_and_is_exact_at_keep_one():
     # roles in the packed order: -1 exactly at the 16 kept newlines, a role per kept patch token
     assert all(torch.equal(kept, roles != 0) for kept, roles in zip(report.kept, report.roles))
     assert int((report.roles[1] == -1).sum()) == 16 and int((report.roles[1] > 0).sum()) == 5 * 16
+    # per crop, on its own 8x8 grid: the same roles as the packed positions of its tokens
+    assert [tuple(c.shape) for c in report.crop_roles] == [(5, 64), (5, 64)]
+    assert all(int((crops > 0).sum()) == int((roles > 0).sum()) for crops, roles in zip(report.crop_roles,
+                                                                                         report.roles))
+    assert (report.crop_roles[1] > 0).sum(dim=1).tolist() == [16] * 5  # the 64x64 image: 16 of 64 in every crop
+    for crops, roles in zip(report.crop_roles, report.roles):
+        assert [int((crops == r).sum()) for r in (1, 2, 3)] == [int((roles == r).sum()) for r in (1, 2, 3)]
     tokenprune.remove(model)
     with torch.no_grad():
         assert torch.equal(model.generate(**inputs, **GREEDY), expected)
