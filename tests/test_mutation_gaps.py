@@ -306,3 +306,44 @@ def test_layers_past_a_vlm_feature_layer_reduce_nothing(method):
     counts = encoder._tokenprune_last.token_counts
     assert len(counts) == 4 and counts[-1] == 1 + 16  # the feature layer's input holds the final count
     assert encoder._tokenprune_last.output_tokens == 1 + 16
+
+
+# --- patches/hf_vision.py (mutation/hf_vision.toml survivors) --------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["vit", "deit", "clip", "siglip", "dinov2", "dinov2-reg"])
+def test_each_transformers_family_row_names_the_parts_of_its_stock_layer(family):
+    """The block step rebuilt from a Family row's parts (norms, attention, what follows attention and the MLP:
+    dropout, layer scale, drop path) is the stock layer; layer scale away from 1 so that skipping it shows."""
+    from test_hf_patch import tiny_hf
+
+    from tokenprune.block import AttentionRequest
+    from tokenprune.patches.hf_vision import FAMILIES, LayerParts, _encoder
+
+    overrides = {"layerscale_value": 0.3} if family.startswith("dinov2") else {}
+    model = tiny_hf(family, **overrides)
+    enc = _encoder(model)
+    tokenprune.apply(model, "tome", keep=0.5)  # swaps the attention modules in, so run_attention works
+    layer = enc.layers[1]
+    x = torch.randn(2, 17, 48, generator=torch.Generator().manual_seed(0))
+    parts = LayerParts(layer, next(f for f in FAMILIES if f.name == enc.family.name), {})
+    with torch.inference_mode():
+        h = x + parts.attention_residual(parts.run_attention(parts.attention_input(x), None, AttentionRequest()))
+        rebuilt = h + parts.mlp_residual(h)
+        stock = parts.stock_block(x, None)
+    stock = stock[0] if isinstance(stock, tuple) else stock
+    torch.testing.assert_close(rebuilt, stock, atol=1e-6, rtol=1e-5)
+
+
+def test_transformers_plan_counts_non_square_patches():
+    """A ViT with 4x8 patches on 32x32 images has 8 x 4 = 32 patch tokens: ToMe cannot reach 1 of them in 4
+    blocks (half at most per block: 32 -> 2), which apply refuses before patching."""
+    from test_hf_patch import tiny_hf
+
+    model = tiny_hf("vit", patch_size=(4, 8))
+    with pytest.raises(ValueError, match="keep"):
+        tokenprune.apply(model, "tome", keep=1 / 32)
+    assert not tokenprune.is_patched(model)
+    tokenprune.apply(model, "tome", keep=1 / 16)  # 2 of 32: reachable
+    with torch.inference_mode():
+        model(images())
+    assert tokenprune.last_forward(model).output_tokens == 1 + 2
