@@ -315,9 +315,9 @@ def test_each_transformers_family_row_names_the_parts_of_its_stock_layer(family)
     """The block step rebuilt from a Family row's parts (norms, attention, what follows attention and the MLP:
     dropout, layer scale, drop path) is the stock layer; layer scale away from 1 so that skipping it shows."""
     from test_hf_patch import tiny_hf
+    from tokenprune.patches.hf_vision import FAMILIES, LayerParts, _encoder
 
     from tokenprune.block import AttentionRequest
-    from tokenprune.patches.hf_vision import FAMILIES, LayerParts, _encoder
 
     overrides = {"layerscale_value": 0.3} if family.startswith("dinov2") else {}
     model = tiny_hf(family, **overrides)
