@@ -347,3 +347,22 @@ def test_transformers_plan_counts_non_square_patches():
     with torch.inference_mode():
         model(images())
     assert tokenprune.last_forward(model).output_tokens == 1 + 2
+
+
+# --- patches/vlm.py (mutation/vlm.toml survivors) -----------------------------------------------------------------
+
+def test_a_prefill_compacted_to_one_token_still_decodes_right():
+    """A prompt of one image and nothing else, kept to one visual token: the first decode step sees a
+    one-token cache, and its mask must still be rebuilt (the by-hand reference: the kept feature alone)."""
+    from test_vlm import GREEDY, LLAVA_IMAGE, _llava_reference, tiny_llava
+
+    model = tiny_llava()
+    ids = torch.tensor([[LLAVA_IMAGE] * 64])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tokenprune.apply(model, "hiprune", keep=1 / 64, object_layer=2)
+    with torch.no_grad():
+        pruned = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, **GREEDY)
+    assert tokenprune.last_forward(model).visual_tokens == [1]
+    tokenprune.remove(model)
+    reference, _ = _llava_reference(model, ids[0], pixels, 1 / 64, object_layer=2)
+    assert torch.equal(pruned[0, 64:], reference[0])
