@@ -34,20 +34,20 @@ def transformers_class(module: str, name: str) -> type | None:
         return None
 
 
+def implementation_name(module: nn.Module) -> str:
+    """The name of the attention implementation ``module`` runs (the one it had before routing, if routed)."""
+    return getattr(module, "_tokenprune_base_attention", None) or module.config._attn_implementation
+
+
 def implementation(module: nn.Module) -> Callable:
-    """The attention function ``module`` runs (the one it had before routing, if routed)."""
+    """The attention function ``module`` runs."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    name = getattr(module, "_tokenprune_base_attention", None) or module.config._attn_implementation
+    name = implementation_name(module)
     if name == "eager":  # every transformers modeling file defines its own eager function
         cls = getattr(module, "_tokenprune_base", type(module))  # the module's own class, if swapped
         return sys.modules[cls.__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
-
-
-def returns_maps(module: nn.Module) -> bool:
-    """Whether the module's attention returns its probabilities (eager does, asked or not)."""
-    return (getattr(module, "_tokenprune_base_attention", None) or module.config._attn_implementation) == "eager"
 
 
 @dataclass

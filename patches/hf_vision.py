@@ -34,7 +34,7 @@ from tokenprune.state import ForwardState
 
 from ._hooks import remove_hooks
 from ._swap import Swapped, refuse_jit_tracing, restore, swap
-from .hf_attention import check_attention, implementation, returns_maps, transformers_class
+from .hf_attention import check_attention, implementation, implementation_name, transformers_class
 
 FAMILY = ("transformers ViT, DeiT (distilled too), CLIP and SigLIP vision towers, DINOv2 (registers too): "
           "their *Model, *ForImageClassification, CLIPModel/SiglipModel and pipelines built on them")
@@ -102,8 +102,8 @@ class ReducingAttention(Swapped):
         return getattr(self, "scaling", None) or self.scale
 
     @property
-    def returns_maps(self) -> bool:
-        return returns_maps(self)
+    def returns_maps(self) -> bool:  # transformers' eager attention returns its map, asked or not
+        return implementation_name(self) == "eager"
 
     def _split_heads(self, proj: nn.Linear, h: Tensor) -> Tensor:
         batch, n, _ = h.shape
