@@ -366,3 +366,26 @@ def test_a_prefill_compacted_to_one_token_still_decodes_right():
     tokenprune.remove(model)
     reference, _ = _llava_reference(model, ids[0], pixels, 1 / 64, object_layer=2)
     assert torch.equal(pruned[0, 64:], reference[0])
+
+
+# --- methods/hiprune.py (mutation/hiprune.toml survivors after hiprune_roles) ----------------------------------------
+
+def test_hiprune_tiny_budget_keeps_the_anchor_and_its_best_buffers_as_such():
+    """k = 4 on an 8x8 grid with alpha = 1: one anchor and its 4 neighbours do not fit; the anchor stays an
+    anchor and its three best neighbours (by object-layer score) are buffers."""
+    from tokenprune.methods.hiprune import hiprune_roles
+
+    obj = torch.zeros(64)
+    obj[27] = 1.0  # the anchor, row 3 col 3; its neighbours 26, 28, 19, 35
+    obj[[26, 28, 19, 35]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    roles = hiprune_roles(obj, torch.rand(64, generator=torch.Generator().manual_seed(0)), (8, 8), 4, alpha=1.0)
+    assert torch.nonzero(roles == 1).flatten().tolist() == [27]
+    assert torch.nonzero(roles == 2).flatten().tolist() == [19, 26, 28]
+    assert int((roles == 3).sum()) == 0
+
+
+def test_hiprune_grid_error_names_the_grid():
+    from tokenprune.methods.hiprune import hiprune_select
+
+    with pytest.raises(ValueError, match="16 scores do not fill a 3x5 grid"):
+        hiprune_select(torch.rand(16), torch.rand(16), (3, 5), 4)
