@@ -94,10 +94,9 @@ BREAKS: dict[str, list[tuple[str, str, str]]] = {
          "        x = reducer.after_attention(x, remove, request.taps, state).tokens\n    return x")],
     "block: proportional attention in blocks that reduce nothing": [
         (BLOCK, "return block.stock_block(x, state.attention_bias())", "return block.stock_block(x, None)")],
-    "block: attention after a before_attention reduction sees the new sizes": [
+    "block: proportional attention in blocks that reduce": [
         (BLOCK, "block.run_attention(block.attention_input(x), state.attention_bias(), request)",
-         "block.run_attention(block.attention_input(x), taps.bias if request.core else state.attention_bias(), "
-         "request)")],
+         "block.run_attention(block.attention_input(x), None, request)")],
     "hiprune.alpha": [(HIPRUNE, 'self.options["alpha"], self.options["wrap"]', '0.1, self.options["wrap"]')],
     "hiprune.wrap": [(HIPRUNE, 'self.options["alpha"], self.options["wrap"]', 'self.options["alpha"], False')],
     "hiprune.object_layer": [(HIPRUNE, 'return (self.options["object_layer"] or tower.object_layer) - 1',
