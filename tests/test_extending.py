@@ -93,3 +93,12 @@ def test_the_selector_example_runs_on_llava_and_qwen(registered, build, batch, p
     assert tokenprune.last_forward(model).visual_tokens == per_image
     with pytest.raises(TypeError, match="top-attention is a visual-token selector"):
         tokenprune.apply(tiny_timm(), "top-attention", keep=0.5)
+
+
+def test_the_registration_line_in_the_docs_is_the_real_one():
+    """The docs' diff of ``tokenprune/methods/__init__.py`` starts from the file as it is."""
+    removed = re.search(r"```diff\n-(.*)\n\+(.*)\n```", DESIGN.read_text())
+    assert removed, "docs/design.md has no registration diff"
+    init = (DESIGN.parent.parent / "tokenprune" / "methods" / "__init__.py").read_text().splitlines()
+    assert removed.group(1) in init
+    assert removed.group(2).replace("norm_drop, ", "") == removed.group(1)
