@@ -62,6 +62,7 @@ class BenchRow:
     baseline_gmacs: float
     patched_gmacs: float
     foreign_load: float | None  # CPU share used by other processes during the timing (0..1)
+    compiled: bool = False  # all three models run through torch.compile (compiled against compiled)
 
     @property
     def images_per_s(self) -> tuple[float, float]:
@@ -117,9 +118,12 @@ def interleaved_medians(calls: dict, repeats: int, warmup: int = 2) -> tuple[dic
 @torch.inference_mode()
 def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.33,
               options: dict | None = None, batch_sizes=(32, 1), repeats: int = 11, warmup: int = 2,
-              threads: int = 2, seed: int = 0) -> list[BenchRow]:
+              threads: int = 2, seed: int = 0, compile: bool = False) -> list[BenchRow]:
     """Time ``model_name`` (a timm name or ``hf:<model_type>``; random init, fp32, CPU) with and
-    without ``method``."""
+    without ``method``. ``compile``: the unpatched, patched and truncated models all run through
+    ``torch.compile`` (a fair ratio: compiled against compiled); the compiled patched model must give the
+    eager patched model's output first, and the compile time (the first call per batch size) is
+    printed, not timed."""
     options = options or {}
     for what, values in (("batch_sizes", list(batch_sizes)), ("repeats", [repeats]), ("threads", [threads])):
         if not values or any(type(v) is not int or v < 1 for v in values):
@@ -133,10 +137,14 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops
     config = ", ".join([f"keep={keep}"] * (not options) + [f"{k}={v}" for k, v in options.items()])
+    models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
+    if compile:
+        models = {name: torch.compile(m) for name, m in models.items()}
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, *input_size)
-        models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
+        if compile:
+            check_compiled(models["patched"], patched, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
         medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
@@ -147,8 +155,27 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
             fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p,
             baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
-            foreign_load=foreign))
+            foreign_load=foreign, compiled=compile))
     return rows
+
+
+def _output_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def check_compiled(compiled, eager, x: torch.Tensor, model_name: str) -> None:
+    """The compiled patched model gives the eager one's output (to float32 rounding), or a clear error;
+    prints how long compiling took (the first call)."""
+    start = time.perf_counter()
+    got = _output_tensor(compiled(x))
+    seconds = time.perf_counter() - start
+    expected = _output_tensor(eager(x))
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"torch.compile changed the patched {model_name}'s output (max difference "
+                           f"{(got - expected).abs().max().item():.2e}); not timing it")
+    print(f"compiled {model_name} (patched) for batch {x.shape[0]} in {seconds:.1f} s; output equals eager")
 
 
 def format_rows(rows: list[BenchRow]) -> str:
@@ -160,7 +187,7 @@ def format_rows(rows: list[BenchRow]) -> str:
         base_ips, patched_ips = r.images_per_s
         foreign = "n/a" if r.foreign_load is None else f"{r.foreign_load:.1%}"
         lines.append(
-            f"{r.model:<24} {r.method:<7} {r.config:<14} {r.batch_size:>5} "
+            f"{r.model:<24} {r.method:<7} {r.config + (' compiled' * r.compiled):<14} {r.batch_size:>5} "
             f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
             f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
             f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {r.overhead:>8.1%} {foreign:>7}")

@@ -154,7 +154,7 @@ def _cmd_bench(args) -> int:
         check_writable(Path(args.json), "--json")
     _check_method(args)
     rows = benchmark(args.model, args.method, keep=args.keep, options=dict(args.option),
-                     batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads)
+                     batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads, compile=args.compile)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=count(1), default=11, help="timed repeats at batch 32 (more at smaller batches)")
     p.add_argument("--threads", type=count(1), default=2)
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--compile", action="store_true",
+                   help="run all the models through torch.compile (compiled against compiled; compile time "
+                   "is printed, not timed)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("show", help="draw which patches each output token stands for (PNG per method) and the "

@@ -1,0 +1,26 @@
+"""`tokenprune bench --compile`: compiled against compiled, after checking the compiled patched model
+gives the eager one's output."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenprune.eval.benchmark import benchmark, check_compiled, format_rows
+
+
+def test_check_compiled_refuses_a_compiled_model_that_changes_the_output(capsys):
+    x = torch.randn(2, 3)
+    eager = torch.nn.Linear(3, 4)
+    check_compiled(eager, eager, x, "linear")  # equal: passes and says so
+    assert "output equals eager" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="torch.compile changed the patched linear's output"):
+        check_compiled(lambda t: eager(t) + 1e-3, eager, x, "linear")
+
+
+def test_bench_compile_times_compiled_models(capsys):
+    rows = benchmark("vit_testbed_fmnist", "random", keep=0.5, batch_sizes=(1,), repeats=1, warmup=1,
+                     compile=True)
+    assert [r.compiled for r in rows] == [True]
+    assert rows[0].baseline_ms > 0 and rows[0].patched_ms > 0 and rows[0].ceiling_speedup > 0
+    assert "output equals eager" in capsys.readouterr().out
+    assert "keep=0.5 compiled" in format_rows(rows)
