@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tokenprune.eval.benchmark import benchmark, check_compiled, format_rows
 
 
