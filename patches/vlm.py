@@ -111,8 +111,9 @@ class VLMFamily:
 
 @dataclass(frozen=True)
 class ImageChoice:
-    """A selector's choice for one image: ``roles`` per placeholder (int8, ``VisualTokenSelector.explain``:
-    0 dropped; -1 a kept token that is not a patch, LLaVA-NeXT's row newlines) and, where the image is
+    """The choice for one image: ``roles`` per placeholder (int8, ``VisualTokenSelector.explain``:
+    0 dropped; -1 a kept token that is not a patch, LLaVA-NeXT's row newlines; encoder methods: 1 for each
+    of the K placeholders their K features fill) and, where the image is
     split into crops, ``crops`` (crops, rows * cols): each crop's roles on its own grid (0 where dropped
     or padded)."""
 
@@ -243,8 +244,8 @@ def _bind(forward, args: tuple, kwargs: dict) -> dict:
 def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
     """``get_image_features`` of a patched VLM (installed on the instance; ``generate`` calls it before
     the prefill): the model's own, run with a ``ScoreRequest``, then the method's choice per image.
-    Each image's feature tensor carries its choice as ``tokenprune_keep`` (bool, one per placeholder),
-    so the choice travels wherever ``generate`` moves the features (it repeats them for beams)."""
+    Each image's feature tensor carries its choice as ``tokenprune_choice`` (an ``ImageChoice``), so the
+    choice travels wherever ``generate`` moves the features (it repeats them for beams)."""
     refuse_jit_tracing()
     family, reducer = _family(vlm), vlm.tokenprune_reducer
     stock = type(vlm).get_image_features
@@ -257,13 +258,14 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
         out = stock(vlm, **kw, return_dict=True, tokenprune_scores=request)
         features = list(out.pooler_output)
         for feats, choice in zip(features, family.choose(vlm, kw, request, reducer, features, layers)):
-            feats.tokenprune_keep, feats.tokenprune_choice = choice.roles != 0, choice
+            feats.tokenprune_choice = choice
     else:  # an encoder method reduced inside the tower: its K features fill an image's first K placeholders
         out = stock(vlm, **kw, return_dict=True)
         features = []
         for reduced, (rows, cols) in zip(out.pooler_output, family.grids(vlm, kw)):
             feats = torch.cat([reduced, reduced.new_zeros(rows * cols - reduced.shape[0], reduced.shape[1])])
-            feats.tokenprune_keep = torch.arange(rows * cols, device=feats.device) < reduced.shape[0]
+            kept = torch.arange(rows * cols, device=feats.device) < reduced.shape[0]
+            feats.tokenprune_choice = ImageChoice(kept.to(torch.int8))
             features.append(feats)
     out.pooler_output = features
     return out.to_tuple() if as_tuple else out
@@ -299,11 +301,12 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
                          "batch. For text-only prompts call tokenprune.remove(model) first")
     if kw.get("input_ids") is None:
         raise ValueError("tokenprune needs input_ids (to find the image placeholders), not inputs_embeds")
-    keeps = [getattr(feats, "tokenprune_keep", None) for feats in image.pooler_output]
-    if any(keep is None for keep in keeps):
+    choices = [getattr(feats, "tokenprune_choice", None) for feats in image.pooler_output]
+    if any(choice is None for choice in choices):
         raise ValueError("tokenprune: these image features were not computed by the patched model "
                          "(pass pixel_values, not precomputed mm_encoder_outputs)")
     placeholders = kw["input_ids"] == model.config.image_token_id
+    keeps = [choice.roles != 0 for choice in choices]
     keep_all = torch.cat(keeps)
     if int(placeholders.sum()) != keep_all.numel():
         raise ValueError(f"tokenprune: the prompt has {int(placeholders.sum())} image placeholder tokens for "
@@ -315,18 +318,17 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
     model._tokenprune_last = VLMReport(method=model.tokenprune_reducer.name,
                                        placeholders=placeholders.sum(dim=1).tolist(),
                                        visual_tokens=(keep_seq & placeholders).sum(dim=1).tolist(),
-                                       kept=[keep.detach().cpu() for keep in keeps], **_roles(model.tokenprune_reducer,
-                                                                                              image.pooler_output))
+                                       kept=keeps, **_roles(model.tokenprune_reducer, choices))
     return (), kw
 
 
-def _roles(reducer, features: list[Tensor]) -> dict:
-    """The report's ``roles`` and ``role_names`` from a selector's image features; nothing for encoder methods."""
+def _roles(reducer, choices: list[ImageChoice]) -> dict:
+    """The report's ``roles``, ``role_names`` and ``crop_roles`` from a selector's choices (left on their
+    device: copying them to the host would make every prefill wait for it); nothing for encoder methods."""
     if not isinstance(reducer, VisualTokenSelector):
         return {}
-    choices = [feats.tokenprune_choice for feats in features]
-    return {"roles": [c.roles.detach().cpu() for c in choices], "role_names": reducer.role_names,
-            "crop_roles": [None if c.crops is None else c.crops.detach().cpu() for c in choices]}
+    return {"roles": [c.roles for c in choices], "role_names": reducer.role_names,
+            "crop_roles": [c.crops for c in choices]}
 
 
 def _compact(language_model: nn.Module, args: tuple, kwargs: dict):

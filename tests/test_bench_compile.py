@@ -23,3 +23,15 @@ def test_bench_compile_times_compiled_models(capsys):
     assert rows[0].baseline_ms > 0 and rows[0].patched_ms > 0 and rows[0].ceiling_speedup > 0
     assert "output equals eager" in capsys.readouterr().out
     assert "keep=0.5 compiled" in format_rows(rows)
+
+
+def test_the_cli_flag_reaches_the_benchmark(monkeypatch, capsys):
+    import tokenprune.eval.benchmark as bench
+
+    from tokenprune.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench, "benchmark", lambda *args, **kwargs: seen.append(kwargs["compile"]) or [])
+    for flags in ([], ["--compile"]):
+        assert main(["bench", "--model", "vit_testbed_fmnist", "--batch-sizes", "1", *flags]) == 0
+    assert seen == [False, True]

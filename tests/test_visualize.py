@@ -73,6 +73,7 @@ def test_show_tokens_draws_the_groups_and_saves(tmp_path):
     drawn = np.asarray(fig.axes[1].images[0].get_array())
     np.testing.assert_allclose(drawn, tv.group_colours(np.asarray(fig.axes[0].images[0].get_array()), groups))
     assert fig.axes[1].get_title() == "16 tokens of 64 patches"
+    assert tv.show_tokens(x[0], groups, title="tome").axes[1].get_title() == "tome: 16 tokens of 64 patches"
 
 
 def test_token_count_plot_holds_each_methods_counts():

@@ -96,8 +96,8 @@ def _as_image(image) -> np.ndarray:
 
 
 def show_tokens(image, groups: np.ndarray, title: str | None = None, path: str | None = None):
-    """The image beside its token groups (``token_groups(report, grid)[i]``): a matplotlib Figure, also saved
-    to ``path`` if given."""
+    """The image beside its token groups (``token_groups(report, grid)[i]``), titled "``title``: N tokens of
+    M patches": a matplotlib Figure, also saved to ``path`` if given."""
     import matplotlib.pyplot as plt
 
     rows, cols = groups.shape
@@ -108,7 +108,7 @@ def show_tokens(image, groups: np.ndarray, title: str | None = None, path: str |
     axes[1].imshow(group_colours(picture, groups))
     _draw_boundaries(axes[1], groups, picture.shape[0] // rows, picture.shape[1] // cols)
     kept = int((np.unique(groups) >= 0).sum())
-    axes[1].set_title(title or f"{kept} tokens of {rows * cols} patches")
+    axes[1].set_title(f"{title + ': ' if title else ''}{kept} tokens of {rows * cols} patches")
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
@@ -232,8 +232,7 @@ def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence
         reports[method] = report = last_forward(model)
         groups = token_groups(report, tuple(grid))[0]
         paths.append(out / f"{method}.png")
-        plt.close(show_tokens(image, groups, title=f"{method}: {int((np.unique(groups) >= 0).sum())} tokens",
-                              path=paths[-1]))
+        plt.close(show_tokens(image, groups, title=method, path=paths[-1]))
     paths.append(out / "token_counts.png")
     plt.close(plot_token_counts(reports, path=paths[-1]))
     return paths
