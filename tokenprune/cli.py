@@ -1,4 +1,4 @@
-"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``, ``show``, ``demo``, ``eval``."""
+"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``, ``show``, ``demo``, ``eval``, ``build-ext``."""
 from __future__ import annotations
 
 import argparse
@@ -195,6 +195,28 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_build_ext(args) -> int:
+    """Compile the extension ahead of time (otherwise the CUDA build compiles on first use)."""
+    import shutil
+    import time
+
+    from tokenprune import extension
+
+    builds = [cuda for cuda, asked in ((False, args.cpu), (True, args.cuda)) if asked]
+    if not builds:
+        builds = [False] + ([True] if shutil.which("nvcc") else [])
+    for cuda in builds:
+        name = "CUDA" if cuda else "CPU"
+        start = time.perf_counter()
+        try:
+            module = extension.load(cuda=cuda, verbose=args.verbose)
+        except Exception as error:  # a compiler's failure, not bad input: say it in one line, exit 1
+            print(f"tokenprune: the {name} build failed: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 1
+        print(f"{name} build ready in {time.perf_counter() - start:.0f} s: {module.__file__}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="tokenprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=count(1), default=15)
     p.add_argument("--threads", type=count(1), default=2)
     p.set_defaults(func=_cmd_bench_vlm)
+
+    p = sub.add_parser("build-ext", help="compile the C++/CUDA extension ahead of time (default: the CPU build, "
+                       "and the CUDA build where nvcc is on PATH; no GPU needed)")
+    p.add_argument("--cpu", action="store_true", help="the CPU build (what the tests compare with PyTorch)")
+    p.add_argument("--cuda", action="store_true", help="the CUDA build (TORCH_CUDA_ARCH_LIST picks architectures)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(func=_cmd_build_ext)
     return parser
 
 

@@ -20,6 +20,10 @@ Indexing follows two measured rules for CPU speed (see docs/design.md):
 advanced indexing ``t[batch, idx]`` instead of ``torch.gather`` with an expanded
 index (3-4x faster), and a single ``index_add`` into the destinations instead of
 strided ``scatter_reduce`` (ToMe's original formulation; 3x slower).
+
+These functions are the reference. Where ``tokenprune.extension.for_tensor`` returns the compiled
+extension (CUDA tensors by default; see that module), ``keep_tokens``, ``merge_mean``, ``assign_mean``
+and ``received_attention`` hand their work to its kernels, which the tests hold equal to the code here.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from tokenprune import extension
 
 
 @dataclass(frozen=True)
@@ -122,14 +128,42 @@ def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int)
     ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1. Only the
     destinations are reweighted; unmerged tokens are copied as they are.
     """
+    kernels = extension.for_tensor(x)
+    if kernels is not None:  # one weighted merge over the plan's destinations
+        dest, n_out = merge_destinations(plan, x.shape[1], num_prefix)
+        weight = size[..., 0] if size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
+        merged, merged_size = kernels.weighted_merge(x, weight, dest, n_out)
+        return merged, merged_size[..., None].to(size.dtype if size is not None else x.dtype)
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
     merged_size = merge_sum(size, plan, num_prefix)
     return merge_sum(x * size, plan, num_prefix) / merged_size, merged_size
 
 
+def merge_destinations(plan: MergePlan, n: int, num_prefix: int) -> tuple[Tensor, int]:
+    """``plan`` as the output slot of each of the ``n`` tokens, ``(B, n)``, and the number of slots: the
+    form ``assign_sum``/``assign_mean`` (and the extension's one-kernel merge) take. Slots follow
+    ``merge_sum``'s output order: prefix, unmerged A, non-prefix B; each source goes to its destination's."""
+    in_a, in_b = prefix_in_sets(num_prefix)
+    n_a, n_b = (n + 1) // 2, n // 2
+    batch, n_unmerged, device = plan.src.shape[0], plan.unmerged.shape[1], plan.src.device
+    b_index = torch.arange(n_b, device=device)
+    slot_b = torch.where(b_index < in_b, 2 * b_index + 1, num_prefix + n_unmerged + b_index - in_b)
+    slot_b = slot_b.expand(batch, n_b)
+    slot_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
+    slot_a[:, :in_a] = 2 * torch.arange(in_a, device=device)  # prefix A tokens keep their positions
+    slot_a.scatter_(1, plan.unmerged, (num_prefix + torch.arange(n_unmerged, device=device)).expand(batch, -1))
+    slot_a.scatter_(1, plan.src, slot_b.gather(1, plan.dst))
+    dest = torch.empty(batch, n, dtype=torch.long, device=device)
+    dest[:, 0::2], dest[:, 1::2] = slot_a, slot_b
+    return dest, num_prefix + n_unmerged + n_b - in_b
+
+
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
     """Keep the prefix and the patch tokens at ``keep_idx`` ``(B, k)`` (indices into the patches)."""
+    kernels = extension.for_tensor(t)
+    if kernels is not None and t.dim() == 3:
+        return kernels.gather_kept(t, keep_idx, num_prefix)
     patches = t[:, num_prefix:]
     return torch.cat([t[:, :num_prefix], patches[_batch_index(t), keep_idx]], dim=1)
 
@@ -242,6 +276,9 @@ def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
 
 def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1)."""
+    kernels = extension.for_tensor(t)
+    if kernels is not None and t.dim() == 3:
+        return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]
     return assign_sum(t * weight, dest, n_out) / assign_sum(weight, dest, n_out)
 
 
@@ -249,6 +286,9 @@ def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None =
                        chunk: int = 512) -> Tensor:
     """Attention each key receives, averaged over heads and queries: ``(B, N_k)`` from q ``(B, H, N_q, D)``
     and k ``(B, H, N_k, D)``. Queries go in chunks, so memory is O(chunk * N_k) per head, never N_q * N_k."""
+    kernels = extension.for_tensor(q)
+    if kernels is not None:  # no map at all: row statistics, then each key's column
+        return kernels.received_attention(q, k, scale, bias)
     total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
     for start in range(0, q.shape[-2], chunk):
         logits = (q[..., start:start + chunk, :] @ k.transpose(-2, -1)) * scale

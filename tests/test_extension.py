@@ -1,0 +1,364 @@
+"""The compiled extension (cuda/csrc) against the PyTorch reference in tokenprune.ops, and its dispatch.
+
+The CPU build is compiled here (about 30 s, cached by torch afterwards) and must equal the reference over
+random shapes: B = 1 and B > 1, odd token counts, prefix counts 0/1/2/5, fp32/fp16/bf16; gathers exactly,
+merges and attention within fp32-accumulation error. The CUDA build is compiled with nvcc where nvcc
+exists (no GPU needed); its CPU path is held to the same reference, and its CUDA path runs only on a GPU
+(``-m cuda``).
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import timm
+import torch
+from conftest import images, tiny_timm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenprune
+from tokenprune import extension, ops
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PREFIXES = (0, 1, 2, 5)
+
+
+@pytest.fixture(scope="module")
+def cpu_build():
+    return extension.load(cuda=False)
+
+
+@pytest.fixture(scope="module")
+def cuda_build():
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: the CUDA build cannot be compiled here")
+    return extension.load(cuda=True)
+
+
+def builds(request) -> list:
+    """The extension modules to hold to the reference: the CPU build, and the CUDA build's CPU path."""
+    found = [request.getfixturevalue("cpu_build")]
+    if shutil.which("nvcc") is not None:
+        found.append(request.getfixturevalue("cuda_build"))
+    return found
+
+
+def fp32_tolerance(dtype: torch.dtype) -> dict:
+    """A result summed in fp32 and rounded once to ``dtype``: one rounding of that dtype, plus fp32 noise."""
+    return {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
+            torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}[dtype]
+
+
+@st.composite
+def token_batches(draw):
+    batch = draw(st.sampled_from((1, 3)))
+    prefix = draw(st.sampled_from(PREFIXES))
+    patches = draw(st.integers(1, 21))  # odd and even
+    channels = draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
+    x = torch.randn(batch, prefix + patches, channels, generator=g).to(dtype)
+    return x, prefix, g
+
+
+def test_the_cpu_build_is_not_the_cuda_build(cpu_build):
+    assert cpu_build.with_cuda is False
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(token_batches(), st.data())
+def test_gather_equals_keep_tokens_exactly(request, data, draw):
+    x, prefix, g = data
+    patches = x.shape[1] - prefix
+    kept = draw.draw(st.integers(0, patches))
+    keep = torch.rand(x.shape[0], patches, generator=g).argsort(-1)[:, :kept]  # any order, not only ascending
+    for build in builds(request):
+        out = build.gather_kept(x, keep, prefix)
+        assert out.dtype == x.dtype
+        assert torch.equal(out, ops.keep_tokens(x, keep, prefix))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(token_batches(), st.data())
+def test_weighted_merge_equals_the_fp32_reference(request, data, draw):
+    x, prefix, g = data
+    n = x.shape[1]
+    n_out = draw.draw(st.integers(1, n))
+    # every slot gets at least one token (an empty slot is 0/0 in both), the rest land anywhere
+    dest = torch.cat([torch.arange(n_out).expand(x.shape[0], -1),
+                      torch.randint(0, n_out, (x.shape[0], n - n_out), generator=g)], dim=1)
+    dest = dest.gather(1, torch.rand(x.shape[0], n, generator=g).argsort(-1))
+    weight = torch.randint(1, 6, (x.shape[0], n), generator=g).float()
+    reference = ops.assign_mean(x.float(), weight[..., None], dest, n_out)
+    for build in builds(request):
+        merged, summed = build.weighted_merge(x, weight, dest, n_out)
+        assert merged.dtype == x.dtype and summed.dtype == torch.float32
+        torch.testing.assert_close(merged.float(), reference.to(x.dtype).float(), **fp32_tolerance(x.dtype))
+        assert torch.equal(summed, ops.assign_sum(weight[..., None], dest, n_out)[..., 0])
+
+
+def test_weighted_merge_accumulates_in_fp32(cpu_build):
+    """4096 tokens of 1.0 and one of 2048 merged in fp16: an fp16 running sum stalls at 2048 + 2 k steps
+    (spacing 2 above 2048) and would land far from the true mean; the fp32 sum gets it."""
+    x = torch.ones(1, 4097, 1, dtype=torch.float16)
+    x[0, 0, 0] = 2048
+    weight = torch.ones(1, 4097)
+    dest = torch.zeros(1, 4097, dtype=torch.long)
+    merged, summed = cpu_build.weighted_merge(x, weight, dest, 1)
+    assert summed.item() == 4097
+    assert merged.item() == pytest.approx((2048 + 4096) / 4097, rel=1e-3)
+    half_sum = torch.zeros((), dtype=torch.float16)
+    for value in x[0, :, 0]:  # what an fp16 running sum gives: 2048 + 1 rounds back to 2048
+        half_sum += value
+    assert half_sum.item() == 2048
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.sampled_from((1, 2)), st.integers(1, 3), st.integers(1, 13), st.integers(1, 13), st.integers(1, 8),
+       st.sampled_from(DTYPES), st.sampled_from(("none", "key", "full", "masked")), st.integers(0, 2 ** 31))
+def test_received_attention_equals_the_chunked_reference(request, batch, heads, n_q, n_k, dim, dtype, bias_kind,
+                                                        seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n_q, dim, generator=g).to(dtype)
+    k = torch.randn(batch, heads, n_k, dim, generator=g).to(dtype)
+    bias = {"none": None, "key": torch.randn(batch, 1, 1, n_k, generator=g),
+            "full": torch.randn(batch, heads, n_q, n_k, generator=g),
+            "masked": torch.zeros(batch, 1, 1, n_k)}[bias_kind]
+    if bias_kind == "masked":  # a masked key (as transformers' padding masks give), never all of them
+        bias[..., 0] = -torch.inf if n_k > 1 else 0.0
+    scale = dim ** -0.5
+    reference = ops.received_attention(q.float(), k.float(), scale, bias)
+    for build in builds(request):
+        got = build.received_attention(q, k, scale, bias)
+        assert got.dtype == torch.float32 and got.shape == (batch, n_k)
+        # the kernel takes the dot products in fp32 from the stored values, the reference from their fp32 copy
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+        if bias_kind == "masked" and n_k > 1:
+            assert torch.all(got[:, 0] == 0)
+
+
+@given(st.data())
+@settings(max_examples=40, deadline=None, derandomize=True)
+def test_merge_destinations_turn_a_plan_into_the_same_merge(data):
+    """The one-kernel merge gets ToMe's plan as destinations; assign_mean over them must be merge_mean."""
+    batch, prefix = data.draw(st.sampled_from((1, 3))), data.draw(st.sampled_from(PREFIXES))
+    n = prefix + data.draw(st.integers(2, 25))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31)))
+    x = torch.randn(batch, n, 4, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).double()
+    plan = ops.bipartite_soft_matching(torch.randn(batch, n, 3, generator=g), data.draw(st.integers(0, 13)), prefix)
+    dest, n_out = ops.merge_destinations(plan, n, prefix)
+    merged, merged_size = ops.merge_mean(x, size, plan, prefix)
+    assert n_out == merged.shape[1]
+    torch.testing.assert_close(ops.assign_mean(x, size, dest, n_out), merged)
+    torch.testing.assert_close(ops.assign_sum(size, dest, n_out), merged_size)
+
+
+def test_the_extension_names_bad_input(cpu_build):
+    x = torch.randn(2, 6, 3)
+    with pytest.raises(RuntimeError, match=r"keep must lie in \[0, 5\)"):
+        cpu_build.gather_kept(x, torch.tensor([[0, 5], [1, 2]]), 1)
+    with pytest.raises(RuntimeError, match="keep must be int64"):
+        cpu_build.gather_kept(x, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), 1)
+    with pytest.raises(RuntimeError, match=r"dest must lie in \[0, 2\)"):
+        cpu_build.weighted_merge(x, torch.ones(2, 6), torch.full((2, 6), 2), 2)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        cpu_build.weighted_merge(x.double(), torch.ones(2, 6), torch.zeros(2, 6, dtype=torch.long), 1)
+    with pytest.raises(RuntimeError, match="num_prefix must lie"):
+        cpu_build.gather_kept(x, torch.zeros(2, 1, dtype=torch.long), 7)
+    with pytest.raises(RuntimeError, match="disagree"):
+        cpu_build.received_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), 1.0)
+
+
+# ----------------------------------------------------------------------------- dispatch and fallback
+
+
+class Counting:
+    """Wraps an extension module and counts the calls of each op."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, {}
+
+    def __getattr__(self, name):
+        op = getattr(self.module, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return op(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("method,options", [("tome", {}), ("mctf", {}), ("random", {}), ("zero-tprune", {})])
+def test_whole_models_run_through_the_kernels_and_match_the_reference(monkeypatch, cpu_build, method, options):
+    """TOKENPRUNE_EXT=all sends CPU tensors through the CPU build: the model gives the reference's output."""
+    model = tiny_timm("vit_base_patch16_224")
+    x = images(3)
+    tokenprune.apply(model, method, keep=0.4, **options)
+    monkeypatch.setenv(extension.ENV, "off")
+    with torch.no_grad():
+        reference = model(x)
+    counting = Counting(cpu_build)
+    monkeypatch.setenv(extension.ENV, "all")
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: counting)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+    expected = {"tome": "weighted_merge", "mctf": "weighted_merge", "random": "gather_kept",
+                "zero-tprune": "gather_kept"}[method]
+    assert counting.calls.get(expected, 0) > 0, counting.calls
+
+
+def test_hiprune_scores_run_through_the_kernel(monkeypatch, cpu_build):
+    from test_vlm import llava_batch, tiny_llava  # the VLM suite's tiny model and inputs
+
+    model, processor_inputs = tiny_llava(), llava_batch()
+    tokenprune.apply(model, "hiprune", keep=0.3, object_layer=2)
+    monkeypatch.setenv(extension.ENV, "off")
+    with torch.no_grad():
+        reference = model(**processor_inputs).logits
+    counting = Counting(cpu_build)
+    monkeypatch.setenv(extension.ENV, "all")
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: counting)
+    with torch.no_grad():
+        got = model(**processor_inputs).logits
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+    assert counting.calls.get("received_attention", 0) > 0
+
+
+def test_keep_one_is_bit_identical_through_the_kernels(monkeypatch):
+    model = tiny_timm("deit_small_distilled_patch16_224")
+    x = images(2)
+    with torch.no_grad():
+        stock = model(x)
+    monkeypatch.setenv(extension.ENV, "all")
+    tokenprune.apply(model, "tome", keep=1.0)
+    with torch.no_grad():
+        assert torch.equal(model(x), stock)
+
+
+class FakeCuda:
+    """Stands for a CUDA tensor where there is no GPU: for_tensor reads only these attributes."""
+    is_cuda, requires_grad = True, False
+    device = torch.device("cuda")
+
+
+def test_dispatch_rules(monkeypatch):
+    cpu = torch.zeros(2, 3)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda: "cuda build")
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: "cuda build" if cuda else "cpu build")
+    monkeypatch.delenv(extension.ENV, raising=False)
+    assert extension.mode() == "auto"
+    assert extension.for_tensor(cpu) is None  # CPU tensors keep the PyTorch ops by default
+    assert extension.for_tensor(FakeCuda()) == "cuda build"
+    for off in ("off", "0", "OFF"):
+        monkeypatch.setenv(extension.ENV, off)
+        assert extension.for_tensor(FakeCuda()) is None
+    monkeypatch.setenv(extension.ENV, "all")
+    assert extension.for_tensor(cpu) == "cpu build"
+    assert extension.for_tensor(FakeCuda()) == "cuda build"
+    grad = torch.zeros(2, requires_grad=True)
+    assert extension.for_tensor(grad) is None  # the kernels have no backward
+    with torch.no_grad():
+        assert extension.for_tensor(grad) == "cpu build"
+    monkeypatch.setenv(extension.ENV, "fast")
+    with pytest.raises(ValueError, match=r"TOKENPRUNE_EXT='fast'.*auto, off \(or 0\), all"):
+        extension.for_tensor(cpu)
+
+
+def test_no_extension_under_torch_compile(monkeypatch):
+    monkeypatch.setenv(extension.ENV, "all")
+    seen = []
+
+    def probe(t):
+        seen.append(extension.for_tensor(t))
+        return t + 1
+    torch.compile(probe, backend="eager")(torch.zeros(2))
+    assert seen == [None]
+
+
+def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch):
+    def broken(cuda, verbose=False):
+        raise RuntimeError("nvcc: not found\nmore detail")
+    monkeypatch.setattr(extension, "load", broken)
+    extension._load_or_warn.cache_clear()
+    monkeypatch.delenv(extension.ENV, raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not be built \(nvcc: not found\); using the PyTorch ops"):
+            assert extension.for_tensor(FakeCuda()) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # only once
+            assert extension.for_tensor(FakeCuda()) is None
+        monkeypatch.setenv(extension.ENV, "all")  # asked for explicitly: the failure is an error
+        with pytest.raises(RuntimeError, match="nvcc: not found"):
+            extension.for_tensor(FakeCuda())
+    finally:
+        extension._load_or_warn.cache_clear()
+
+
+def test_toolkit_root_is_asked_of_nvcc():
+    if shutil.which("nvcc") is None:
+        assert extension.toolkit_root() is None
+        return
+    root = extension.toolkit_root()
+    assert root is not None and (__import__("pathlib").Path(root) / "bin" / "nvcc").exists()
+
+
+def test_the_cuda_build_compiles_and_refuses_nothing_it_should_take(cuda_build):
+    """CI's compile check: nvcc builds the kernels for every default architecture (no GPU needed) and the
+    module imports; its CPU path is the CPU build's (held to the reference above)."""
+    assert cuda_build.with_cuda is True
+    x = torch.randn(1, 4, 2)
+    keep = torch.tensor([[2, 0]])
+    assert torch.equal(cuda_build.gather_kept(x, keep, 1), ops.keep_tokens(x, keep, 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_equal_the_reference_on_the_gpu(cuda_build, dtype):
+    g = torch.Generator().manual_seed(0)
+    for batch, prefix, patches in [(1, 0, 7), (4, 1, 196), (3, 5, 255), (2, 2, 1)]:
+        x = torch.randn(batch, prefix + patches, 384, generator=g).to(dtype)
+        keep = torch.rand(batch, patches, generator=g).argsort(-1)[:, :max(1, patches // 3)]
+        got = cuda_build.gather_kept(x.cuda(), keep.cuda(), prefix).cpu()
+        assert torch.equal(got, ops.keep_tokens(x, keep, prefix))
+        n = x.shape[1]
+        dest = torch.randint(0, max(1, n // 2), (batch, n), generator=g)
+        dest[:, :max(1, n // 2)] = torch.arange(max(1, n // 2))
+        weight = torch.randint(1, 6, (batch, n), generator=g).float()
+        merged, summed = cuda_build.weighted_merge(x.cuda(), weight.cuda(), dest.cuda(), max(1, n // 2))
+        reference = ops.assign_mean(x.float(), weight[..., None], dest, max(1, n // 2)).to(dtype)
+        torch.testing.assert_close(merged.cpu().float(), reference.float(), **fp32_tolerance(dtype))
+        q, k = (torch.randn(batch, 6, n, 64, generator=g).to(dtype) for _ in range(2))
+        torch.testing.assert_close(cuda_build.received_attention(q.cuda(), k.cuda(), 0.125).cpu(),
+                                   ops.received_attention(q.float(), k.float(), 0.125), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_the_gpu_uses_the_kernels_and_matches_the_pytorch_ops(monkeypatch):
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval().cuda()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    tokenprune.apply(model, "tome", keep=0.5)
+    monkeypatch.setenv(extension.ENV, "off")
+    with torch.no_grad():
+        reference = model(x)
+    monkeypatch.setenv(extension.ENV, "auto")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference, rtol=1e-3, atol=1e-4)
+
+
+def test_kernel_bench_checks_agreement_and_refuses_a_missing_gpu(monkeypatch, capsys):
+    from tokenprune.eval import kernel_bench
+
+    monkeypatch.setitem(kernel_bench.SHAPES, "tiny", (9, 16, 2))
+    rows = kernel_bench.bench_kernels(["tiny"], [1, 3], "bf16", "cpu", repeats=1)
+    assert [(r.op, r.batch) for r in rows] == [(op, b) for b in (1, 3) for op in ("gather", "merge",
+                                                                                  "received_attention")]
+    assert all(r.max_abs_diff <= 1e-2 and r.torch_ms > 0 and r.kernel_ms > 0 for r in rows)
+    assert rows[0].max_abs_diff == 0  # a gather is exact
+    if not torch.cuda.is_available():
+        assert kernel_bench.main(["--device", "cuda", "--shapes", "deit_small"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err

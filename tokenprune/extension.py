@@ -1,0 +1,149 @@
+"""tokenprune's C++/CUDA extension (sources in the repository's ``cuda/csrc``): the kept-token gather,
+the weighted merge and the attention each token receives, as kernels.
+
+The PyTorch functions in ``tokenprune.ops`` are the reference and the fallback; they call
+``for_tensor(t)`` and use the extension when it returns one. The per-element logic is written once
+(``csrc/kernels.h``) and compiled twice: by the host compiler into a CPU build, which the tests compare
+with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
+
+``TOKENPRUNE_EXT`` chooses:
+
+* ``auto`` (default): CUDA tensors use the CUDA build, compiled on first use (about a minute; cached by
+  torch in ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default) or ahead of time with
+  ``tokenprune build-ext --cuda``. If it cannot be built, one warning, then the PyTorch ops. CPU tensors
+  always use the PyTorch ops: they need no compiler and are as fast there.
+* ``off`` (or ``0``): the PyTorch ops everywhere.
+* ``all``: the extension for CPU tensors too (the CPU build), and a build failure is an error; this is how
+  the tests run whole models through the kernels without a GPU.
+
+The extension is skipped where it would be wrong or slower: under ``torch.compile`` (inductor fuses the
+PyTorch ops, and an opaque call would break the graph) and when autograd records (the kernels have no
+backward).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+def _sources() -> Path:
+    """``cuda/csrc``: in a wheel, package data of ``tokenprune.cuda`` (a data-only package: a top-level
+    ``cuda/__init__.py`` in the repository would shadow ``cuda.bindings``, which torch imports); in a
+    checkout (editable install), the repository's ``cuda/`` next to the package."""
+    package = Path(__file__).resolve().parent
+    for root in (package / "cuda", package.parent / "cuda"):
+        if (root / "csrc" / "ops.cpp").is_file():
+            return root / "csrc"
+    raise RuntimeError(f"tokenprune's extension sources (cuda/csrc) are missing next to {package}")
+
+
+
+ENV = "TOKENPRUNE_EXT"
+MODES = ("auto", "off", "all")
+# Built for these when no GPU tells torch which one to target (CI, a build machine): every architecture
+# since Turing, plus PTX for newer ones.
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def mode() -> str:
+    """The ``TOKENPRUNE_EXT`` setting; a value outside ``auto``, ``off`` (``0``), ``all`` is an error."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    value = "off" if value in ("0", "false", "no") else value
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r} is not understood; accepted: auto, off (or 0), all")
+    return value
+
+
+def for_tensor(t: torch.Tensor) -> ModuleType | None:
+    """The extension module that should handle ``t``, or None for the PyTorch reference."""
+    if torch.compiler.is_compiling():  # first: dynamo then traces nothing below
+        return None
+    setting = mode()
+    if setting == "off" or (t.requires_grad and torch.is_grad_enabled()):
+        return None
+    if t.is_cuda:
+        return load(cuda=True) if setting == "all" else _load_or_warn()
+    if setting == "all" and t.device.type == "cpu":
+        return load(cuda=False)
+    return None
+
+
+@functools.cache
+def _load_or_warn() -> ModuleType | None:
+    try:
+        return load(cuda=True)
+    except Exception as error:  # a missing compiler or toolkit: fall back, once, loudly
+        warnings.warn(f"tokenprune: the CUDA extension could not be built ({str(error).splitlines()[0]}); "
+                      f"using the PyTorch ops. Set {ENV}=off to silence this, or see docs/design.md.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+@functools.cache
+def load(cuda: bool, verbose: bool = False) -> ModuleType:
+    """Build (once; torch caches the result and rebuilds when a source changes) and import one build."""
+    if cuda:
+        _cuda_build_environment()
+    elif not os.environ.get("CUDA_HOME") and toolkit_root():  # before torch's import guesses (and warns)
+        os.environ["CUDA_HOME"] = toolkit_root()
+    from torch.utils import cpp_extension
+
+    if cuda and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
+        # torch resolved CUDA_HOME when it was first imported, before we set it (see _cuda_build_environment)
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    csrc = _sources()
+    sources = [csrc / "ops.cpp"] + ([csrc / "kernels.cu"] if cuda else [])
+    cflags = ["-O3"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else [])
+    return cpp_extension.load(
+        name="tokenprune_ext_cuda" if cuda else "tokenprune_ext_cpu",
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3"],
+        extra_include_paths=[str(csrc)] + _pip_cuda_includes(),
+        verbose=verbose,
+    )
+
+
+def _cuda_build_environment() -> None:
+    """Point torch's build at a usable toolkit, and at architectures when there is no GPU to ask."""
+    if not os.environ.get("CUDA_HOME"):
+        home = toolkit_root()
+        if home is None:
+            raise RuntimeError("no CUDA toolkit found: put nvcc on PATH or set CUDA_HOME")
+        os.environ["CUDA_HOME"] = home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+
+
+@functools.cache
+def toolkit_root() -> str | None:
+    """The CUDA toolkit the ``nvcc`` on PATH belongs to. Asked of nvcc itself, because an ``nvcc`` that is
+    a wrapper script (as on this project's machines) makes torch guess the folder above the script."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry = subprocess.run([nvcc, "-dryrun", "-c", "probe.cu"], capture_output=True, text=True,
+                             timeout=60)  # a dry run reads no file
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    return str(Path(top.group(1).strip()).resolve()) if top else str(Path(nvcc).resolve().parent.parent)
+
+
+def _pip_cuda_includes() -> list[str]:
+    """CUDA headers that ship in the pip wheels torch depends on (``nvidia/cu13/include``), for toolkits
+    that lack some of torch's headers."""
+    try:
+        import nvidia.cu13
+    except ImportError:
+        return []
+    return [str(Path(p) / "include") for p in nvidia.cu13.__path__ if (Path(p) / "include").is_dir()]
