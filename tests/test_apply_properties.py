@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import tokenprune
+from tokenprune.api import DEFAULT_KEEP
 
 # ----------------------------------------------------------------------------- value pools: (value, valid)
 
@@ -80,7 +81,8 @@ POOLS = {
         "trace_source": FLAG,
     },
 }
-KEEP = pool(good(st.floats(0.01, 1.0) | st.just(1.0)), bad(0, 1.5, "0.5", True, NAN, None), one_in=8)
+# keep=None is the default (0.33), so a valid value
+KEEP = pool(good(st.floats(0.01, 1.0) | st.just(1.0) | st.none()), bad(0, 1.5, "0.5", True, NAN), one_in=8)
 
 # ----------------------------------------------------------------------------- tiny models, built once per shape
 
@@ -185,7 +187,7 @@ def test_apply_refuses_cleanly_or_runs_the_planned_schedule(method, data):
         assert report.token_counts == expected and report.output_tokens == p + left, (steps, report.token_counts)
         assert report.num_prefix_tokens == p
         if keep_drives(method, options):
-            assert left == max(1, round(keep * n))
+            assert left == max(1, round((DEFAULT_KEEP if keep is None else keep) * n))
         if method == "mctf" and left < n:
             assert p + left >= options.get("min_tokens", 10)  # the floor counts prefix tokens too
         if left == n:

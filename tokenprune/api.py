@@ -11,7 +11,11 @@ from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
 
 
-def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, positions: str | None = None,
+DEFAULT_KEEP = 0.33
+
+
+def apply(model: nn.Module, method: str | None = None, keep: float | None = None, *, flops: float | None = None,
+          gflops: float | None = None, input_size: tuple[int, ...] | None = None, positions: str | None = None,
           **options: Any) -> nn.Module:
     """Patch ``model`` in place to reduce its tokens; returns the same object.
 
@@ -20,7 +24,12 @@ def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, po
     registers) are never reduced nor counted. ``method=None`` picks the model
     family's default (``tome`` for ViTs); any other value must name a registered
     method. Native options (``tokenprune.methods()`` lists them) override ``keep``.
-    ``keep=1.0`` leaves outputs bit-identical. Applying to a patched model
+    ``keep=1.0`` leaves outputs bit-identical. ``keep`` defaults to 0.33.
+
+    A FLOPs budget instead of ``keep`` (image encoders): ``flops``, a fraction of the unpatched
+    model's FLOPs, or ``gflops``, GFLOPs per image, both counted on the real forward at ``input_size``
+    (default: the model's own); the largest ``keep`` within it is chosen (``tokenprune.budget``;
+    ``reducer_of(model).keep`` tells which). Applying to a patched model
     re-configures it. Every argument is checked before the model is touched; a
     native schedule the method clamps (``r`` above half the patch tokens a block
     sees) is applied as clamped, with a warning.
@@ -30,7 +39,15 @@ def apply(model: nn.Module, method: str | None = None, keep: float = 0.33, *, po
     ("reindex" or "original") how the kept tokens are numbered (default: LLaVA "reindex",
     Qwen "original").
     """
-    keep = check_keep(keep)
+    if flops is not None or gflops is not None:
+        if keep is not None:
+            raise TypeError("give keep or a FLOPs budget (flops= / gflops=), not both")
+        from .budget import fit_flops_budget
+
+        keep = fit_flops_budget(model, method, flops=flops, gflops=gflops, input_size=input_size, **options).keep
+    elif input_size is not None:
+        raise TypeError("input_size applies to a FLOPs budget (flops= / gflops=) only")
+    keep = check_keep(DEFAULT_KEEP if keep is None else keep)
     adapter = find_adapter(model)
     reducer = get_method(adapter.default_method if method is None else method)(keep=keep, **options)
     if not isinstance(reducer, adapter.method_types):
@@ -74,7 +91,7 @@ def methods() -> str:
     for name in method_names():
         cls = get_method(name)
         lines.append(f"{name:<12} {cls.summary}")
-        lines.append("    keep=0.33: a number in (0, 1]")
+        lines.append(f"    keep={DEFAULT_KEEP}: a number in (0, 1] (or a FLOPs budget: flops= / gflops=)")
         lines += [f"    {key}={option.default!r}: {option.accepts}" for key, option in cls.native_options.items()]
     return "\n".join(lines)
 

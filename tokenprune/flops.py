@@ -99,11 +99,21 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
         param = next(model.parameters())
         inputs = torch.zeros(batch_size, *size, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
-    with counter:
-        if isinstance(inputs, dict):
-            model(**inputs)
-        else:
-            model(inputs)
+    # FlopCounterMode's module tracker hooks the backward of every module input that requires grad; a
+    # Parameter passed straight into a submodule (timm's attention-pool latent, SigLIP 'map') has no
+    # grad_fn there and torch fails. Nothing here needs gradients: switch them off for the count.
+    needs_grad = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in needs_grad:
+            p.requires_grad_(False)
+        with counter:
+            if isinstance(inputs, dict):
+                model(**inputs)
+            else:
+                model(inputs)
+    finally:
+        for p in needs_grad:
+            p.requires_grad_(True)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
     first = inputs if isinstance(inputs, torch.Tensor) else next(v for v in inputs.values() if torch.is_tensor(v))
     return FlopCount(flops=int(counter.get_total_flops()), batch_size=first.shape[0], by_op=by_op)

@@ -1,0 +1,127 @@
+"""The FLOPs budget solver: ``apply(model, method, flops=...)`` / ``gflops=...``.
+
+On every supported family (timm and transformers encoders) and every encoder method, the chosen keep
+runs within the budget and within 2% of it, counted on the real forward, and one more patch token
+would break it (the largest keep that fits).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import TIMM_FAMILIES, tiny_timm
+from test_hf_patch import tiny_hf
+
+import tokenprune
+from tokenprune import count_flops
+from tokenprune.budget import fit_flops_budget
+
+METHODS = ["tome", "mctf", "zero-tprune", "random"]
+HF_FAMILIES = ["vit", "deit", "clip", "siglip", "dinov2", "dinov2-reg"]
+
+
+def build(family: str):
+    """A 16 x 16 = 256-patch tiny model: fine enough a grid that 2% of the FLOPs is several tokens."""
+    if family.startswith("hf:"):
+        return tiny_hf(family[3:], image_size=64)
+    return tiny_timm(family, img_size=64)
+
+
+def flops_with(model, method, keep) -> int:
+    probe = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenprune.apply(probe, method, keep=keep)
+    return count_flops(probe).flops
+
+
+FAMILIES = sorted(TIMM_FAMILIES) + [f"hf:{f}" for f in HF_FAMILIES]
+# Every method on one timm and one transformers family; each other family with one method, in turn.
+CASES = [(f, m) for f in ("vit_base_patch16_224", "hf:clip") for m in METHODS]
+CASES += [(f, METHODS[i % len(METHODS)]) for i, f in enumerate(f for f in FAMILIES if (f, "tome") not in CASES)]
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_the_budget_is_met_within_two_percent_with_the_largest_keep(family, method):
+    model = build(family)
+    baseline = count_flops(model).flops
+    fit = fit_flops_budget(model, method, flops=0.7)
+    assert fit.baseline_flops == baseline
+    assert 0.98 * 0.7 <= fit.fraction <= 0.7
+    assert fit.flops == flops_with(model, method, fit.keep)  # what the real forward counts
+    if fit.final_patches < fit.num_patches:  # one more patch token out of the encoder breaks the budget
+        assert flops_with(model, method, (fit.final_patches + 1) / fit.num_patches) > 0.7 * baseline
+    assert not tokenprune.is_patched(model)  # fitting touches a copy
+
+
+def test_apply_with_a_budget_patches_at_the_fitted_keep():
+    model = build("vit_base_patch16_224")
+    baseline = count_flops(model).flops
+    fit = fit_flops_budget(model, "tome", flops=0.55)
+    tokenprune.apply(model, "tome", flops=0.55)
+    assert tokenprune.reducer_of(model).keep == fit.keep
+    assert count_flops(model).flops == fit.flops <= 0.55 * baseline
+    # re-applying to a patched model fits against the unpatched model's FLOPs, not the patched ones
+    tokenprune.apply(model, "random", flops=0.8)
+    assert 0.98 * 0.8 * baseline <= count_flops(model).flops <= 0.8 * baseline
+
+
+def test_gflops_is_an_absolute_budget_per_image():
+    model = build("deit_small_distilled_patch16_224")
+    baseline = count_flops(model).flops
+    target = 0.6 * baseline / 1e9
+    fit = fit_flops_budget(model, "zero-tprune", gflops=target)
+    assert 0.98 * target <= fit.flops / 1e9 <= target
+    assert count_flops(model, batch_size=3).flops == 3 * baseline  # per image, whatever the batch
+
+
+def test_a_budget_above_the_model_keeps_everything():
+    model = build("vit_base_patch16_224")
+    fit = fit_flops_budget(model, "tome", flops=1.0)
+    assert fit.keep == 1.0 and fit.fraction == 1.0
+
+
+def test_an_input_size_changes_what_is_counted():
+    model = tiny_timm("vit_base_patch16_224", img_size=64, dynamic_img_size=True)
+    small = fit_flops_budget(model, "tome", flops=0.7, input_size=(3, 32, 32))
+    assert small.num_patches == 64
+    assert 0.98 * 0.7 <= small.fraction <= 0.7
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(flops=0.5, keep=0.3), TypeError, "keep or a FLOPs budget"),
+    (dict(flops=0.5, gflops=1.0), TypeError, "one FLOPs budget"),
+    (dict(flops=1.5), ValueError, r"flops must be a number in \(0, 1\], got 1.5"),
+    (dict(flops=0), ValueError, "flops must be"),
+    (dict(flops=True), ValueError, "flops must be"),
+    (dict(gflops=-1.0), ValueError, "gflops must be a positive number"),
+    (dict(gflops=float("nan")), ValueError, "gflops must be"),
+    (dict(flops=0.01), ValueError, r"out of tome's reach on this model: the least it runs is .* GFLOPs \(\d"),
+    (dict(flops=0.6, r=8), TypeError, "r=8 fix the token schedule themselves"),
+    (dict(input_size=(3, 32, 32)), TypeError, "input_size applies to a FLOPs budget"),
+])
+def test_bad_budgets_are_refused_and_leave_the_model_alone(kwargs, error, match):
+    model = build("vit_base_patch16_224")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(error, match=match):
+        tokenprune.apply(model, "tome", **kwargs)
+    assert not tokenprune.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_a_vlm_takes_keep_not_a_budget():
+    from test_vlm import tiny_llava
+
+    with pytest.raises(TypeError, match="FLOPs budget fits image encoders"):
+        tokenprune.apply(tiny_llava(), flops=0.5)
+
+
+def test_keep_defaults_to_a_third_when_neither_keep_nor_a_budget_is_given():
+    for kwargs in ({}, {"keep": None}):
+        model = tokenprune.apply(build("vit_base_patch16_224"), "tome", **kwargs)
+        assert tokenprune.reducer_of(model).keep == tokenprune.api.DEFAULT_KEEP == 0.33

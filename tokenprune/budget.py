@@ -1,0 +1,118 @@
+"""A FLOPs budget turned into a ``keep``: ``apply(model, method, flops=0.6)`` or ``gflops=2.5``.
+
+The FLOPs are counted on the real forward (``count_flops``: one forward of a zero image at the model's
+input size, matching and merging included), on a copy of the model patched at each candidate; the
+caller's model is not touched. A method keeps a whole number of patch tokens, so the candidates are the
+final counts 1..N; the FLOPs of a schedule grow with its final count, and a bisection finds the largest
+count whose forward fits the budget (about log2(N) counted forwards: 8 for 196 patches).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from .flops import count_flops
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """The keep chosen for a budget, and what it gives, in FLOPs per forward of one image."""
+
+    keep: float
+    final_patches: int
+    num_patches: int
+    flops: int  # of the patched forward at that keep
+    baseline_flops: int  # of the unpatched model
+    budget_flops: float
+
+    @property
+    def fraction(self) -> float:
+        """The patched FLOPs over the unpatched ones."""
+        return self.flops / self.baseline_flops
+
+
+def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: float | None = None,
+                     gflops: float | None = None, input_size: tuple[int, ...] | None = None,
+                     **options) -> BudgetFit:
+    """The largest ``keep`` at which ``method`` (with ``options``) runs ``model`` within the budget:
+    ``flops``, a fraction in (0, 1] of the unpatched model's FLOPs, or ``gflops``, GFLOPs (2 x GMACs)
+    per image. An unreachable budget is an error naming the least the method reaches."""
+    from .adapters import EncoderAdapter, find_adapter
+    from .api import apply, is_patched, last_forward, remove
+
+    if not isinstance(find_adapter(model), EncoderAdapter):
+        raise TypeError(f"a FLOPs budget fits image encoders (timm ViTs, transformers encoders), not "
+                        f"{type(model).__name__}: give keep")
+    if (flops is None) == (gflops is None):
+        raise TypeError("give one FLOPs budget: flops= (a fraction of the unpatched model's) or gflops= "
+                        "(GFLOPs per image)")
+    for name, value in (("flops", flops), ("gflops", gflops)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0 or (name == "flops" and value > 1)):
+            accepted = "a number in (0, 1]" if name == "flops" else "a positive number of GFLOPs per image"
+            raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    if "keep" in options:
+        raise TypeError("give keep or a FLOPs budget (flops= / gflops=), not both")
+    probe = copy.deepcopy(model)
+    if is_patched(probe):
+        remove(probe)
+    baseline = count_flops(probe, input_size).flops
+    budget = flops * baseline if flops is not None else gflops * 1e9
+    cost: dict[int, int | None] = {}
+
+    def flops_at(final: int, num_patches: int) -> int | None:
+        """FLOPs with ``final`` patch tokens out of the encoder; None where the method cannot get there."""
+        if final not in cost:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a clamp note once per candidate says nothing here
+                    apply(probe, method, keep=final / num_patches, **options)
+                cost[final] = count_flops(probe, input_size).flops
+            except ValueError:  # too few tokens for the method's schedule (e.g. ToMe's cap of half per block)
+                cost[final] = None
+        return cost[final]
+
+    apply(probe, method, keep=1.0, **options)
+    full = count_flops(probe, input_size)
+    report = last_forward(probe)
+    num_patches = report.token_counts[0] - report.num_prefix_tokens
+    if len(set(report.token_counts)) > 1:  # at keep=1.0 only a schedule given as options reduces anything
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise TypeError(f"{given} fix the token schedule themselves, so a FLOPs budget (which chooses keep) "
+                        "cannot apply: give one or the other")
+    cost[num_patches] = full.flops
+    if full.flops <= budget:
+        return BudgetFit(1.0, num_patches, num_patches, full.flops, baseline, budget)
+    # Largest final count that fits: counts below a method's reach (None) sit at the low end, so they
+    # steer the bisection up like a fitting count would.
+    low, high = 1, num_patches  # invariant: high does not fit; the answer is in [low - 1, high)
+    while low < high:
+        mid = (low + high) // 2
+        spent = flops_at(mid, num_patches)
+        if spent is None or spent <= budget:
+            low = mid + 1
+        else:
+            high = mid
+    best = low - 1
+    if best < 1 or flops_at(best, num_patches) is None:
+        least = least_reachable(lambda final: flops_at(final, num_patches), num_patches)
+        raise ValueError(f"a FLOPs budget of {budget / 1e9:.3g} GFLOPs ({budget / baseline:.1%} of the model's "
+                         f"{baseline / 1e9:.3g}) is out of {method or 'the default method'}'s reach on this model: "
+                         f"the least it runs is {least / 1e9:.3g} GFLOPs ({least / baseline:.1%})")
+    return BudgetFit(best / num_patches, best, num_patches, cost[best], baseline, budget)
+
+
+def least_reachable(flops_at, num_patches: int) -> int:
+    """The FLOPs at the smallest final count a method reaches (reach only grows with the count)."""
+    low, high = 1, num_patches  # flops_at(num_patches) is known to exist
+    while low < high:
+        mid = (low + high) // 2
+        if flops_at(mid) is None:
+            low = mid + 1
+        else:
+            high = mid
+    return flops_at(low)
