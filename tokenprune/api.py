@@ -10,7 +10,6 @@ from .adapters import adapters, find_adapter
 from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
 
-
 DEFAULT_KEEP = 0.33
 
 
