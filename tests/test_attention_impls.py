@@ -16,13 +16,12 @@ import torch
 from conftest import images
 from test_hf_patch import tiny_hf
 from test_vlm import GREEDY, llava_batch, qwen_batch, tiny_llava, tiny_qwen, tiny_qwen2
+from tokenprune.patches.hf_attention import ScoreRequest
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils.generic import is_flash_attention_requested
 
 import tokenprune
-from tokenprune.patches import hf_vision, vlm
-from tokenprune.patches.hf_attention import ScoreRequest
 
 FLASH, FLEX = "flash_attention_2", "flex_attention"
 ENCODER_METHODS = ["tome", "mctf", "zero-tprune", "random"]
@@ -208,7 +207,7 @@ def test_tome_on_llava_tower_under_flash(flash):
     assert flash.calls
 
 
-# ------------------------------------------------------------------ HiPrune: scores from q and k, never from the outputs
+# ------------------------------------------------------------------ HiPrune: scores from q and k, not the outputs
 
 def _tower_config(model):
     return (model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower).config
@@ -273,10 +272,3 @@ def test_routing_keeps_the_implementation_name_for_the_model_to_branch_on(flash)
     tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)  # re-applying sees the user's implementation
     tokenprune.remove(model)
     assert config._attn_implementation == FLASH
-
-
-def test_encoder_parts_are_untouched_by_the_checks(flash):
-    model = configured(FLASH)
-    tokenprune.apply(model, "tome", keep=0.5)
-    assert hf_vision._encoder(model).config._attn_implementation == FLASH
-    assert vlm  # the VLM adapter is imported with the patches
