@@ -100,6 +100,8 @@ def flex_key_bias_attention(module: nn.Module, query: Tensor, key: Tensor, value
     if dropout > 0:
         raise ValueError("flex attention does not support attention dropout; call model.eval() (as transformers' "
                          "flex_attention requires)")
+    if attention_mask.shape[1:3] != (1, 1):
+        raise ValueError(f"tokenprune hands flex attention a (B, 1, 1, N) key bias, not {tuple(attention_mask.shape)}")
     key_bias = attention_mask[:, 0, 0, :].to(torch.float32)  # (B, N_k); flex's scores are float32
 
     def score_mod(score, batch, head, q_idx, kv_idx):
