@@ -2,8 +2,10 @@
 
 How the patch works (transformers 5.x; docs/design.md has the reasoning):
 
-* The model keeps its attention implementation (SDPA by default, or eager); flash / flex attention
-  are refused (they cannot take the float log-size bias).
+* The model keeps its attention implementation (SDPA by default, eager, flex or flash attention). The
+  log-size bias of proportional attention reaches it as the attention mask under SDPA and eager, as a
+  score modification under flex attention; flash attention takes no float mask, so the layers that
+  have a bias (after tokens merged) run SDPA there (``hf_attention.key_bias_attention``).
 * The module that runs the layer loop gets a forward pre-hook that puts a fresh
   ``ForwardState`` into the forward's keyword arguments; transformers hands those keyword
   arguments to every layer, so the state travels with the forward, never in a global.
@@ -34,7 +36,15 @@ from tokenprune.state import ForwardState
 
 from ._hooks import remove_hooks
 from ._swap import Swapped, refuse_jit_tracing, restore, swap
-from .hf_attention import check_attention, implementation, implementation_name, transformers_class
+from .hf_attention import (
+    check_attention,
+    implementation,
+    implementation_name,
+    key_bias_attention,
+    masks_nothing,
+    takes_key_bias,
+    transformers_class,
+)
 
 FAMILY = ("transformers ViT, DeiT (distilled too), CLIP and SigLIP vision towers, DINOv2 (registers too): "
           "their *Model, *ForImageClassification, CLIPModel/SiglipModel and pipelines built on them")
@@ -122,7 +132,8 @@ class ReducingAttention(Swapped):
         return getattr(self, "attention_dropout", getattr(self, "dropout", 0.0)) if self.training else 0.0
 
     def kernel(self, q, k, v, bias):
-        out, maps = implementation(self)(self, q, k, v, bias, scaling=self.softmax_scale, dropout=self._dropout())
+        attention = implementation(self) if bias is None else key_bias_attention(self)
+        out, maps = attention(self, q, k, v, bias, scaling=self.softmax_scale, dropout=self._dropout())
         return out.transpose(1, 2), maps  # transformers' functions return (B, N, H, D)
 
     def drop_attention(self, probs):
@@ -155,24 +166,27 @@ class ReducingLayer(Swapped):
             raise RuntimeError("tokenprune: torch.export is not supported on a patched transformers model (under "
                                "export transformers builds an attention mask even without one, which cannot be "
                                "combined with token reduction); use torch.compile(model), or export a timm model")
-        if attention_mask is not None:
+        if not masks_nothing(attention_mask):
             raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
                              "count changes inside the encoder); call tokenprune.remove(model) first")
         if state.reducer.trace_source and not state.token_counts:  # the first layer sees the input tokens
             state.start_source_tracking(hidden_states)
-        x = run_block(LayerParts(self, _FAMILY_BY_NAME[self._tokenprune_family_name], kwargs), hidden_states, state)
+        x = run_block(LayerParts(self, _FAMILY_BY_NAME[self._tokenprune_family_name], kwargs, attention_mask),
+                      hidden_states, state)
         state.output_tokens = x.shape[1]
         return x
 
 
 @dataclass(frozen=True)
 class LayerParts:
-    """One call of a patched layer as ``tokenprune.block.BlockParts``: the parts ``family`` names, and the
-    call's keyword arguments for the stock layer."""
+    """One call of a patched layer as ``tokenprune.block.BlockParts``: the parts ``family`` names, the
+    call's keyword arguments for the stock layer, and the mask the model built (one that masks nothing:
+    under flex attention transformers builds a full ``BlockMask`` even without a user mask)."""
 
     layer: nn.Module
     family: Family
     kwargs: dict
+    model_mask: object = None
 
     def _part(self, role: str) -> nn.Module:
         return getattr(self.layer, getattr(self.family, role))
@@ -183,7 +197,14 @@ class LayerParts:
         return h
 
     def stock_block(self, x, bias):
-        return super(ReducingLayer, self.layer).forward(x, bias, **self.kwargs)
+        mask, kwargs = bias, self.kwargs
+        if bias is None and self.model_mask is not None and self.model_mask.shape[-1] == x.shape[1]:
+            mask = self.model_mask  # nothing removed yet: the stock call, as the stock model makes it
+        elif bias is not None and not takes_key_bias(implementation_name(self._part("attention"))):
+            # flex / flash attention cannot take the bias as a mask: the layer's attention runs ``attend``,
+            # whose kernel hands it to one that can (the rest of the layer is the stock code)
+            kwargs = {**kwargs, "tokenprune_request": AttentionRequest()}
+        return super(ReducingLayer, self.layer).forward(x, mask, **kwargs)
 
     def attention_input(self, x):
         return self._part("norm1")(x)
@@ -278,6 +299,7 @@ def plan_encoder(model: nn.Module, reducer: EncoderReducer, depth: int | None = 
     """Plan the schedule for the configured image size now, so an unreachable ``keep`` fails before
     patching. ``depth``: as for ``patch_encoder``."""
     enc = _encoder(model)
+    check_attention(enc.config, "model", needs_bias=reducer.proportional_attention)
     reducer.schedule(enc.num_patches, depth or len(enc.layers), enc.family.num_prefix(enc.backbone.config))
 
 

@@ -7,13 +7,13 @@ rewritten (docs/design.md has the reasoning, ``../shared/reference/vlm.md`` the 
 * **Selection** (forward pre-hook on the ``*Model``, at prefill): it runs the model's own
   ``get_image_features`` with a ``ScoreRequest`` in its keyword arguments; the vision tower's
   attention modules point at tokenprune's registered attention function, which records the
-  attention each token receives at the two layers HiPrune reads (in query chunks; SDPA computes the
-  outputs). The method picks the tokens per image; the pre-hook hands the features on as
-  ``mm_encoder_outputs`` (full length, so the model's placeholder check holds) and adds a
-  ``Compaction`` (which sequence positions survive) to the keyword arguments the ``*Model`` passes
-  on to its language model. Encoder methods (ToMe, ...) instead reduce inside the vision tower
-  (the ``hf_vision`` adapter, with the schedule ending at the feature layer); their K features
-  fill the first K placeholders of each image.
+  attention each token receives at the two layers HiPrune reads (in query chunks, from q and k; the
+  tower's own implementation, SDPA, eager, flex or flash attention, computes the outputs). The method
+  picks the tokens per image; the pre-hook hands the features on as ``mm_encoder_outputs`` (full
+  length, so the model's placeholder check holds) and adds a ``Compaction`` (which sequence positions
+  survive) to the keyword arguments the ``*Model`` passes on to its language model. Encoder methods
+  (ToMe, ...) instead reduce inside the vision tower (the ``hf_vision`` adapter, with the schedule
+  ending at the feature layer); their K features fill the first K placeholders of each image.
 * **Compaction** (forward pre-hook on the language model): at prefill it removes the dropped
   placeholder rows from ``inputs_embeds``, ``attention_mask`` and ``position_ids``, re-padding rows
   on the left when samples keep different counts, and leaves a note on the KV cache; at each decode

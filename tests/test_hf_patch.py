@@ -170,7 +170,7 @@ def test_eager_attention_is_kept_and_exact():
 
 def test_unsupported_attention_and_masks_fail_clearly():
     model = tiny_hf("vit")
-    model.config._attn_implementation_internal = "flash_attention_2"
+    model.config._attn_implementation_internal = "no_such_attention"  # flash and flex: test_attention_impls.py
     with pytest.raises(TypeError, match="set_attn_implementation"):
         tokenprune.apply(model, keep=0.5)
     assert not tokenprune.is_patched(model)
