@@ -20,6 +20,10 @@ Indexing follows two measured rules for CPU speed (see docs/design.md):
 advanced indexing ``t[batch, idx]`` instead of ``torch.gather`` with an expanded
 index (3-4x faster), and a single ``index_add`` into the destinations instead of
 strided ``scatter_reduce`` (ToMe's original formulation; 3x slower).
+
+Half precision (fp16, bf16): averages accumulate in float32 (``accumulation_dtype``) and come back in the
+tokens' dtype; token sizes stay float32 (bf16 counts exactly only to 256, fp16 overflows a sum of large
+features). For float32 and float64 tokens every function here computes exactly what it did before.
 """
 from __future__ import annotations
 
@@ -66,6 +70,11 @@ def protect_prefix(scores: Tensor, num_prefix: int) -> Tensor:
     scores[:, :in_a, :] = -math.inf
     scores[:, :, :in_b] = -math.inf
     return scores
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision tokens, else their own dtype: where sums, means and scores are computed."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _batch_index(t: Tensor) -> Tensor:
@@ -119,13 +128,17 @@ def merge_sum(t: Tensor, plan: MergePlan, num_prefix: int) -> Tensor:
 def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int) -> tuple[Tensor, Tensor]:
     """Size-weighted average merge (ToMe's ``merge_wavg``); returns ``(x, size)``, same order as ``merge_sum``.
 
-    ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1. Only the
-    destinations are reweighted; unmerged tokens are copied as they are.
+    ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1 (the returned sizes are
+    then float32, or x's dtype if wider). Only the destinations are reweighted; unmerged tokens are copied
+    as they are. The weighted sum is accumulated in float32 for half-precision ``x`` and cast back.
     """
+    acc = accumulation_dtype(x.dtype)
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=acc)
+    size = size.to(accumulation_dtype(size.dtype))
     merged_size = merge_sum(size, plan, num_prefix)
-    return merge_sum(x * size, plan, num_prefix) / merged_size, merged_size
+    merged = merge_sum(x.to(acc) * size, plan, num_prefix) / merged_size
+    return merged.to(x.dtype), merged_size
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
@@ -142,13 +155,16 @@ def random_keep_indices(batch: int, num_patches: int, keep: int, generator: torc
 
 
 def log_size_bias(size: Tensor) -> Tensor:
-    """Proportional attention: ``log(size)`` as an additive key bias shaped ``(B, 1, 1, N)``."""
+    """Proportional attention: ``log(size)`` as an additive key bias shaped ``(B, 1, 1, N)``, in ``size``'s
+    dtype (attention kernels want it in the query's: callers cast)."""
     return size.log()[:, None, None, :, 0]
 
 
 def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:
-    """Mean over tokens where each token counts as many patches as it has absorbed."""
-    return (x * size).sum(dim=1) / size.sum(dim=1)
+    """Mean over tokens where each token counts as many patches as it has absorbed (accumulated in float32
+    for half-precision ``x``; returned in ``x``'s dtype)."""
+    acc = accumulation_dtype(x.dtype)
+    return ((x.to(acc) * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
 
 
 def final_patch_count(num_patches: int, keep: float) -> int:
@@ -241,8 +257,11 @@ def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
 
 
 def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
-    """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1)."""
-    return assign_sum(t * weight, dest, n_out) / assign_sum(weight, dest, n_out)
+    """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1). Accumulated in float32 for
+    half-precision ``t``; returned in ``t``'s dtype."""
+    weight = weight.to(accumulation_dtype(weight.dtype))
+    total = assign_sum(t.to(accumulation_dtype(t.dtype)) * weight, dest, n_out)
+    return (total / assign_sum(weight, dest, n_out)).to(t.dtype)
 
 
 def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
