@@ -244,7 +244,7 @@ def test_pruned_half_precision_testbed_agrees_with_float32(testbed_batch, method
         assert int(same.sum()) >= len(x) // 2
 
 
-# ------------------------------------------------------------------ VLMs: HiPrune, and an encoder method on LLaVA's tower
+# ------------------------------------------------------------------ VLMs: HiPrune; an encoder method on LLaVA
 
 def _half_inputs(inputs: dict, dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
