@@ -150,6 +150,22 @@ def test_explicit_probabilities_reach_the_method_unrounded(dtype):
     assert request.taps.head_mean_keys().dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=_ids)
+def test_a_map_from_half_precision_taps_is_float32_whatever_the_bias_dtype(dtype):
+    """``AttentionTaps.probabilities`` (MCTF, or any method asking for a map from q and k) with a bias in the
+    query's dtype, as the attention kernel got it: the float32 map of the same values, in the scratch buffer
+    and without it."""
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 3, 9, 8, generator=g).to(dtype) for _ in range(2))
+    bias = torch.rand(2, 1, 1, 9, generator=g).log().to(dtype)
+    state = ForwardState(reducer=get_method("mctf")(keep=0.5), num_prefix=1)
+    expected = AttentionTaps(q=q.float(), k=k.float(), scale=0.35, bias=bias.float()).probabilities()
+    for s in (None, state):
+        got = AttentionTaps(q=q, k=k, scale=0.35, bias=bias).probabilities(s)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------ whole models, every method, both dtypes
 
 # every method on a class-token ViT; the pools that take sizes ('map': the log-size bias, 'avg': the

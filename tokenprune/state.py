@@ -154,7 +154,7 @@ class AttentionTaps:
         if self.probs is not None:
             return self.probs
         acc = ops.accumulation_dtype(self.q.dtype)
-        q, k, bias = self.q.to(acc), self.k.to(acc), self.bias
+        q, k, bias = self.q.to(acc), self.k.to(acc), None if self.bias is None else self.bias.to(acc)
         batch, heads, n, d = q.shape
         n_k = k.shape[-2]
         key_bias = bias is None or (bias.dim() == 4 and bias.shape[-2] == 1)
