@@ -23,8 +23,11 @@ import torch
 
 import tokenprune
 from tokenprune.adapters import find_adapter
+from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
 from tokenprune.registry import EncoderReducer, Reduction
+
+DTYPE_NAMES = {torch_dtype(name): name for name in DTYPES}
 
 
 class ZeroCostTruncation(EncoderReducer):
@@ -63,6 +66,8 @@ class BenchRow:
     patched_gmacs: float
     foreign_load: float | None  # CPU share used by other processes during the timing (0..1)
     compiled: bool = False  # all three models run through torch.compile (compiled against compiled)
+    device: str = "cpu"
+    dtype: str = "fp32"
 
     @property
     def images_per_s(self) -> tuple[float, float]:
@@ -98,29 +103,49 @@ class ForeignLoad:
         return busy, own, time.perf_counter()
 
 
-def interleaved_medians(calls: dict, repeats: int, warmup: int = 2) -> tuple[dict[str, float], float | None]:
+def timed(call, device: torch.device = torch.device("cpu")):
+    """``(call(), seconds it took)``. On CUDA, kernels run asynchronously, so the host clock would time their
+    launches: two CUDA events on the device's stream bracket the call and the host waits for the second;
+    elsewhere the host's wall clock."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        result = call()
+        return result, time.perf_counter() - start
+    stream = torch.cuda.current_stream(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    result = call()
+    end.record(stream)
+    end.synchronize()
+    return result, start.elapsed_time(end) / 1000  # elapsed_time is in milliseconds
+
+
+def interleaved_medians(calls: dict, repeats: int, warmup: int = 2,
+                        device: torch.device = torch.device("cpu")) -> tuple[dict[str, float], float | None]:
     """Median seconds of each zero-argument call, timed in turn (reversed order on odd repeats, so drift
-    in machine load hits all alike), and the CPU share other processes used meanwhile."""
+    in machine load hits all alike; ``timed`` on ``device``), and the CPU share other processes used meanwhile."""
     for _ in range(warmup):
         for call in calls.values():
             call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the warm-up's kernels finish before the first timing
     times = {name: [] for name in calls}
     with ForeignLoad() as load:
         for i in range(repeats):
             order = list(calls.items())
             for name, call in order if i % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(call, device)[1])
     return {name: statistics.median(t) for name, t in times.items()}, load.value
 
 
 @torch.inference_mode()
 def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.33,
               options: dict | None = None, batch_sizes=(32, 1), repeats: int = 11, warmup: int = 2,
-              threads: int = 2, seed: int = 0, compile: bool = False) -> list[BenchRow]:
-    """Time ``model_name`` (a timm name or ``hf:<model_type>``; random init, fp32, CPU) with and
-    without ``method``. ``compile``: the unpatched, patched and truncated models all run through
+              threads: int = 2, seed: int = 0, compile: bool = False, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> list[BenchRow]:
+    """Time ``model_name`` (a timm name or ``hf:<model_type>``; random init) with and without ``method``,
+    on ``device`` with weights and inputs in ``dtype``. ``compile``: the unpatched, patched and truncated
+    models all run through
     ``torch.compile`` (a fair ratio: compiled against compiled); the compiled patched model must give the
     eager patched model's output first, and the compile time (the first call per batch size) is
     printed, not timed."""
@@ -129,7 +154,8 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
         if not values or any(type(v) is not int or v < 1 for v in values):
             raise ValueError(f"{what} must be integers >= 1, got {values if what == 'batch_sizes' else values[0]}")
     torch.set_num_threads(threads)
-    baseline = random_model(model_name, seed)
+    device = torch.device(device)
+    baseline = random_model(model_name, seed).to(device=device, dtype=dtype)
     patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
     ceiling = copy.deepcopy(baseline)
     find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
@@ -142,20 +168,20 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
         models = {name: torch.compile(m) for name, m in models.items()}
     rows = []
     for batch in batch_sizes:
-        x = torch.randn(batch, *input_size)
+        x = torch.randn(batch, *input_size).to(device=device, dtype=dtype)
         if compile:
             check_compiled(models["patched"], patched, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
         medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
-                                               n, warmup)
+                                               n, warmup, device)
         b, p, c = (medians[name] for name in models)
         rows.append(BenchRow(
             model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
             fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p,
             baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
-            foreign_load=foreign, compiled=compile))
+            foreign_load=foreign, compiled=compile, device=str(device), dtype=DTYPE_NAMES[dtype]))
     return rows
 
 
@@ -165,14 +191,17 @@ def _output_tensor(out) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+#: how far a compiled model's output may be from eager's: fused kernels round differently
+COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
 def check_compiled(compiled, eager, x: torch.Tensor, model_name: str) -> None:
-    """The compiled patched model gives the eager one's output (to float32 rounding), or a clear error;
+    """The compiled patched model gives the eager one's output (to the dtype's rounding), or a clear error;
     prints how long compiling took (the first call)."""
-    start = time.perf_counter()
-    got = _output_tensor(compiled(x))
-    seconds = time.perf_counter() - start
+    got, seconds = timed(lambda: _output_tensor(compiled(x)), x.device)
     expected = _output_tensor(eager(x))
-    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+    tolerance = COMPILE_TOLERANCE.get(x.dtype, 1e-4)
+    if not torch.allclose(got, expected, atol=tolerance, rtol=tolerance):
         raise RuntimeError(f"torch.compile changed the patched {model_name}'s output (max difference "
                            f"{(got - expected).abs().max().item():.2e}); not timing it")
     print(f"compiled {model_name} (patched) for batch {x.shape[0]} in {seconds:.1f} s; output equals eager")
@@ -187,11 +216,17 @@ def format_rows(rows: list[BenchRow]) -> str:
         base_ips, patched_ips = r.images_per_s
         foreign = "n/a" if r.foreign_load is None else f"{r.foreign_load:.1%}"
         lines.append(
-            f"{r.model:<24} {r.method:<7} {r.config + (' compiled' * r.compiled):<14} {r.batch_size:>5} "
+            f"{r.model:<24} {r.method:<7} {_config_label(r):<14} {r.batch_size:>5} "
             f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
             f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
             f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {r.overhead:>8.1%} {foreign:>7}")
     return "\n".join(lines)
+
+
+def _config_label(row: BenchRow) -> str:
+    """The configuration, then what differs from the default eager fp32 CPU run."""
+    extras = [" compiled"] * row.compiled + [f" {row.dtype}"] * (row.dtype != "fp32")
+    return row.config + "".join(extras + [f" {row.device}"] * (row.device != "cpu"))
 
 
 def rows_to_json(rows: list[BenchRow]) -> str:

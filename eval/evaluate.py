@@ -16,7 +16,6 @@ import contextlib
 import csv
 import json
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,16 @@ from pathlib import Path
 import torch
 
 import tokenprune
-from tokenprune.cli import ArgumentParser, add_option_argument, check_model_name, check_writable, count
+from tokenprune.cli import (
+    ArgumentParser,
+    add_device_arguments,
+    add_option_argument,
+    check_device,
+    check_model_name,
+    check_writable,
+    count,
+    torch_dtype,
+)
 
 from .data import EMBEDDED, build_dataset, looks_like_path, skip_reason
 
@@ -309,8 +317,10 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
 
 @torch.inference_mode()
-def evaluate_config(model, loader, accelerator, amp: bool) -> dict:
+def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = torch.float32) -> dict:
     from tqdm.auto import tqdm
+
+    from .benchmark import timed
 
     device = accelerator.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
@@ -319,12 +329,10 @@ def evaluate_config(model, loader, accelerator, amp: bool) -> dict:
     skipped = Counter()
     forward_seconds, local_images = 0.0, 0
     for x, y in tqdm(loader, disable=not accelerator.is_main_process, leave=False, unit="batch"):
-        start = time.perf_counter()
+        x = x.to(dtype)
         with autocast:
-            logits = model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        forward_seconds += time.perf_counter() - start
+            logits, seconds = timed(lambda: model(x), device)  # CUDA: timed with CUDA events
+        forward_seconds += seconds
         local_images += x.shape[0]
         ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         valid = y >= 0  # negative labels: skipped images, by reason
@@ -367,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_argument(p)  # applies to every method of the sweep
     p.add_argument("--batch-size", type=count(1), default=128)
     p.add_argument("--workers", type=count(0), default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
+    add_device_arguments(p, auto=True)
+    p.add_argument("--amp", action="store_true", help="autocast an fp32 model (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (--no-pretrained)")
     p.add_argument("--limit", type=count(1), help="evaluate the first N images only (N >= 1)")
     p.add_argument("--threads", type=count(1), help="torch CPU threads")
@@ -401,6 +409,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"classifier takes: {', '.join(encoder)}")
     for k in args.keep:
         tokenprune.registry.check_keep(k)
+    device = None if args.device == "auto" else check_device(args.device)
+    if args.amp and args.dtype != "fp32":
+        raise ValueError(f"--amp autocasts an fp32 model; with --dtype {args.dtype} the model already runs in "
+                         f"{args.dtype}: pass one of them")
+    dtype = torch_dtype(args.dtype)
 
     # Where the results go: checked before any work, so a bad path never costs an evaluation.
     slug = Path(args.data).name or args.data
@@ -412,8 +425,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if path is not None:
             check_writable(path, what)
 
-    accelerator = Accelerator(cpu=args.device == "cpu")
-    model = load_model(args.model, args.pretrained, args.checkpoint, args.seed).to(accelerator.device)
+    if device is not None and device.index is not None:  # one process: accelerate's "cuda" is the current device
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(cpu=device is not None and device.type == "cpu")
+    if device is not None and device.index is not None and accelerator.num_processes > 1:
+        raise ValueError(f"--device {args.device} picks one GPU; under a multi-process launch each process takes "
+                         "its own: pass --device cuda")
+    model = load_model(args.model, args.pretrained, args.checkpoint, args.seed).to(accelerator.device, dtype)
     data_config = resolve_data_config(model=model)
     transform = create_transform(**data_config, is_training=False)
     dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split,
@@ -438,6 +456,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     run = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                split=args.split, limit=args.limit, amp=args.amp,
                seed=None if args.pretrained or args.checkpoint else args.seed)
+    if args.dtype != "fp32":  # another dtype, other results (fp32 keys stay as they were, for --resume)
+        run["dtype"] = args.dtype
     configs = [Config(None, None)] + [Config(m, k, dict(args.option)) for m in methods for k in args.keep]
     rows = []
     for config in configs:
@@ -455,7 +475,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         accelerator.print(f"{config.label}: {flops.gflops_per_sample:.4f} GFLOPs/image")
         row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
                    options=config.options, gflops=flops.gflops_per_sample,
-                   **evaluate_config(model, loader, accelerator, args.amp))
+                   dtype=args.dtype, **evaluate_config(model, loader, accelerator, args.amp, dtype))
         if accelerator.is_main_process:
             append_result(output, row)
             write_csv(output.with_suffix(".csv"), with_deltas(rows + [row]))
@@ -463,7 +483,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = with_deltas(rows)
     if accelerator.is_main_process:
         write_csv(output.with_suffix(".csv"), rows)
-        print(f"\n{args.model} on {data_desc}" + (f", first {args.limit}" if args.limit else ""))
+        print(f"\n{args.model} on {data_desc}" + (f", first {args.limit}" if args.limit else "")
+              + (f", {args.dtype}" if args.dtype != "fp32" else ""))
         print(format_table(rows))
         if rows[0]["skipped"]:
             print(format_skips(rows[0].get("skip_reasons") or {"(reasons not recorded)": rows[0]["skipped"]}))

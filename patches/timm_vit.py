@@ -161,7 +161,7 @@ class ReducingViT(Swapped, VisionTransformer):
             prefix = self.num_prefix_tokens
             x, size = x[:, prefix:], size[:, prefix:]
         if self.attn_pool is not None:
-            return self.attn_pool(x, attn_mask=ops.log_size_bias(size))
+            return self.attn_pool(x, attn_mask=ops.log_size_bias(size).to(x.dtype))  # SDPA: the query's dtype
         mean = ops.size_weighted_mean(x, size)
         if self.global_pool == "avg":
             return mean

@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from . import ops
 from .registry import Needs, Stage
 from .state import AttentionTaps, ForwardState
 
@@ -93,11 +94,12 @@ class AttentionRequest:
 
 def explicit_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
     """softmax(scale * q k^T + bias), the softmax in float32 (as transformers' eager attention does for
-    half precision; the same kernel in float32)."""
+    half precision; the same kernel in float32). Returned in float32 for half-precision q (else in q's dtype):
+    callers cast it to q's dtype to apply it, as eager attention does, and score tokens on the unrounded map."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return logits.softmax(dim=-1, dtype=torch.float32).to(ops.accumulation_dtype(q.dtype))
 
 
 def attend(parts: AttentionParts, h: Tensor, bias: Tensor | None,
@@ -117,7 +119,7 @@ def attend(parts: AttentionParts, h: Tensor, bias: Tensor | None,
     probs = None
     if request.needs is Needs.PROBABILITIES:
         probs = explicit_probabilities(q, k, parts.softmax_scale, bias)
-        dropped = parts.drop_attention(probs)
+        dropped = parts.drop_attention(probs.to(q.dtype))
         heads, maps = dropped @ v, dropped if parts.returns_maps else None
     else:
         heads, maps = parts.kernel(q, k, v, bias)
@@ -130,19 +132,21 @@ def run_block(block: BlockParts, x: Tensor, state: ForwardState) -> Tensor:
     """One block of a reducing forward: ``x`` (B, N, C) in, the block's output (maybe fewer tokens) out."""
     remove = state.enter_block(x)
     if not remove:
-        return block.stock_block(x, state.attention_bias())
+        return block.stock_block(x, state.attention_bias(x.dtype))
     reducer = state.reducer
     request = AttentionRequest()
     if reducer.stage is Stage.BEFORE_ATTENTION:
         attention = block.attention_parts()
         q, k = attention.project_qk(block.attention_input(x))
+        # the float32 bias: these taps only score tokens (the attention core applies what they give)
         taps = AttentionTaps(q=q, k=k, scale=attention.softmax_scale, bias=state.attention_bias())
         reduced = reducer.before_attention(x, remove, taps, state)
         x, request.core, remove = reduced.tokens, reduced.attention_core, 0
     else:
         request.needs = reducer.needs
     # the bias is read again: a before_attention reduction changed the sizes
-    x = x + block.attention_residual(block.run_attention(block.attention_input(x), state.attention_bias(), request))
+    bias = state.attention_bias(x.dtype)
+    x = x + block.attention_residual(block.run_attention(block.attention_input(x), bias, request))
     if remove:
         x = reducer.after_attention(x, remove, request.taps, state).tokens
     return x + block.mlp_residual(x)

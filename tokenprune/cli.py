@@ -76,6 +76,36 @@ def check_writable(path: Path, what: str) -> None:
                          f"folder") from e
 
 
+#: ``--dtype`` names and the torch dtypes they stand for
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a ``--dtype`` name."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def check_device(text: str):
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N``, as a ``torch.device`` this machine has; else a one-line
+    ValueError (the CLI's exit 2)."""
+    import torch
+
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, _, index = text.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device {text!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ValueError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device(text)
+
+
 def parse_option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE read as a Python literal when it is one (``r=13``, ``r=(13,-1)``)."""
     if "=" not in text:
@@ -101,6 +131,15 @@ def add_option_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", "-o", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a native method option, VALUE a Python literal: -o r=13 (overrides --keep), "
                    "-o prop_attn=False; repeatable. `tokenprune methods` lists what each option accepts")
+
+
+def add_device_arguments(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    """``--device`` and ``--dtype``; shared with the eval CLI (whose default device is ``auto``)."""
+    p.add_argument("--device", default="auto" if auto else "cpu",
+                   help="cpu, cuda or cuda:N" + (" (default auto: cuda when available, else cpu)" if auto else "")
+                   + "; CUDA times with CUDA events")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="the model's and the input's dtype (half precision: merges still accumulate in float32)")
 
 
 def _check_method(args) -> None:
@@ -153,8 +192,10 @@ def _cmd_bench(args) -> int:
     if args.json:
         check_writable(Path(args.json), "--json")
     _check_method(args)
+    device = check_device(args.device)
     rows = benchmark(args.model, args.method, keep=args.keep, options=dict(args.option),
-                     batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads, compile=args.compile)
+                     batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads, compile=args.compile,
+                     device=device, dtype=torch_dtype(args.dtype))
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -244,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run all the models through torch.compile (compiled against compiled; compile time "
                    "is printed, not timed)")
+    add_device_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("show", help="draw which patches each output token stands for (PNG per method) and the "

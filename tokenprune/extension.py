@@ -62,9 +62,16 @@ def mode() -> str:
     return value
 
 
-def for_tensor(t: torch.Tensor) -> ModuleType | None:
-    """The extension module that should handle ``t``, or None for the PyTorch reference."""
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def for_tensor(t: torch.Tensor, floating: bool = False) -> ModuleType | None:
+    """The extension module that should handle ``t``, or None for the PyTorch reference. ``floating``:
+    the op computes (merge, attention), so only the dtypes its kernels take (float64 stays in PyTorch);
+    a gather copies, so any dtype."""
     if torch.compiler.is_compiling():  # first: dynamo then traces nothing below
+        return None
+    if floating and t.dtype not in KERNEL_DTYPES:
         return None
     setting = mode()
     if setting == "off" or (t.requires_grad and torch.is_grad_enabled()):

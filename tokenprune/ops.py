@@ -21,6 +21,10 @@ advanced indexing ``t[batch, idx]`` instead of ``torch.gather`` with an expanded
 index (3-4x faster), and a single ``index_add`` into the destinations instead of
 strided ``scatter_reduce`` (ToMe's original formulation; 3x slower).
 
+Half precision (fp16, bf16): averages accumulate in float32 (``accumulation_dtype``) and come back in the
+tokens' dtype; token sizes stay float32 (bf16 counts exactly only to 256, fp16 overflows a sum of large
+features). For float32 and float64 tokens every function here computes exactly what it did before.
+
 These functions are the reference. Where ``tokenprune.extension.for_tensor`` returns the compiled
 extension (CUDA tensors by default; see that module), ``keep_tokens``, ``merge_mean``, ``assign_mean``
 and ``received_attention`` hand their work to its kernels, which the tests hold equal to the code here.
@@ -74,6 +78,11 @@ def protect_prefix(scores: Tensor, num_prefix: int) -> Tensor:
     return scores
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision tokens, else their own dtype: where sums, means and scores are computed."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _batch_index(t: Tensor) -> Tensor:
     return torch.arange(t.shape[0], device=t.device)[:, None]
 
@@ -125,19 +134,23 @@ def merge_sum(t: Tensor, plan: MergePlan, num_prefix: int) -> Tensor:
 def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int) -> tuple[Tensor, Tensor]:
     """Size-weighted average merge (ToMe's ``merge_wavg``); returns ``(x, size)``, same order as ``merge_sum``.
 
-    ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1. Only the
-    destinations are reweighted; unmerged tokens are copied as they are.
+    ``size`` is ``(B, N, 1)`` token sizes, or None when every token has size 1 (the returned sizes are
+    then float32, or x's dtype if wider). Only the destinations are reweighted; unmerged tokens are copied
+    as they are. The weighted sum is accumulated in float32 for half-precision ``x`` and cast back.
     """
-    kernels = extension.for_tensor(x)
-    if kernels is not None:  # one weighted merge over the plan's destinations
+    acc = accumulation_dtype(x.dtype)
+    kernels = extension.for_tensor(x, floating=True)
+    if kernels is not None:  # one weighted merge over the plan's destinations (fp32 sums, like below)
         dest, n_out = merge_destinations(plan, x.shape[1], num_prefix)
         weight = size[..., 0] if size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
         merged, merged_size = kernels.weighted_merge(x, weight, dest, n_out)
-        return merged, merged_size[..., None].to(size.dtype if size is not None else x.dtype)
+        return merged, merged_size[..., None].to(acc if size is None else accumulation_dtype(size.dtype))
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=acc)
+    size = size.to(accumulation_dtype(size.dtype))
     merged_size = merge_sum(size, plan, num_prefix)
-    return merge_sum(x * size, plan, num_prefix) / merged_size, merged_size
+    merged = merge_sum(x.to(acc) * size, plan, num_prefix) / merged_size
+    return merged.to(x.dtype), merged_size
 
 
 def merge_destinations(plan: MergePlan, n: int, num_prefix: int) -> tuple[Tensor, int]:
@@ -176,13 +189,16 @@ def random_keep_indices(batch: int, num_patches: int, keep: int, generator: torc
 
 
 def log_size_bias(size: Tensor) -> Tensor:
-    """Proportional attention: ``log(size)`` as an additive key bias shaped ``(B, 1, 1, N)``."""
+    """Proportional attention: ``log(size)`` as an additive key bias shaped ``(B, 1, 1, N)``, in ``size``'s
+    dtype (attention kernels want it in the query's: callers cast)."""
     return size.log()[:, None, None, :, 0]
 
 
 def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:
-    """Mean over tokens where each token counts as many patches as it has absorbed."""
-    return (x * size).sum(dim=1) / size.sum(dim=1)
+    """Mean over tokens where each token counts as many patches as it has absorbed (accumulated in float32
+    for half-precision ``x``; returned in ``x``'s dtype)."""
+    acc = accumulation_dtype(x.dtype)
+    return ((x.to(acc) * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
 
 
 def final_patch_count(num_patches: int, keep: float) -> int:
@@ -275,18 +291,21 @@ def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
 
 
 def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
-    """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1)."""
-    kernels = extension.for_tensor(t)
+    """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1). Accumulated in float32 for
+    half-precision ``t``; returned in ``t``'s dtype."""
+    kernels = extension.for_tensor(t, floating=True)
     if kernels is not None and t.dim() == 3:
         return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]
-    return assign_sum(t * weight, dest, n_out) / assign_sum(weight, dest, n_out)
+    weight = weight.to(accumulation_dtype(weight.dtype))
+    total = assign_sum(t.to(accumulation_dtype(t.dtype)) * weight, dest, n_out)
+    return (total / assign_sum(weight, dest, n_out)).to(t.dtype)
 
 
 def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
                        chunk: int = 512) -> Tensor:
     """Attention each key receives, averaged over heads and queries: ``(B, N_k)`` from q ``(B, H, N_q, D)``
     and k ``(B, H, N_k, D)``. Queries go in chunks, so memory is O(chunk * N_k) per head, never N_q * N_k."""
-    kernels = extension.for_tensor(q)
+    kernels = extension.for_tensor(q, floating=True)
     if kernels is not None:  # no map at all: row statistics, then each key's column
         return kernels.received_attention(q, k, scale, bias)
     total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)

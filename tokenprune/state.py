@@ -29,7 +29,7 @@ class ForwardState:
     #: from the tokens it receives and ``depth`` (for adapters that only see tokens inside the encoder)
     schedule: tuple[int, ...] | None = None
     depth: int | None = None
-    size: Tensor | None = None  # (B, N, 1) patches per token; None while all are 1
+    size: Tensor | None = None  # (B, N, 1) patches per token, float32 (or wider); None while all are 1
     source: Tensor | None = None  # (B, N, N0) 0/1 map from original tokens, when tracing
     token_counts: list[int] = field(default_factory=list)
     output_tokens: int | None = None  # tokens leaving the last block
@@ -47,11 +47,13 @@ class ForwardState:
         self.token_counts.append(x.shape[1])
         return self.schedule[self.layer] if self.layer < len(self.schedule) else 0
 
-    def attention_bias(self) -> Tensor | None:
-        """The additive log-size key bias of proportional attention, or None."""
+    def attention_bias(self, dtype: torch.dtype | None = None) -> Tensor | None:
+        """The additive log-size key bias of proportional attention, or None; in ``dtype`` (attention
+        kernels take it in the query's dtype), else in the sizes' float32."""
         if self.size is None or not self.reducer.proportional_attention:
             return None
-        return ops.log_size_bias(self.size)
+        bias = ops.log_size_bias(self.size)
+        return bias if dtype is None else bias.to(dtype)
 
     def scratch(self, numel: int, like: Tensor) -> Tensor | None:
         """A flat buffer of at least ``numel`` elements (``like``'s dtype and device) that every block of
@@ -80,7 +82,9 @@ class ForwardState:
     def fuse(self, x: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
         """Merge tokens sharing a slot of ``dest`` (B, N; prefix tokens in their own slots) by the
         ``weight``-ed (B, N, 1) mean; sizes and sources add up."""
-        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        size = self.size
+        if size is None:  # sizes are counts: float32 even for half-precision tokens (bf16 is exact only to 256)
+            size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=ops.accumulation_dtype(x.dtype))
         self.size = ops.assign_sum(size, dest, n_out)
         if self.source is not None:
             self.source = ops.assign_sum(self.source, dest, n_out)
@@ -145,10 +149,12 @@ class AttentionTaps:
 
         Given the forward's ``state``, the map is computed in place in its scratch buffer: valid
         until the next block asks for the buffer, so callers use it within their own block.
+        Half-precision q and k give a float32 map (scores that choose tokens are computed in float32).
         """
         if self.probs is not None:
             return self.probs
-        q, k, bias = self.q, self.k, self.bias
+        acc = ops.accumulation_dtype(self.q.dtype)
+        q, k, bias = self.q.to(acc), self.k.to(acc), None if self.bias is None else self.bias.to(acc)
         batch, heads, n, d = q.shape
         n_k = k.shape[-2]
         key_bias = bias is None or (bias.dim() == 4 and bias.shape[-2] == 1)
@@ -168,5 +174,6 @@ class AttentionTaps:
         return logits.view(batch, heads, n, n_k)
 
     def head_mean_keys(self) -> Tensor:
-        """ToMe's similarity metric: keys averaged over heads, ``(B, N, head_dim)``."""
-        return self.k.mean(dim=1)
+        """ToMe's similarity metric: keys averaged over heads, ``(B, N, head_dim)`` (float32 for half-precision
+        keys, so that rounding does not decide which tokens are most similar)."""
+        return self.k.mean(dim=1, dtype=ops.accumulation_dtype(self.k.dtype))

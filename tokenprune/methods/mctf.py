@@ -44,6 +44,7 @@ def pair_scores(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, flo
     """
     a, b = slice(0, None, 2), slice(1, None, 2)
     use_sim, use_info, use_size = criteria
+    x = x.to(ops.accumulation_dtype(x.dtype))  # half-precision features: similarities in float32
     log_w = x.new_zeros(x.shape[0], (x.shape[1] + 1) // 2, x.shape[1] // 2)
     if use_sim:
         unit = x / x.norm(dim=-1, keepdim=True)
@@ -113,6 +114,11 @@ def merge_attention(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor)
     return (by_query / norm[..., None]).permute(0, 2, 1, 3)
 
 
+def apply_attention(probs: Tensor, v: Tensor) -> Tensor:
+    """``probs @ v`` in the map's dtype (float32 for half-precision v), returned in v's dtype."""
+    return (probs @ v.to(probs.dtype)).to(v.dtype)
+
+
 def attend_merged(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor, v: Tensor) -> Tensor:
     """``merge_attention(probs, ...) @ v`` without building the merged map: ``(B, H, n_out, D)``.
 
@@ -123,9 +129,11 @@ def attend_merged(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor, v
     """
     batch, heads, _, head_dim = v.shape
     per_key = v.gather(2, dest[:, None, :, None].expand(batch, heads, -1, head_dim))  # (B, H, N, D)
-    out = (probs @ per_key).transpose(1, 2)  # (B, N queries, H, D)
+    # the map may be float32 for half-precision v (AttentionTaps.probabilities): applied in its dtype, cast back
+    out = (probs @ per_key.to(probs.dtype)).transpose(1, 2)  # (B, N queries, H, D)
     weight = row_weight[:, :, None, None]
-    return (ops.assign_sum(out * weight, dest, n_out) / ops.assign_sum(weight, dest, n_out)).transpose(1, 2)
+    merged = ops.assign_sum(out * weight, dest, n_out) / ops.assign_sum(weight, dest, n_out)
+    return merged.transpose(1, 2).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -202,9 +210,11 @@ class MCTF(EncoderReducer):
         o, p = self.options, state.num_prefix
         probs = taps.probabilities(state)  # used before the next block needs the buffer
         if remove == 0:
-            return Reduction(x, partial(torch.matmul, probs))
+            return Reduction(x, partial(apply_attention, probs))
         received = attention_received(probs)
-        size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        size = state.size
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=ops.accumulation_dtype(x.dtype))
         log_w = pair_scores(x, received, size[..., 0], tuple(o["tau"]),
                             (o["similarity"], o["informativeness"], o["size"]), p)
         dest, n_out = bidirectional_assignment(log_w, remove, p, o["bidirectional"])

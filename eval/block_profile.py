@@ -1,0 +1,170 @@
+"""Where a method's time goes: block by block against the zero-cost truncation, then op by op.
+
+``python -m tokenprune.eval.block_profile --model deit_small_patch16_224 --method mctf --keep 0.5 --batch 1``
+
+1. Per block: the wall time of each block of the patched model and of the ceiling model (the same token
+   counts reached by dropping the last tokens, at no cost: ``benchmark.ZeroCostTruncation``), timed
+   with forward hooks, interleaved over repeats, medians. The difference is what the method's scoring,
+   matching and merging cost in that block (and what its different token layout costs downstream).
+2. Per op: ``torch.profiler``'s self CPU time per aten op over the same forwards, patched minus ceiling:
+   the ops the method adds (or makes slower), largest first.
+
+Timings are of this machine, at the moment they run: compare the two columns of one run, not runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+import tokenprune
+from tokenprune.adapters import find_adapter
+from tokenprune.eval.benchmark import ZeroCostTruncation
+from tokenprune.flops import default_input_size, random_model
+
+
+@dataclass
+class BlockRow:
+    block: int
+    tokens_in: int
+    ceiling_ms: float
+    patched_ms: float
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.patched_ms - self.ceiling_ms
+
+
+class BlockTimer:
+    """Wall time of each block of ``model.blocks`` in the forwards run while attached (CPU: no sync)."""
+
+    def __init__(self, blocks):
+        self.times = defaultdict(list)
+        self.handles = []
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(self._start(i)))
+            self.handles.append(block.register_forward_hook(self._stop(i)))
+        self._began = {}
+
+    def _start(self, i):
+        def hook(module, args):
+            self._began[i] = time.perf_counter()
+        return hook
+
+    def _stop(self, i):
+        def hook(module, args, out):
+            self.times[i].append(time.perf_counter() - self._began.pop(i))
+        return hook
+
+    def detach(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _models(model_name: str, method: str, keep: float, options: dict, seed: int):
+    baseline = random_model(model_name, seed)
+    if not hasattr(baseline, "blocks"):
+        raise ValueError(f"{model_name}: the block profile reads a timm ViT's .blocks")
+    patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
+    ceiling = copy.deepcopy(baseline)
+    find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
+    return patched, ceiling
+
+
+@torch.inference_mode()
+def profile_blocks(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.5,
+                   options: dict | None = None, batch: int = 1, repeats: int = 21, threads: int = 2,
+                   seed: int = 0) -> list[BlockRow]:
+    torch.set_num_threads(threads)
+    patched, ceiling = _models(model_name, method, keep, options or {}, seed)
+    x = torch.randn(batch, *default_input_size(patched))
+    timers = {"patched": BlockTimer(patched.blocks), "ceiling": BlockTimer(ceiling.blocks)}
+    models = {"patched": patched, "ceiling": ceiling}
+    for _ in range(2):  # warm-up
+        for m in models.values():
+            m(x)
+    for t in timers.values():
+        t.times.clear()
+    for i in range(repeats):
+        for name in (("patched", "ceiling") if i % 2 == 0 else ("ceiling", "patched")):
+            models[name](x)
+    for t in timers.values():
+        t.detach()
+    counts = tokenprune.last_forward(patched).token_counts
+    return [BlockRow(i, counts[i], 1000 * statistics.median(timers["ceiling"].times[i]),
+                     1000 * statistics.median(timers["patched"].times[i])) for i in range(len(patched.blocks))]
+
+
+@torch.inference_mode()
+def profile_ops(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.5,
+                options: dict | None = None, batch: int = 1, repeats: int = 11, threads: int = 2,
+                seed: int = 0) -> list[tuple[str, float, float]]:
+    """(aten op, patched ms per forward, ceiling ms per forward), by the difference, largest first."""
+    torch.set_num_threads(threads)
+    patched, ceiling = _models(model_name, method, keep, options or {}, seed)
+    x = torch.randn(batch, *default_input_size(patched))
+    per_op = {}
+    for name, model in (("patched", patched), ("ceiling", ceiling)):
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(x)
+        per_op[name] = {e.key: e.self_cpu_time_total / 1000 / repeats for e in prof.key_averages()}
+    ops = set(per_op["patched"]) | set(per_op["ceiling"])
+    rows = [(op, per_op["patched"].get(op, 0.0), per_op["ceiling"].get(op, 0.0)) for op in ops]
+    return sorted(rows, key=lambda r: r[2] - r[1])
+
+
+def format_blocks(rows: list[BlockRow]) -> str:
+    lines = ["| block | tokens in | ceiling ms | patched ms | overhead ms | overhead |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.block} | {r.tokens_in} | {r.ceiling_ms:.2f} | {r.patched_ms:.2f} | {r.overhead_ms:+.2f} | "
+                     f"{r.overhead_ms / r.patched_ms:+.1%} |")
+    total_c, total_p = sum(r.ceiling_ms for r in rows), sum(r.patched_ms for r in rows)
+    lines.append(f"| all | | {total_c:.2f} | {total_p:.2f} | {total_p - total_c:+.2f} | "
+                 f"{(total_p - total_c) / total_p:+.1%} |")
+    return "\n".join(lines)
+
+
+def format_ops(rows, top: int = 12) -> str:
+    lines = ["| aten op | patched ms | ceiling ms | difference ms |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| `{op}` | {p:.3f} | {c:.3f} | {p - c:+.3f} |" for op, p, c in rows[:top]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tokenprune.cli import add_option_argument
+
+    parser = argparse.ArgumentParser(prog="python -m tokenprune.eval.block_profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--method", default="tome")
+    parser.add_argument("--keep", type=float, default=0.5)
+    add_option_argument(parser)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    options = dict(args.option)
+    try:
+        blocks = profile_blocks(args.model, args.method, args.keep, options, args.batch, args.repeats, args.threads)
+        ops = profile_ops(args.model, args.method, args.keep, options, args.batch, max(3, args.repeats // 2),
+                          args.threads)
+    except (ValueError, TypeError) as error:
+        print(f"block_profile: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.model}, {args.method} keep={args.keep} {options or ''}, batch {args.batch}, "
+          f"{args.threads} threads\n")
+    print(format_blocks(blocks) + "\n\n" + format_ops(ops))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`tokenprune bench` / `tokenprune eval` with `--device` and `--dtype` (issue 16, part 3): the CPU half-precision
+paths end to end, the validation errors, and (with a GPU only, `-m cuda`) the CUDA-event timing."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import tokenprune.eval.benchmark as bench
+import tokenprune.eval.evaluate as evaluate
+import torch
+from conftest import tiny_timm
+
+from tokenprune.cli import main
+
+
+def _one_line_error(capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_cuda_without_cuda_is_one_line_and_exit_2(command, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run.jsonl"
+    extra = ["--output", str(out), "--limit", "1"] if command == "eval" else []
+    for device in ("cuda", "cuda:0"):
+        assert main([command, "--device", device, *extra]) == 2
+        _one_line_error(capsys, f"--device {device}", "CUDA is not available", "--device cpu")
+    assert not out.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_bad_device_and_dtype_names(command, monkeypatch, capsys, tmp_path):
+    command = [command] + (["--output", str(tmp_path / "run.jsonl"), "--limit", "1"] if command == "eval" else [])
+    for device in ("gpu", "cuda:x", "cuda:-1", "mps"):
+        assert main([*command, "--device", device]) == 2
+        _one_line_error(capsys, "expected cpu, cuda or cuda:N")
+    assert main([*command, "--dtype", "fp64"]) == 2
+    _one_line_error(capsys, "--dtype", "fp32", "fp16", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main([*command, "--device", "cuda:2"]) == 2
+    _one_line_error(capsys, "2 CUDA device(s), cuda:0 to cuda:1")
+
+
+def test_eval_amp_with_a_half_dtype_is_refused(capsys, tmp_path):
+    assert main(["eval", "--amp", "--dtype", "bf16", "--output", str(tmp_path / "run.jsonl"), "--limit", "1"]) == 2
+    _one_line_error(capsys, "--amp", "--dtype bf16")
+
+
+def _record_dtypes(model: torch.nn.Module, seen: list) -> torch.nn.Module:
+    """Note the parameters' and every input's dtype on each forward of ``model`` (and its copies)."""
+    model.register_forward_pre_hook(lambda m, args: seen.append((next(m.parameters()).dtype, args[0].dtype)))
+    return model
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_bench_runs_in_half_precision_on_cpu(dtype, torch_dtype, monkeypatch, capsys, tmp_path):
+    seen = []  # the named architecture, tiny (64 patches, 4 blocks), so that half precision on a CPU is quick
+    monkeypatch.setattr(bench, "random_model", lambda name, seed=0: _record_dtypes(tiny_timm(name, seed), seen))
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--model", "vit_base_patch16_224", "--method", "tome", "--keep", "0.5", "--batch-sizes", "32",
+                 "--repeats", "1", "--dtype", dtype, "--device", "cpu", "--json", str(out)]) == 0
+    assert f"keep=0.5 {dtype}" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [(r["dtype"], r["device"]) for r in rows] == [(dtype, "cpu")]
+    assert rows[0]["patched_gmacs"] < rows[0]["baseline_gmacs"] and rows[0]["patched_ms"] > 0
+    # every forward (FLOP counts, warm-up, timing; baseline, patched, ceiling) ran in that dtype
+    assert len(seen) >= 3 * 3 and set(seen) == {(torch_dtype, torch_dtype)}
+
+
+def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
+    result, seconds = bench.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
+    assert result == 7 and 0.02 <= seconds < 1
+
+
+def test_eval_runs_in_bf16_on_cpu_and_keeps_its_results_apart(monkeypatch, tmp_path, capsys):
+    seen = []
+    load = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: _record_dtypes(load(*a, **k), seen))
+    out = tmp_path / "run.jsonl"
+    common = ["--limit", "8", "--batch-size", "8", "--method", "tome", "--keep", "0.5", "--output", str(out),
+              "--device", "cpu"]
+    assert main(["eval", *common]) == 0
+    assert set(seen) == {(torch.float32, torch.float32)}
+    seen.clear()
+    capsys.readouterr()
+    assert main(["eval", *common, "--resume", "--dtype", "bf16"]) == 0
+    printed = capsys.readouterr().out
+    assert "already done" not in printed and ", bf16" in printed  # an fp32 result is no bf16 result
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["dtype"] for r in rows] == ["fp32", "fp32", "bf16", "bf16"]
+    assert [json.loads(r["key"]).get("dtype") for r in rows] == [None, None, "bf16", "bf16"]
+    fp32, bf16 = rows[0], rows[2]  # the baselines: 8 testbed images, the same answers in bf16 (at most one flip)
+    assert bf16["images"] == fp32["images"] == 8 and abs(bf16["top1"] - fp32["top1"]) <= 100 / 8
+
+
+# ------------------------------------------------------------------ with a GPU only (`pytest -m cuda`)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_timed_measures_gpu_time_not_the_launch():
+    """A kernel that spins for ~50 ms returns at once on the host; CUDA events time the kernel."""
+    device = torch.device("cuda")
+    torch.cuda._sleep(1000)  # load the kernel
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.cuda._sleep(int(1e8))
+    launch = time.perf_counter() - start
+    torch.cuda.synchronize()
+    _, seconds = bench.timed(lambda: torch.cuda._sleep(int(1e8)), device)
+    assert seconds > 5 * launch and seconds > 0.005
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_and_eval_on_cuda_in_bf16(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--model", "vit_testbed_fmnist", "--method", "tome", "--keep", "0.5", "--batch-sizes", "32",
+                 "--repeats", "3", "--device", "cuda:0", "--dtype", "bf16", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["dtype"], r["device"]) for r in rows] == [("bf16", "cuda:0")] and rows[0]["patched_ms"] > 0
+    results = tmp_path / "run.jsonl"
+    assert main(["eval", "--device", "cuda", "--dtype", "bf16", "--limit", "64", "--method", "tome", "mctf",
+                 "zero-tprune", "random", "--keep", "0.5", "--output", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(rows) == 5 and all(r["dtype"] == "bf16" and r["images"] == 64 for r in rows)
+    assert rows[0]["top1"] > 70  # the trained testbed, unpruned, in bf16 on the GPU
+    print(capsys.readouterr().out)
