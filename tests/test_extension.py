@@ -129,7 +129,8 @@ def test_received_attention_equals_the_chunked_reference(request, batch, heads, 
     if bias_kind == "masked":  # a masked key (as transformers' padding masks give), never all of them
         bias[..., 0] = -torch.inf if n_k > 1 else 0.0
     scale = dim ** -0.5
-    reference = ops.received_attention(q.float(), k.float(), scale, bias)
+    reference = ops.received_attention(q, k, scale, bias)  # half q, k: scored in float32 too
+    assert torch.equal(reference, ops.received_attention(q.float(), k.float(), scale, bias))
     for build in builds(request):
         got = build.received_attention(q, k, scale, bias)
         assert got.dtype == torch.float32 and got.shape == (batch, n_k)
@@ -241,7 +242,7 @@ def test_keep_one_is_bit_identical_through_the_kernels(monkeypatch):
 class FakeCuda:
     """Stands for a CUDA tensor where there is no GPU: for_tensor reads only these attributes."""
     is_cuda, requires_grad = True, False
-    device = torch.device("cuda")
+    device, dtype = torch.device("cuda"), torch.float32
 
 
 def test_dispatch_rules(monkeypatch):
@@ -262,6 +263,9 @@ def test_dispatch_rules(monkeypatch):
     assert extension.for_tensor(grad) is None  # the kernels have no backward
     with torch.no_grad():
         assert extension.for_tensor(grad) == "cpu build"
+    assert extension.for_tensor(cpu.double()) == "cpu build"  # a gather copies any dtype
+    assert extension.for_tensor(cpu.double(), floating=True) is None  # the computing kernels take no float64
+    assert extension.for_tensor(cpu.half(), floating=True) == "cpu build"
     monkeypatch.setenv(extension.ENV, "fast")
     with pytest.raises(ValueError, match=r"TOKENPRUNE_EXT='fast'.*auto, off \(or 0\), all"):
         extension.for_tensor(cpu)

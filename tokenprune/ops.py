@@ -308,6 +308,8 @@ def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None =
     kernels = extension.for_tensor(q, floating=True)
     if kernels is not None:  # no map at all: row statistics, then each key's column
         return kernels.received_attention(q, k, scale, bias)
+    # half-precision q and k: the scores in float32, as the kernel computes them (they only rank tokens)
+    q, k = q.to(accumulation_dtype(q.dtype)), k.to(accumulation_dtype(k.dtype))
     total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
     for start in range(0, q.shape[-2], chunk):
         logits = (q[..., start:start + chunk, :] @ k.transpose(-2, -1)) * scale
