@@ -22,10 +22,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from tokenprune.eval.benchmark import ZeroCostTruncation
 
 import tokenprune
 from tokenprune.adapters import find_adapter
-from tokenprune.eval.benchmark import ZeroCostTruncation
 from tokenprune.flops import default_input_size, random_model
 
 
