@@ -14,9 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +23,7 @@ from tokenprune.adapters import find_adapter
 from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
 from tokenprune.registry import EncoderReducer, Reduction
+from tokenprune.timing import interleaved_medians, timed
 
 DTYPE_NAMES = {torch_dtype(name): name for name in DTYPES}
 
@@ -72,70 +70,6 @@ class BenchRow:
     @property
     def images_per_s(self) -> tuple[float, float]:
         return (1000 * self.batch_size / self.baseline_ms, 1000 * self.batch_size / self.patched_ms)
-
-
-class ForeignLoad:
-    """Fraction of all CPUs that other processes used while the block ran (Linux only)."""
-
-    def __enter__(self):
-        self.value = None
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *exc):
-        end = self._sample()
-        if self._start and end:
-            busy = end[0] - self._start[0]
-            own = end[1] - self._start[1]
-            wall = end[2] - self._start[2]
-            self.value = max(0.0, (busy - own) / (wall * os.cpu_count()))
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait
-        own = sum(os.times()[:2])
-        return busy, own, time.perf_counter()
-
-
-def timed(call, device: torch.device = torch.device("cpu")):
-    """``(call(), seconds it took)``. On CUDA, kernels run asynchronously, so the host clock would time their
-    launches: two CUDA events on the device's stream bracket the call and the host waits for the second;
-    elsewhere the host's wall clock."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        result = call()
-        return result, time.perf_counter() - start
-    stream = torch.cuda.current_stream(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(stream)
-    result = call()
-    end.record(stream)
-    end.synchronize()
-    return result, start.elapsed_time(end) / 1000  # elapsed_time is in milliseconds
-
-
-def interleaved_medians(calls: dict, repeats: int, warmup: int = 2,
-                        device: torch.device = torch.device("cpu")) -> tuple[dict[str, float], float | None]:
-    """Median seconds of each zero-argument call, timed in turn (reversed order on odd repeats, so drift
-    in machine load hits all alike; ``timed`` on ``device``), and the CPU share other processes used meanwhile."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the warm-up's kernels finish before the first timing
-    times = {name: [] for name in calls}
-    with ForeignLoad() as load:
-        for i in range(repeats):
-            order = list(calls.items())
-            for name, call in order if i % 2 == 0 else order[::-1]:
-                times[name].append(timed(call, device)[1])
-    return {name: statistics.median(t) for name, t in times.items()}, load.value
 
 
 @torch.inference_mode()

@@ -320,7 +320,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = torch.float32) -> dict:
     from tqdm.auto import tqdm
 
-    from .benchmark import timed
+    from tokenprune.timing import timed
 
     device = accelerator.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)

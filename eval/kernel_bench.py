@@ -8,9 +8,9 @@ they agree first:
 * merge: a ToMe step removing a quarter of the tokens (``merge_mean``: plan to destinations, one kernel);
 * received attention: the attention each token receives, from q and k (HiPrune's scores).
 
-On ``--device cuda`` it times the CUDA build with CUDA events; on the CPU it times the CPU build, which
-exists to be tested, not to be fast (the PyTorch ops are the CPU path). End-to-end throughput of each
-method is ``tokenprune bench`` (with ``--device cuda --dtype bf16`` and ``--compile`` on a GPU).
+On ``--device cuda`` it times the CUDA build with CUDA events (``tokenprune.timing``); on the CPU it
+times the CPU build, which exists to be tested, not to be fast (the PyTorch ops are the CPU path).
+End-to-end throughput of each method is ``tokenprune bench`` (with ``--device cuda --dtype bf16`` and ``--compile`` on a GPU).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from tokenprune.eval.benchmark import interleaved_medians
 
 from tokenprune import extension, ops
+from tokenprune.timing import interleaved_medians
 
 # name -> (tokens incl. class token, width, heads)
 SHAPES = {"deit_small": (197, 384, 6), "vit_large": (197, 1024, 16), "clip_large_336": (577, 1024, 16)}
@@ -40,16 +40,6 @@ class KernelRow:
     kernel_ms: float
     speedup: float
     max_abs_diff: float
-
-
-def _synchronized(call, device: torch.device):
-    if device.type != "cuda":
-        return call
-
-    def timed():  # the wall clock of an asynchronous launch means nothing without the wait
-        call()
-        torch.cuda.synchronize(device)
-    return timed
 
 
 def _cases(batch: int, tokens: int, width: int, heads: int, dtype: torch.dtype, device: torch.device, seed: int):
@@ -94,8 +84,7 @@ def bench_kernels(shapes=tuple(SHAPES), batch_sizes=(1, 32), dtype: str = "fp32"
             for batch in batch_sizes:
                 for op, reference, kernel in _cases(batch, tokens, width, heads, DTYPES[dtype], dev, seed):
                     diff = (reference().float() - kernel().float()).abs().max().item()
-                    medians, _ = interleaved_medians({"torch": _synchronized(reference, dev),
-                                                      "kernel": _synchronized(kernel, dev)}, repeats)
+                    medians, _ = interleaved_medians({"torch": reference, "kernel": kernel}, repeats, device=dev)
                     rows.append(KernelRow(op, name, batch, dtype, device, 1000 * medians["torch"],
                                           1000 * medians["kernel"], medians["torch"] / medians["kernel"], diff))
     finally:

@@ -13,8 +13,7 @@ import torch
 
 import tokenprune
 from tokenprune.flops import count_flops, llava_prefill_flops
-
-from .benchmark import interleaved_medians
+from tokenprune.timing import interleaved_medians
 
 PAPER_TABLE5 = {576: 8.63, 192: 3.56, 128: 2.71, 64: 1.87}  # LLaVA-1.5-7B prefill TFLOPs (HiPrune, Table 5)
 

@@ -1,0 +1,69 @@
+"""``tokenprune.check_speed``: a short calibration run, patched against unpatched, before committing.
+
+No timing is asserted (the machine is shared): what is checked is that the two models timed are the ones
+asked for, that the caller's model is left alone, and that the verdict follows the figures.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, tiny_timm
+
+import tokenprune
+from tokenprune import speed
+
+
+def test_it_times_an_unpatched_and_a_patched_copy_and_leaves_the_model_alone(monkeypatch):
+    model = tiny_timm()
+    x = images(2)
+    with torch.no_grad():
+        before = model(x)
+    seen = {}
+
+    def fake_medians(calls, repeats, warmup, device):
+        for name, call in calls.items():
+            out = call()
+            seen[name] = out.shape
+        seen["repeats"], seen["device"] = repeats, device
+        return {"baseline": 0.004, "patched": 0.002}, 0.01
+    monkeypatch.setattr(speed, "interleaved_medians", fake_medians)
+    check = tokenprune.check_speed(model, "tome", keep=0.5, batch_size=3, repeats=4)
+    assert seen["baseline"] == seen["patched"] == (3, 10) and seen["repeats"] == 4
+    assert check.speedup == 2.0 and check.pays and check.method == "tome" and check.keep == 0.5
+    assert check.input_size == (3, 32, 32) and check.batch_size == 3
+    assert 0 < check.flops_ratio < 1
+    assert "pays" in str(check) and "NOT" not in str(check)
+    assert not tokenprune.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_a_slower_configuration_is_said_not_to_pay(monkeypatch):
+    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: ({"baseline": 0.002, "patched": 0.003}, None))
+    check = tokenprune.check_speed(tiny_timm(), "mctf", keep=0.5)
+    assert not check.pays and check.speedup == pytest.approx(2 / 3)
+    assert "does NOT pay here" in str(check) and "compile" in str(check)
+
+
+def test_a_patched_model_is_compared_with_its_unpatched_self_and_a_budget_is_accepted():
+    model = tokenprune.apply(tiny_timm(), "random", keep=0.3)
+    check = tokenprune.check_speed(model, "tome", flops=0.7, repeats=1, warmup=0)
+    assert check.method == "tome" and 0.68 <= check.flops_ratio <= 0.7
+    assert tokenprune.reducer_of(model).name == "random"  # the caller's configuration is kept
+    assert check.baseline_ms > 0 and check.patched_ms > 0
+
+
+def test_compiled_against_compiled(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    check = tokenprune.check_speed(tiny_timm(), "tome", keep=0.5, compile=True, repeats=1)
+    assert len(compiled) == 2 and check.compiled and "(compiled)" in str(check)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(batch_size=0), "batch_size must be an int >= 1"),
+                                          (dict(batch_size=True), "batch_size"),
+                                          (dict(repeats=0), "repeats must be an int >= 1"),
+                                          (dict(keep=2.0), r"keep must be in \(0, 1\]")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tokenprune.check_speed(tiny_timm(), "tome", **kwargs)
