@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,6 +318,19 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 
 
 @torch.inference_mode()
+def compiled(model, loader, dtype: torch.dtype, accelerator):
+    """``torch.compile(model)``, compiled by one forward of the first batch before anything is timed (the
+    compile time is printed, not counted; a smaller last batch compiles once more, inside the timing)."""
+    torch._dynamo.reset()  # each configuration patches the same model: a fresh compile, not a recompile
+    runner = torch.compile(model)
+    x = next(iter(loader))[0].to(dtype)
+    start = time.perf_counter()
+    runner(x)
+    accelerator.print(f"  compiled in {time.perf_counter() - start:.0f} s")
+    return runner
+
+
+@torch.inference_mode()
 def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = torch.float32) -> dict:
     from tqdm.auto import tqdm
 
@@ -377,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=count(0), default=0)
     add_device_arguments(p, auto=True)
     p.add_argument("--amp", action="store_true", help="autocast an fp32 model (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each configuration (the baseline too) through torch.compile: compiled against "
+                   "compiled; compiling costs tens of seconds per configuration on CPU, printed, not timed")
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (--no-pretrained)")
     p.add_argument("--limit", type=count(1), help="evaluate the first N images only (N >= 1)")
     p.add_argument("--threads", type=count(1), help="torch CPU threads")
@@ -458,6 +475,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                seed=None if args.pretrained or args.checkpoint else args.seed)
     if args.dtype != "fp32":  # another dtype, other results (fp32 keys stay as they were, for --resume)
         run["dtype"] = args.dtype
+    if args.compile:  # the same accuracy is expected, but other timings: kept apart for --resume
+        run["compile"] = True
     configs = [Config(None, None)] + [Config(m, k, dict(args.option)) for m in methods for k in args.keep]
     rows = []
     for config in configs:
@@ -473,9 +492,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tokenprune.apply(model, config.method, keep=config.keep, **config.options)
         flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))
         accelerator.print(f"{config.label}: {flops.gflops_per_sample:.4f} GFLOPs/image")
+        runner = compiled(model, loader, dtype, accelerator) if args.compile else model
         row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
-                   options=config.options, gflops=flops.gflops_per_sample,
-                   dtype=args.dtype, **evaluate_config(model, loader, accelerator, args.amp, dtype))
+                   options=config.options, gflops=flops.gflops_per_sample, dtype=args.dtype,
+                   **evaluate_config(runner, loader, accelerator, args.amp, dtype))
         if accelerator.is_main_process:
             append_result(output, row)
             write_csv(output.with_suffix(".csv"), with_deltas(rows + [row]))

@@ -10,7 +10,8 @@ they agree first:
 
 On ``--device cuda`` it times the CUDA build with CUDA events (``tokenprune.timing``); on the CPU it
 times the CPU build, which exists to be tested, not to be fast (the PyTorch ops are the CPU path).
-End-to-end throughput of each method is ``tokenprune bench`` (with ``--device cuda --dtype bf16`` and ``--compile`` on a GPU).
+End-to-end throughput of each method is ``tokenprune bench`` (with ``--device cuda --dtype bf16`` and
+``--compile`` on a GPU).
 """
 from __future__ import annotations
 

@@ -153,3 +153,25 @@ def test_table_columns_line_up_with_long_method_names_and_options():
     columns = {line.index("top-1") + len("top-1") if i == 0 else line.index("89.90") + len("89.90")
                for i, line in enumerate(lines) if i != 1}
     assert len(columns) == 1, format_table(rows)
+
+
+def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path, capsys, monkeypatch):
+    """--compile runs every configuration through torch.compile (inductor's real compile is covered by
+    `tokenprune bench --compile`; here the eager backend keeps the test quick): same accuracies, the
+    compiled module is what is evaluated, and its results do not resume eager ones."""
+    import torch
+
+    real_compile, compiled_calls = torch.compile, []
+
+    def compile_eager(model):
+        compiled_calls.append(model)
+        return real_compile(model, backend="eager")
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "run.jsonl"
+    eager = evaluate(COMMON + ["--data", str(data), "--output", str(out)])
+    compiled = evaluate(COMMON + ["--data", str(data), "--output", str(out), "--resume", "--compile"])
+    assert "[resume]" not in capsys.readouterr().out  # compiled results are not the eager ones
+    assert len(compiled_calls) == len(eager)  # every configuration, the baseline too
+    assert [r["top1"] for r in compiled] == [r["top1"] for r in eager]
+    assert [r["gflops"] for r in compiled] == [r["gflops"] for r in eager]
