@@ -67,3 +67,21 @@ def test_compiled_against_compiled(monkeypatch):
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         tokenprune.check_speed(tiny_timm(), "tome", **kwargs)
+
+
+def test_block_profile_times_every_block_of_both_models(monkeypatch, capsys):
+    from test_hf_patch import tiny_hf
+    from tokenprune.eval import block_profile
+
+    monkeypatch.setattr(block_profile, "random_model",
+                        lambda name, seed=0: tiny_hf(name[3:]) if name.startswith("hf:") else tiny_timm(name, seed))
+    rows = block_profile.profile_blocks("vit_base_patch16_224", "tome", 0.5, batch=2, repeats=3)
+    assert [r.block for r in rows] == [0, 1, 2, 3]
+    assert rows[0].tokens_in == 65 and rows[-1].tokens_in < 65  # the patched model's counts
+    assert all(r.ceiling_ms > 0 and r.patched_ms > 0 for r in rows)
+    assert "| all |" in block_profile.format_blocks(rows)
+    ops = block_profile.profile_ops("vit_base_patch16_224", "tome", 0.5, batch=2, repeats=1)
+    added = {op for op, patched, ceiling in ops if patched > 0 and ceiling == 0}
+    assert "aten::index_add" in added or "aten::index_add_" in added  # the merge ToMe adds
+    assert block_profile.main(["--model", "hf:vit"]) == 2
+    assert "reads a timm ViT's .blocks" in capsys.readouterr().err
