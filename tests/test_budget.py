@@ -125,3 +125,29 @@ def test_keep_defaults_to_a_third_when_neither_keep_nor_a_budget_is_given():
     for kwargs in ({}, {"keep": None}):
         model = tokenprune.apply(build("vit_base_patch16_224"), "tome", **kwargs)
         assert tokenprune.reducer_of(model).keep == tokenprune.api.DEFAULT_KEEP == 0.33
+
+
+def test_an_unreachable_budget_names_the_least_the_method_runs():
+    """The least is found by bisection over the counts the method reaches; here checked by a full scan."""
+    import re
+
+    model = tiny_timm("vit_base_patch16_224")  # 64 patches: a scan is quick
+    baseline = count_flops(model).flops
+    reachable = []
+    for final in range(1, 65):
+        try:
+            reachable.append(flops_with(model, "tome", final / 64))
+            break  # the first count that applies is the least (FLOPs grow with the count)
+        except ValueError:
+            continue
+    with pytest.raises(ValueError) as error:
+        fit_flops_budget(model, "tome", flops=0.01)
+    least, percent = re.search(r"the least it runs is ([\d.e+-]+) GFLOPs \(([\d.]+)%\)", str(error.value)).groups()
+    assert float(least) == pytest.approx(reachable[0] / 1e9, rel=5e-3)
+    assert float(percent) == pytest.approx(100 * reachable[0] / baseline, abs=0.05)
+
+
+def test_a_budget_above_the_whole_model_keeps_everything():
+    model = build("vit_base_patch16_224")
+    fit = fit_flops_budget(model, "tome", gflops=2 * count_flops(model).flops / 1e9)
+    assert fit.keep == 1.0 and fit.final_patches == fit.num_patches

@@ -24,7 +24,7 @@ def test_it_times_an_unpatched_and_a_patched_copy_and_leaves_the_model_alone(mon
         for name, call in calls.items():
             out = call()
             seen[name] = out.shape
-        seen["repeats"], seen["device"] = repeats, device
+        seen["repeats"], seen["device"], seen["warmup"] = repeats, device, warmup
         return {"baseline": 0.004, "patched": 0.002}, 0.01
     monkeypatch.setattr(speed, "interleaved_medians", fake_medians)
     check = tokenprune.check_speed(model, "tome", keep=0.5, batch_size=3, repeats=4)
@@ -33,6 +33,10 @@ def test_it_times_an_unpatched_and_a_patched_copy_and_leaves_the_model_alone(mon
     assert check.input_size == (3, 32, 32) and check.batch_size == 3
     assert 0 < check.flops_ratio < 1
     assert "pays" in str(check) and "NOT" not in str(check)
+    assert f"FLOPs-ideal {1 / check.flops_ratio:.2f}x" in str(check) and "2.00x" in str(check)
+    assert seen["warmup"] == 2  # the default warm-up
+    tokenprune.check_speed(model, "tome", keep=0.5, warmup=0)
+    assert seen["warmup"] == 0  # eager: no warm-up if asked
     assert not tokenprune.is_patched(model)
     with torch.no_grad():
         assert torch.equal(model(x), before)
@@ -54,10 +58,14 @@ def test_a_patched_model_is_compared_with_its_unpatched_self_and_a_budget_is_acc
 
 
 def test_compiled_against_compiled(monkeypatch):
-    compiled = []
+    compiled, warmups = [], []
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
-    check = tokenprune.check_speed(tiny_timm(), "tome", keep=0.5, compile=True, repeats=1)
+    real = speed.interleaved_medians
+    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, repeats, warmup, device:
+                        warmups.append(warmup) or real(calls, repeats, warmup, device))
+    check = tokenprune.check_speed(tiny_timm(), "tome", keep=0.5, compile=True, repeats=1, warmup=0)
     assert len(compiled) == 2 and check.compiled and "(compiled)" in str(check)
+    assert warmups == [1]  # compiled: at least one untimed call, which compiles
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(batch_size=0), "batch_size must be an int >= 1"),
