@@ -366,3 +366,25 @@ def test_kernel_bench_checks_agreement_and_refuses_a_missing_gpu(monkeypatch, ca
     if not torch.cuda.is_available():
         assert kernel_bench.main(["--device", "cuda", "--shapes", "deit_small"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("guess", ["/usr/local", "/opt/guess"])  # sorting after and before the real one
+def test_the_cuda_build_points_torch_at_the_toolkit_even_after_torch_guessed(monkeypatch, guess):
+    """torch reads CUDA_HOME once, at import; a wrong early guess is corrected before the CUDA build."""
+    from torch.utils import cpp_extension
+
+    seen = {}
+    monkeypatch.setenv("CUDA_HOME", "/the/toolkit")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", guess)  # e.g. the guess from a wrapper-script nvcc
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs, home=cpp_extension.CUDA_HOME))
+    extension.load.__wrapped__(cuda=True)
+    assert seen["home"] == "/the/toolkit"
+    assert seen["name"] == "tokenprune_ext_cuda" and "-DTOKENPRUNE_WITH_CUDA" in seen["extra_cflags"]
+    assert [p.rsplit("/", 1)[-1] for p in seen["sources"]] == ["ops.cpp", "kernels.cu"]
+
+
+def test_without_the_pip_cuda_headers_no_extra_include(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.cu13", None)  # import fails: ImportError
+    assert extension._pip_cuda_includes() == []
