@@ -72,6 +72,14 @@ class BenchRow:
         return (1000 * self.batch_size / self.baseline_ms, 1000 * self.batch_size / self.patched_ms)
 
 
+def patched_and_ceiling(baseline, method: str, keep: float, options: dict):
+    """Copies of ``baseline``: patched with ``method``, and the zero-cost truncation to its token counts."""
+    patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
+    ceiling = copy.deepcopy(baseline)
+    find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
+    return patched, ceiling
+
+
 @torch.inference_mode()
 def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.33,
               options: dict | None = None, batch_sizes=(32, 1), repeats: int = 11, warmup: int = 2,
@@ -90,9 +98,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     torch.set_num_threads(threads)
     device = torch.device(device)
     baseline = random_model(model_name, seed).to(device=device, dtype=dtype)
-    patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
-    ceiling = copy.deepcopy(baseline)
-    find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
+    patched, ceiling = patched_and_ceiling(baseline, method, keep, options)
     input_size = default_input_size(baseline)
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops

@@ -14,7 +14,6 @@ Timings are of this machine, at the moment they run: compare the two columns of 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -22,10 +21,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from tokenprune.eval.benchmark import ZeroCostTruncation
+from tokenprune.eval.benchmark import patched_and_ceiling
 
 import tokenprune
-from tokenprune.adapters import find_adapter
 from tokenprune.flops import default_input_size, random_model
 
 
@@ -71,10 +69,7 @@ def _models(model_name: str, method: str, keep: float, options: dict, seed: int)
     baseline = random_model(model_name, seed)
     if not hasattr(baseline, "blocks"):
         raise ValueError(f"{model_name}: the block profile reads a timm ViT's .blocks")
-    patched = tokenprune.apply(copy.deepcopy(baseline), method, keep=keep, **options)
-    ceiling = copy.deepcopy(baseline)
-    find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
-    return patched, ceiling
+    return patched_and_ceiling(baseline, method, keep, options)
 
 
 @torch.inference_mode()

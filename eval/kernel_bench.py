@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tokenprune import extension, ops
+from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.timing import interleaved_medians
 
 # name -> (tokens incl. class token, width, heads)
 SHAPES = {"deit_small": (197, 384, 6), "vit_large": (197, 1024, 16), "clip_large_336": (577, 1024, 16)}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -83,7 +83,7 @@ def bench_kernels(shapes=tuple(SHAPES), batch_sizes=(1, 32), dtype: str = "fp32"
         for name in shapes:
             tokens, width, heads = SHAPES[name]
             for batch in batch_sizes:
-                for op, reference, kernel in _cases(batch, tokens, width, heads, DTYPES[dtype], dev, seed):
+                for op, reference, kernel in _cases(batch, tokens, width, heads, torch_dtype(dtype), dev, seed):
                     diff = (reference().float() - kernel().float()).abs().max().item()
                     medians, _ = interleaved_medians({"torch": reference, "kernel": kernel}, repeats, device=dev)
                     rows.append(KernelRow(op, name, batch, dtype, device, 1000 * medians["torch"],
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--device", default="cpu", help="cpu (the CPU build) or cuda[:N] (the CUDA build)")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--json", help="also write the rows as JSON lines here")

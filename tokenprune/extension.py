@@ -97,10 +97,10 @@ def _load_or_warn() -> ModuleType | None:
 @functools.cache
 def load(cuda: bool, verbose: bool = False) -> ModuleType:
     """Build (once; torch caches the result and rebuilds when a source changes) and import one build."""
+    if not os.environ.get("CUDA_HOME") and toolkit_root():  # before torch's import guesses (and warns)
+        os.environ["CUDA_HOME"] = toolkit_root()
     if cuda:
         _cuda_build_environment()
-    elif not os.environ.get("CUDA_HOME") and toolkit_root():  # before torch's import guesses (and warns)
-        os.environ["CUDA_HOME"] = toolkit_root()
     from torch.utils import cpp_extension
 
     if cuda and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
@@ -120,12 +120,10 @@ def load(cuda: bool, verbose: bool = False) -> ModuleType:
 
 
 def _cuda_build_environment() -> None:
-    """Point torch's build at a usable toolkit, and at architectures when there is no GPU to ask."""
+    """Require a toolkit (``load`` set CUDA_HOME from nvcc where it could), and name architectures when
+    there is no GPU to ask."""
     if not os.environ.get("CUDA_HOME"):
-        home = toolkit_root()
-        if home is None:
-            raise RuntimeError("no CUDA toolkit found: put nvcc on PATH or set CUDA_HOME")
-        os.environ["CUDA_HOME"] = home
+        raise RuntimeError("no CUDA toolkit found: put nvcc on PATH or set CUDA_HOME")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
 
