@@ -42,7 +42,7 @@ def test_a_near_tie_flip_in_a_few_samples_is_allowed_and_reported(capsys):
     compiling's reordered sums flip); more samples, or a larger move, is refused."""
     torch.manual_seed(0)
     x = torch.randn(16, 3)
-    eager = torch.nn.Linear(3, 4)  # outputs below 1 in size: the tolerance is 1e-4
+    eager = torch.nn.Linear(3, 4)  # outputs up to about 1.4: the tolerance is 1e-4 of that
 
     def moved(samples, by):
         def compiled(t):
