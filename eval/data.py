@@ -105,12 +105,13 @@ class _Source(Dataset):
 
 
 class EmbeddedFashionMNIST(_Source):
-    """The Fashion-MNIST test split shipped inside the package (10,000 images, 10 classes)."""
+    """A testbed task's split: the packaged Fashion-MNIST test split (10,000 images, 10 classes), the 2x2
+    mosaics composed from it, or either's validation split (from the train split, not packaged)."""
 
-    def __init__(self, transform, input_size, mode="L"):
-        from tokenprune.testbed import load_fashion_mnist
+    def __init__(self, transform, input_size, mode="L", task="fmnist", split="test"):
+        from tokenprune.testbed import testbed_split
 
-        self.images, self.labels = load_fashion_mnist("test")
+        self.images, self.labels = testbed_split(task, split)
         self.transform, self.blank, self.mode = transform, torch.zeros(input_size), mode
 
     def __len__(self):
@@ -118,6 +119,20 @@ class EmbeddedFashionMNIST(_Source):
 
     def fetch(self, index):
         return Image.fromarray(self.images[index].numpy()), int(self.labels[index])
+
+
+#: ``--data`` names of the testbed tasks: (task, split).
+EMBEDDED_SPECS = {
+    EMBEDDED: ("fmnist", "test"),
+    f"{EMBEDDED}:val": ("fmnist", "val"),
+    f"{EMBEDDED}-mosaic": ("mosaic", "test"),
+    f"{EMBEDDED}-mosaic:val": ("mosaic", "val"),
+}
+
+
+def embedded_spec_for(task: str, split: str = "test") -> str:
+    """The ``--data`` name of a testbed task's split."""
+    return next(name for name, value in EMBEDDED_SPECS.items() if value == (task, split))
 
 
 SYNSET = re.compile(r"n\d{8}")
@@ -301,15 +316,19 @@ def build_dataset(spec: str, transform, input_size, split: str = "validation", n
     """``spec``: ``fashion-mnist`` (embedded), an image folder, a saved HF dataset folder, or a HF name."""
     mode = mode_for(input_size[0])
     path = Path(spec).expanduser()
-    is_folder = path.is_dir() and spec != EMBEDDED
+    is_folder = path.is_dir() and spec not in EMBEDDED_SPECS
     is_hf_folder = is_folder and any((path / f).exists()
                                      for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
     if class_map is not None and (not is_folder or is_hf_folder):
         raise ValueError("--class-map applies to an image-folder --data only")
-    if spec == EMBEDDED:
+    if spec in EMBEDDED_SPECS:
         if num_classes is not None and num_classes < 10:
             raise ValueError(f"the embedded Fashion-MNIST has 10 classes but the model has {num_classes}")
-        return EmbeddedFashionMNIST(transform, input_size, mode), "embedded Fashion-MNIST test split (10,000)"
+        task, part = EMBEDDED_SPECS[spec]
+        dataset = EmbeddedFashionMNIST(transform, input_size, mode, task, part)
+        what = "2x2 mosaics of the " if task == "mosaic" else ""
+        where = "test split" if part == "test" else "validation split (the last 5,000 train images)"
+        return dataset, f"embedded {what}Fashion-MNIST {where} ({len(dataset):,})"
     if is_hf_folder:
         import datasets
 

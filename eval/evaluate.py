@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import tokenprune
+from tokenprune import testbed
 from tokenprune.cli import (
     ArgumentParser,
     add_device_arguments,
@@ -35,7 +36,7 @@ from tokenprune.cli import (
     torch_dtype,
 )
 
-from .data import EMBEDDED, build_dataset, looks_like_path, skip_reason
+from .data import EMBEDDED, EMBEDDED_SPECS, build_dataset, embedded_spec_for, looks_like_path, skip_reason
 
 TESTBED = "vit_testbed_fmnist"
 TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm model names with a source prefix
@@ -377,9 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="load the pretrained weights (default on); off: random init from the config")
     p.add_argument("--checkpoint", help="weights file: .safetensors, or a torch file (read weights_only)")
-    p.add_argument("--data", default=EMBEDDED,
-                   help="'fashion-mnist' (embedded test split, default), an ImageNet-val style folder, a saved "
-                        "HF dataset folder, or a HF datasets name")
+    p.add_argument("--data",
+                   help="'fashion-mnist' (the embedded test split; the default, or 'fashion-mnist-mosaic' for the "
+                        "mosaic testbed), 'fashion-mnist:val' / 'fashion-mnist-mosaic:val' (the validation split: "
+                        f"needs ${testbed.FMNIST_ROOT_ENV}), an ImageNet-val style folder, a saved HF dataset folder, "
+                        "or a HF datasets name")
     p.add_argument("--class-map", metavar="JSON",
                    help="class index of each folder of an image-folder --data: a JSON object {\"folder\": index}")
     p.add_argument("--split", default="validation", help="split of a HF dataset")
@@ -432,6 +435,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"{args.dtype}: pass one of them")
     dtype = torch_dtype(args.dtype)
 
+    own = testbed.TESTBEDS.get(args.model)
+    if args.data is None:  # a testbed's own task; any other model: the embedded Fashion-MNIST
+        args.data = embedded_spec_for(own.task) if own else EMBEDDED
+    if own and args.data in EMBEDDED_SPECS and EMBEDDED_SPECS[args.data][0] != own.task:
+        raise ValueError(f"--data {args.data}: {args.model} was trained on {embedded_spec_for(own.task)} "
+                         "(the image would be resized into another task); pass that or leave --data out")
     # Where the results go: checked before any work, so a bad path never costs an evaluation.
     slug = Path(args.data).name or args.data
     output = Path(args.output or f"runs/eval/{Path(args.model).name}-{slug}.jsonl")

@@ -1,15 +1,19 @@
-"""Train the ``vit_testbed_fmnist`` reference model on Fashion-MNIST (CPU).
+"""Train a model of the testbed family (``tokenprune.testbed.TESTBEDS``) on Fashion-MNIST (CPU).
 
 Usage::
 
-    python -m tokenprune.eval.train_testbed \\
-        --data-root FASHION_MNIST_FOLDER \\
-        --out tokenprune/weights/vit_testbed_fmnist.safetensors
+    python -m tokenprune.eval.train_testbed --model vit_testbed_mosaic \\
+        --data-root FASHION_MNIST_FOLDER          # -> tokenprune/weights/vit_testbed_mosaic.safetensors
 
 Design notes (why things are the way they are):
 
-* The architecture comes from ``tokenprune.testbed.TESTBED_ARGS`` so the packaged weights always
+* The architecture comes from ``tokenprune.testbed.TESTBEDS`` so the packaged weights always
   match the registered timm model; this script only decides *how* to train.
+* The last ``VAL_SIZE`` (5,000) training images are held out as the validation split on which
+  pruning defaults are chosen (``--val-size 0`` trains on all 60k, as ``vit_testbed_fmnist`` did).
+  Mosaic training samples are composed afresh every epoch (each held-in garment is the target once
+  per epoch; the three others are drawn from the held-in garments), so the model never sees a
+  validation or test garment.
 * Reproducible: the model init uses ``torch.manual_seed(seed)``; the data order and augmentation
   of epoch ``e`` come from a generator seeded with ``(seed, e)``, so a run resumed from a
   checkpoint sees exactly the batches the uninterrupted run would have seen.
@@ -55,8 +59,12 @@ def parse_args(argv=None):
     p.add_argument('--data-root', default=os.environ.get(tb.FMNIST_ROOT_ENV),
                    help=f'folder with the Fashion-MNIST *-ubyte.gz files (train and test); default: '
                         f'${tb.FMNIST_ROOT_ENV}')
-    p.add_argument('--out', default=str(tb.WEIGHTS_PATH), help='output .safetensors (eval-ready weights)')
-    p.add_argument('--ckpt-dir', default='runs/testbed', help='where full training checkpoints go')
+    p.add_argument('--model', default='vit_testbed_fmnist', choices=sorted(tb.TESTBEDS),
+                   help='which testbed to train')
+    p.add_argument('--out', help='output .safetensors (eval-ready weights); default: the packaged path')
+    p.add_argument('--ckpt-dir', help='where full training checkpoints go; default: runs/<model>')
+    p.add_argument('--val-size', type=int, default=tb.VAL_SIZE,
+                   help='hold out this many of the last training images (the validation split)')
     p.add_argument('--resume', action='store_true', help='resume from <ckpt-dir>/last.pt if it exists')
     p.add_argument('--ckpt-minutes', type=float, default=10.0, help='also checkpoint every N minutes mid-epoch')
     p.add_argument('--epochs', type=int, default=6)
@@ -195,7 +203,7 @@ def export_weights(model, out: Path, meta: dict):
     sd = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.detach().contiguous().clone()
           for k, v in model.state_dict().items()}
     tmp = out.with_name(out.name + '.tmp')
-    save_file(sd, str(tmp), metadata={'format': 'pt', 'model': 'vit_testbed_fmnist'})
+    save_file(sd, str(tmp), metadata={'format': 'pt', 'model': meta['model']})
     os.replace(tmp, out)
     os.chmod(out, 0o644)  # safetensors writes 0600; the file ships in the package
     size_mb = out.stat().st_size / 2**20
@@ -226,21 +234,31 @@ def main(argv=None):
     amp_dtype = torch.bfloat16 if args.precision == 'bf16' else None
     command = ' '.join(shlex.quote(a) for a in ['python', '-m', 'tokenprune.eval.train_testbed',
                                                 *(sys.argv[1:] if argv is None else argv)])
-    out = Path(args.out)
-    ckpt_dir = Path(args.ckpt_dir)
+    spec = tb.TESTBEDS[args.model]
+    out = Path(args.out or spec.weights_path)
+    ckpt_dir = Path(args.ckpt_dir or f'runs/{args.model}')
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / 'last.pt'
 
     # --- data: uint8 in memory (60k x 32 x 32 = 61 MB padded) ---
     train_x, train_y = tb.load_fashion_mnist('train', args.data_root)
-    test_x, test_y = tb.load_fashion_mnist('test', args.data_root)
+    if args.val_size:
+        val_x, val_y = tb.testbed_split(spec.task, 'val', args.data_root)
+        train_x, train_y = train_x[:-args.val_size], train_y[:-args.val_size]
+    test_x, test_y = tb.testbed_split(spec.task, 'test', args.data_root)
     train_x_padded = F.pad(train_x, (PAD, PAD, PAD, PAD))  # zero = black background, as in the data
     n_train = train_x.shape[0]
+
+    def batch(idx, gen):
+        if spec.task == 'mosaic':  # the garments are not cropped: the frame must stay whole
+            images, labels = tb.make_mosaics(train_x, train_y, idx, gen, flip=True)
+            return tb.normalize_images(images), labels
+        return augment_batch(train_x_padded, idx, gen), train_y[idx]
     steps_per_epoch = n_train // args.batch_size  # drop the ragged last batch: constant batch size
     total_steps = steps_per_epoch * args.epochs
 
     # --- model / optimizer ---
-    model = timm.create_model('vit_testbed_fmnist', pretrained=False, drop_path_rate=args.drop_path)
+    model = timm.create_model(args.model, pretrained=False, drop_path_rate=args.drop_path)
     n_params = sum(p.numel() for p in model.parameters())
     # no weight decay on biases, norms, pos_embed and cls_token (timm's no_weight_decay list)
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay())
@@ -262,17 +280,20 @@ def main(argv=None):
         torch.set_rng_state(ck['torch_rng'])
         log(f'resumed from {ckpt_path}: epoch {start_epoch} step {start_step_in_epoch} (global {global_step})')
 
-    log(f'vit_testbed_fmnist {tb.TESTBED_ARGS} | {n_params / 1e6:.2f}M params | '
+    log(f'{args.model} {spec.args} | {n_params / 1e6:.2f}M params | '
         f'{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} | '
         f'precision {args.precision} | threads {args.threads} | torch {torch.__version__} timm {timm.__version__}')
 
-    def meta(test_top1, test_top1_bf16, epochs_done, complete):
+    def meta(test_top1, test_top1_bf16, epochs_done, complete, val_top1=None):
         return {
-            'model': 'vit_testbed_fmnist',
-            'config': tb.TESTBED_ARGS,
-            'stem': 'conv3x3(s1)+BN+GELU, conv3x3(s2)+BN+GELU, conv1x1 -> 14x14 = 196 patch tokens + cls',
+            'model': args.model,
+            'summary': spec.summary,
+            'config': spec.args,
+            'task': spec.task,
             'params': n_params,
-            'data': 'Fashion-MNIST (Zalando, MIT); train 60k / test 10k',
+            'data': f'Fashion-MNIST (Zalando, MIT); train {n_train} / validation {args.val_size} (the last '
+                    f'training images) / test 10k',
+            'val_top1': val_top1,
             'epochs': epochs_done,
             'epochs_planned': args.epochs,
             'complete': complete,
@@ -318,8 +339,7 @@ def main(argv=None):
         loss_sum, loss_n, t_log = 0.0, 0, time.time()
         for s in range(first, steps_per_epoch):
             idx = order[s * args.batch_size:(s + 1) * args.batch_size]
-            x = augment_batch(train_x_padded, idx, gen)
-            y = train_y[idx]
+            x, y = batch(idx, gen)
             lr = lr_at(global_step, total_steps, args)
             for g in optimizer.param_groups:
                 g['lr'] = lr
@@ -357,23 +377,26 @@ def main(argv=None):
 
         # --- end of epoch: evaluate, checkpoint, export ---
         t_eval = time.time()
-        acc = evaluate(model, test_x, test_y, args.eval_batch_size, amp_dtype)
-        history.append({'epoch': epoch + 1, 'test_top1_bf16' if amp_dtype else 'test_top1': acc,
+        eval_split = 'val' if args.val_size else 'test'
+        acc = evaluate(model, *((val_x, val_y) if args.val_size else (test_x, test_y)), args.eval_batch_size,
+                       amp_dtype)
+        history.append({'epoch': epoch + 1, f'{eval_split}_top1_bf16' if amp_dtype else f'{eval_split}_top1': acc,
                         'wall_s': round(elapsed_before + time.time() - t_start, 1)})
-        log(f'=== epoch {epoch + 1}/{args.epochs}: test top-1 {acc:.2f}% '
+        log(f'=== epoch {epoch + 1}/{args.epochs}: {eval_split} top-1 {acc:.2f}% '
             f'({args.precision} eval, {time.time() - t_eval:.0f}s) ===')
         save_checkpoint(epoch + 1, 0, None)
         last_ckpt_time = time.time()
         complete = epoch + 1 == args.epochs
         if not complete:
-            export_weights(model, out, meta(None, acc if amp_dtype else None, epoch + 1, False))
+            export_weights(model, out, meta(None, None, epoch + 1, False, val_top1=acc if args.val_size else None))
             log(f'exported weights -> {out}')
 
     # --- final: fp32 evaluation of exactly what is saved ---
     acc32 = evaluate(model, test_x, test_y, args.eval_batch_size, None)
-    acc_bf16 = history[-1].get('test_top1_bf16') if history else None
-    log(f'final test top-1 (fp32): {acc32:.2f}%')
-    export_weights(model, out, meta(acc32, acc_bf16, args.epochs, True))
+    val32 = evaluate(model, val_x, val_y, args.eval_batch_size, None) if args.val_size else None
+    acc_bf16 = evaluate(model, test_x, test_y, args.eval_batch_size, amp_dtype) if amp_dtype else None
+    log(f'final test top-1 (fp32): {acc32:.2f}%' + (f', validation {val32:.2f}%' if val32 is not None else ''))
+    export_weights(model, out, meta(acc32, acc_bf16, args.epochs, True, val_top1=val32))
     log(f'exported weights -> {out} ({out.stat().st_size / 2**20:.2f} MB) and {out.with_suffix(".json")}')
 
 

@@ -1,6 +1,10 @@
 """Tiny random-init models of every supported timm family (no downloads)."""
 from __future__ import annotations
 
+import gzip
+import struct
+
+import numpy as np
 import pytest
 import timm
 import torch
@@ -34,3 +38,21 @@ def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=sorted(TIMM_FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def write_idx(path, array) -> None:
+    """Write ``array`` as a gzipped uint8 IDX file (the Fashion-MNIST format)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_train_root(tmp_path_factory):
+    """A folder with a synthetic Fashion-MNIST train split (6,000 random garments, below 200 so that a
+    mosaic's frame stands out), for the splits carved from train."""
+    root = tmp_path_factory.mktemp("fmnist-train")
+    rng = np.random.default_rng(0)
+    write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 200, (6000, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 6000))
+    return root

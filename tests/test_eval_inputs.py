@@ -3,16 +3,15 @@ class folders and --class-map, which images count and how they are converted, sk
 checks, one-line errors (exit 2, no traceback), torn result files, no machine paths in the package."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 from test_eval_cli import CLASSES, COMMON, make_folder
 from tokenprune.eval import evaluate as evaluate_module
@@ -315,20 +314,14 @@ def test_no_absolute_machine_paths_in_the_package():
     assert not found
 
 
-def _write_idx(path, array):
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_fashion_mnist_train_split_comes_from_the_environment(tmp_path, monkeypatch):
     from tokenprune import testbed
 
     monkeypatch.delenv("TOKENPRUNE_FMNIST_ROOT", raising=False)
     with pytest.raises(FileNotFoundError, match="set TOKENPRUNE_FMNIST_ROOT"):
         testbed.load_fashion_mnist("train")
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
     monkeypatch.setenv("TOKENPRUNE_FMNIST_ROOT", str(tmp_path))
     images, labels = testbed.load_fashion_mnist("train")
     assert images.shape == (3, 28, 28) and labels.tolist() == [1, 2, 3]

@@ -22,6 +22,7 @@ import gzip
 import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -33,6 +34,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
+    'TESTBEDS',
+    'Testbed',
+    'VAL_SIZE',
+    'make_mosaics',
+    'testbed_split',
     'ConvStemPatchEmbed',
     'FMNIST_MEAN',
     'FMNIST_STD',
@@ -193,39 +199,104 @@ def _cfg(**kwargs):
     }
 
 
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """One model of the testbed family: its architecture, its task, and where its weights live."""
+    name: str
+    #: ``VisionTransformer`` keyword arguments (the training script builds exactly this model).
+    args: dict
+    #: the convolutional stem (``ConvStemPatchEmbed``) instead of timm's linear ``PatchEmbed``
+    conv_stem: bool
+    #: ``'fmnist'``: one 28x28 garment; ``'mosaic'``: the marked garment of a 2x2 mosaic (``make_mosaics``)
+    task: str
+    summary: str
+
+    @property
+    def weights_path(self) -> Path:
+        return _PKG_DIR / 'weights' / f'{self.name}.safetensors'
+
+    @property
+    def input_size(self) -> Tuple[int, int, int]:
+        size = self.args['img_size']
+        return (self.args['in_chans'], size, size)
+
+
+_SMALL = dict(in_chans=1, num_classes=10, embed_dim=96, depth=8, num_heads=3, mlp_ratio=2.0)
+
+#: The family, by timm name. Each differs from the first in one thing that token pruning sees: the
+#: patch embedding, the head (class token or average pooling), or a task where only some tokens matter.
+TESTBEDS = {t.name: t for t in (
+    Testbed('vit_testbed_fmnist', TESTBED_ARGS, conv_stem=True, task='fmnist',
+            summary='DeiT-style: conv stem, class token, 12 blocks, width 96 (196 + 1 tokens)'),
+    Testbed('vit_testbed_fmnist_plain', dict(_SMALL, img_size=28, patch_size=2, class_token=True, global_pool='token'),
+            conv_stem=False, task='fmnist',
+            summary='plain linear patch embedding (patch 2), class token, 8 blocks, width 96, MLP ratio 2'),
+    Testbed('vit_testbed_fmnist_gap', dict(_SMALL, img_size=28, patch_size=2, class_token=False, global_pool='avg'),
+            conv_stem=True, task='fmnist',
+            summary='no class token, average-pooled head (CLIP/SigLIP-style), conv stem, 8 blocks, width 96'),
+    Testbed('vit_testbed_mosaic', dict(_SMALL, img_size=56, patch_size=4, class_token=True, global_pool='token'),
+            conv_stem=False, task='mosaic',
+            summary='2x2 Fashion-MNIST mosaic, label = the framed garment; plain patch 4, 196 + 1 tokens, 8 blocks'),
+)}
+
+
 default_cfgs = generate_default_cfgs({
     # `file=` makes timm load a local file (no hub / network access at all).
-    'vit_testbed_fmnist.tokenprune_fmnist': _cfg(file=str(WEIGHTS_PATH)),
+    f'{t.name}.tokenprune_fmnist': _cfg(
+        file=str(t.weights_path), input_size=t.input_size,
+        first_conv='patch_embed.stem.0' if t.conv_stem else 'patch_embed.proj')
+    for t in TESTBEDS.values()
 })
 
 
 def _create_testbed(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    spec = TESTBEDS[variant]
     if pretrained:
         # timm would fail later with a less obvious message (or silently fall back to random
         # init for some sources); say exactly what is missing and how to produce it.
         overlay = kwargs.get('pretrained_cfg_overlay') or {}
         cfg = kwargs.get('pretrained_cfg') or {}
-        file = overlay.get('file') or (cfg.get('file') if isinstance(cfg, dict) else None) or str(WEIGHTS_PATH)
+        file = overlay.get('file') or (cfg.get('file') if isinstance(cfg, dict) else None) or str(spec.weights_path)
         if not (overlay.get('state_dict') or os.path.isfile(file)):
             raise FileNotFoundError(
                 f"Pretrained weights for '{variant}' not found at {file}. Train them with "
-                "`python -m tokenprune.eval.train_testbed --data-root FASHION_MNIST_FOLDER "
-                f"--out {WEIGHTS_PATH}` or create the model with pretrained=False.")
-    kwargs.setdefault('embed_layer', ConvStemPatchEmbed)
+                f"`python -m tokenprune.eval.train_testbed --model {variant} --data-root FASHION_MNIST_FOLDER` "
+                "or create the model with pretrained=False.")
+    if spec.conv_stem:
+        kwargs.setdefault('embed_layer', ConvStemPatchEmbed)
     return build_model_with_cfg(
         VisionTransformer,
         variant,
         pretrained,
         # no checkpoint filter: the weights are saved in exactly this model's layout
-        **kwargs,
+        **dict(spec.args, **kwargs),
     )
 
 
 @register_model
 def vit_testbed_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """DeiT-style ViT (depth 12, width 96, 3 heads, conv stem, 196+1 tokens) for Fashion-MNIST."""
-    model_args = dict(TESTBED_ARGS)
-    return _create_testbed('vit_testbed_fmnist', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_testbed('vit_testbed_fmnist', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def vit_testbed_fmnist_plain(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Plain ViT (linear patch-2 embedding, depth 8, width 96, 196+1 tokens) for Fashion-MNIST."""
+    return _create_testbed('vit_testbed_fmnist_plain', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def vit_testbed_fmnist_gap(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT without a class token, average-pooled (conv stem, depth 8, width 96, 196 tokens)."""
+    return _create_testbed('vit_testbed_fmnist_gap', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def vit_testbed_mosaic(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Plain ViT (patch 4, depth 8, width 96, 196+1 tokens) for the 56x56 Fashion-MNIST mosaic task."""
+    return _create_testbed('vit_testbed_mosaic', pretrained=pretrained, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,3 +364,71 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(1)
     return (x - FMNIST_MEAN[0]) / FMNIST_STD[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and the mosaic task
+# ----------------------------------------------------------------------------------------------
+
+#: The validation split is the last ``VAL_SIZE`` images of Fashion-MNIST *train*; the family's later
+#: models train on the rest. (``vit_testbed_fmnist`` trained on all 60k: for it these images are
+#: training data, which its 90.1% there against 89.2% on test shows barely matters for ranking.)
+VAL_SIZE = 5000
+MOSAIC_GRID = 2  # garments per side of the canvas
+MOSAIC_FRAME = 2  # width in pixels of the frame that marks the garment to classify
+#: Fixed composition of the evaluation mosaics, so that every run scores the same images.
+MOSAIC_EVAL_SEED = 1234
+
+
+def make_mosaics(images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, gen: torch.Generator,
+                 pool: Optional[torch.Tensor] = None, flip: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Compose 2x2 mosaics of 28x28 garments; the label is the garment inside the bright frame.
+
+    Sample ``i`` puts ``images[targets[i]]`` in a random cell, framed, and three garments drawn from
+    ``pool`` (indices into ``images``; default all) in the other cells. Only a quarter of the patch
+    tokens carry the answer, so a pruning method must keep the right ones: random selection cannot.
+    ``flip`` mirrors each garment at random (training augmentation). Returns uint8 ``[n, 56, 56]`` and
+    the labels.
+    """
+    n, cells = targets.numel(), MOSAIC_GRID * MOSAIC_GRID
+    pool = torch.arange(images.shape[0]) if pool is None else pool
+    others = pool[torch.randint(0, pool.numel(), (n, cells - 1), generator=gen)]
+    where = torch.randint(0, cells, (n,), generator=gen)
+    slots = []
+    for cell in range(cells):  # the target at `where`; the others fill the remaining cells in order
+        other = others.gather(1, (cell - (where < cell).long()).clamp(max=cells - 2)[:, None])[:, 0]
+        slots.append(torch.where(where == cell, targets, other))
+    tiles = images[torch.stack(slots, 1)]  # [n, 4, 28, 28]
+    if flip:
+        mirrored = torch.rand(n, cells, generator=gen) < 0.5
+        tiles = torch.where(mirrored[..., None, None], tiles.flip(-1), tiles)
+    tiles = tiles.clone()
+    framed = tiles[torch.arange(n), where]  # [n, 28, 28] copy
+    f = MOSAIC_FRAME
+    framed[:, :f], framed[:, -f:], framed[:, :, :f], framed[:, :, -f:] = 255, 255, 255, 255
+    tiles[torch.arange(n), where] = framed
+    side = images.shape[-1]
+    canvas = tiles.view(n, MOSAIC_GRID, MOSAIC_GRID, side, side).permute(0, 1, 3, 2, 4)
+    return canvas.reshape(n, MOSAIC_GRID * side, MOSAIC_GRID * side), labels[targets]
+
+
+def testbed_split(task: str, split: str, root: Optional[Union[str, os.PathLike]] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels of a testbed task's split: ``train`` (Fashion-MNIST train less the
+    validation images), ``val`` (its last ``VAL_SIZE``) or ``test`` (the 10k test split).
+
+    Mosaic splits are composed once from their own split's garments with a fixed seed (train mosaics
+    are composed afresh each epoch by the training script; here, one fixed draw)."""
+    if task not in ('fmnist', 'mosaic'):
+        raise ValueError(f"task must be 'fmnist' or 'mosaic', got {task!r}")
+    if split not in ('train', 'val', 'test'):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    images, labels = load_fashion_mnist('test' if split == 'test' else 'train', root)
+    if split == 'train':
+        images, labels = images[:-VAL_SIZE], labels[:-VAL_SIZE]
+    elif split == 'val':
+        images, labels = images[-VAL_SIZE:], labels[-VAL_SIZE:]
+    if task == 'fmnist':
+        return images, labels
+    gen = torch.Generator().manual_seed(MOSAIC_EVAL_SEED + ('train', 'val', 'test').index(split))
+    return make_mosaics(images, labels, torch.arange(images.shape[0]), gen)

@@ -1,0 +1,135 @@
+"""The testbed family: each model builds as declared, the mosaic task is what it says, the splits are
+disjoint and fixed, and the eval CLI picks each testbed's own data."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenprune.eval.data import EMBEDDED_SPECS, build_dataset, embedded_spec_for
+
+from tokenprune import testbed as tb
+
+
+@pytest.mark.parametrize("name", sorted(tb.TESTBEDS))
+def test_each_testbed_builds_as_declared(name):
+    spec = tb.TESTBEDS[name]
+    model = timm.create_model(name)
+    assert model.patch_embed.num_patches == 196  # every testbed prunes from 196 patch tokens
+    assert model.num_prefix_tokens == (1 if spec.args["class_token"] else 0)
+    assert model.global_pool == spec.args["global_pool"]
+    assert isinstance(model.patch_embed, tb.ConvStemPatchEmbed) == spec.conv_stem
+    assert model.pretrained_cfg["input_size"] == spec.input_size
+    assert spec.weights_path.name == f"{name}.safetensors"
+    out = model(torch.zeros(2, *spec.input_size))
+    assert out.shape == (2, 10)
+
+
+def test_missing_weights_name_the_training_command(monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model vit_testbed_mosaic"):
+        timm.create_model("vit_testbed_mosaic", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "none.safetensors")))
+
+
+def _reference_mosaic(images, targets, others, where):
+    """One mosaic built pixel by pixel: target at cell `where`, framed; the others in order."""
+    canvas = torch.zeros(56, 56, dtype=torch.uint8)
+    rest = iter(others)
+    for cell in range(4):
+        tile = images[targets] if cell == where else images[next(rest)]
+        tile = tile.clone()
+        if cell == where:
+            f = tb.MOSAIC_FRAME
+            tile[:f], tile[-f:], tile[:, :f], tile[:, -f:] = 255, 255, 255, 255
+        r, c = divmod(cell, 2)
+        canvas[28 * r:28 * r + 28, 28 * c:28 * c + 28] = tile
+    return canvas
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6))
+def test_mosaics_match_a_pixel_by_pixel_reference(seed, n):
+    images = torch.randint(0, 200, (40, 28, 28), dtype=torch.uint8)  # below 255: the frame is visible
+    labels = torch.arange(40) % 10
+    targets = torch.randint(0, 40, (n,))
+    pool = torch.arange(10, 30)
+    mosaics, y = tb.make_mosaics(images, labels, targets, torch.Generator().manual_seed(seed), pool=pool)
+    # replay the generator: the same draws, in the same order
+    gen = torch.Generator().manual_seed(seed)
+    others = pool[torch.randint(0, pool.numel(), (n, 3), generator=gen)]
+    where = torch.randint(0, 4, (n,), generator=gen)
+    assert torch.equal(y, labels[targets])
+    for i in range(n):
+        assert torch.equal(mosaics[i], _reference_mosaic(images, targets[i], others[i], where[i]))
+
+
+def test_mosaic_flip_mirrors_garments_not_the_frame():
+    images = torch.arange(28 * 28, dtype=torch.uint8).view(1, 28, 28).repeat(5, 1, 1) % 200
+    plain, _ = tb.make_mosaics(images, torch.zeros(5, dtype=torch.long), torch.arange(5),
+                               torch.Generator().manual_seed(3))
+    flipped, _ = tb.make_mosaics(images, torch.zeros(5, dtype=torch.long), torch.arange(5),
+                                 torch.Generator().manual_seed(3), flip=True)
+    assert not torch.equal(plain, flipped)
+    tiles = flipped.view(5, 2, 28, 2, 28).permute(0, 1, 3, 2, 4).reshape(5, 4, 28, 28)
+    original = images[0]
+    for tile in tiles.reshape(-1, 28, 28):
+        inner = tile[2:-2, 2:-2]
+        assert torch.equal(inner, original[2:-2, 2:-2]) or torch.equal(inner, original.flip(-1)[2:-2, 2:-2])
+    assert ((tiles[..., :2, :] == 255).all(dim=(-1, -2))).sum() == 5  # one framed garment per mosaic
+
+
+def test_splits_are_fixed_and_disjoint(fmnist_train_root):
+    train_x, _ = tb.load_fashion_mnist("train", fmnist_train_root)
+    tr, _ = tb.testbed_split("fmnist", "train", fmnist_train_root)
+    va, vy = tb.testbed_split("fmnist", "val", fmnist_train_root)
+    assert len(tr) == len(train_x) - tb.VAL_SIZE and len(va) == tb.VAL_SIZE
+    assert torch.equal(torch.cat([tr, va]), train_x)
+    m1, y1 = tb.testbed_split("mosaic", "val", fmnist_train_root)
+    m2, y2 = tb.testbed_split("mosaic", "val", fmnist_train_root)
+    assert torch.equal(m1, m2) and torch.equal(y1, vy)  # fixed composition; each val garment the target once
+    # every garment of a validation mosaic comes from the validation split
+    tiles = m1[:50].view(50, 2, 28, 2, 28).permute(0, 1, 3, 2, 4).reshape(-1, 28, 28)
+    inner = tiles[:, 2:-2, 2:-2].reshape(len(tiles), -1)
+    val_inner = va[:, 2:-2, 2:-2].reshape(len(va), -1)
+    assert all((val_inner == t).all(-1).any() for t in inner)
+
+
+def test_testbed_split_rejects_unknown_names():
+    with pytest.raises(ValueError, match="task must be"):
+        tb.testbed_split("cifar", "test")
+    with pytest.raises(ValueError, match="split must be"):
+        tb.testbed_split("fmnist", "validation")
+
+
+def test_embedded_data_names():
+    assert embedded_spec_for("mosaic") == "fashion-mnist-mosaic"
+    assert embedded_spec_for("fmnist", "val") == "fashion-mnist:val"
+    assert EMBEDDED_SPECS["fashion-mnist"] == ("fmnist", "test")
+    data, desc = build_dataset("fashion-mnist-mosaic", lambda im: torch.zeros(1, 56, 56), (1, 56, 56))
+    assert len(data) == 10_000 and "mosaics" in desc and "test split" in desc
+    image, label = data.fetch(3)
+    assert image.size == (56, 56) and label == int(tb.load_fashion_mnist("test")[1][3])
+
+
+def test_eval_defaults_to_each_testbeds_task_and_refuses_another(tmp_path, capsys):
+    from tokenprune.eval.evaluate import main as evaluate
+
+    rows = evaluate(["--model", "vit_testbed_mosaic", "--no-pretrained", "--limit", "3", "--method", "random",
+                     "--output", str(tmp_path / "r.jsonl")])
+    assert "mosaics" in rows[0]["data"] and rows[0]["images"] == 3
+    with pytest.raises(ValueError, match="trained on fashion-mnist-mosaic"):
+        evaluate(["--model", "vit_testbed_mosaic", "--no-pretrained", "--data", "fashion-mnist",
+                  "--output", str(tmp_path / "s.jsonl")])
+    with pytest.raises(ValueError, match="trained on fashion-mnist "):
+        evaluate(["--model", "vit_testbed_fmnist_gap", "--no-pretrained", "--data", "fashion-mnist-mosaic",
+                  "--output", str(tmp_path / "s.jsonl")])
+
+
+def test_validation_data_comes_from_the_train_split(fmnist_train_root, monkeypatch):
+    monkeypatch.setenv(tb.FMNIST_ROOT_ENV, str(fmnist_train_root))
+    monkeypatch.setattr(tb, "DATA_DIR", fmnist_train_root)  # as if the package held no test split either
+    data, desc = build_dataset("fashion-mnist:val", lambda im: torch.zeros(1, 28, 28), (1, 28, 28))
+    assert len(data) == tb.VAL_SIZE and "validation split" in desc
+    images, _ = tb.load_fashion_mnist("train", fmnist_train_root)
+    assert torch.equal(data.images, images[-tb.VAL_SIZE:])
