@@ -1,0 +1,77 @@
+"""The family comparison: random's curve, matched-GFLOPs interpolation and the verdicts, by hand; and one
+tiny end-to-end run through the eval CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenprune.eval import family
+
+
+def row(method, keep, gflops, top1, seed=None):
+    return dict(method=method, keep=keep, gflops=gflops, top1=top1, images=100, data="d",
+                options={} if seed is None else {"seed": seed})
+
+
+ROWS = [
+    row(None, None, 1.0, 90.0),
+    row("random", 0.5, 0.5, 85.0, 0), row("random", 0.5, 0.5, 86.0, 1), row("random", 0.5, 0.5, 87.0, 2),
+    row("random", 0.25, 0.3, 70.0, 0), row("random", 0.25, 0.3, 72.0, 1), row("random", 0.25, 0.3, 71.0, 2),
+    row("tome", 0.5, 0.5, 88.5),  # random 86 +- 2: ahead by 2.5 > 2
+    row("mctf", 0.5, 0.4, 79.0),  # half way: random 78.5, spread 2.0: within
+    row("zero-tprune", 0.5, 0.3, 60.0),  # random 71, spread 2: behind
+    row("tome", 0.33, 0.2, 60.0),  # below the sweep
+]
+
+
+def test_random_curve_averages_seeds_and_takes_their_range():
+    assert family.random_curve(ROWS) == [(0.3, 71.0, 2.0), (0.5, 86.0, 2.0)]
+
+
+def test_interpolation_is_linear_in_gflops_and_none_outside():
+    curve = [(0.3, 71.0, 2.0), (0.5, 86.0, 4.0)]
+    assert family.interpolate(curve, 0.4) == pytest.approx((78.5, 3.0))
+    assert family.interpolate(curve, 0.3) == (71.0, 2.0)
+    assert family.interpolate(curve, 0.5) == pytest.approx((86.0, 4.0))
+    assert family.interpolate(curve, 0.29) is None and family.interpolate(curve, 0.51) is None
+
+
+def test_verdicts():
+    lines = {(s["method"], s["keep"]): s for s in family.summarize("m", ROWS)}
+    assert lines[("tome", 0.5)]["verdict"] == "ahead" and lines[("tome", 0.5)]["delta"] == pytest.approx(-1.5)
+    assert lines[("mctf", 0.5)]["verdict"] == "within"
+    assert lines[("mctf", 0.5)]["random_top1"] == pytest.approx(78.5)
+    assert lines[("zero-tprune", 0.5)]["verdict"] == "behind"
+    assert lines[("tome", 0.33)]["verdict"] == "outside the random sweep"
+    assert family.verdict(80.0, (78.0, 2.0)) == "within"  # exactly the spread is not beyond it
+    text = family.markdown("m", ROWS[0], list(lines.values()))
+    assert "| tome | 0.5 | 0.500 | 88.50 | -1.50 | 86.00 (2.00) | ahead |" in text
+
+
+def test_end_to_end_on_a_random_init_testbed(tmp_path):
+    # random-init weights stand in for trained ones: the comparison machinery is what is tested
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_testbed_fmnist_gap")
+    save_file(model.state_dict(), str(tmp_path / "vit_testbed_fmnist_gap.safetensors"))
+    args = ["--keep", "0.5", "--methods", "tome", "--random-keep", "0.4", "0.6", "--seeds", "0", "1", "--limit", "8",
+            "--out", str(tmp_path), "--weights-dir", str(tmp_path)]
+    family.main(args)  # no --models: every testbed with weights in --weights-dir
+    rows = [json.loads(line) for line in (tmp_path / "vit_testbed_fmnist_gap-test.jsonl").read_text().splitlines()]
+    assert sorted((r["method"] or "", r["keep"] or 0, r["options"].get("seed", -1)) for r in rows) == [
+        ("", 0, -1), ("random", 0.4, 0), ("random", 0.4, 1), ("random", 0.6, 0), ("random", 0.6, 1),
+        ("tome", 0.5, -1)]
+    assert (tmp_path / "vit_testbed_fmnist_gap-test.png").stat().st_size > 0
+    assert "| tome | 0.5 |" in (tmp_path / "summary-test.md").read_text()
+    # a second run resumes: nothing is evaluated again
+    before = (tmp_path / "vit_testbed_fmnist_gap-test.jsonl").read_text()
+    family.main(["--models", "vit_testbed_fmnist_gap", *args])
+    assert (tmp_path / "vit_testbed_fmnist_gap-test.jsonl").read_text() == before
+
+
+def test_unknown_model_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        family.main(["--models", "deit_small_patch16_224"])
+    assert e.value.code == 2 and "not a testbed" in capsys.readouterr().err
