@@ -71,6 +71,36 @@ def test_s_stage_drops_duplicates_of_important_tokens():
     assert dropped.tolist() == [[4]]
 
 
+def test_wpr_direction_on_cases_whose_answer_is_known():
+    # every token gives half its attention to token 3: token 3 is the most important, by a margin
+    n = 6
+    attn = torch.full((n, n), 0.5 / (n - 1), dtype=torch.float64)
+    attn[:, 3] = 0.5
+    attn[3, 3] = 0.5 / (n - 1) + 0.5 - 0.5 / (n - 1)
+    attn = attn / attn.sum(-1, keepdim=True)
+    start = zt.initial_scores(1, 1, n, emphasize=0, device="cpu", dtype=torch.float64)
+    for iterations in (1, 5, 30):
+        scores = zt.weighted_pagerank(attn[None, None], start, iterations=iterations)[0, 0]
+        assert scores.argmax() == 3 and scores[3] > 2 * scores[torch.arange(n) != 3].max()
+
+
+def test_the_major_group_collects_the_pagerank_mass():
+    # The effect the S-stage exists for (paper, I'->S->I): a large group of alike tokens that attend only
+    # to each other (a uniform background) takes the stationary mass, even from tokens that the class token
+    # and the object attend to. Token 0: class token; 1-3: object; 4-9: background.
+    attn = torch.zeros(10, 10, dtype=torch.float64)
+    attn[0, 1:4] = 1 / 3  # the class token looks at the object
+    attn[1:4, 0:4] = 0.2 / 4  # the object attends to the class token and itself a little ...
+    attn[1:4, 1:4] += torch.eye(3, dtype=torch.float64) * 0.6  # ... mostly to itself ...
+    attn[1:4, 4:10] = 0.2 / 6  # ... and a little to the background
+    attn[4:10, 4:10] = 1 / 6  # the background attends to the background only
+    start = zt.initial_scores(1, 1, 10, emphasize=0, device="cpu", dtype=torch.float64)
+    one_round = zt.weighted_pagerank(attn[None, None], start, iterations=1)[0, 0]
+    assert one_round[1:4].min() > one_round[4:].max()  # one vote: the class token's choice still shows
+    stationary = zt.weighted_pagerank(attn[None, None], start, tol=1e-12)[0, 0]
+    assert stationary[4:].sum() > 0.999 and stationary[1:4].max() < 1e-3  # converged: the background wins
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_masked_pagerank_is_pagerank_on_the_survivors_subgraph(renormalize):
     attn = random_attention(2, 3, 10, 10, seed=5)
