@@ -91,7 +91,7 @@ def stage_report(model, images: torch.Tensor, x: torch.Tensor, reducer_options: 
             candidates = rough.argsort(dim=-1)[:, : n // 2]
             row = dict(
                 layer=index,
-                sink_share=round(received.gather(1, top2).sum(-1).mean().item() * (n / 1.0) / n, 4),
+                sink_share=round(received.gather(1, top2).sum(-1).mean().item(), 4),
                 sink_norm_ratio=round((norms.gather(1, top2).mean(-1) / norms.median(-1).values).mean().item(), 2),
                 sink_on_background=round((~fg.gather(1, top2)).float().mean().item(), 3),
                 foreground_share=round(fg.float().mean().item(), 3),
@@ -145,11 +145,9 @@ def main(argv=None):
     x = tb.normalize_images(images)
     for row in stage_report(model, images, x, {}):
         print(json.dumps(row))
-    configs = {
+    configs = {  # the pruning methods: a merging one keeps every token's content in some token
         "zero-tprune": ("zero-tprune", {}),
         "zero-tprune, I-stage only": ("zero-tprune", {"s_stage": False}),
-        "tome": ("tome", {}),
-        "mctf": ("mctf", {}),
         "random": ("random", {}),
     }
     shares = survivors(model, images, x, args.keep, configs)

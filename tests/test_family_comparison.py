@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
+import torch
 from tokenprune.eval import family
+
+import tokenprune
+from tokenprune import testbed as tb
 
 
 def row(method, keep, gflops, top1, seed=None):
@@ -74,3 +79,25 @@ def test_unknown_model_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         family.main(["--models", "deit_small_patch16_224"])
     assert e.value.code == 2 and "not a testbed" in capsys.readouterr().err
+
+
+def test_diagnosis_foreground_auc_and_report():
+    from tokenprune.eval import zero_tprune_diagnose as diag
+
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    image[0, 0:2, 2:4] = 200  # patch 1 of the 14x14 grid
+    image[0, 27, 27] = 13  # patch 195, just above the threshold
+    fg = diag.foreground(image, 14)
+    assert fg.shape == (1, 196) and fg[0].nonzero()[:, 0].tolist() == [1, 195]
+    score = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert diag.auc(score, torch.tensor([[True, True, False, False]])) == 1.0
+    assert diag.auc(score, torch.tensor([[False, False, True, True]])) == 0.0
+    assert diag.auc(torch.ones(1, 4), torch.tensor([[True, False, True, False]])) == 0.5
+    torch.manual_seed(0)
+    model = timm.create_model("vit_testbed_fmnist_plain").eval()
+    images = torch.randint(0, 255, (4, 28, 28), dtype=torch.uint8)
+    rows = diag.stage_report(model, images, tb.normalize_images(images), {})
+    assert [r["layer"] for r in rows] == [1, 3, 5]  # the default pruning layers of 8 blocks
+    assert all(0.0 <= r["auc_full_wpr"] <= 1.0 and 0.0 <= r["sink_share"] <= 1.0 for r in rows)
+    shares = diag.survivors(model, images, tb.normalize_images(images), 0.5, {"random": ("random", {})})
+    assert 0.0 <= shares["random"] <= 1.0 and not tokenprune.is_patched(model)
