@@ -133,3 +133,24 @@ def test_validation_data_comes_from_the_train_split(fmnist_train_root, monkeypat
     assert len(data) == tb.VAL_SIZE and "validation split" in desc
     images, _ = tb.load_fashion_mnist("train", fmnist_train_root)
     assert torch.equal(data.images, images[-tb.VAL_SIZE:])
+
+
+#: top-1 floors on the first 500 test images, a few points under what each testbed scores (docs/testbeds.md)
+PACKAGED_FLOORS = {"vit_testbed_fmnist": 0.85, "vit_testbed_fmnist_plain": 0.78}
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGED_FLOORS))
+def test_packaged_testbeds_load_offline_and_classify(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = tb.TESTBEDS[name]
+    model = timm.create_model(name, pretrained=True).eval()
+    images, labels = tb.testbed_split(spec.task, "test")
+    with torch.inference_mode():
+        top1 = (model(tb.normalize_images(images[:500])).argmax(-1) == labels[:500]).float().mean().item()
+    assert top1 > PACKAGED_FLOORS[name]
+
+
+def test_packaged_weights_fit_the_budget():
+    sizes = [t.weights_path.stat().st_size for t in tb.TESTBEDS.values() if t.weights_path.is_file()]
+    assert set(PACKAGED_FLOORS) <= {n for n, t in tb.TESTBEDS.items() if t.weights_path.is_file()}
+    assert sum(sizes) <= 40 * 2**20

@@ -30,15 +30,15 @@ LAYER_RULES = {
     "late (d/2-1, 3d/4-1, d-2)": lambda d: [d // 2 - 1, 3 * d // 4 - 1, d - 2],
 }
 CONFIGS = {  # name -> options (layers filled in per depth)
-    f"{rule} | s_fraction {sf}": dict(layers=rule, s_fraction=sf)
+    f"{rule}, s_fraction {sf}": dict(layers=rule, s_fraction=sf)
     for rule in LAYER_RULES for sf in (1.0, 0.5, 0.0)
 }
-CONFIGS["early | s_fraction 1.0 | uniform start"] = dict(layers="early (d/4-1, d/2-1, 3d/4-1)", s_fraction=1.0,
+CONFIGS["early, s_fraction 1.0, uniform start"] = dict(layers="early (d/4-1, d/2-1, 3d/4-1)", s_fraction=1.0,
                                                          uniform_start=True)
-CONFIGS["early | s_fraction 0.0 | uniform start"] = dict(layers="early (d/4-1, d/2-1, 3d/4-1)", s_fraction=0.0,
+CONFIGS["early, s_fraction 0.0, uniform start"] = dict(layers="early (d/4-1, d/2-1, 3d/4-1)", s_fraction=0.0,
                                                          uniform_start=True)
 for flag in ("vhf", "eir"):  # the head aggregation matters only where the I-stage runs
-    CONFIGS[f"early | s_fraction 0.0 | {flag} off"] = dict(layers="early (d/4-1, d/2-1, 3d/4-1)", s_fraction=0.0,
+    CONFIGS[f"early, s_fraction 0.0, {flag} off"] = dict(layers="early (d/4-1, d/2-1, 3d/4-1)", s_fraction=0.0,
                                                           **{flag: False})
 
 
@@ -112,12 +112,14 @@ def write_summary(folder: Path) -> None:
                         top1=r["top1"], delta=r["top1"] - base["top1"], gflops=r["gflops"],
                         margin=None if rnd is None else r["top1"] - rnd[0], spread=None if rnd is None else rnd[1])
     columns = sorted({c for cells in summary.values() for c in cells})
-    lines = ["| configuration | " + " | ".join(columns) + " | mean margin |",
-             "| --- |" + " ---: |" * (len(columns) + 1)]
+    lines = ["| configuration | " + " | ".join(columns) + " | mean margin | worst margin |",
+             "| --- |" + " ---: |" * (len(columns) + 2)]
+
+    def margins(cells):
+        return [v["margin"] for v in cells.values() if v["margin"] is not None] or [float("nan")]
 
     def mean_margin(cells):
-        margins = [v["margin"] for v in cells.values() if v["margin"] is not None]
-        return sum(margins) / max(1, len(margins))
+        return sum(margins(cells)) / len(margins(cells))
 
     for name, cells in sorted(summary.items(), key=lambda kv: -mean_margin(kv[1])):
         text = []
@@ -125,7 +127,7 @@ def write_summary(folder: Path) -> None:
             v = cells.get(c)
             text.append("-" if v is None else f"{v['top1']:.2f} (outside the sweep)" if v["margin"] is None
                         else f"{v['top1']:.2f} ({v['margin']:+.2f}, +-{v['spread']:.2f})")
-        lines.append(f"| {name} | " + " | ".join(text) + f" | {mean_margin(cells):+.2f} |")
+        lines.append(f"| {name} | " + " | ".join(text) + f" | {mean_margin(cells):+.2f} | {min(margins(cells)):+.2f} |")
     text = "\n".join(lines) + "\n"
     (folder / "summary.md").write_text(text)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
