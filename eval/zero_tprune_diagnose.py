@@ -11,7 +11,8 @@ For a testbed and a split, on the unpruned model's own attention at each default
 * **the S-stage**: the share of its dropped tokens that are foreground, against the foreground share
   of the candidates it chose among;
 * **what survives** the whole pruned forward (``trace_source``): the foreground share of the kept
-  patch tokens per method, against random's.
+  patch tokens per method, against random's, and the share of the garment left with no survivor
+  nearby (a hole in the object).
 
 Usage::
 
@@ -110,8 +111,11 @@ def stage_report(model, images: torch.Tensor, x: torch.Tensor, reducer_options: 
 
 @torch.inference_mode()
 def survivors(model, images: torch.Tensor, x: torch.Tensor, keep: float, configs: dict) -> dict:
-    """Foreground share of the patch tokens that reach the head, per method configuration."""
-    fg = foreground(images, model.patch_embed.grid_size[0]).float()
+    """Per method configuration, on the patch tokens that reach the head: the foreground share of them, and
+    the share of foreground patches left *uncovered* (no survivor among the patch and its 8 neighbours:
+    a region of the garment of which nothing remains)."""
+    grid = model.patch_embed.grid_size[0]
+    fg = foreground(images, grid).float()
     prefix = model.num_prefix_tokens
     out = {}
     for name, (method, options) in configs.items():
@@ -122,7 +126,9 @@ def survivors(model, images: torch.Tensor, x: torch.Tensor, keep: float, configs
         finally:
             tokenprune.remove(model)
         kept = source.sum(dim=1).clamp(max=1)  # original patches that reached the end (dropped: 0)
-        out[name] = round(((kept * fg).sum() / kept.sum()).item(), 3)
+        near = torch.nn.functional.max_pool2d(kept.view(-1, 1, grid, grid), 3, stride=1, padding=1).flatten(1)
+        out[name] = dict(foreground_share=round(((kept * fg).sum() / kept.sum()).item(), 3),
+                         uncovered_foreground=round((((1 - near) * fg).sum() / fg.sum()).item(), 3))
     return out
 
 
@@ -151,7 +157,7 @@ def main(argv=None):
         "random": ("random", {}),
     }
     shares = survivors(model, images, x, args.keep, configs)
-    print(json.dumps({"keep": args.keep, "foreground_share_of_survivors": shares}))
+    print(json.dumps({"keep": args.keep, "survivors": shares}))
 
 
 if __name__ == "__main__":

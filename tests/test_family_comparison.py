@@ -100,4 +100,7 @@ def test_diagnosis_foreground_auc_and_report():
     assert [r["layer"] for r in rows] == [1, 3, 5]  # the default pruning layers of 8 blocks
     assert all(0.0 <= r["auc_full_wpr"] <= 1.0 and 0.0 <= r["sink_share"] <= 1.0 for r in rows)
     shares = diag.survivors(model, images, tb.normalize_images(images), 0.5, {"random": ("random", {})})
-    assert 0.0 <= shares["random"] <= 1.0 and not tokenprune.is_patched(model)
+    assert 0.0 <= shares["random"]["foreground_share"] <= 1.0 and not tokenprune.is_patched(model)
+    assert 0.0 <= shares["random"]["uncovered_foreground"] <= 1.0
+    everything = diag.survivors(model, images, tb.normalize_images(images), 1.0, {"random": ("random", {})})
+    assert everything["random"]["uncovered_foreground"] == 0.0  # nothing dropped, nothing uncovered

@@ -21,7 +21,7 @@ from tokenprune.eval.data import embedded_spec_for
 from tokenprune import testbed
 
 KEEPS = (0.5, 0.33)
-RANDOM_KEEPS = (0.2, 0.25, 0.33, 0.4, 0.5, 0.6, 0.7)
+RANDOM_KEEPS = (0.1, 0.15, 0.2, 0.25, 0.33, 0.4, 0.5, 0.6, 0.7)
 
 # Pruning-layer rules as functions of the depth d (None: the current default, d/4-1, d/2-1, 3d/4-1).
 LAYER_RULES = {
