@@ -128,6 +128,8 @@ def run_model(model: str, args) -> list[dict]:
         common += ["--checkpoint", str(Path(args.weights_dir) / spec.weights_path.name)]
     if args.limit:
         common += ["--limit", str(args.limit)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     rows = evaluate.main(common + ["--method", *args.methods, "--keep", *map(str, args.keep)])
     for seed in args.seeds:
         rows += evaluate.main(common + ["--method", "random", "--keep", *map(str, args.random_keep),
@@ -145,6 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--limit", type=int, help="the first N images only")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="docs/results/family")
     p.add_argument("--weights-dir", help="read <model>.safetensors from this folder instead of the packaged weights")
     args = p.parse_args(argv)

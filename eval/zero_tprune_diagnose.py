@@ -20,7 +20,8 @@ Usage::
         [--images 512] [--split val]
 
 Foreground is measured on pixels, so it is exact for a plain patch embedding and a close proxy for
-the conv stem (whose receptive field spills a pixel or two over the patch).
+the conv stem (whose receptive field spills a pixel or two over the patch). On the mosaic testbed the
+"foreground" is the framed cell, the quarter of the image that holds the answer.
 """
 from __future__ import annotations
 
@@ -43,6 +44,17 @@ def foreground(images: torch.Tensor, grid: int, threshold: int = 12) -> torch.Te
     return patches.amax(dim=-1) > threshold
 
 
+def framed_cell(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, grid*grid) bool: the patch lies in the mosaic's framed cell (the one that holds the answer)."""
+    b, h, _ = images.shape
+    side = h // tb.MOSAIC_GRID
+    f = tb.MOSAIC_FRAME
+    cells = images.view(b, tb.MOSAIC_GRID, side, tb.MOSAIC_GRID, side).permute(0, 1, 3, 2, 4)
+    framed = (cells[..., :f, :] == 255).flatten(-2).all(-1)  # (B, 2, 2): the top edge is a full frame
+    per_patch = grid // tb.MOSAIC_GRID
+    return framed.repeat_interleave(per_patch, 1).repeat_interleave(per_patch, 2).flatten(1)
+
+
 def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     """Mean over samples of the probability that a positive outranks a negative (ties count half)."""
     values = []
@@ -63,12 +75,26 @@ def block_attention(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1), k.mean(dim=1)
 
 
+def frame_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, grid*grid) bool: the patches on the edge of the mosaic's framed cell (the marker itself)."""
+    per_patch = grid // tb.MOSAIC_GRID
+    edge = torch.ones(per_patch, per_patch, dtype=torch.bool)
+    edge[1:-1, 1:-1] = False
+    edges = edge.repeat(tb.MOSAIC_GRID, tb.MOSAIC_GRID).flatten()
+    return framed_cell(images, grid) & edges
+
+
+def positives(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """The patches a good pruner keeps: the garment (one garment per image), or the framed cell (mosaics)."""
+    return framed_cell(images, grid) if images.shape[-1] == 28 * tb.MOSAIC_GRID else foreground(images, grid)
+
+
 @torch.inference_mode()
 def stage_report(model, images: torch.Tensor, x: torch.Tensor, reducer_options: dict) -> list[dict]:
     """Per default pruning layer: sink, score and S-stage statistics on the unpruned forward."""
     prefix = model.num_prefix_tokens
     grid = model.patch_embed.grid_size[0]
-    fg = foreground(images, grid)
+    fg = positives(images, grid)
     depth = len(model.blocks)
     layers = zt.ZeroTPrune(keep=0.5, **reducer_options).pruning_layers(depth)
     rows = []
@@ -115,7 +141,7 @@ def survivors(model, images: torch.Tensor, x: torch.Tensor, keep: float, configs
     the share of foreground patches left *uncovered* (no survivor among the patch and its 8 neighbours:
     a region of the garment of which nothing remains)."""
     grid = model.patch_embed.grid_size[0]
-    fg = foreground(images, grid).float()
+    fg = positives(images, grid).float()
     prefix = model.num_prefix_tokens
     out = {}
     for name, (method, options) in configs.items():
@@ -129,6 +155,9 @@ def survivors(model, images: torch.Tensor, x: torch.Tensor, keep: float, configs
         near = torch.nn.functional.max_pool2d(kept.view(-1, 1, grid, grid), 3, stride=1, padding=1).flatten(1)
         out[name] = dict(foreground_share=round(((kept * fg).sum() / kept.sum()).item(), 3),
                          uncovered_foreground=round((((1 - near) * fg).sum() / fg.sum()).item(), 3))
+        if images.shape[-1] == 28 * tb.MOSAIC_GRID:  # how much of the marker that names the answer survives
+            frame = frame_patches(images, grid).float()
+            out[name]["frame_kept"] = round(((kept * frame).sum() / frame.sum()).item(), 3)
     return out
 
 

@@ -104,3 +104,19 @@ def test_diagnosis_foreground_auc_and_report():
     assert 0.0 <= shares["random"]["uncovered_foreground"] <= 1.0
     everything = diag.survivors(model, images, tb.normalize_images(images), 1.0, {"random": ("random", {})})
     assert everything["random"]["uncovered_foreground"] == 0.0  # nothing dropped, nothing uncovered
+
+
+def test_diagnosis_finds_the_framed_cell_of_a_mosaic():
+    from tokenprune.eval import zero_tprune_diagnose as diag
+
+    images, labels = tb.make_mosaics(torch.randint(0, 200, (8, 28, 28), dtype=torch.uint8), torch.arange(8),
+                                     torch.arange(4), torch.Generator().manual_seed(5))
+    cell = diag.framed_cell(images, 14).view(4, 14, 14)
+    frame = diag.frame_patches(images, 14).view(4, 14, 14)
+    for i in range(4):
+        rows, cols = cell[i].nonzero().unbind(-1)
+        assert cell[i].sum() == 49 and rows.max() - rows.min() == 6 and cols.max() - cols.min() == 6
+        r, c = int(rows.min()) * 4, int(cols.min()) * 4  # the cell's pixels hold the frame
+        assert (images[i, r, c:c + 28] == 255).all() and (images[i, r:r + 28, c] == 255).all()
+        assert frame[i].sum() == 24 and not frame[i][~cell[i]].any()
+    assert torch.equal(diag.positives(images, 14), diag.framed_cell(images, 14))
