@@ -2,7 +2,9 @@
 tiny end-to-end run through the eval CLI."""
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -120,3 +122,19 @@ def test_diagnosis_finds_the_framed_cell_of_a_mosaic():
         assert (images[i, r, c:c + 28] == 255).all() and (images[i, r:r + 28, c] == 255).all()
         assert frame[i].sum() == 24 and not frame[i][~cell[i]].any()
     assert torch.equal(diag.positives(images, 14), diag.framed_cell(images, 14))
+
+
+def test_each_run_passes_the_split_weights_threads_and_limit(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(family.evaluate, "main", lambda argv: calls.append(argv) or [row(None, None, 1.0, 9.0)])
+    args = argparse.Namespace(out=str(tmp_path), split="val", batch_size=7, weights_dir="w", limit=5, threads=1,
+                              methods=["tome"], keep=[0.5], random_keep=[0.3], seeds=[0, 4])
+    family.run_model("vit_testbed_mosaic", args)
+    assert len(calls) == 3  # the methods, then random once per seed
+    for argv in calls:
+        flags = {flag: argv[argv.index(flag) + 1] for flag in ("--data", "--batch-size", "--checkpoint", "--limit",
+                                                               "--threads")}
+        assert flags["--data"] == "fashion-mnist-mosaic:val" and flags["--batch-size"] == "7"
+        assert flags["--checkpoint"] == str(Path("w") / "vit_testbed_mosaic.safetensors")
+        assert flags["--limit"] == "5" and flags["--threads"] == "1" and "--resume" in argv
+    assert calls[2][-2:] == ["-o", "seed=4"]
