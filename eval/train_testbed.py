@@ -10,7 +10,7 @@ Design notes (why things are the way they are):
 * The architecture comes from ``tokenprune.testbed.TESTBEDS`` so the packaged weights always
   match the registered timm model; this script only decides *how* to train.
 * The last ``VAL_SIZE`` (5,000) training images are held out as the validation split on which
-  pruning defaults are chosen (``--val-size 0`` trains on all 60k, as ``vit_testbed_fmnist`` did).
+  pruning defaults are chosen (``--no-val-split`` trains on all 60k, as ``vit_testbed_fmnist`` did).
   Mosaic training samples are composed afresh every epoch (each held-in garment is the target once
   per epoch; the three others are drawn from the held-in garments), so the model never sees a
   validation or test garment.
@@ -63,8 +63,9 @@ def parse_args(argv=None):
                    help='which testbed to train')
     p.add_argument('--out', help='output .safetensors (eval-ready weights); default: the packaged path')
     p.add_argument('--ckpt-dir', help='where full training checkpoints go; default: runs/<model>')
-    p.add_argument('--val-size', type=int, default=tb.VAL_SIZE,
-                   help='hold out this many of the last training images (the validation split)')
+    p.add_argument('--val-split', action=argparse.BooleanOptionalAction, default=True,
+                   help=f'hold out the validation split (the last {tb.VAL_SIZE} training images); '
+                        '--no-val-split trains on all of them, as vit_testbed_fmnist did')
     p.add_argument('--resume', action='store_true', help='resume from <ckpt-dir>/last.pt if it exists')
     p.add_argument('--ckpt-minutes', type=float, default=10.0, help='also checkpoint every N minutes mid-epoch')
     p.add_argument('--epochs', type=int, default=6)
@@ -241,10 +242,11 @@ def main(argv=None):
     ckpt_path = ckpt_dir / 'last.pt'
 
     # --- data: uint8 in memory (60k x 32 x 32 = 61 MB padded) ---
-    train_x, train_y = tb.load_fashion_mnist('train', args.data_root)
-    if args.val_size:
+    if args.val_split:
+        train_x, train_y = tb.testbed_split('fmnist', 'train', args.data_root)  # garments; mosaics: composed below
         val_x, val_y = tb.testbed_split(spec.task, 'val', args.data_root)
-        train_x, train_y = train_x[:-args.val_size], train_y[:-args.val_size]
+    else:
+        train_x, train_y = tb.load_fashion_mnist('train', args.data_root)
     test_x, test_y = tb.testbed_split(spec.task, 'test', args.data_root)
     train_x_padded = F.pad(train_x, (PAD, PAD, PAD, PAD))  # zero = black background, as in the data
     n_train = train_x.shape[0]
@@ -291,8 +293,8 @@ def main(argv=None):
             'config': spec.args,
             'task': spec.task,
             'params': n_params,
-            'data': f'Fashion-MNIST (Zalando, MIT); train {n_train} / validation {args.val_size} (the last '
-                    f'training images) / test 10k',
+            'data': f'Fashion-MNIST (Zalando, MIT); train {n_train} / validation '
+                    f'{len(val_y) if args.val_split else 0} (the last training images) / test {len(test_y)}',
             'val_top1': val_top1,
             'epochs': epochs_done,
             'epochs_planned': args.epochs,
@@ -377,8 +379,8 @@ def main(argv=None):
 
         # --- end of epoch: evaluate, checkpoint, export ---
         t_eval = time.time()
-        eval_split = 'val' if args.val_size else 'test'
-        acc = evaluate(model, *((val_x, val_y) if args.val_size else (test_x, test_y)), args.eval_batch_size,
+        eval_split = 'val' if args.val_split else 'test'
+        acc = evaluate(model, *((val_x, val_y) if args.val_split else (test_x, test_y)), args.eval_batch_size,
                        amp_dtype)
         history.append({'epoch': epoch + 1, f'{eval_split}_top1_bf16' if amp_dtype else f'{eval_split}_top1': acc,
                         'wall_s': round(elapsed_before + time.time() - t_start, 1)})
@@ -388,12 +390,12 @@ def main(argv=None):
         last_ckpt_time = time.time()
         complete = epoch + 1 == args.epochs
         if not complete:
-            export_weights(model, out, meta(None, None, epoch + 1, False, val_top1=acc if args.val_size else None))
+            export_weights(model, out, meta(None, None, epoch + 1, False, val_top1=acc if args.val_split else None))
             log(f'exported weights -> {out}')
 
     # --- final: fp32 evaluation of exactly what is saved ---
     acc32 = evaluate(model, test_x, test_y, args.eval_batch_size, None)
-    val32 = evaluate(model, val_x, val_y, args.eval_batch_size, None) if args.val_size else None
+    val32 = evaluate(model, val_x, val_y, args.eval_batch_size, None) if args.val_split else None
     acc_bf16 = evaluate(model, test_x, test_y, args.eval_batch_size, amp_dtype) if amp_dtype else None
     log(f'final test top-1 (fp32): {acc32:.2f}%' + (f', validation {val32:.2f}%' if val32 is not None else ''))
     export_weights(model, out, meta(acc32, acc_bf16, args.epochs, True, val_top1=val32))

@@ -154,3 +154,30 @@ def test_packaged_weights_fit_the_budget():
     sizes = [t.weights_path.stat().st_size for t in tb.TESTBEDS.values() if t.weights_path.is_file()]
     assert set(PACKAGED_FLOORS) <= {n for n, t in tb.TESTBEDS.items() if t.weights_path.is_file()}
     assert sum(sizes) <= 40 * 2**20
+
+
+@pytest.mark.parametrize("name", ["vit_testbed_mosaic", "vit_testbed_fmnist_gap"])
+def test_training_script_trains_exports_and_records(name, tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from conftest import write_idx
+    from safetensors.torch import load_file
+    from tokenprune.eval import train_testbed
+
+    rng = np.random.default_rng(1)  # a tiny data set: 240 training images (the last 40 held out), 30 test
+    for split, n in (("train", 240), ("t10k", 30)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 200, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    monkeypatch.setattr(tb, "VAL_SIZE", 40)
+    out = tmp_path / f"{name}.safetensors"
+    train_testbed.main(["--model", name, "--data-root", str(tmp_path), "--epochs", "1", "--batch-size", "100",
+                        "--warmup-steps", "1", "--out", str(out), "--ckpt-dir", str(tmp_path / "ck"),
+                        "--eval-batch-size", "50", "--no-adaptive-threads", "--threads", "1"])
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model"] == name and meta["task"] == tb.TESTBEDS[name].task and meta["complete"]
+    assert "train 200 / validation 40" in meta["data"] and "test 30" in meta["data"]
+    assert meta["steps_by_thread_count"] == {"1": 2} and 0 <= meta["val_top1"] <= 100
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(load_file(str(out)))  # the export is exactly this model's layout
+    assert (tmp_path / "ck" / "last.pt").is_file()
