@@ -43,15 +43,8 @@ for flag in ("vhf", "eir"):  # the head aggregation matters only where the I-sta
 
 
 def options_for(config: dict, depth: int) -> list[str]:
-    out = []
-    for key, value in config.items():
-        if key == "layers":
-            rule = LAYER_RULES[value]
-            if rule is not None:
-                out += ["-o", f"layers={rule(depth)}"]
-        else:
-            out += ["-o", f"{key}={value!r}"]
-    return out
+    """The ``-o KEY=VALUE`` arguments of a configuration on a model of ``depth`` blocks."""
+    return [arg for key, value in resolved(config, depth).items() for arg in ("-o", f"{key}={value!r}")]
 
 
 def main(argv=None):
