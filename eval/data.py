@@ -76,6 +76,24 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
+def decode_image(source, mode: str) -> Image.Image | int:
+    """``source`` (a path, a file object or a PIL image) decoded in ``mode``, or, for a file that cannot be
+    decoded, its negative skip label (``skip_label``). Decoded here, whole, so that a broken file fails
+    here and not later in a transform or a processor."""
+    if isinstance(source, Image.Image):
+        return to_mode(source, mode)
+    try:
+        opened = Image.open(source)
+    except DECODE_ERRORS as e:
+        return skip_label(e)
+    with opened:
+        try:
+            opened.load()
+        except DECODE_ERRORS as e:
+            return skip_label(e)
+        return to_mode(opened, mode)
+
+
 class _Source(Dataset):
     """Base: subclasses give ``__len__`` and ``fetch(i) -> (path, file object or PIL image, label)``."""
 
@@ -88,19 +106,9 @@ class _Source(Dataset):
 
     def __getitem__(self, index: int):
         source, label = self.fetch(index)
-        if isinstance(source, Image.Image):
-            image = to_mode(source, self.mode)
-        else:
-            try:
-                opened = Image.open(source)
-            except DECODE_ERRORS as e:
-                return self.blank, skip_label(e)
-            with opened:
-                try:
-                    opened.load()  # decode now, so that a broken file fails here and not in the transform
-                except DECODE_ERRORS as e:
-                    return self.blank, skip_label(e)
-                image = to_mode(opened, self.mode)
+        image = decode_image(source, self.mode)
+        if isinstance(image, int):
+            return self.blank, image
         return self.transform(image), label
 
 
@@ -299,9 +307,15 @@ class HFImages(_Source):
 
     def fetch(self, index):
         row = self.dataset[index]
-        raw = row[self.image_key]
-        source = raw["path"] if raw.get("bytes") is None else io.BytesIO(raw["bytes"])
-        return source, int(row[self.label_key])
+        return image_source(row[self.image_key]), int(row[self.label_key])
+
+
+def image_source(raw):
+    """What ``decode_image`` opens for a value of a ``datasets`` image column read with ``decode=False``
+    ({"bytes", "path"}), a path string, or an already decoded PIL image."""
+    if isinstance(raw, dict):
+        return raw["path"] if raw.get("bytes") is None else io.BytesIO(raw["bytes"])
+    return raw
 
 
 def looks_like_path(text: str) -> bool:

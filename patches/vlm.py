@@ -436,3 +436,11 @@ class VLMAdapter(Adapter):
         remove_hooks(vlm.language_model, _compact)
         vlm.__dict__.pop("tokenprune_positions", None)
         self.unconfigure(vlm)
+
+
+def visual_tokens_per_image(model: nn.Module) -> int | None:
+    """The visual tokens every image of ``model`` gets when its config fixes the count (LLaVA-1.5: the
+    tower's patch grid); None where the count follows the image (Qwen2-VL's dynamic resolution, LLaVA-NeXT's
+    crops)."""
+    family, vlm = _vlm(model)
+    return family.tokens_per_image(vlm)

@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="top-1/top-5 over a grid of methods and keeps (see `tokenprune eval --help`)",
                    add_help=False)
 
+    sub.add_parser("eval-vlm", help="answer accuracy of a VLM over a grid of methods and visual-token budgets "
+                   "(see `tokenprune eval-vlm --help`)", add_help=False)
+
     p = sub.add_parser("demo", help="the README's first command")
     p.set_defaults(func=_cmd_demo)
 
@@ -318,14 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:  # its own parser: `tokenprune eval --help`
-        from tokenprune.eval.evaluate import main as eval_main
+    if argv[:1] in (["eval"], ["eval-vlm"]):  # their own parsers: `tokenprune eval --help`
+        import importlib
 
+        module = importlib.import_module("tokenprune.eval." + {"eval": "evaluate", "eval-vlm": "vlm"}[argv[0]])
         try:
-            eval_main(argv[1:])
+            module.main(argv[1:])
             return 0
         except (ValueError, TypeError) as e:
-            print(f"tokenprune eval: error: {e}", file=sys.stderr)
+            print(f"tokenprune {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     try:
         args = build_parser().parse_args(argv)

@@ -1,0 +1,245 @@
+"""Train the VLM testbed (``tokenprune.vlm_testbed``): a LLaVA-1.5-architecture model answering questions about
+2x2 Fashion-MNIST mosaics (what is at a cell, whether a class appears, how many of a class), on CPU.
+
+Usage::
+
+    python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER --steps 3000 --seed 0
+    # -> tokenprune/weights/vlm_testbed_fmnist/ (config, safetensors, tokenizer, processor, training record)
+
+Design notes:
+
+* Everything trains from random init, end to end (tower, projector, language model), on mosaics composed
+  afresh from the held-in garments (the first 55,000 train images); the validation questions come from the
+  last 5,000, the test questions from the test split, so no evaluated garment was seen in training.
+* Each training sequence is a conversation of ``--turns`` questions about one mosaic, in the format the
+  processor's chat template writes ("USER: <image>\\n{question}{post prompt} ASSISTANT: {answer}</s>USER: ...");
+  the loss is on the answers and their ``</s>`` only. The first turn is exactly the prompt ``tokenprune
+  eval-vlm`` builds, so the evaluation asks what the model was trained on. Several questions per image
+  share the tower's cost.
+* Pixels are the processor's (``x / 255`` normalised with mean and std 0.5 on three equal channels: equal to
+  ``processor(images=...)`` for a 56x56 mosaic; a test checks it); token ids are the tokenizer's.
+* bf16 autocast, adaptive threads, atomic checkpoints every ``--ckpt-minutes`` and at the end, resumable
+  (the batches of step ``s`` come from a generator seeded with ``(seed, s)``): as ``train_testbed``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tokenprune import vlm_testbed as vt
+from tokenprune.testbed import testbed_split
+
+from .train_testbed import ThreadGovernor, atomic_torch_save, fmt_time, log
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="folder with the Fashion-MNIST train-*-ubyte.gz files")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32, help="mosaics per step")
+    p.add_argument("--turns", type=int, default=4, help="questions per mosaic in one training conversation")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-adaptive-threads", action="store_true")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between validation checks")
+    p.add_argument("--val-questions", type=int, default=600)
+    p.add_argument("--ckpt", default=f"runs/{vt.VLM_TESTBED}/last.pt")
+    p.add_argument("--ckpt-minutes", type=float, default=10.0)
+    p.add_argument("--out", default=str(vt.vlm_testbed_path()), help="where the trained model folder goes")
+    return p.parse_args(argv)
+
+
+class Conversations:
+    """Token ids and labels of training conversations, built from the tokenizer's own ids."""
+
+    def __init__(self, tokenizer, visual_tokens: int) -> None:
+        self.tokenizer, self.visual_tokens = tokenizer, visual_tokens
+
+    def ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = []
+        for i in ids:  # the processor's expansion: one placeholder per visual token
+            out += [vt.IMAGE] * self.visual_tokens if i == vt.IMAGE else [i]
+        return out
+
+    def encode(self, turns: list[tuple[str, str, str]]) -> tuple[list[int], list[int]]:
+        ids, labels = [], []
+        for t, (_, question, answer) in enumerate(turns):
+            prompt = self.ids(("USER: <image>\n" if t == 0 else "USER: ") + question + vt.POST_PROMPT + " ASSISTANT:")
+            reply = self.ids(" " + answer) + [vt.EOS]
+            ids += prompt + reply
+            labels += [-100] * len(prompt) + reply
+        return ids, labels
+
+    def batch(self, conversations: list[tuple[list[int], list[int]]]) -> dict:
+        length = max(len(ids) for ids, _ in conversations)
+        ids = torch.full((len(conversations), length), vt.PAD)
+        labels = torch.full((len(conversations), length), -100)
+        mask = torch.zeros(len(conversations), length, dtype=torch.long)
+        for row, (i, lab) in enumerate(conversations):  # right padding: training needs no generation
+            ids[row, :len(i)], labels[row, :len(lab)], mask[row, :len(i)] = torch.tensor(i), torch.tensor(lab), 1
+        return dict(input_ids=ids, labels=labels, attention_mask=mask)
+
+
+def pixels(canvas: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, 56, 56]`` mosaics as the processor gives them: ``[n, 3, 56, 56]``, (x / 255 - 0.5) / 0.5."""
+    return ((canvas.float() / 255 - 0.5) / 0.5)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def training_batch(images, labels, conv: Conversations, args, step: int) -> dict:
+    gen = step_generator(args.seed, step)
+    canvas, classes = vt.compose_mosaics(images, labels, args.batch_size, gen, flip=True)
+    conversations = [conv.encode([vt.ask(classes[i], gen) for _ in range(args.turns)]) for i in range(len(classes))]
+    return dict(pixel_values=pixels(canvas), **conv.batch(conversations))
+
+
+@torch.no_grad()
+def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -> dict[str, float]:
+    """Accuracy (%) of the first answer token, teacher-forced on single-turn prompts (what eval-vlm asks; every
+    answer here is one word), overall and per kind of question."""
+    model.eval()
+    gen = torch.Generator().manual_seed(vt.VLM_EVAL_SEED)
+    right = {k: [] for k in vt.KINDS}
+    for start in range(0, len(canvas), 50):
+        rows = range(start, min(start + 50, len(canvas)))
+        turns = [vt.ask(classes[i], gen, kinds[i]) for i in rows]
+        encoded = [conv.encode([t]) for t in turns]
+        batch = conv.batch(encoded)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logits = model(pixel_values=pixels(canvas[list(rows)]), input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        for row, (ids, lab) in enumerate(encoded):
+            first = next(i for i, v in enumerate(lab) if v != -100)  # the answer's first token
+            right[turns[row][0]].append(int(logits[row, first - 1].argmax()) == lab[first])
+    model.train()
+    total = [r for rs in right.values() for r in rs]
+    return {"all": 100 * sum(total) / len(total), **{k: 100 * sum(v) / max(1, len(v)) for k, v in right.items()}}
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    t = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def export(model, processor, out: Path, record: dict) -> None:
+    """The model folder (config, safetensors, generation config, tokenizer, processor) and the training record,
+    written to a sibling folder first and swapped in, so a killed export leaves the previous one whole."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    from transformers import LlavaForConditionalGeneration
+
+    args = parse_args(argv)
+    governor = ThreadGovernor(args.threads, not args.no_adaptive_threads)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    images, labels = testbed_split("fmnist", "train", args.data_root)
+    val_images, val_labels = testbed_split("fmnist", "val", args.data_root)
+    val_gen = torch.Generator().manual_seed(vt.VLM_EVAL_SEED)
+    val_canvas, val_classes = vt.compose_mosaics(val_images, val_labels, args.val_questions, val_gen)
+    val_kinds = [vt.KINDS[i % len(vt.KINDS)] for i in range(args.val_questions)]
+
+    processor = vt.vlm_testbed_processor()
+    config = vt.vlm_testbed_config()
+    conv = Conversations(processor.tokenizer, (vt.IMAGE_SIZE // vt.PATCH_SIZE) ** 2)
+    torch.manual_seed(args.seed)
+    model = LlavaForConditionalGeneration(config).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    ckpt = Path(args.ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    step, history, elapsed_before = 0, [], 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, elapsed_before = state["step"], json.loads(state["history"]), state["elapsed"]
+        log(f"resumed at step {step}")
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{vt.VLM_TESTBED}: {params / 1e6:.2f}M params | {args.steps} steps x {args.batch_size} mosaics x "
+        f"{args.turns} questions | {args.precision} | torch {torch.__version__}")
+
+    def save():
+        atomic_torch_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                               history=json.dumps(history), elapsed=elapsed_before + time.time() - start), ckpt)
+
+    start, last_ckpt, losses, first_step = time.time(), time.time(), [], step
+    last_log = start
+    while step < args.steps:
+        batch = training_batch(images, labels, conv, args, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        governor.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 25 == 0:
+            now = time.time()
+            spent = elapsed_before + now - start
+            log(f"step {step}/{args.steps} loss {sum(losses) / len(losses):.4f} lr {lr_at(step, args):.2e} | "
+                f"{args.batch_size * len(losses) / (now - last_log):.1f} mosaics/s {governor.threads}T | "
+                f"elapsed {fmt_time(spent)} ETA {fmt_time((args.steps - step) * (now - start) / (step - first_step))}")
+            last_log, losses = now, []
+        if step % args.eval_every == 0 or step == args.steps:
+            accuracy = answer_accuracy(model, conv, val_canvas, val_classes, val_kinds, dtype)
+            history.append(dict(step=step, val=accuracy))
+            log(f"val answer accuracy {accuracy['all']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in accuracy.items() if k != 'all')})")
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
+            save()
+            last_ckpt = time.time()
+            log(f"checkpoint -> {ckpt}")
+    model.eval()
+    record = dict(model=vt.VLM_TESTBED, steps=args.steps, batch_size=args.batch_size, turns=args.turns,
+                  seed=args.seed, lr=args.lr, precision=args.precision, params=params,
+                  train_seconds=round(elapsed_before + time.time() - start), history=history,
+                  training_command="python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER "
+                                   + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                              if not a.startswith("/") and a != args.data_root and a != "--data-root"),
+                  torch=torch.__version__)
+    export(model, processor, Path(args.out), record)
+    log(f"model folder -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

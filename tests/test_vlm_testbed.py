@@ -1,0 +1,147 @@
+"""The VLM testbed's pieces: the word-level tokenizer and processor (transformers' own classes, saved and
+loaded as a folder), the mosaics and the questions against readings by hand, training sequences equal to what
+the processor builds for ``eval-vlm``, and the training script end to end on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokenprune import vlm_testbed as vt
+
+
+def test_tokenizer_reads_words_and_marks_the_unknown(tmp_path):
+    from transformers import AutoTokenizer
+
+    vt.word_tokenizer(vt.WORDS).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("How many BAGS are there?", add_special_tokens=False)["input_ids"]
+    words = list(vt.SPECIAL_TOKENS) + list(vt.WORDS)
+    assert [words[i] for i in ids] == ["how", "many", "bags", "are", "there", "?"]
+    assert tok("a hat", add_special_tokens=False)["input_ids"] == [words.index("a"), vt.UNK]
+    assert tok.decode([words.index("yes"), vt.EOS], skip_special_tokens=True) == "yes"
+    assert tok.decode([words.index("top"), words.index("left")]) == "top left"
+    assert [tok.pad_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")] == [vt.PAD, vt.EOS, vt.IMAGE]
+
+
+def test_mosaic_cells_hold_garments_of_their_classes():
+    n_images = 200
+    labels = torch.arange(n_images) % 10
+    images = torch.arange(n_images, dtype=torch.uint8)[:, None, None].expand(n_images, 28, 28).clone()  # pixel = index
+    canvas, classes = vt.compose_mosaics(images, labels, 64, torch.Generator().manual_seed(0))
+    assert canvas.shape == (64, 56, 56) and classes.shape == (64, 4)
+    for i in range(64):
+        for cell, (r, c) in enumerate([(0, 0), (0, 28), (28, 0), (28, 28)]):
+            tile = canvas[i, r:r + 28, c:c + 28]
+            assert bool((tile == tile[0, 0]).all())
+            assert int(labels[int(tile[0, 0])]) == int(classes[i, cell])
+    repeats = [(classes[i] == classes[i].mode().values).sum() for i in range(64)]
+    assert max(repeats) >= 3  # counts above one occur
+
+
+def test_questions_answer_what_the_cells_hold():
+    gen = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(300):
+        cells = torch.randint(0, 10, (4,), generator=gen)
+        kind, question, answer = vt.ask(cells, gen)
+        words = question.split()
+        seen.add((kind, answer if kind != "position" else ""))
+        if kind == "position":
+            assert answer == vt.CLASS_WORDS[int(cells[vt.CELLS.index(" ".join(words[4:6]))])]
+        elif kind == "presence":
+            assert answer == ("yes" if vt.CLASS_WORDS.index(words[3]) in cells.tolist() else "no")
+        else:
+            assert answer == str(cells.tolist().count(vt.PLURALS.index(words[2])))
+    assert {("presence", "yes"), ("presence", "no"), ("count", "0"), ("count", "1"), ("count", "2")} <= seen
+    with pytest.raises(ValueError, match="kind must be"):
+        vt.ask(torch.zeros(4, dtype=torch.long), gen, "colour")
+
+
+def test_question_set_is_fixed_and_balanced():
+    a, b = vt.question_set("test", 30), vt.question_set("test", 30)
+    assert a["question"] == b["question"] and a["answer"] == b["answer"]
+    assert a["kind"] == list(vt.KINDS) * 10
+    assert np.array_equal(np.asarray(a[0]["image"]), np.asarray(b[0]["image"]))
+    assert a[0]["image"].size == (56, 56)
+    with pytest.raises(ValueError, match="split must be"):
+        vt.question_set("train")
+
+
+def test_training_sequences_are_what_the_processor_builds_for_eval():
+    from tokenprune.eval.train_vlm_testbed import Conversations, pixels
+
+    processor = vt.vlm_testbed_processor()
+    canvas, classes = vt.compose_mosaics(*vt_split(), 2, torch.Generator().manual_seed(2))
+    from PIL import Image
+
+    conv = Conversations(processor.tokenizer, 196)
+    for i in range(2):
+        turn = vt.ask(classes[i], torch.Generator().manual_seed(i), "position")
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn[1] + vt.POST_PROMPT}]}],
+            add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[Image.fromarray(canvas[i].numpy())], return_tensors="pt")
+        ids, labels = conv.encode([turn, turn])
+        prompt = inputs["input_ids"][0].tolist()
+        assert ids[:len(prompt)] == prompt and set(labels[:len(prompt)]) == {-100}
+        answer = processor.tokenizer(" " + turn[2], add_special_tokens=False)["input_ids"]
+        assert labels[len(prompt):len(prompt) + len(answer) + 1] == answer + [vt.EOS]
+        assert torch.allclose(inputs["pixel_values"][0], pixels(canvas[i:i + 1])[0], atol=1e-6)
+
+
+def vt_split():
+    from tokenprune.testbed import testbed_split
+
+    return testbed_split("fmnist", "test")
+
+
+def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monkeypatch):
+    """Four steps of a tiny configuration on a few test-split garments: the exported folder loads with the
+    Auto classes and ``eval-vlm`` answers the packaged question set with it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
+
+    from tokenprune.cli import main as cli_main
+    from tokenprune.eval import train_vlm_testbed as train
+
+    images, labels = vt_split()
+    monkeypatch.setattr(train, "testbed_split", lambda task, split, root: (images[:300], labels[:300]))
+    real = vt.vlm_testbed_config
+
+    def tiny():
+        config = real()
+        config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 3})
+        config.text_config.num_hidden_layers = 1
+        return config
+
+    monkeypatch.setattr(vt, "vlm_testbed_config", tiny)
+    out = tmp_path / "model"
+    argv = ["--data-root", "unused", "--steps", "4", "--batch-size", "4", "--turns", "2", "--eval-every", "2",
+            "--val-questions", "6", "--ckpt", str(tmp_path / "ckpt" / "last.pt"), "--out", str(out), "--threads", "1",
+            "--no-adaptive-threads", "--warmup-steps", "2"]
+    threads = torch.get_num_threads()
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 4 and [h["step"] for h in record["history"]] == [2, 4]
+    assert set(record["history"][0]["val"]) == {"all", *vt.KINDS}
+    assert record["training_command"].startswith("python -m tokenprune.eval.train_vlm_testbed --data-root ")
+    assert "/" not in record["training_command"].split("--data-root FASHION_MNIST_FOLDER")[1]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(out)).__name__ == "LlavaProcessor"
+    vt.question_set("test", 6).save_to_disk(str(tmp_path / "questions"))
+    assert cli_main(["eval-vlm", "--model", str(out), "--data", str(tmp_path / "questions"), "--method", "hiprune",
+                     "--keep", "0.5", "-o", "object_layer=1", "--max-new-tokens", "2", "--output",
+                     str(tmp_path / "r.jsonl"), "--device", "cpu", "--timing-repeats", "1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["visual_tokens_per_image"] for r in rows] == [196, 98] and rows[0]["questions"] == 6
+    # resumed from the checkpoint at its last step: nothing more to train, the same weights exported again
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.main(argv)
+    after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
