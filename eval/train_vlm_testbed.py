@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -159,6 +158,16 @@ def export(model, processor, out: Path, record: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def training_command(args) -> str:
+    """The command that reproduces the training, every setting that shapes it spelled out (no local paths)."""
+    settings = " ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in TRAINING_SETTINGS)
+    return f"python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER {settings}"
+
+
+TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "seed",
+                     "precision")
+
+
 def main(argv=None):
     from transformers import LlavaForConditionalGeneration
 
@@ -206,7 +215,9 @@ def main(argv=None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        # each position predicts the next token; only the answers (and their </s>) carry labels
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -224,7 +235,8 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps:
             accuracy = answer_accuracy(model, conv, val_canvas, val_classes, val_kinds, dtype)
             history.append(dict(step=step, val=accuracy))
-            log(f"val answer accuracy {accuracy['all']:.2f} ({', '.join(f'{k} {v:.1f}' for k, v in accuracy.items() if k != 'all')})")
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items() if k != "all")
+            log(f"val answer accuracy {accuracy['all']:.2f} ({kinds})")
         if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
             save()
             last_ckpt = time.time()
@@ -233,9 +245,7 @@ def main(argv=None):
     record = dict(model=vt.VLM_TESTBED, steps=args.steps, batch_size=args.batch_size, turns=args.turns,
                   seed=args.seed, lr=args.lr, precision=args.precision, params=params,
                   train_seconds=round(elapsed_before + time.time() - start), history=history,
-                  training_command="python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER "
-                                   + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                              if not a.startswith("/") and a != args.data_root and a != "--data-root"),
+                  training_command=training_command(args),
                   torch=torch.__version__)
     export(model, processor, Path(args.out), record)
     log(f"model folder -> {args.out}")

@@ -468,9 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from accelerate import Accelerator
+    from tokenprune.patches.vlm import visual_tokens_per_image
     from torch.utils.data import DataLoader, Subset
 
-    from tokenprune.patches.vlm import visual_tokens_per_image
     from tokenprune.registry import check_keep, get_method
 
     args = build_parser().parse_args(argv)

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from tokenprune.cli import main as cli_main
 from tokenprune.eval import vlm as eval_vlm
 from tokenprune.eval.vlm import (
     chosen_option,
@@ -20,6 +18,8 @@ from tokenprune.eval.vlm import (
     reference_option,
     vqa_accuracy,
 )
+
+from tokenprune.cli import main as cli_main
 from tokenprune.vlm_testbed import IMAGE, PAD, llava_processor, word_tokenizer
 
 WORDS = ("what is in the image ? answer question using a single word or phrase . with option's letter from "
@@ -80,7 +80,8 @@ def own_answers(folder, questions: list[str], images: list, post_prompt: str, ke
 
 
 def save_questions(path, rows: dict):
-    from datasets import Dataset, Features, Image as HFImage, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as HFImage
 
     features = {"image": HFImage(), "question": Value("string")}
     for key, value in rows.items():
@@ -325,7 +326,8 @@ def test_template_post_prompt_two_image_columns_limit_positions_and_overwrite(ti
     base = own_answers(tiny_vlm, QUESTIONS[:3], pairs[:3], "", template=template)
     pruned = own_answers(tiny_vlm, QUESTIONS[:3], pairs[:3], "", keep=0.5, template=template, positions="original")
     refs = [base[0], base[1], "zzz", "never read"]  # the fourth is past --limit
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     Dataset.from_dict(dict(front=[{"bytes": b} for b in first], back=[{"bytes": b} for b in second],
                            other=[{"bytes": png_bytes(0)}] * 4, question=QUESTIONS[:4], answer=refs),

@@ -249,6 +249,10 @@ class VisionTower:
     full_attention_layers: tuple[int, ...] | None = None  # None: every layer attends over the whole image
 
 
+#: a selector's native budget: visual tokens per image (or per crop), overriding keep
+TOKENS = Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1))
+
+
 class VisualTokenSelector(TokenReducer):
     """A method that chooses which visual tokens of each image a VLM's language model receives.
 
@@ -267,13 +271,24 @@ class VisualTokenSelector(TokenReducer):
         raise NotImplementedError
 
     def budget(self, num_tokens: int) -> int:
-        """Visual tokens kept of an image's ``num_tokens``; a budget under one token is an error, not a
+        """Visual tokens kept of an image's ``num_tokens``: the ``tokens`` option where the selector has one
+        and it is set, else ``round(keep * num_tokens)``; a budget under one token is an error, not a
         silent 1."""
+        if self.options.get("tokens") is not None:
+            return min(self.options["tokens"], num_tokens)
         k = round(self.keep * num_tokens)
         if k < 1:
             raise ValueError(f"keep={self.keep} leaves round({self.keep} * {num_tokens}) = {k} visual tokens for an "
                              f"image of {num_tokens}; the budget must be at least one token")
         return min(k, num_tokens)
+
+    def budget_within(self, num_tokens: int, allowed: Tensor | None = None) -> int:
+        """The budget of an image of ``num_tokens``, or, where only the ``allowed`` ones exist (LLaVA-NeXT's
+        unpadded crop), of those: a budget that rounds to zero there keeps none of the crop."""
+        if allowed is None:
+            return self.budget(num_tokens)
+        count = int(allowed.sum())
+        return min(self.options.get("tokens") or round(self.keep * count), count)
 
     def select(self, scores: tuple[Tensor, ...], grid: tuple[int, int], allowed: Tensor | None = None) -> Tensor:
         """Sorted indices of the tokens kept of one image of ``rows * cols`` tokens in raster order, from

@@ -44,7 +44,8 @@ def llava_processor(tokenizer, image_size: int, patch_size: int, mean=(0.5, 0.5,
     ``default`` feature strategy)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size},
                                 image_mean=list(mean), image_std=list(std))
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,

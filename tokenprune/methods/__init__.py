@@ -1,2 +1,2 @@
 """Every registered method; importing this package registers them all."""
-from . import hiprune, mctf, random_drop, tome, zero_tprune  # noqa: F401  (registration side effect)
+from . import hiprune, mctf, random_drop, random_select, tome, zero_tprune  # noqa: F401  (registration side effect)

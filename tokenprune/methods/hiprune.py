@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..registry import Option, VisionTower, VisualTokenSelector, flag, is_int, is_real, register
+from ..registry import TOKENS, Option, VisionTower, VisualTokenSelector, flag, is_int, is_real, register
 
 
 def neighbours(index: Tensor, grid: tuple[int, int], wrap: bool = False) -> Tensor:
@@ -88,8 +88,7 @@ class HiPrune(VisualTokenSelector):
         # 1-based vision-encoder layer; None: the model's default (LLaVA 9, Qwen2.5-VL 16)
         "object_layer": Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1)),
         "wrap": flag(False),  # True: the official code's neighbours, which wrap across grid rows
-        # native budget: visual tokens per image (or per crop), overrides keep
-        "tokens": Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1)),
+        "tokens": TOKENS,
     }
 
     def check(self, tower: VisionTower) -> None:
@@ -106,22 +105,13 @@ class HiPrune(VisualTokenSelector):
         """The object layer, then the output layer."""
         return (self.options["object_layer"] or tower.object_layer) - 1, tower.output_layer
 
-    def budget(self, num_tokens: int) -> int:
-        if self.options["tokens"] is not None:
-            return min(self.options["tokens"], num_tokens)
-        return super().budget(num_tokens)
-
     role_names = ROLES
 
     def explain(self, scores, grid, allowed=None):
         object_scores, output_scores = scores
-        if allowed is None:
-            k = self.budget(object_scores.shape[0])
-        else:  # a crop's unpadded tokens: a budget that rounds to zero keeps none of them
-            count = int(allowed.sum())
-            k = min(self.options["tokens"] or round(self.keep * count), count)
-            if k == 0:
-                return torch.zeros(allowed.shape[0], dtype=torch.int8, device=allowed.device)
+        k = self.budget_within(object_scores.shape[0], allowed)
+        if k == 0:  # a crop's unpadded tokens whose budget rounds to zero
+            return torch.zeros(allowed.shape[0], dtype=torch.int8, device=allowed.device)
         return hiprune_roles(object_scores, output_scores, grid, k, self.options["alpha"], self.options["wrap"],
                              allowed)
 
