@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 import tokenprune
+from tokenprune import vlm_testbed
 from tokenprune.cli import (
     ArgumentParser,
     add_device_arguments,
@@ -186,10 +187,22 @@ class Questions(Dataset):
                     choices=list(row[self.choices_column]) if self.choices_column else None)
 
 
+#: the VLM testbed's question sets: ``fashion-mnist-vqa`` from the packaged test split, ``:val`` from the last
+#: 5,000 train images ($TOKENPRUNE_FMNIST_ROOT)
+EMBEDDED_QUESTIONS = {"fashion-mnist-vqa": "test", "fashion-mnist-vqa:val": "val"}
+EMBEDDED_QUESTION_COUNT = 2000
+
+
 def load_questions(spec: str, split: str):
-    """``spec``: a saved ``datasets`` folder, a folder ``load_dataset`` reads, or a datasets name."""
+    """``spec``: an embedded question set, a saved ``datasets`` folder, a folder ``load_dataset`` reads, or a
+    datasets name."""
     import datasets
 
+    if spec in EMBEDDED_QUESTIONS:
+        part = EMBEDDED_QUESTIONS[spec]
+        where = "test split" if part == "test" else "validation split (the last 5,000 train images)"
+        return (vlm_testbed.question_set(part, EMBEDDED_QUESTION_COUNT),
+                f"{EMBEDDED_QUESTION_COUNT:,} questions on 2x2 mosaics of the Fashion-MNIST {where}")
     path = Path(spec).expanduser()
     if path.is_dir():
         saved = any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -234,6 +247,9 @@ def load_vlm(name: str, dtype: torch.dtype):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(name).expanduser()
+    if name == str(vlm_testbed.vlm_testbed_path()) and not path.is_dir():
+        raise ValueError(f"the VLM testbed's weights are not in this installation ({path}); train them with: "
+                         "python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER")
     if not path.is_dir() and (path.exists() or looks_like_path(name)):
         raise ValueError(f"--model {name}: no such folder (a local model folder or a hub id)")
     try:
@@ -425,11 +441,13 @@ def own_options(method: str, options: dict) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="tokenprune eval-vlm", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=str(vlm_testbed.vlm_testbed_path()),
                    help="a local model folder or hub id: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL with its "
-                        "processor")
-    p.add_argument("--data", required=True,
-                   help="a saved datasets folder, a folder datasets.load_dataset reads, or a datasets name")
+                        "processor (default: the packaged VLM testbed)")
+    p.add_argument("--data", default="fashion-mnist-vqa",
+                   help="'fashion-mnist-vqa' (the default: the VLM testbed's 2,000 test questions, built from the "
+                        "packaged test split; ':val' for its validation questions), a saved datasets folder, a "
+                        "folder datasets.load_dataset reads, or a datasets name")
     p.add_argument("--split", default="test", help="split of the data (default test)")
     p.add_argument("--image-column", nargs="+", help="image column(s) (default: every Image column, else 'image')")
     p.add_argument("--question-column", default="question")

@@ -146,3 +146,19 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
     train.main(argv)
     after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_vlm_defaults_to_the_testbed_and_its_questions(tmp_path, monkeypatch, capsys):
+    from tokenprune.cli import main as cli_main
+    from tokenprune.eval import vlm as eval_vlm
+
+    data, what = eval_vlm.load_questions("fashion-mnist-vqa", "ignored")
+    assert len(data) == eval_vlm.EMBEDDED_QUESTION_COUNT == 2000 and "test split" in what
+    assert list(data["answer"]) == list(vt.question_set("test", 2000)["answer"])
+    missing = tmp_path / "no-weights"
+    monkeypatch.setattr(vt, "vlm_testbed_path", lambda: missing)
+    parser = eval_vlm.build_parser()
+    assert parser.get_default("model") == str(missing) and parser.get_default("data") == "fashion-mnist-vqa"
+    assert cli_main(["eval-vlm", "--output", str(tmp_path / "r.jsonl"), "--limit", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m tokenprune.eval.train_vlm_testbed --data-root" in err and "Traceback" not in err
