@@ -17,10 +17,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 setup: $(STAMP)
 
+# The tests also run the lmms-eval plugin end to end: its extra (lmms-eval and its dependencies) is
+# installed for `make test` only, so that `make demo` stays quick on a fresh machine.
+VLM_EVAL_STAMP := $(VENV)/.installed-vlm-eval
+$(VLM_EVAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,plot,vlm-eval]'
+	touch $(VLM_EVAL_STAMP)
+
 demo: setup
 	$(BIN)/tokenprune demo
 
-test: setup
+test: setup $(VLM_EVAL_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -149,8 +149,9 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
 
 
 def test_eval_vlm_defaults_to_the_testbed_and_its_questions(tmp_path, monkeypatch, capsys):
-    from tokenprune.cli import main as cli_main
     from tokenprune.eval import vlm as eval_vlm
+
+    from tokenprune.cli import main as cli_main
 
     data, what = eval_vlm.load_questions("fashion-mnist-vqa", "ignored")
     assert len(data) == eval_vlm.EMBEDDED_QUESTION_COUNT == 2000 and "test split" in what

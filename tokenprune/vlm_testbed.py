@@ -8,15 +8,17 @@ from __future__ import annotations
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")  # ids 0..4 in this order
 PAD, UNK, BOS, EOS, IMAGE = range(len(SPECIAL_TOKENS))
 
-#: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), images first in a user turn.
+#: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>"), images first in a user turn; a
+#: message's content is a list of parts (the processor's form) or a plain string (lmms-eval's, "<image>\n..."
+#: written by the caller).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['role'] == 'user' %}USER: {% else %} ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: "
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "</s>{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
 
@@ -35,7 +37,8 @@ def word_tokenizer(words):
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # WordPiece's decoder: tokens joined by spaces
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"},
+                                   chat_template=CHAT_TEMPLATE)
 
 
 def llava_processor(tokenizer, image_size: int, patch_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
