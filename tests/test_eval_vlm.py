@@ -55,7 +55,8 @@ def tiny_vlm(tmp_path_factory):
 
 
 def own_answers(folder, questions: list[str], images: list, post_prompt: str, keep=None,
-                template: str = "USER: {images}\n{question} ASSISTANT:", positions=None) -> list[str]:
+                template: str = "USER: {images}\n{question} ASSISTANT:", positions=None,
+                max_new_tokens: int = 4) -> list[str]:
     """The model's greedy answers, one question at a time (no padding), through transformers directly; each
     question's images (one, or a list), each its own ``<image>`` line in ``template``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -74,7 +75,7 @@ def own_answers(folder, questions: list[str], images: list, post_prompt: str, ke
         inputs = processor(text=[text], images=[Image.open(io.BytesIO(b)).convert("RGB") for b in image],
                            return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=4)
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         answers.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return answers
 
@@ -350,3 +351,36 @@ def test_template_post_prompt_two_image_columns_limit_positions_and_overwrite(ti
     assert rows[0]["accuracy"] == pytest.approx(100 * 2 / 3)
     assert rows[1]["accuracy"] == pytest.approx(100 * sum(exact_match(p, [r]) for p, r in zip(pruned, refs)) / 3)
     assert rows[1]["visual_tokens_per_image"] == 8
+
+
+def test_max_new_tokens_batch_size_dtype_and_a_named_choices_column(tiny_vlm, tmp_path):
+    images = [png_bytes(70 + i) for i in range(3)]
+    firsts = own_answers(tiny_vlm, QUESTIONS[:3], images, eval_vlm.SHORT_ANSWER_PROMPT, max_new_tokens=1)
+    longer = own_answers(tiny_vlm, QUESTIONS[:3], images, eval_vlm.SHORT_ANSWER_PROMPT, max_new_tokens=4)
+    data = save_questions(tmp_path / "q", dict(image=[{"bytes": b} for b in images], question=QUESTIONS[:3],
+                                               answer=firsts))
+
+    def run(*extra):
+        out = tmp_path / f"r{len(list(tmp_path.glob('r*.jsonl')))}.jsonl"
+        assert cli_main(["eval-vlm", "--model", str(tiny_vlm), "--data", str(data), "--method", "hiprune",
+                         "--keep", "0.5", "-o", "object_layer=1", "--output", str(out), "--device", "cpu",
+                         "--timing-repeats", "1", *extra]) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    # one new token: the model's first token, whatever the batch; four: its longer answers
+    one = run("--max-new-tokens", "1", "--batch-size", "1")
+    assert one[0]["accuracy"] == 100.0
+    four = run("--max-new-tokens", "4")
+    assert four[0]["accuracy"] == pytest.approx(100 * sum(exact_match(a, [f]) for a, f in zip(longer, firsts)) / 3)
+    assert four[0]["accuracy"] < 100.0
+    assert run("--max-new-tokens", "1", "--batch-size", "3")[0]["accuracy"] == 100.0
+    half = run("--max-new-tokens", "1", "--dtype", "bf16")
+    assert half[0]["key"] != one[0]["key"] and '"dtype": "bf16"' in half[0]["key"]
+
+    data = save_questions(tmp_path / "mc", dict(image=[{"bytes": b} for b in images], question=QUESTIONS[:3],
+                                                options=[["yes", "no"]] * 3, answer=["A", "B", "A"]))
+    out = tmp_path / "mc.jsonl"
+    assert cli_main(["eval-vlm", "--model", str(tiny_vlm), "--data", str(data), "--choices-column", "options",
+                     "--method", "hiprune", "--keep", "0.5", "-o", "object_layer=1", "--max-new-tokens", "2",
+                     "--output", str(out), "--device", "cpu", "--timing-repeats", "1"]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["metric"] == "choice"
