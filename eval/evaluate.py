@@ -400,17 +400,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (--no-pretrained)")
     p.add_argument("--limit", type=count(1), help="evaluate the first N images only (N >= 1)")
     p.add_argument("--threads", type=count(1), help="torch CPU threads")
-    p.add_argument("--output", help="results file (.jsonl; a .csv is written beside it); "
-                                    "default runs/eval/<model>-<data>.jsonl")
-    p.add_argument("--resume", action="store_true", help="skip configurations already in --output")
-    p.add_argument("--overwrite", action="store_true", help="start --output afresh")
-    p.add_argument("--plot", nargs="?", const="", metavar="PNG",
-                   help="write top-1 vs GFLOPs as a PNG (default: beside --output)")
+    add_output_arguments(p, "runs/eval", "top-1 vs GFLOPs")
     return p
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def add_output_arguments(p: argparse.ArgumentParser, folder: str, plotted: str) -> None:
+    """``--output``, ``--resume``, ``--overwrite`` and ``--plot``: shared with ``tokenprune eval-vlm``."""
+    p.add_argument("--output", help="results file (.jsonl; a .csv is written beside it); "
+                                    f"default {folder}/<model>-<data>.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip configurations already in --output")
+    p.add_argument("--overwrite", action="store_true", help="start --output afresh")
+    p.add_argument("--plot", nargs="?", const="", metavar="PNG",
+                   help=f"write {plotted} as a PNG (default: beside --output)")
+
+
+def output_paths(args, folder: str, model: str) -> tuple[Path, Path | None]:
+    """The results file and the plot (None without ``--plot``), checked before any work, so a bad path never
+    costs an evaluation: an existing file needs ``--resume`` or ``--overwrite``; every path must be writable."""
+    slug = Path(args.data).name or args.data
+    output = Path(args.output or f"{folder}/{Path(model).name}-{slug}.jsonl")
+    if output.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
+    png = (Path(args.plot) if args.plot else output.with_suffix(".png")) if args.plot is not None else None
+    for path, what in ((output, "--output"), (output.with_suffix(".csv"), "--output's CSV"), (png, "--plot")):
+        if path is not None:
+            check_writable(path, what)
+    return output, png
+
+
+def make_accelerator(device):
+    """accelerate's ``Accelerator`` for ``--device`` (None: auto). One process on ``cuda:N`` uses that GPU;
+    under a multi-process launch each process takes its own, so a fixed index is refused there."""
     from accelerate import Accelerator
+
+    if device is not None and device.index is not None:  # one process: accelerate's "cuda" is the current device
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(cpu=device is not None and device.type == "cpu")
+    if device is not None and device.index is not None and accelerator.num_processes > 1:
+        raise ValueError(f"--device {device} picks one GPU; under a multi-process launch each process takes "
+                         "its own: pass --device cuda")
+    return accelerator
+
+
+def finished_results(args, output: Path, accelerator) -> dict[str, dict]:
+    """The configurations an earlier run finished (``--resume``; torn lines repaired first), after
+    ``--overwrite`` removed the old file; every process reads the same file."""
+    if accelerator.is_main_process:
+        if args.overwrite:
+            output.unlink(missing_ok=True)
+        if args.resume:
+            repaired = repair_results(output)
+            if repaired:
+                print(f"[repair] {repaired}")
+    accelerator.wait_for_everyone()
+    return read_finished(output) if args.resume else {}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     from timm.data import create_transform, resolve_data_config
     from torch.utils.data import DataLoader, Subset
 
@@ -441,22 +487,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if own and args.data in EMBEDDED_SPECS and EMBEDDED_SPECS[args.data][0] != own.task:
         raise ValueError(f"--data {args.data}: {args.model} was trained on {embedded_spec_for(own.task)} "
                          "(the image would be resized into another task); pass that or leave --data out")
-    # Where the results go: checked before any work, so a bad path never costs an evaluation.
-    slug = Path(args.data).name or args.data
-    output = Path(args.output or f"runs/eval/{Path(args.model).name}-{slug}.jsonl")
-    if output.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
-    png = (Path(args.plot) if args.plot else output.with_suffix(".png")) if args.plot is not None else None
-    for path, what in ((output, "--output"), (output.with_suffix(".csv"), "--output's CSV"), (png, "--plot")):
-        if path is not None:
-            check_writable(path, what)
-
-    if device is not None and device.index is not None:  # one process: accelerate's "cuda" is the current device
-        torch.cuda.set_device(device)
-    accelerator = Accelerator(cpu=device is not None and device.type == "cpu")
-    if device is not None and device.index is not None and accelerator.num_processes > 1:
-        raise ValueError(f"--device {args.device} picks one GPU; under a multi-process launch each process takes "
-                         "its own: pass --device cuda")
+    output, png = output_paths(args, "runs/eval", args.model)
+    accelerator = make_accelerator(device)
     model = load_model(args.model, args.pretrained, args.checkpoint, args.seed).to(accelerator.device, dtype)
     data_config = resolve_data_config(model=model)
     transform = create_transform(**data_config, is_training=False)
@@ -469,15 +501,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
 
-    if accelerator.is_main_process:
-        if args.overwrite:
-            output.unlink(missing_ok=True)
-        if args.resume:
-            repaired = repair_results(output)
-            if repaired:
-                print(f"[repair] {repaired}")
-    accelerator.wait_for_everyone()  # every process reads the repaired file
-    finished = read_finished(output) if args.resume else {}
+    finished = finished_results(args, output, accelerator)
 
     run = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                split=args.split, limit=args.limit, amp=args.amp,

@@ -50,13 +50,21 @@ from tokenprune.cli import (
     add_device_arguments,
     add_option_argument,
     check_device,
-    check_writable,
     count,
     torch_dtype,
 )
 
 from .data import decode_image, image_source, looks_like_path, skip_reason
-from .evaluate import Config, append_result, config_key, format_skips, read_finished, repair_results
+from .evaluate import (
+    Config,
+    add_output_arguments,
+    append_result,
+    config_key,
+    finished_results,
+    format_skips,
+    make_accelerator,
+    output_paths,
+)
 
 METRICS = ("auto", "exact", "vqa", "choice")
 DEFAULT_KEEPS = (1 / 3, 2 / 9, 1 / 9)  # HiPrune's 192, 128 and 64 of LLaVA-1.5's 576 visual tokens
@@ -475,17 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p, auto=True)
     p.add_argument("--limit", type=count(1), help="the first N questions only")
     p.add_argument("--threads", type=count(1), help="torch CPU threads")
-    p.add_argument("--output", help="results file (.jsonl; a .csv is written beside it); "
-                                    "default runs/eval-vlm/<model>-<data>.jsonl")
-    p.add_argument("--resume", action="store_true", help="skip configurations already in --output")
-    p.add_argument("--overwrite", action="store_true", help="start --output afresh")
-    p.add_argument("--plot", nargs="?", const="", metavar="PNG",
-                   help="write accuracy vs visual tokens as a PNG (default: beside --output)")
+    add_output_arguments(p, "runs/eval-vlm", "accuracy vs visual tokens")
     return p
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from accelerate import Accelerator
     from tokenprune.patches.vlm import visual_tokens_per_image
     from torch.utils.data import DataLoader, Subset
 
@@ -503,14 +505,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         get_method(m)(keep=1.0, **options[m])
     device = None if args.device == "auto" else check_device(args.device)
     dtype = torch_dtype(args.dtype)
-    slug = Path(args.data).name or args.data
-    output = Path(args.output or f"runs/eval-vlm/{Path(args.model).name}-{slug}.jsonl")
-    if output.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
-    png = (Path(args.plot) if args.plot else output.with_suffix(".png")) if args.plot is not None else None
-    for path, what in ((output, "--output"), (output.with_suffix(".csv"), "--output's CSV"), (png, "--plot")):
-        if path is not None:
-            check_writable(path, what)
+    output, png = output_paths(args, "runs/eval-vlm", args.model)
 
     data, data_desc = load_questions(args.data, args.split)
     choices_column = args.choices_column or ("choices" if "choices" in data.features else None)
@@ -528,24 +523,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"--tokens {too_many[0]}: each image has {per_image} visual tokens")
         keeps = [t / per_image for t in args.tokens]
 
-    if device is not None and device.index is not None:
-        torch.cuda.set_device(device)
-    accelerator = Accelerator(cpu=device is not None and device.type == "cpu")
+    accelerator = make_accelerator(device)
     model.to(accelerator.device)
     image_columns = questions.image_columns
     if args.limit:
         questions = Subset(questions, range(min(args.limit, len(questions))))
     loader = accelerator.prepare(DataLoader(questions, batch_size=args.batch_size, collate_fn=list))
 
-    if accelerator.is_main_process:
-        if args.overwrite:
-            output.unlink(missing_ok=True)
-        if args.resume:
-            repaired = repair_results(output)
-            if repaired:
-                print(f"[repair] {repaired}")
-    accelerator.wait_for_everyone()
-    finished = read_finished(output) if args.resume else {}
+    finished = finished_results(args, output, accelerator)
 
     run = dict(model=args.model, data=args.data, split=args.split, limit=args.limit, metric=metric,
                image_columns=image_columns, max_new_tokens=args.max_new_tokens,

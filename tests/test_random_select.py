@@ -75,3 +75,15 @@ def test_an_encoder_model_refuses_it():
 
     with pytest.raises(TypeError, match="visual-token selector"):
         tokenprune.apply(tiny_timm(), "random-select", keep=0.5)
+
+
+def test_select_gives_the_sorted_kept_indices():
+    a, b = RandomSelect(keep=0.25), RandomSelect(keep=0.25)
+    for _ in range(5):
+        roles, chosen = a.explain((torch.zeros(32),), (4, 8)), b.select((torch.zeros(32),), (4, 8))
+        assert chosen.shape == (8,) and torch.equal(chosen, roles.nonzero().flatten())
+        assert torch.equal(chosen, chosen.sort().values)
+    allowed = torch.zeros(16, dtype=torch.bool)
+    allowed[3] = True  # a crop with one token: the budget is that token
+    assert RandomSelect(keep=1.0).select((torch.zeros(16),), (4, 4), allowed).tolist() == [3]
+    assert RandomSelect().keep == 0.33  # the default keep of every method

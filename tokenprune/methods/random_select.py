@@ -23,21 +23,22 @@ class RandomSelect(VisualTokenSelector):
         "tokens": TOKENS,
     }
 
-    def __init__(self, keep: float = 0.33, **options) -> None:
-        super().__init__(keep, **options)
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
         self._generator = torch.Generator().manual_seed(self.options["seed"])
 
     def score_layers(self, tower):
         return (tower.output_layer,)  # the adapter hands scores over; this selector reads none of them
 
     def explain(self, scores, grid, allowed=None):
-        n = scores[0].shape[0]
-        candidates = torch.arange(n) if allowed is None else allowed.nonzero().squeeze(1).cpu()
+        (layer_scores,) = scores  # one layer's: only their count and device matter here
+        n = layer_scores.numel()
+        candidates = torch.arange(n) if allowed is None else allowed.cpu().nonzero().flatten()
         k = self.budget_within(n, allowed)
         chosen = candidates[torch.randperm(candidates.numel(), generator=self._generator)[:k]]
         roles = torch.zeros(n, dtype=torch.int8)
         roles[chosen] = 1
-        return roles.to(scores[0].device)
+        return roles.to(layer_scores.device)
 
     def select(self, scores, grid, allowed=None):
-        return self.explain(scores, grid, allowed).nonzero().squeeze(1)
+        return self.explain(scores, grid, allowed).nonzero().flatten()
