@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     finished = finished_results(args, output, accelerator)
 
-    run = dict(model=args.model, data=args.data, split=args.split, limit=args.limit, metric=metric,
+    # the packaged testbed by its name, not by where this installation keeps it
+    name = vlm_testbed.VLM_TESTBED if args.model == str(vlm_testbed.vlm_testbed_path()) else args.model
+    run = dict(model=name, data=args.data, split=args.split, limit=args.limit, metric=metric,
                image_columns=image_columns, max_new_tokens=args.max_new_tokens,
                post_prompt=prompter.post_prompt, prompt_template=args.prompt_template, positions=args.positions,
                dtype=args.dtype)
@@ -553,7 +555,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             tokenprune.apply(model, config.method, keep=config.keep, **settings, **config.options)
         accelerator.print(config.label)
-        row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
+        row = dict(key=key, model=name, data=data_desc, method=config.method, keep=config.keep,
                    options=config.options, metric=metric,
                    **evaluate_vlm_config(model, prompter, loader, accelerator, args.max_new_tokens, dtype,
                                          args.timing_repeats))
@@ -564,13 +566,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = with_retention(rows)
     if accelerator.is_main_process:
         write_csv(output.with_suffix(".csv"), rows)
-        print(f"\n{args.model} on {data_desc}, metric {metric}" + (f", first {args.limit}" if args.limit else ""))
+        print(f"\n{name} on {data_desc}, metric {metric}" + (f", first {args.limit}" if args.limit else ""))
         print(format_table(rows))
         if rows[0]["skipped"]:
             print(format_skips(rows[0]["skip_reasons"]))
         print(f"results: {output} and {output.with_suffix('.csv')}")
         if png is not None:
-            plot(png, rows, f"{Path(args.model).name} on {data_desc}")
+            plot(png, rows, f"{Path(name).name} on {data_desc}")
             print(f"plot: {png}")
     return rows
 

@@ -141,6 +141,13 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
                      str(tmp_path / "r.jsonl"), "--device", "cpu", "--timing-repeats", "1"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["visual_tokens_per_image"] for r in rows] == [196, 98] and rows[0]["questions"] == 6
+    # the default model is the packaged testbed, recorded by its name, on its own question set
+    monkeypatch.setattr(vt, "vlm_testbed_path", lambda: out)
+    assert cli_main(["eval-vlm", "--method", "random-select", "--keep", "0.5", "--limit", "4", "--max-new-tokens",
+                     "2", "--output", str(tmp_path / "d.jsonl"), "--device", "cpu", "--timing-repeats", "1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["vlm_testbed_fmnist"] * 2 and str(out) not in rows[0]["key"]
+    assert rows[0]["data"].startswith("2,000 questions on 2x2 mosaics") and rows[0]["questions"] == 4
     # resumed from the checkpoint at its last step: nothing more to train, the same weights exported again
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train.main(argv)
