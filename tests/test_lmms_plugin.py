@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from test_eval_vlm import QUESTIONS, png_bytes, tiny_vlm  # noqa: F401  (a fixture)
+from test_eval_vlm import QUESTIONS, WORDS, png_bytes, tiny_vlm  # noqa: F401  (a fixture)
 
 pytest.importorskip("lmms_eval")
 
@@ -59,17 +59,67 @@ def tiny_task(folder, data_path) -> None:
         """))
 
 
-def run_lmms(tmp_path, model_folder, task_dir, model_args: str) -> subprocess.CompletedProcess:
+QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+#: Qwen2.5-VL's layout of a user turn (vision markers around the image pad) in LLaVA's conversation format
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %} ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_folder(tmp_path_factory):
+    """A random-init Qwen2.5-VL (patch 4, 2x2 merger: a 32x32 image gives 16 visual tokens) with its processor."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from tokenprune.vlm_testbed import EOS, PAD, word_tokenizer
+
+    tokenizer = word_tokenizer(WORDS, QWEN_TOKENS)
+    tokenizer.chat_template = QWEN_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=1024, max_pixels=1024, **sizes),
+                                    video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tokenizer,
+                                    chat_template=QWEN_TEMPLATE)
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1, 3], in_channels=3),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}, pad_token_id=PAD,
+                         eos_token_id=EOS),
+        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+    folder = tmp_path_factory.mktemp("tiny-qwen")
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_lmms(tmp_path, model_folder, task_dir, model_args: str, model: str = "tokenprune_llava",
+             ) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "tokenprune_llava", "--model_args",
-                           f"pretrained={model_folder},device=cpu,dtype=float32,{model_args}", "--tasks",
+    return subprocess.run([sys.executable, "-m", "lmms_eval", "--model", model, "--model_args",
+                           f"pretrained={model_folder},device=cpu,{model_args}", "--tasks",
                            "tokenprune_tiny_vqa", "--include_path", str(task_dir), "--batch_size", "1",
                            "--output_path", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
 
 
-def test_lmms_eval_runs_a_local_task_with_the_pruned_model(tiny_vlm, tmp_path):  # noqa: F811
+def local_task(tmp_path):
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
     rows = dict(image=[{"bytes": png_bytes(60 + i)} for i in range(3)], question=QUESTIONS[:3],
@@ -78,9 +128,13 @@ def test_lmms_eval_runs_a_local_task_with_the_pruned_model(tiny_vlm, tmp_path): 
                                                                 answer=Value("string")))
                 ).save_to_disk(str(tmp_path / "data"))
     tiny_task(tmp_path / "task", tmp_path / "data")
+
+
+def test_lmms_eval_runs_a_local_task_with_the_pruned_model(tiny_vlm, tmp_path):  # noqa: F811
+    local_task(tmp_path)
     stats = tmp_path / "stats.json"
     result = run_lmms(tmp_path, tiny_vlm, tmp_path / "task",
-                      f"method=hiprune,keep=0.5,object_layer=1,stats_file={stats}")
+                      f"dtype=float32,method=hiprune,keep=0.5,object_layer=1,stats_file={stats}")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     summary = json.loads(stats.read_text())
     assert summary["method"] == "hiprune" and summary["images"] == 3
@@ -91,14 +145,14 @@ def test_lmms_eval_runs_a_local_task_with_the_pruned_model(tiny_vlm, tmp_path): 
     assert results and "exact_match,none" in results[0]["results"]["tokenprune_tiny_vqa"]
 
     # the stock model through the same code: every placeholder reaches the language model
-    result = run_lmms(tmp_path, tiny_vlm, tmp_path / "task", f"method=none,stats_file={stats}")
+    result = run_lmms(tmp_path, tiny_vlm, tmp_path / "task", f"dtype=float32,method=none,stats_file={stats}")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert json.loads(stats.read_text())["visual_tokens_per_image"] == 16
 
     # a bad configuration fails before any answer (lmms-eval itself exits 0 and prints the error)
     for old in (tmp_path / "out").rglob("*results.json"):
         old.unlink()
-    result = run_lmms(tmp_path, tiny_vlm, tmp_path / "task", "method=hiprune,keep=0.5,object_layer=99")
+    result = run_lmms(tmp_path, tiny_vlm, tmp_path / "task", "dtype=float32,method=hiprune,keep=0.5,object_layer=99")
     assert "object_layer=99 is outside the 3-layer vision tower" in result.stdout + result.stderr
     assert not list((tmp_path / "out").rglob("*results.json"))
 
@@ -124,3 +178,17 @@ def test_an_error_inside_generate_is_raised_not_scored(tiny_vlm, monkeypatch):  
         model.generate_until([])
     with pytest.raises(TypeError, match="unknown option"):
         TokenpruneLlava(pretrained=str(tiny_vlm), device="cpu", method="tome", keep=0.5, object_layer=1)
+
+
+def test_lmms_eval_qwen2_5_vl(tiny_qwen_folder, tmp_path):
+    """lmms-eval's own qwen2_5_vl class (bf16, its vision-info pipeline) with HiPrune: 8 of 16 tokens per image."""
+    local_task(tmp_path)
+    stats = tmp_path / "stats.json"
+    result = run_lmms(tmp_path, tiny_qwen_folder, tmp_path / "task",
+                      f"method=hiprune,keep=0.5,object_layer=2,min_pixels=1024,max_pixels=1024,stats_file={stats}",
+                      model="tokenprune_qwen2_5_vl")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads(stats.read_text())
+    assert summary["images"] == 3 and summary["placeholders_per_image"] == 16
+    assert summary["visual_tokens_per_image"] == 8
+    assert list((tmp_path / "out").rglob("*results.json"))

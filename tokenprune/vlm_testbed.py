@@ -23,22 +23,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def word_tokenizer(words):
+def word_tokenizer(words, named_tokens: dict[str, str] | None = None):
     """A ``PreTrainedTokenizerFast`` whose tokens are ``SPECIAL_TOKENS`` then ``words`` (lower case): text is
-    lower-cased and split at spaces and punctuation; an unknown word is ``<unk>``; decoding joins with spaces."""
+    lower-cased and split at spaces and punctuation; an unknown word is ``<unk>``; decoding joins with spaces.
+    ``named_tokens`` (default ``{"image_token": "<image>"}``, LLaVA's) are the special tokens a processor finds
+    by name (Qwen's: ``image_token``, ``video_token``, ``vision_start_token``, ``vision_end_token``); they are
+    added after the words where they are not among them."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    named_tokens = {"image_token": "<image>"} if named_tokens is None else named_tokens
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for word in words:
-        vocab.setdefault(word.lower(), len(vocab))
+    for word in [w.lower() for w in words] + list(named_tokens.values()):
+        vocab.setdefault(word, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # WordPiece's decoder: tokens joined by spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"},
-                                   chat_template=CHAT_TEMPLATE)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", extra_special_tokens=named_tokens, chat_template=CHAT_TEMPLATE)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in named_tokens.values() if t not in SPECIAL_TOKENS]})
+    return fast
 
 
 def llava_processor(tokenizer, image_size: int, patch_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
