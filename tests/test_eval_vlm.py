@@ -384,3 +384,42 @@ def test_max_new_tokens_batch_size_dtype_and_a_named_choices_column(tiny_vlm, tm
                      "--method", "hiprune", "--keep", "0.5", "-o", "object_layer=1", "--max-new-tokens", "2",
                      "--output", str(out), "--device", "cpu", "--timing-repeats", "1"]) == 0
     assert json.loads(out.read_text().splitlines()[0])["metric"] == "choice"
+
+
+def test_default_keeps_and_the_prefill_cost(tiny_vlm, tmp_path, monkeypatch):
+    """Without --keep the sweep is HiPrune's 192 / 128 / 64 of 576 (1/3, 2/9, 1/9); the prefill is counted with
+    the logits of the last position only, per question, and timed in milliseconds."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import tokenprune
+
+    data = save_questions(tmp_path / "q", dict(image=[{"bytes": png_bytes(80 + i)} for i in range(2)],
+                                               question=QUESTIONS[:2], answer=["yes", "no"]))
+    monkeypatch.setattr("tokenprune.timing.timed", lambda call, device=None: (call(), 0.25))
+    out = tmp_path / "r.jsonl"
+    assert cli_main(["eval-vlm", "--model", str(tiny_vlm), "--data", str(data), "-o", "object_layer=1",
+                     "--max-new-tokens", "1", "--output", str(out), "--device", "cpu", "--timing-repeats", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["keep"] for r in rows] == [None, 1 / 3, 2 / 9, 1 / 9]
+    assert [r["visual_tokens_per_image"] for r in rows] == [16, 5, 4, 2]
+    assert all(r["prefill_ms"] == 250.0 for r in rows)
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
+    from PIL import Image
+
+    texts = [f"USER: <image>\n{q}{eval_vlm.SHORT_ANSWER_PROMPT} ASSISTANT:" for q in QUESTIONS[:2]]
+    processor.tokenizer.padding_side = "left"
+    inputs = dict(processor(text=texts, images=[Image.open(io.BytesIO(png_bytes(80 + i))).convert("RGB")
+                                                for i in range(2)], return_tensors="pt", padding=True))
+    last_only = tokenprune.count_flops(model, inputs={**inputs, "logits_to_keep": 1}).flops / 2 / 1e9
+    every = tokenprune.count_flops(model, inputs=inputs).flops / 2 / 1e9
+    assert rows[0]["prefill_gflops"] == pytest.approx(last_only) and last_only < every
+
+
+def test_a_reference_may_be_the_first_option_by_index():
+    assert reference_option(0, ["shirt", "bag"]) == 0
+    assert reference_option(1, ["shirt", "bag"]) == 1
+    with pytest.raises(ValueError):
+        reference_option(2, ["shirt", "bag"])
+    with pytest.raises(ValueError):
+        reference_option(True, ["shirt", "bag"])
