@@ -182,3 +182,16 @@ def test_training_script_trains_exports_and_records(name, tmp_path, monkeypatch)
     model = timm.create_model(name, pretrained=False)
     model.load_state_dict(load_file(str(out)))  # the export is exactly this model's layout
     assert (tmp_path / "ck" / "last.pt").is_file()
+
+
+def test_the_conv_stem_answers_timm_s_patch_embed_questions():
+    """What timm asks of a patch embedding (feature ratio, dynamic sizes, a wrong input size), on the stem."""
+    model = timm.create_model("vit_testbed_fmnist_gap")
+    stem = model.patch_embed
+    assert stem.feat_ratio() == 2 and tuple(stem.feat_ratio(as_scalar=False)) == (2, 2)
+    assert stem.dynamic_feat_size((29, 27)) == (15, 14)  # ceil: padding-1 stride-2 convolutions
+    with pytest.raises(ValueError, match=r"Input size \(32x28\) does not match model \(28x28\)"):
+        stem(torch.zeros(1, 1, 32, 28))
+    assert stem(torch.zeros(1, 1, 28, 28)).shape == (1, 196, 96)
+    stem.strict_img_size = False
+    assert stem(torch.zeros(1, 1, 32, 28)).shape == (1, 16 * 14, 96)
