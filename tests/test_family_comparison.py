@@ -138,3 +138,21 @@ def test_each_run_passes_the_split_weights_threads_and_limit(monkeypatch, tmp_pa
         assert flags["--checkpoint"] == str(Path("w") / "vit_testbed_mosaic.safetensors")
         assert flags["--limit"] == "5" and flags["--threads"] == "1" and "--resume" in argv
     assert calls[2][-2:] == ["-o", "seed=4"]
+
+
+def test_the_plot_draws_random_s_band_and_one_line_per_method(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.setdefault("fig", fig))
+    family.plot(tmp_path / "p.png", "m", ROWS)
+    ax = drawn["fig"].axes[0]
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == 70.0 and band[:, 1].max() == 87.0  # min-max over the seeds
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert {"tome", "mctf", "zero-tprune", "baseline"} <= set(lines)
+    assert list(lines["tome"].get_xdata()) == [0.2, 0.5] and list(lines["tome"].get_ydata()) == [60.0, 88.5]
+    assert (tmp_path / "p.png").stat().st_size > 1000

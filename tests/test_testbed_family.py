@@ -2,6 +2,8 @@
 disjoint and fixed, and the eval CLI picks each testbed's own data."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -195,3 +197,15 @@ def test_the_conv_stem_answers_timm_s_patch_embed_questions():
     assert stem(torch.zeros(1, 1, 28, 28)).shape == (1, 196, 96)
     stem.strict_img_size = False
     assert stem(torch.zeros(1, 1, 32, 28)).shape == (1, 16 * 14, 96)
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGED_FLOORS))
+def test_the_registered_architecture_is_the_one_the_weights_were_trained_as(name):
+    """The training record beside each weights file names the architecture it trained; the registered model
+    must be that one (a head count changed keeps every weight shape, and the weights still load)."""
+    spec = tb.TESTBEDS[name]
+    record = json.loads(spec.weights_path.with_suffix(".json").read_text())
+    assert record["config"] == spec.args
+    model = timm.create_model(name)
+    assert model.blocks[0].attn.num_heads == record["config"]["num_heads"]
+    assert len(model.blocks) == record["config"]["depth"]
