@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=float, default=2e-5)
     p.add_argument("--warmup-steps", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--cell-loss", type=float, default=1.0,
+                   help="weight of the auxiliary loss: each cell's class from the visual tokens (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=2)
@@ -105,7 +107,26 @@ def training_batch(images, labels, conv: Conversations, args, step: int) -> dict
     gen = step_generator(args.seed, step)
     canvas, classes = vt.compose_mosaics(images, labels, args.batch_size, gen, flip=True)
     conversations = [conv.encode([vt.ask(classes[i], gen) for _ in range(args.turns)]) for i in range(len(classes))]
-    return dict(pixel_values=pixels(canvas), **conv.batch(conversations))
+    return dict(pixel_values=pixels(canvas), cells=classes, **conv.batch(conversations))
+
+
+def cell_logits(features: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """``(B, 4, 10)`` class logits of each mosaic cell from the mean of its 7x7 visual tokens (the projected
+    features the language model receives, ``(B, 196, D)`` in raster order)."""
+    side = vt.IMAGE_SIZE // vt.PATCH_SIZE
+    grid = features.view(features.shape[0], 2, side // 2, 2, side // 2, features.shape[-1])
+    return head(grid.mean(dim=(2, 4)).flatten(1, 2))
+
+
+def forward_with_cells(model, head, batch):
+    """The VLM's logits and the cells' class logits from one pass of the tower: the image features are computed
+    once and scattered into the placeholders (what the model's own forward does with ``pixel_values``)."""
+    features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    mask = (batch["input_ids"] == vt.IMAGE)[..., None]
+    embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    return logits, cell_logits(features, head)
 
 
 @torch.no_grad()
@@ -164,8 +185,8 @@ def training_command(args) -> str:
     return f"python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER {settings}"
 
 
-TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "seed",
-                     "precision")
+TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "cell_loss",
+                     "seed", "precision")
 
 
 def main(argv=None):
@@ -185,8 +206,12 @@ def main(argv=None):
     conv = Conversations(processor.tokenizer, (vt.IMAGE_SIZE // vt.PATCH_SIZE) ** 2)
     torch.manual_seed(args.seed)
     model = LlavaForConditionalGeneration(config).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    # an auxiliary head, not exported: each cell's class from the features the language model receives, so the
+    # tower learns what garments are from a direct signal while the language model learns to read them
+    cell_head = torch.nn.Linear(config.text_config.hidden_size, 10)
+    named = [*model.named_parameters(), *(("cell_head." + n, p) for n, p in cell_head.named_parameters())]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     ckpt = Path(args.ckpt)
@@ -195,6 +220,7 @@ def main(argv=None):
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        cell_head.load_state_dict(state["cell_head"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, elapsed_before = state["step"], json.loads(state["history"]), state["elapsed"]
         log(f"resumed at step {step}")
@@ -203,7 +229,8 @@ def main(argv=None):
         f"{args.turns} questions | {args.precision} | torch {torch.__version__}")
 
     def save():
-        atomic_torch_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+        atomic_torch_save(dict(model=model.state_dict(), cell_head=cell_head.state_dict(),
+                               optimizer=optimizer.state_dict(), step=step,
                                history=json.dumps(history), elapsed=elapsed_before + time.time() - start), ckpt)
 
     start, last_ckpt, losses, first_step = time.time(), time.time(), [], step
@@ -213,11 +240,11 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits, cells = forward_with_cells(model, cell_head, batch)
         # each position predicts the next token; only the answers (and their </s>) carry labels
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)
+        loss = loss + args.cell_loss * F.cross_entropy(cells.float().flatten(0, 1), batch["cells"].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -131,7 +131,8 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
     assert set(record["history"][0]["val"]) == {"all", *vt.KINDS}
     assert record["training_command"] == (
         "python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER --steps 4 --batch-size 4 "
-        "--turns 2 --lr 0.001 --min-lr 2e-05 --warmup-steps 2 --weight-decay 0.05 --seed 0 --precision bf16")
+        "--turns 2 --lr 0.001 --min-lr 2e-05 --warmup-steps 2 --weight-decay 0.05 --cell-loss 1.0 --seed 0 "
+        "--precision bf16")
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert type(AutoProcessor.from_pretrained(out)).__name__ == "LlavaProcessor"
@@ -170,3 +171,32 @@ def test_eval_vlm_defaults_to_the_testbed_and_its_questions(tmp_path, monkeypatc
     assert cli_main(["eval-vlm", "--output", str(tmp_path / "r.jsonl"), "--limit", "3"]) == 2
     err = capsys.readouterr().err
     assert "python -m tokenprune.eval.train_vlm_testbed --data-root" in err and "Traceback" not in err
+
+
+def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
+    """Features scattered into the placeholders by hand give the model's own logits; each cell's logits come
+    from the mean of its 7x7 block of the 14x14 grid."""
+    import argparse
+
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+
+    from tokenprune.eval.train_vlm_testbed import Conversations, cell_logits, forward_with_cells, training_batch
+
+    config = vt.vlm_testbed_config()
+    config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 3})
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    head = torch.nn.Linear(config.text_config.hidden_size, 10)
+    conv = Conversations(vt.vlm_testbed_processor().tokenizer, 196)
+    batch = training_batch(*vt_split(), conv, argparse.Namespace(seed=0, batch_size=2, turns=2), 0)
+    with torch.no_grad():
+        logits, cells = forward_with_cells(model, head, batch)
+        own = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(logits, own, atol=1e-5)
+    features = torch.arange(2 * 196 * 3, dtype=torch.float).view(2, 196, 3)
+    grid = features.view(2, 14, 14, 3)
+    identity = torch.nn.Linear(3, 3, bias=False)
+    identity.weight.data = torch.eye(3)
+    by_hand = torch.stack([grid[:, r:r + 7, c:c + 7].mean(dim=(1, 2)) for r in (0, 7) for c in (0, 7)], dim=1)
+    assert torch.allclose(cell_logits(features, identity), by_hand)
