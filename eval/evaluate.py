@@ -190,6 +190,25 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def configured(model, configs: list[Config], run: dict, finished: dict[str, dict], rows: list[dict], accelerator,
+               **settings):
+    """Each configuration an earlier run did not finish, with ``model`` patched for it (unpatched for the
+    baseline), and its key; a finished one goes straight into ``rows``. ``settings``: ``apply``'s own
+    (``positions``)."""
+    for config in configs:
+        key = config_key(run, config)
+        if key in finished:
+            rows.append(finished[key])
+            accelerator.print(f"[resume] {config.label}: already done")
+            continue
+        if config.method is None:
+            if tokenprune.is_patched(model):
+                tokenprune.remove(model)
+        else:
+            tokenprune.apply(model, config.method, keep=config.keep, **settings, **config.options)
+        yield config, key
+
+
 def config_key(run: dict, config: Config) -> str:
     return json.dumps({**run, "method": config.method, "keep": config.keep, "options": config.options},
                       sort_keys=True, default=str)
@@ -262,10 +281,11 @@ def with_deltas(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+    """The rows as CSV (atomically: a temporary file, then renamed), the baseline named, options as JSON."""
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"]),
@@ -291,8 +311,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, rows: list[dict], title: str) -> None:
-    """Top-1 against GFLOPs, one line per method, the baseline as a star."""
+def plot(path: Path, rows: list[dict], title: str, x: str = "gflops", y: str = "top1",
+         labels: tuple[str, str] = ("GFLOPs per image", "top-1 (%)")) -> None:
+    """``y`` against ``x``, one line per method with each point's keep, the baseline as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,15 +322,14 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     base = next((r for r in rows if r["method"] is None), None)
     for method in sorted({r["method"] for r in rows if r["method"]}):
-        pts = sorted((r["gflops"], r["top1"], r["keep"]) for r in rows if r["method"] == method)
+        pts = sorted((r[x], r[y], r["keep"]) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        for g, t, k in pts:
-            ax.annotate(f"{k:g}", (g, t), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for px, py, k in pts:
+            ax.annotate(f"{k:.3g}", (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7)
     if base:
-        ax.plot([base["gflops"]], [base["top1"]], marker="*", markersize=14, color="k", linestyle="",
-                label="baseline")
-    ax.set_xlabel("GFLOPs per image")
-    ax.set_ylabel("top-1 (%)")
+        ax.plot([base[x]], [base[y]], marker="*", markersize=14, color="k", linestyle="", label="baseline")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -512,17 +532,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run["compile"] = True
     configs = [Config(None, None)] + [Config(m, k, dict(args.option)) for m in methods for k in args.keep]
     rows = []
-    for config in configs:
-        key = config_key(run, config)
-        if key in finished:
-            rows.append(finished[key])
-            accelerator.print(f"[resume] {config.label}: already done")
-            continue
-        if config.method is None:
-            if tokenprune.is_patched(model):
-                tokenprune.remove(model)
-        else:
-            tokenprune.apply(model, config.method, keep=config.keep, **config.options)
+    for config, key in configured(model, configs, run, finished, rows, accelerator):
         flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))
         accelerator.print(f"{config.label}: {flops.gflops_per_sample:.4f} GFLOPs/image")
         runner = compiled(model, loader, dtype, accelerator) if args.compile else model

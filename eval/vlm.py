@@ -32,8 +32,6 @@ per-question scores exactly.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import re
 import statistics
 import sys
@@ -59,11 +57,13 @@ from .evaluate import (
     Config,
     add_output_arguments,
     append_result,
-    config_key,
+    configured,
     finished_results,
     format_skips,
     make_accelerator,
     output_paths,
+    plot,
+    write_csv,
 )
 
 METRICS = ("auto", "exact", "vqa", "choice")
@@ -384,17 +384,6 @@ def with_retention(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"]),
-                             "skip_reasons": json.dumps(r.get("skip_reasons", {}))})
-    tmp.replace(path)
-
-
 def format_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
@@ -409,31 +398,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{fmt(r['retention'], '>9.3f'):>9} {r['visual_tokens_per_image']:>10.1f} "
                      f"{fmt(r['prefill_gflops'], '>14.3f'):>14} {fmt(r['prefill_ms'], '>10.1f'):>10}")
     return "\n".join(lines)
-
-
-def plot(path: Path, rows: list[dict], title: str) -> None:
-    """Accuracy against visual tokens per image, one line per method, the baseline as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in sorted({r["method"] for r in rows if r["method"]}):
-        points = sorted((r["visual_tokens_per_image"], r["accuracy"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points), marker="o", label=method)
-    base = next((r for r in rows if r["method"] is None), None)
-    if base:
-        ax.plot([base["visual_tokens_per_image"]], [base["accuracy"]], marker="*", markersize=14, color="k",
-                linestyle="", label="baseline")
-    ax.set_xlabel("visual tokens per image (received by the language model)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the command
@@ -543,17 +507,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for config in configs[1:]:  # every configuration fits this model (layers, budgets), before any evaluation
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **settings, **config.options))
     rows = []
-    for config in configs:
-        key = config_key(run, config)
-        if key in finished:
-            rows.append(finished[key])
-            accelerator.print(f"[resume] {config.label}: already done")
-            continue
-        if config.method is None:
-            if tokenprune.is_patched(model):
-                tokenprune.remove(model)
-        else:
-            tokenprune.apply(model, config.method, keep=config.keep, **settings, **config.options)
+    for config, key in configured(model, configs, run, finished, rows, accelerator, **settings):
         accelerator.print(config.label)
         row = dict(key=key, model=name, data=data_desc, method=config.method, keep=config.keep,
                    options=config.options, metric=metric,
@@ -561,18 +515,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                          args.timing_repeats))
         if accelerator.is_main_process:
             append_result(output, row)
-            write_csv(output.with_suffix(".csv"), with_retention(rows + [row]))
+            write_csv(output.with_suffix(".csv"), with_retention(rows + [row]), COLUMNS)
         rows.append(row)
     rows = with_retention(rows)
     if accelerator.is_main_process:
-        write_csv(output.with_suffix(".csv"), rows)
+        write_csv(output.with_suffix(".csv"), rows, COLUMNS)
         print(f"\n{name} on {data_desc}, metric {metric}" + (f", first {args.limit}" if args.limit else ""))
         print(format_table(rows))
         if rows[0]["skipped"]:
             print(format_skips(rows[0]["skip_reasons"]))
         print(f"results: {output} and {output.with_suffix('.csv')}")
         if png is not None:
-            plot(png, rows, f"{Path(name).name} on {data_desc}")
+            plot(png, rows, f"{Path(name).name} on {data_desc}", "visual_tokens_per_image", "accuracy",
+                 ("visual tokens per image (received by the language model)", "accuracy (%)"))
             print(f"plot: {png}")
     return rows
 
