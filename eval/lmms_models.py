@@ -34,6 +34,11 @@ class PruningStats:
 class _Pruned:
     """Mixed into an lmms-eval model class: patch after loading, watch each ``generate``, report per task."""
 
+    def __init__(self, **kwargs) -> None:
+        ours, rest = _split(kwargs)
+        super().__init__(**rest)  # lmms-eval's class loads the model and its processor
+        self._prune(**ours)
+
     def _prune(self, method: str, keep, tokens, positions, stats_file, options: dict) -> None:
         self._method, self._keep, self._tokens = method, keep, tokens
         self._stats_file = stats_file
@@ -106,16 +111,6 @@ def _split(kwargs: dict) -> tuple[dict, dict]:
 class TokenpruneLlava(_Pruned, LlavaHf):
     """lmms-eval's ``llava_hf`` (LLaVA-1.5, LLaVA-NeXT) with tokenprune applied."""
 
-    def __init__(self, **kwargs) -> None:
-        ours, rest = _split(kwargs)
-        super().__init__(**rest)
-        self._prune(**ours)
-
 
 class TokenpruneQwen2_5_VL(_Pruned, Qwen2_5_VL):  # noqa: N801  (lmms-eval's class name)
     """lmms-eval's ``qwen2_5_vl`` with tokenprune applied (HiPrune keeps the original M-RoPE positions)."""
-
-    def __init__(self, **kwargs) -> None:
-        ours, rest = _split(kwargs)
-        super().__init__(**rest)
-        self._prune(**ours)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from tokenprune import vlm_testbed as vt
 from tokenprune.testbed import testbed_split
 
-from .train_testbed import ThreadGovernor, atomic_torch_save, fmt_time, log
+from .train_testbed import ThreadGovernor, atomic_torch_save, fmt_time, log, lr_at
 
 
 def parse_args(argv=None):
@@ -152,13 +151,6 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     return {"all": 100 * sum(total) / len(total), **{k: 100 * sum(v) / max(1, len(v)) for k, v in right.items()}}
 
 
-def lr_at(step: int, args) -> float:
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    t = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def export(model, processor, out: Path, record: dict) -> None:
     """The model folder (config, safetensors, generation config, tokenizer, processor) and the training record,
     written to a sibling folder first and swapped in, so a killed export leaves the previous one whole."""
@@ -238,7 +230,7 @@ def main(argv=None):
     while step < args.steps:
         batch = training_batch(images, labels, conv, args, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args.steps, args)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             logits, cells = forward_with_cells(model, cell_head, batch)
         # each position predicts the next token; only the answers (and their </s>) carry labels
@@ -255,7 +247,8 @@ def main(argv=None):
         if step % 25 == 0:
             now = time.time()
             spent = elapsed_before + now - start
-            log(f"step {step}/{args.steps} loss {sum(losses) / len(losses):.4f} lr {lr_at(step, args):.2e} | "
+            lr = lr_at(step, args.steps, args)
+            log(f"step {step}/{args.steps} loss {sum(losses) / len(losses):.4f} lr {lr:.2e} | "
                 f"{args.batch_size * len(losses) / (now - last_log):.1f} mosaics/s {governor.threads}T | "
                 f"elapsed {fmt_time(spent)} ETA {fmt_time((args.steps - step) * (now - start) / (step - first_step))}")
             last_log, losses = now, []

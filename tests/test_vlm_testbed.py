@@ -178,9 +178,8 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     from the mean of its 7x7 block of the 14x14 grid."""
     import argparse
 
-    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
-
     from tokenprune.eval.train_vlm_testbed import Conversations, cell_logits, forward_with_cells, training_batch
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
     config = vt.vlm_testbed_config()
     config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 3})
