@@ -42,7 +42,8 @@ def word_tokenizer(words, named_tokens: dict[str, str] | None = None):
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # WordPiece's decoder: tokens joined by spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", extra_special_tokens=named_tokens, chat_template=CHAT_TEMPLATE)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in named_tokens.values() if t not in SPECIAL_TOKENS]})
+    added = [token for token in named_tokens.values() if token not in SPECIAL_TOKENS]
+    fast.add_special_tokens({"additional_special_tokens": added})
     return fast
 
 
