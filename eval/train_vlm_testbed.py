@@ -49,7 +49,15 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--cell-loss", type=float, default=1.0,
                    help="weight of the auxiliary loss: each cell's class from the visual tokens (0: none)")
+    p.add_argument("--token-loss", type=float, default=1.0,
+                   help="weight of the auxiliary loss on each visual token: its cell's class, by the same head (0: "
+                        "none). Without it a token's class is readable only from its cell's mean, and the language "
+                        "model cannot find a class by matching a question word against single tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default=None,
+                   help="a checkpoint of an earlier run (its last.pt): every tensor whose name and shape match starts "
+                        "from it (the tower, the projector, the cell head, matching language-model layers); the "
+                        "rest starts from random init; the optimizer starts afresh")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-adaptive-threads", action="store_true")
@@ -117,15 +125,56 @@ def cell_logits(features: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
     return head(grid.mean(dim=(2, 4)).flatten(1, 2))
 
 
-def forward_with_cells(model, head, batch):
-    """The VLM's logits and the cells' class logits from one pass of the tower: the image features are computed
+def token_cells(cells: torch.Tensor) -> torch.Tensor:
+    """``(B, 196)``: the class of the cell each visual token lies in (raster order), from ``(B, 4)`` cell classes."""
+    side = vt.IMAGE_SIZE // vt.PATCH_SIZE
+    half = torch.arange(side) // (side // 2)  # 0 in the top (left) half, 1 in the bottom (right) one
+    return cells[:, (2 * half[:, None] + half[None, :]).flatten()]
+
+
+def auxiliary_loss(features: torch.Tensor, head: torch.nn.Linear, cells: torch.Tensor, cell_weight: float,
+                   token_weight: float) -> torch.Tensor:
+    """The auxiliary losses on the projected visual features ``(B, 196, D)``: each cell's class from the mean of
+    its tokens, and each token's cell class from the token itself, by one linear head."""
+    loss = cell_weight * F.cross_entropy(cell_logits(features, head).float().flatten(0, 1), cells.flatten())
+    if token_weight:
+        loss = loss + token_weight * F.cross_entropy(head(features).float().flatten(0, 1),
+                                                     token_cells(cells).flatten())
+    return loss
+
+
+class ClassWordHead(torch.nn.Module):
+    """Class logits of visual features as their dot product with the language model's own input embeddings of
+    the ten class words (plus a bias). Trained through it, a visual token of a coat comes to look like the
+    word "coat" to the language model, as LLaVA's projector maps into the word-embedding space: then "is
+    there a coat ?" is a match between a word and tokens like it, which attention finds at once. (A separate
+    linear head taught the tower the classes, but the language model never learnt to match a class word
+    against the image: presence stayed at chance in 3,000 steps.)"""
+
+    def __init__(self, embeddings: torch.nn.Embedding, word_ids: list[int]) -> None:
+        super().__init__()
+        self.embeddings = [embeddings]  # a list, not a submodule: the weight is the model's, saved with it
+        self.register_buffer("word_ids", torch.tensor(word_ids), persistent=False)
+        self.bias = torch.nn.Parameter(torch.zeros(len(word_ids)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        words = self.embeddings[0].weight[self.word_ids]
+        return features @ words.to(features.dtype).T + self.bias.to(features.dtype)
+
+
+def class_word_head(model, tokenizer) -> ClassWordHead:
+    return ClassWordHead(model.get_input_embeddings(), tokenizer.convert_tokens_to_ids(list(vt.CLASS_WORDS)))
+
+
+def forward_with_cells(model, batch):
+    """The VLM's logits and the projected image features from one pass of the tower: the features are computed
     once and scattered into the placeholders (what the model's own forward does with ``pixel_values``)."""
     features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
     embeds = model.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == vt.IMAGE)[..., None]
     embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
     logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
-    return logits, cell_logits(features, head)
+    return logits, features
 
 
 @torch.no_grad()
@@ -151,6 +200,27 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     return {"all": 100 * sum(total) / len(total), **{k: 100 * sum(v) / max(1, len(v)) for k, v in right.items()}}
 
 
+def warm_start(model, cell_head, path) -> dict:
+    """Load every tensor of an earlier run's checkpoint whose name and shape match (``strict=False`` would still
+    fail on a changed shape); the record says what was loaded and what starts fresh. A fresh language-model
+    layer gets zero output projections (attention ``o_proj``, MLP ``down_proj``): it starts as the identity on
+    the residual stream, so the warm-started model first answers as the earlier one did, and the new layer
+    grows from there instead of adding noise."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    loaded, fresh = 0, []
+    for module, saved in ((model, state["model"]), (cell_head, state["cell_head"])):
+        own = module.state_dict()
+        match = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+        module.load_state_dict(match, strict=False)
+        loaded += len(match)
+        fresh += [k for k in own if k not in match]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in fresh and name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+    return dict(loaded=loaded, fresh=fresh, from_step=state["step"], from_history=json.loads(state["history"]))
+
+
 def export(model, processor, out: Path, record: dict) -> None:
     """The model folder (config, safetensors, generation config, tokenizer, processor) and the training record,
     written to a sibling folder first and swapped in, so a killed export leaves the previous one whole."""
@@ -174,10 +244,12 @@ def export(model, processor, out: Path, record: dict) -> None:
 def training_command(args) -> str:
     """The command that reproduces the training, every setting that shapes it spelled out (no local paths)."""
     settings = " ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in TRAINING_SETTINGS)
-    return f"python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER {settings}"
+    init = f" --init-from {args.init_from}" if args.init_from else ""
+    return f"python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER {settings}{init}"
 
 
 TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "cell_loss",
+                     "token_loss",
                      "seed", "precision")
 
 
@@ -198,9 +270,10 @@ def main(argv=None):
     conv = Conversations(processor.tokenizer, (vt.IMAGE_SIZE // vt.PATCH_SIZE) ** 2)
     torch.manual_seed(args.seed)
     model = LlavaForConditionalGeneration(config).train()
-    # an auxiliary head, not exported: each cell's class from the features the language model receives, so the
-    # tower learns what garments are from a direct signal while the language model learns to read them
-    cell_head = torch.nn.Linear(config.text_config.hidden_size, 10)
+    # the auxiliary head (its bias is not exported; its weights are the model's class-word embeddings): each cell's
+    # and each token's class from the features the language model receives, so the tower learns what garments are
+    # from a direct signal, in the language model's own words
+    cell_head = class_word_head(model, processor.tokenizer)
     named = [*model.named_parameters(), *(("cell_head." + n, p) for n, p in cell_head.named_parameters())]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
@@ -209,12 +282,18 @@ def main(argv=None):
     ckpt = Path(args.ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     step, history, elapsed_before = 0, [], 0.0
+    init_record = None
+    if args.init_from and not ckpt.exists():
+        init_record = warm_start(model, cell_head, args.init_from)
+        log(f"warm start from {args.init_from}: {init_record['loaded']} tensors loaded, "
+            f"{len(init_record['fresh'])} fresh ({', '.join(init_record['fresh'][:4])}...)")
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         cell_head.load_state_dict(state["cell_head"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, elapsed_before = state["step"], json.loads(state["history"]), state["elapsed"]
+        init_record = json.loads(state.get("init_from", "null"))
         log(f"resumed at step {step}")
     params = sum(p.numel() for p in model.parameters())
     log(f"{vt.VLM_TESTBED}: {params / 1e6:.2f}M params | {args.steps} steps x {args.batch_size} mosaics x "
@@ -223,7 +302,8 @@ def main(argv=None):
     def save():
         atomic_torch_save(dict(model=model.state_dict(), cell_head=cell_head.state_dict(),
                                optimizer=optimizer.state_dict(), step=step,
-                               history=json.dumps(history), elapsed=elapsed_before + time.time() - start), ckpt)
+                               history=json.dumps(history), init_from=json.dumps(init_record),
+                               elapsed=elapsed_before + time.time() - start), ckpt)
 
     start, last_ckpt, losses, first_step = time.time(), time.time(), [], step
     last_log = start
@@ -232,11 +312,12 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            logits, cells = forward_with_cells(model, cell_head, batch)
+            logits, features = forward_with_cells(model, batch)
+            auxiliary = auxiliary_loss(features, cell_head, batch["cells"], args.cell_loss, args.token_loss)
         # each position predicts the next token; only the answers (and their </s>) carry labels
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)
-        loss = loss + args.cell_loss * F.cross_entropy(cells.float().flatten(0, 1), batch["cells"].flatten())
+        loss = loss + auxiliary
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,7 +346,7 @@ def main(argv=None):
     record = dict(model=vt.VLM_TESTBED, steps=args.steps, batch_size=args.batch_size, turns=args.turns,
                   seed=args.seed, lr=args.lr, precision=args.precision, params=params,
                   train_seconds=round(elapsed_before + time.time() - start), history=history,
-                  training_command=training_command(args),
+                  training_command=training_command(args), init_from=init_record,
                   torch=torch.__version__)
     export(model, processor, Path(args.out), record)
     log(f"model folder -> {args.out}")

@@ -131,7 +131,8 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
     assert set(record["history"][0]["val"]) == {"all", *vt.KINDS}
     assert record["training_command"] == (
         "python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER --steps 4 --batch-size 4 "
-        "--turns 2 --lr 0.001 --min-lr 2e-05 --warmup-steps 2 --weight-decay 0.05 --cell-loss 1.0 --seed 0 "
+        "--turns 2 --lr 0.001 --min-lr 2e-05 --warmup-steps 2 --weight-decay 0.05 --cell-loss 1.0 --token-loss 1.0 "
+        "--seed 0 "
         "--precision bf16")
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -178,24 +179,49 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     from the mean of its 7x7 block of the 14x14 grid."""
     import argparse
 
-    from tokenprune.eval.train_vlm_testbed import Conversations, cell_logits, forward_with_cells, training_batch
+    from tokenprune.eval.train_vlm_testbed import (Conversations, auxiliary_loss, cell_logits, class_word_head,
+                                                   forward_with_cells, token_cells, training_batch)
     from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
     config = vt.vlm_testbed_config()
     config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 3})
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
-    head = torch.nn.Linear(config.text_config.hidden_size, 10)
-    conv = Conversations(vt.vlm_testbed_processor().tokenizer, 196)
+    tokenizer = vt.vlm_testbed_processor().tokenizer
+    conv = Conversations(tokenizer, 196)
     batch = training_batch(*vt_split(), conv, argparse.Namespace(seed=0, batch_size=2, turns=2), 0)
     with torch.no_grad():
-        logits, cells = forward_with_cells(model, head, batch)
+        logits, image_features = forward_with_cells(model, batch)
+        own_features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
         own = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"]).logits
-    assert torch.allclose(logits, own, atol=1e-5)
+    assert torch.allclose(logits, own, atol=1e-5) and torch.equal(image_features, own_features)
     features = torch.arange(2 * 196 * 3, dtype=torch.float).view(2, 196, 3)
     grid = features.view(2, 14, 14, 3)
     identity = torch.nn.Linear(3, 3, bias=False)
     identity.weight.data = torch.eye(3)
     by_hand = torch.stack([grid[:, r:r + 7, c:c + 7].mean(dim=(1, 2)) for r in (0, 7) for c in (0, 7)], dim=1)
     assert torch.allclose(cell_logits(features, identity), by_hand)
+    # each token's label is the class of the 7x7 block it lies in
+    cells = torch.tensor([[3, 1, 4, 9], [0, 0, 7, 2]])
+    labels = token_cells(cells).view(2, 14, 14)
+    for b in range(2):
+        for r in range(14):
+            for c in range(14):
+                assert labels[b, r, c] == cells[b, 2 * (r >= 7) + (c >= 7)]
+    # the auxiliary loss: the cells' cross-entropy, plus the tokens' where weighted
+    import torch.nn.functional as F
+    head3 = torch.nn.Linear(3, 10)
+    cell_part = F.cross_entropy(cell_logits(features, head3).flatten(0, 1), cells.flatten())
+    token_part = F.cross_entropy(head3(features).flatten(0, 1), token_cells(cells).flatten())
+    assert torch.allclose(auxiliary_loss(features, head3, cells, 1.0, 0.0), cell_part)
+    assert torch.allclose(auxiliary_loss(features, head3, cells, 0.5, 2.0), 0.5 * cell_part + 2.0 * token_part)
+    # the class head scores a feature against the model's own embeddings of the class words, and trains them
+    head = class_word_head(model, tokenizer)
+    head.bias.data = torch.arange(10.0)
+    x = torch.randn(5, config.text_config.hidden_size)
+    words = model.get_input_embeddings().weight[[tokenizer.convert_tokens_to_ids(w) for w in vt.CLASS_WORDS]]
+    assert torch.allclose(head(x), x @ words.T + torch.arange(10.0), atol=1e-6)
+    head(x).sum().backward()
+    assert model.get_input_embeddings().weight.grad[tokenizer.convert_tokens_to_ids("coat")].abs().sum() > 0
+    assert [n for n, _ in head.named_parameters()] == ["bias"]
