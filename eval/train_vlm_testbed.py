@@ -53,6 +53,11 @@ def parse_args(argv=None):
                    help="weight of the auxiliary loss on each visual token: its cell's class, by the same head (0: "
                         "none). Without it a token's class is readable only from its cell's mean, and the language "
                         "model cannot find a class by matching a question word against single tokens")
+    p.add_argument("--place-loss", type=float, default=1.0,
+                   help="weight of the auxiliary loss on each visual token: which cell it lies in (0: none). It "
+                        "gives the tokens of a cell a common key, so the language model learns to read one cell")
+    p.add_argument("--kinds", nargs="+", choices=vt.KINDS, default=list(vt.TESTBED_KINDS),
+                   help="kinds of questions to train and validate on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None,
                    help="a checkpoint of an earlier run (its last.pt): every tensor whose name and shape match starts "
@@ -113,7 +118,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def training_batch(images, labels, conv: Conversations, args, step: int) -> dict:
     gen = step_generator(args.seed, step)
     canvas, classes = vt.compose_mosaics(images, labels, args.batch_size, gen, flip=True)
-    conversations = [conv.encode([vt.ask(classes[i], gen) for _ in range(args.turns)]) for i in range(len(classes))]
+    kinds = tuple(args.kinds)
+    conversations = [conv.encode([vt.ask(classes[i], gen, kinds=kinds) for _ in range(args.turns)])
+                     for i in range(len(classes))]
     return dict(pixel_values=pixels(canvas), cells=classes, **conv.batch(conversations))
 
 
@@ -132,14 +139,24 @@ def token_cells(cells: torch.Tensor) -> torch.Tensor:
     return cells[:, (2 * half[:, None] + half[None, :]).flatten()]
 
 
-def auxiliary_loss(features: torch.Tensor, head: torch.nn.Linear, cells: torch.Tensor, cell_weight: float,
-                   token_weight: float) -> torch.Tensor:
+def token_places(batch: int) -> torch.Tensor:
+    """``(batch, 196)``: the cell (0-3, raster order) each visual token lies in."""
+    return token_cells(torch.arange(len(vt.CELLS)).expand(batch, -1))
+
+
+def auxiliary_loss(features: torch.Tensor, head: torch.nn.Module, cells: torch.Tensor, cell_weight: float,
+                   token_weight: float, place_head: torch.nn.Module | None = None,
+                   place_weight: float = 0.0) -> torch.Tensor:
     """The auxiliary losses on the projected visual features ``(B, 196, D)``: each cell's class from the mean of
-    its tokens, and each token's cell class from the token itself, by one linear head."""
+    its tokens and each token's cell class from the token itself, by one head; each token's cell, by
+    ``place_head``."""
     loss = cell_weight * F.cross_entropy(cell_logits(features, head).float().flatten(0, 1), cells.flatten())
     if token_weight:
         loss = loss + token_weight * F.cross_entropy(head(features).float().flatten(0, 1),
                                                      token_cells(cells).flatten())
+    if place_weight:
+        loss = loss + place_weight * F.cross_entropy(place_head(features).float().flatten(0, 1),
+                                                     token_places(len(features)).flatten())
     return loss
 
 
@@ -183,7 +200,7 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     answer here is one word), overall and per kind of question."""
     model.eval()
     gen = torch.Generator().manual_seed(vt.VLM_EVAL_SEED)
-    right = {k: [] for k in vt.KINDS}
+    right = {k: [] for k in dict.fromkeys(kinds)}
     for start in range(0, len(canvas), 50):
         rows = range(start, min(start + 50, len(canvas)))
         turns = [vt.ask(classes[i], gen, kinds[i]) for i in rows]
@@ -243,13 +260,16 @@ def export(model, processor, out: Path, record: dict) -> None:
 
 def training_command(args) -> str:
     """The command that reproduces the training, every setting that shapes it spelled out (no local paths)."""
-    settings = " ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in TRAINING_SETTINGS)
+    def value(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    settings = " ".join(f"--{name.replace('_', '-')} {value(getattr(args, name))}" for name in TRAINING_SETTINGS)
     init = f" --init-from {args.init_from}" if args.init_from else ""
     return f"python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER {settings}{init}"
 
 
 TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "cell_loss",
-                     "token_loss",
+                     "token_loss", "place_loss", "kinds",
                      "seed", "precision")
 
 
@@ -263,7 +283,7 @@ def main(argv=None):
     val_images, val_labels = testbed_split("fmnist", "val", args.data_root)
     val_gen = torch.Generator().manual_seed(vt.VLM_EVAL_SEED)
     val_canvas, val_classes = vt.compose_mosaics(val_images, val_labels, args.val_questions, val_gen)
-    val_kinds = [vt.KINDS[i % len(vt.KINDS)] for i in range(args.val_questions)]
+    val_kinds = [args.kinds[i % len(args.kinds)] for i in range(args.val_questions)]
 
     processor = vt.vlm_testbed_processor()
     config = vt.vlm_testbed_config()
@@ -274,7 +294,9 @@ def main(argv=None):
     # and each token's class from the features the language model receives, so the tower learns what garments are
     # from a direct signal, in the language model's own words
     cell_head = class_word_head(model, processor.tokenizer)
-    named = [*model.named_parameters(), *(("cell_head." + n, p) for n, p in cell_head.named_parameters())]
+    place_head = torch.nn.Linear(config.text_config.hidden_size, len(vt.CELLS))  # not exported either
+    named = [*model.named_parameters(), *(("cell_head." + n, p) for n, p in cell_head.named_parameters()),
+             *(("place_head." + n, p) for n, p in place_head.named_parameters())]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -291,6 +313,7 @@ def main(argv=None):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         cell_head.load_state_dict(state["cell_head"])
+        place_head.load_state_dict(state["place_head"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, elapsed_before = state["step"], json.loads(state["history"]), state["elapsed"]
         init_record = json.loads(state.get("init_from", "null"))
@@ -301,6 +324,7 @@ def main(argv=None):
 
     def save():
         atomic_torch_save(dict(model=model.state_dict(), cell_head=cell_head.state_dict(),
+                               place_head=place_head.state_dict(),
                                optimizer=optimizer.state_dict(), step=step,
                                history=json.dumps(history), init_from=json.dumps(init_record),
                                elapsed=elapsed_before + time.time() - start), ckpt)
@@ -313,7 +337,8 @@ def main(argv=None):
             group["lr"] = lr_at(step, args.steps, args)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             logits, features = forward_with_cells(model, batch)
-            auxiliary = auxiliary_loss(features, cell_head, batch["cells"], args.cell_loss, args.token_loss)
+            auxiliary = auxiliary_loss(features, cell_head, batch["cells"], args.cell_loss, args.token_loss,
+                                       place_head, args.place_loss)
         # each position predicts the next token; only the answers (and their </s>) carry labels
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)

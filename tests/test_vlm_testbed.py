@@ -58,12 +58,14 @@ def test_questions_answer_what_the_cells_hold():
     assert {("presence", "yes"), ("presence", "no"), ("count", "0"), ("count", "1"), ("count", "2")} <= seen
     with pytest.raises(ValueError, match="kind must be"):
         vt.ask(torch.zeros(4, dtype=torch.long), gen, "colour")
+    # with no kind given, the kind is drawn from ``kinds``
+    assert {vt.ask(torch.arange(4), gen, kinds=("count", "presence"))[0] for _ in range(40)} == {"count", "presence"}
 
 
 def test_question_set_is_fixed_and_balanced():
     a, b = vt.question_set("test", 30), vt.question_set("test", 30)
     assert a["question"] == b["question"] and a["answer"] == b["answer"]
-    assert a["kind"] == list(vt.KINDS) * 10
+    assert a["kind"] == [vt.TESTBED_KINDS[i % len(vt.TESTBED_KINDS)] for i in range(30)]
     assert np.array_equal(np.asarray(a[0]["image"]), np.asarray(b[0]["image"]))
     assert a[0]["image"].size == (56, 56)
     with pytest.raises(ValueError, match="split must be"):
@@ -120,7 +122,7 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
     out = tmp_path / "model"
     argv = ["--data-root", "unused", "--steps", "4", "--batch-size", "4", "--turns", "2", "--eval-every", "2",
             "--val-questions", "6", "--ckpt", str(tmp_path / "ckpt" / "last.pt"), "--out", str(out), "--threads", "1",
-            "--no-adaptive-threads", "--warmup-steps", "2"]
+            "--no-adaptive-threads", "--warmup-steps", "2", "--kinds", "position", "count"]
     threads = torch.get_num_threads()
     try:
         train.main(argv)
@@ -128,11 +130,11 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
         torch.set_num_threads(threads)
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 4 and [h["step"] for h in record["history"]] == [2, 4]
-    assert set(record["history"][0]["val"]) == {"all", *vt.KINDS}
+    assert set(record["history"][0]["val"]) == {"all", "position", "count"}
     assert record["training_command"] == (
         "python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER --steps 4 --batch-size 4 "
         "--turns 2 --lr 0.001 --min-lr 2e-05 --warmup-steps 2 --weight-decay 0.05 --cell-loss 1.0 --token-loss 1.0 "
-        "--seed 0 "
+        "--place-loss 1.0 --kinds position count --seed 0 "
         "--precision bf16")
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -189,7 +191,7 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     model = LlavaForConditionalGeneration(config).eval()
     tokenizer = vt.vlm_testbed_processor().tokenizer
     conv = Conversations(tokenizer, 196)
-    batch = training_batch(*vt_split(), conv, argparse.Namespace(seed=0, batch_size=2, turns=2), 0)
+    batch = training_batch(*vt_split(), conv, argparse.Namespace(seed=0, batch_size=2, turns=2, kinds=vt.KINDS), 0)
     with torch.no_grad():
         logits, image_features = forward_with_cells(model, batch)
         own_features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
@@ -216,6 +218,10 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     token_part = F.cross_entropy(head3(features).flatten(0, 1), token_cells(cells).flatten())
     assert torch.allclose(auxiliary_loss(features, head3, cells, 1.0, 0.0), cell_part)
     assert torch.allclose(auxiliary_loss(features, head3, cells, 0.5, 2.0), 0.5 * cell_part + 2.0 * token_part)
+    place = torch.nn.Linear(3, 4)
+    places = torch.tensor([2 * (r >= 7) + (c >= 7) for r in range(14) for c in range(14)]).expand(2, -1)
+    place_part = F.cross_entropy(place(features).flatten(0, 1), places.flatten())
+    assert torch.allclose(auxiliary_loss(features, head3, cells, 1.0, 0.0, place, 3.0), cell_part + 3.0 * place_part)
     # the class head scores a feature against the model's own embeddings of the class words, and trains them
     head = class_word_head(model, tokenizer)
     head.bias.data = torch.arange(10.0)
