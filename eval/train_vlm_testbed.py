@@ -58,6 +58,11 @@ def parse_args(argv=None):
                         "gives the tokens of a cell a common key, so the language model learns to read one cell")
     p.add_argument("--kinds", nargs="+", choices=vt.KINDS, default=list(vt.TESTBED_KINDS),
                    help="kinds of questions to train and validate on")
+    p.add_argument("--init-modules", nargs="+", default=None,
+                   help="with --init-from: load only the model's tensors whose names contain one of these (e.g. "
+                        "vision_tower multi_modal_projector); the rest starts from random init")
+    p.add_argument("--freeze-tower", action="store_true",
+                   help="train the projector and the language model only, the vision tower as loaded (--init-from)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None,
                    help="a checkpoint of an earlier run (its last.pt): every tensor whose name and shape match starts "
@@ -217,7 +222,7 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     return {"all": 100 * sum(total) / len(total), **{k: 100 * sum(v) / max(1, len(v)) for k, v in right.items()}}
 
 
-def warm_start(model, cell_head, path) -> dict:
+def warm_start(model, cell_head, path, modules: list[str] | None = None) -> dict:
     """Load every tensor of an earlier run's checkpoint whose name and shape match (``strict=False`` would still
     fail on a changed shape); the record says what was loaded and what starts fresh. A fresh language-model
     layer gets zero output projections (attention ``o_proj``, MLP ``down_proj``): it starts as the identity on
@@ -227,13 +232,17 @@ def warm_start(model, cell_head, path) -> dict:
     loaded, fresh = 0, []
     for module, saved in ((model, state["model"]), (cell_head, state["cell_head"])):
         own = module.state_dict()
-        match = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+        match = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape
+                 and (modules is None or module is not model or any(m in k for m in modules))}
         module.load_state_dict(match, strict=False)
+        if module is model:
+            match_model = match
         loaded += len(match)
         fresh += [k for k in own if k not in match]
+    grown = any("language_model.layers." in k for k in match_model)  # fresh layers stacked on loaded ones
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name in fresh and name.endswith(("o_proj.weight", "down_proj.weight")):
+            if grown and name in fresh and name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.zero_()
     return dict(loaded=loaded, fresh=fresh, from_step=state["step"], from_history=json.loads(state["history"]))
 
@@ -260,16 +269,20 @@ def export(model, processor, out: Path, record: dict) -> None:
 
 def training_command(args) -> str:
     """The command that reproduces the training, every setting that shapes it spelled out (no local paths)."""
-    def value(v):
-        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    def setting(name):
+        flag, v = "--" + name.replace("_", "-"), getattr(args, name)
+        if isinstance(v, bool):  # a switch: named when on
+            return flag if v else ""
+        return f"{flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
 
-    settings = " ".join(f"--{name.replace('_', '-')} {value(getattr(args, name))}" for name in TRAINING_SETTINGS)
+    settings = " ".join(filter(None, map(setting, TRAINING_SETTINGS)))
     init = f" --init-from {args.init_from}" if args.init_from else ""
+    init += f" --init-modules {' '.join(args.init_modules)}" if args.init_from and args.init_modules else ""
     return f"python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER {settings}{init}"
 
 
 TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "cell_loss",
-                     "token_loss", "place_loss", "kinds",
+                     "token_loss", "place_loss", "kinds", "freeze_tower",
                      "seed", "precision")
 
 
@@ -295,8 +308,11 @@ def main(argv=None):
     # from a direct signal, in the language model's own words
     cell_head = class_word_head(model, processor.tokenizer)
     place_head = torch.nn.Linear(config.text_config.hidden_size, len(vt.CELLS))  # not exported either
+    if args.freeze_tower:
+        model.model.vision_tower.requires_grad_(False)
     named = [*model.named_parameters(), *(("cell_head." + n, p) for n, p in cell_head.named_parameters()),
              *(("place_head." + n, p) for n, p in place_head.named_parameters())]
+    named = [(n, p) for n, p in named if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -306,7 +322,7 @@ def main(argv=None):
     step, history, elapsed_before = 0, [], 0.0
     init_record = None
     if args.init_from and not ckpt.exists():
-        init_record = warm_start(model, cell_head, args.init_from)
+        init_record = warm_start(model, cell_head, args.init_from, args.init_modules)
         log(f"warm start from {args.init_from}: {init_record['loaded']} tensors loaded, "
             f"{len(init_record['fresh'])} fresh ({', '.join(init_record['fresh'][:4])}...)")
     if ckpt.exists():

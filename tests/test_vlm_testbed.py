@@ -231,3 +231,39 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     head(x).sum().backward()
     assert model.get_input_embeddings().weight.grad[tokenizer.convert_tokens_to_ids("coat")].abs().sum() > 0
     assert [n for n, _ in head.named_parameters()] == ["bias"]
+
+
+def test_warm_start_loads_matching_tensors_and_grows_layers_as_the_identity(tmp_path):
+    """--init-from: every tensor whose name and shape match is loaded (or only those of --init-modules); language
+    model layers stacked on loaded ones start with zero output projections, a fresh language model does not."""
+    from tokenprune.eval.train_vlm_testbed import class_word_head, warm_start
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+
+    def build(lm_layers, seed):
+        config = vt.vlm_testbed_config()
+        config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 2})
+        config.text_config.num_hidden_layers = lm_layers
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+        return model, class_word_head(model, vt.vlm_testbed_processor().tokenizer)
+
+    old, old_head = build(1, 0)
+    old_head.bias.data.normal_()
+    torch.save(dict(model=old.state_dict(), cell_head=old_head.state_dict(), step=7, history="[]"), tmp_path / "a.pt")
+    new, head = build(2, 1)
+    record = warm_start(new, head, tmp_path / "a.pt")
+    state, before = new.state_dict(), old.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    assert torch.equal(head.bias, old_head.bias) and record["from_step"] == 7
+    assert record["fresh"] and all("language_model.layers.1." in k for k in record["fresh"])
+    layer = new.model.language_model.layers[1]
+    assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+    assert layer.self_attn.q_proj.weight.any()
+    # only the named modules: the language model starts from its own init, output projections untouched
+    new, head = build(2, 1)
+    own = {k: v.clone() for k, v in new.state_dict().items()}
+    warm_start(new, head, tmp_path / "a.pt", ["vision_tower", "multi_modal_projector"])
+    for k, v in new.state_dict().items():
+        expected = before[k] if ("vision_tower" in k or "multi_modal_projector" in k) else own[k]
+        assert torch.equal(v, expected), k
+    assert new.model.language_model.layers[1].self_attn.o_proj.weight.any()
