@@ -181,8 +181,15 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     from the mean of its 7x7 block of the 14x14 grid."""
     import argparse
 
-    from tokenprune.eval.train_vlm_testbed import (Conversations, auxiliary_loss, cell_logits, class_word_head,
-                                                   forward_with_cells, token_cells, training_batch)
+    from tokenprune.eval.train_vlm_testbed import (
+        Conversations,
+        auxiliary_loss,
+        cell_logits,
+        class_word_head,
+        forward_with_cells,
+        token_cells,
+        training_batch,
+    )
     from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
     config = vt.vlm_testbed_config()
