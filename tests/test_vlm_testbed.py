@@ -4,6 +4,7 @@ the processor builds for ``eval-vlm``, and the training script end to end on a t
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -124,12 +125,15 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
             "--val-questions", "6", "--ckpt", str(tmp_path / "ckpt" / "last.pt"), "--out", str(out), "--threads", "1",
             "--no-adaptive-threads", "--warmup-steps", "2", "--kinds", "position", "count"]
     threads = torch.get_num_threads()
+    began = time.time()
     try:
         train.main(argv)
     finally:
         torch.set_num_threads(threads)
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 4 and [h["step"] for h in record["history"]] == [2, 4]
+    assert 0 <= record["train_seconds"] <= time.time() - began + 1
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}  # readable by all, as a package's data
     assert set(record["history"][0]["val"]) == {"all", "position", "count"}
     assert record["training_command"] == (
         "python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER --steps 4 --batch-size 4 "
@@ -157,6 +161,7 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
     train.main(argv)
     after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert 0 <= json.loads((out / "training.json").read_text())["train_seconds"] <= time.time() - began + 1
 
 
 def test_eval_vlm_defaults_to_the_testbed_and_its_questions(tmp_path, monkeypatch, capsys):
@@ -237,7 +242,14 @@ def test_the_training_forward_is_the_model_s_own_and_cells_pool_their_tokens():
     assert torch.allclose(head(x), x @ words.T + torch.arange(10.0), atol=1e-6)
     head(x).sum().backward()
     assert model.get_input_embeddings().weight.grad[tokenizer.convert_tokens_to_ids("coat")].abs().sum() > 0
-    assert [n for n, _ in head.named_parameters()] == ["bias"]
+    assert [n for n, _ in head.named_parameters()] == ["bias"] and list(head.state_dict()) == ["bias"]
+
+
+def test_every_seed_and_step_draws_its_own_batches():
+    from tokenprune.eval.train_vlm_testbed import step_generator
+
+    seeds = {step_generator(seed, step).initial_seed() for seed in range(3) for step in range(3)}
+    assert len(seeds) == 9
 
 
 def test_warm_start_loads_matching_tensors_and_grows_layers_as_the_identity(tmp_path):
