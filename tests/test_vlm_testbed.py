@@ -286,3 +286,33 @@ def test_warm_start_loads_matching_tensors_and_grows_layers_as_the_identity(tmp_
         expected = before[k] if ("vision_tower" in k or "multi_modal_projector" in k) else own[k]
         assert torch.equal(v, expected), k
     assert new.model.language_model.layers[1].self_attn.o_proj.weight.any()
+
+
+def test_the_testbed_architecture_is_the_documented_one():
+    """docs/testbeds.md: a 12-layer CLIP tower 64 wide (MLP 256), 196 visual tokens, a 4-layer Llama 128 wide with
+    its own output head, 1.51 M parameters."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = vt.vlm_testbed_config()
+    vision, text = config.vision_config, config.text_config
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.intermediate_size) == (12, 64, 256)
+    assert (vision.image_size // vision.patch_size) ** 2 == 196 and config.vision_feature_layer == -2
+    assert (text.num_hidden_layers, text.hidden_size, text.tie_word_embeddings) == (4, 128, False)
+    model = LlavaForConditionalGeneration(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 1.51
+
+
+def test_flipped_training_tiles_are_mirrored_left_to_right():
+    n_images = 20
+    labels = torch.arange(n_images) % 10
+    images = torch.randint(0, 256, (n_images, 28, 28), dtype=torch.uint8)
+    canvas, _ = vt.compose_mosaics(images, labels, 32, torch.Generator().manual_seed(0), flip=True)
+    flipped = 0
+    for i in range(32):
+        for r, c in [(0, 0), (0, 28), (28, 0), (28, 28)]:
+            tile = canvas[i, r:r + 28, c:c + 28]
+            same = [j for j in range(n_images) if torch.equal(tile, images[j])]
+            mirrored = [j for j in range(n_images) if torch.equal(tile, images[j].flip(-1))]
+            assert same or mirrored
+            flipped += not same
+    assert 0 < flipped < 128
