@@ -51,11 +51,11 @@ def parse_args(argv=None):
                    help="weight of the auxiliary loss: each cell's class from the visual tokens (0: none)")
     p.add_argument("--token-loss", type=float, default=1.0,
                    help="weight of the auxiliary loss on each visual token: its cell's class, by the same head (0: "
-                        "none). Without it a token's class is readable only from its cell's mean, and the language "
-                        "model cannot find a class by matching a question word against single tokens")
+                        "none; runs before 2026-12-02 had none)")
     p.add_argument("--place-loss", type=float, default=1.0,
-                   help="weight of the auxiliary loss on each visual token: which cell it lies in (0: none). It "
-                        "gives the tokens of a cell a common key, so the language model learns to read one cell")
+                   help="weight of the auxiliary loss on each visual token: which cell it lies in, by a linear head "
+                        "(0: none; runs before 2026-12-02 had none). Meant to give a cell's tokens a common key "
+                        "(docs/testbeds.md: decodable is not yet strong enough)")
     p.add_argument("--kinds", nargs="+", choices=vt.KINDS, default=list(vt.TESTBED_KINDS),
                    help="kinds of questions to train and validate on")
     p.add_argument("--init-modules", nargs="+", default=None,
@@ -168,10 +168,9 @@ def auxiliary_loss(features: torch.Tensor, head: torch.nn.Module, cells: torch.T
 class ClassWordHead(torch.nn.Module):
     """Class logits of visual features as their dot product with the language model's own input embeddings of
     the ten class words (plus a bias). Trained through it, a visual token of a coat comes to look like the
-    word "coat" to the language model, as LLaVA's projector maps into the word-embedding space: then "is
-    there a coat ?" is a match between a word and tokens like it, which attention finds at once. (A separate
-    linear head taught the tower the classes, but the language model never learnt to match a class word
-    against the image: presence stayed at chance in 3,000 steps.)"""
+    word "coat" to the language model, as LLaVA's projector maps into the word-embedding space, so that "is
+    there a coat ?" becomes a match between a word and tokens like it. (With a separate linear head presence
+    stayed at chance in 3,000 steps; with this one too, in 575 more: docs/testbeds.md.)"""
 
     def __init__(self, embeddings: torch.nn.Embedding, word_ids: list[int]) -> None:
         super().__init__()
@@ -205,7 +204,7 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     answer here is one word), overall and per kind of question."""
     model.eval()
     gen = torch.Generator().manual_seed(vt.VLM_EVAL_SEED)
-    right = {k: [] for k in dict.fromkeys(kinds)}
+    right = {k: [] for k in kinds}
     for start in range(0, len(canvas), 50):
         rows = range(start, min(start + 50, len(canvas)))
         turns = [vt.ask(classes[i], gen, kinds[i]) for i in rows]
@@ -222,29 +221,32 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     return {"all": 100 * sum(total) / len(total), **{k: 100 * sum(v) / max(1, len(v)) for k, v in right.items()}}
 
 
+def load_matching(module: torch.nn.Module, saved: dict, wanted=lambda name: True) -> tuple[dict, list[str]]:
+    """Load the tensors of ``saved`` whose name and shape match ``module``'s (and that ``wanted`` accepts);
+    ``strict=False`` alone would still fail on a changed shape. Returns what was loaded and the names left fresh."""
+    own = module.state_dict()
+    match = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape and wanted(k)}
+    module.load_state_dict(match, strict=False)
+    return match, [k for k in own if k not in match]
+
+
 def warm_start(model, cell_head, path, modules: list[str] | None = None) -> dict:
-    """Load every tensor of an earlier run's checkpoint whose name and shape match (``strict=False`` would still
-    fail on a changed shape); the record says what was loaded and what starts fresh. A fresh language-model
-    layer gets zero output projections (attention ``o_proj``, MLP ``down_proj``): it starts as the identity on
-    the residual stream, so the warm-started model first answers as the earlier one did, and the new layer
-    grows from there instead of adding noise."""
+    """Load every tensor of an earlier run's checkpoint whose name and shape match (only those of ``modules``
+    for the model, where given); the record says what was loaded and what starts fresh. A fresh language-model
+    layer stacked on loaded ones gets zero output projections (attention ``o_proj``, MLP ``down_proj``): it
+    starts as the identity on the residual stream, so the warm-started model first answers as the earlier one
+    did, and the new layer grows from there instead of adding noise."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    loaded, fresh = 0, []
-    for module, saved in ((model, state["model"]), (cell_head, state["cell_head"])):
-        own = module.state_dict()
-        match = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape
-                 and (modules is None or module is not model or any(m in k for m in modules))}
-        module.load_state_dict(match, strict=False)
-        if module is model:
-            match_model = match
-        loaded += len(match)
-        fresh += [k for k in own if k not in match]
-    grown = any("language_model.layers." in k for k in match_model)  # fresh layers stacked on loaded ones
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if grown and name in fresh and name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.zero_()
-    return dict(loaded=loaded, fresh=fresh, from_step=state["step"], from_history=json.loads(state["history"]))
+    loaded, fresh = load_matching(model, state["model"],
+                                  lambda name: modules is None or any(m in name for m in modules))
+    head_loaded, head_fresh = load_matching(cell_head, state["cell_head"])
+    if any("language_model.layers." in k for k in loaded):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in fresh and name.endswith(("o_proj.weight", "down_proj.weight")):
+                    param.zero_()
+    return dict(loaded=len(loaded) + len(head_loaded), fresh=fresh + head_fresh, from_step=state["step"],
+                from_history=json.loads(state["history"]))
 
 
 def export(model, processor, out: Path, record: dict) -> None:
