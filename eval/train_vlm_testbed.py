@@ -56,6 +56,16 @@ def parse_args(argv=None):
                    help="weight of the auxiliary loss on each visual token: which cell it lies in, by a linear head "
                         "(0: none; runs before 2026-12-02 had none). Meant to give a cell's tokens a common key "
                         "(docs/testbeds.md: decodable is not yet strong enough)")
+    p.add_argument("--code-loss", type=float, default=0.0,
+                   help="weight of the auxiliary loss that writes a strong code of each token's cell into the projected "
+                        "features: their components along four fixed orthonormal directions are pulled to --code-scale "
+                        "for the token's own cell and 0 for the others (0: none)")
+    p.add_argument("--code-scale", type=float, default=300.0,
+                   help="the code's length; the probe (docs/results/vlm_testbed/lm_probe.py) learnt positions once the "
+                        "code was about 3x the length of the rest of the token")
+    p.add_argument("--answer-loss", type=float, default=1.0,
+                   help="weight of the loss on the answers (0: the language model is not run at all; the tower and the "
+                        "projector train on the auxiliary losses only, and validation reports their cell accuracy)")
     p.add_argument("--kinds", nargs="+", choices=vt.KINDS, default=list(vt.TESTBED_KINDS),
                    help="kinds of questions to train and validate on")
     p.add_argument("--init-modules", nargs="+", default=None,
@@ -149,12 +159,28 @@ def token_places(batch: int) -> torch.Tensor:
     return token_cells(torch.arange(len(vt.CELLS)).expand(batch, -1))
 
 
+def cell_code_directions(dim: int) -> torch.Tensor:
+    """``(4, dim)``: fixed orthonormal directions, one per mosaic cell, along which the code loss writes the cell
+    code (seeded, so a resumed or warm-started run pulls towards the same code)."""
+    gen = torch.Generator().manual_seed(vt.VLM_EVAL_SEED)
+    q, _ = torch.linalg.qr(torch.randn(dim, len(vt.CELLS), generator=gen))
+    return q.T.contiguous()
+
+
+def code_loss(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean squared distance, in units of ``scale``, between each token's components along the cell-code
+    directions and ``scale`` times the one-hot of its own cell."""
+    components = features.float() @ cell_code_directions(features.shape[-1]).T / scale
+    target = F.one_hot(token_places(len(features)), len(vt.CELLS)).float()
+    return F.mse_loss(components, target)
+
+
 def auxiliary_loss(features: torch.Tensor, head: torch.nn.Module, cells: torch.Tensor, cell_weight: float,
                    token_weight: float, place_head: torch.nn.Module | None = None,
-                   place_weight: float = 0.0) -> torch.Tensor:
+                   place_weight: float = 0.0, code_weight: float = 0.0, code_scale: float = 1.0) -> torch.Tensor:
     """The auxiliary losses on the projected visual features ``(B, 196, D)``: each cell's class from the mean of
     its tokens and each token's cell class from the token itself, by one head; each token's cell, by
-    ``place_head``."""
+    ``place_head``; the cell code (``code_loss``)."""
     loss = cell_weight * F.cross_entropy(cell_logits(features, head).float().flatten(0, 1), cells.flatten())
     if token_weight:
         loss = loss + token_weight * F.cross_entropy(head(features).float().flatten(0, 1),
@@ -162,6 +188,8 @@ def auxiliary_loss(features: torch.Tensor, head: torch.nn.Module, cells: torch.T
     if place_weight:
         loss = loss + place_weight * F.cross_entropy(place_head(features).float().flatten(0, 1),
                                                      token_places(len(features)).flatten())
+    if code_weight:
+        loss = loss + code_weight * code_loss(features, code_scale)
     return loss
 
 
@@ -187,10 +215,15 @@ def class_word_head(model, tokenizer) -> ClassWordHead:
     return ClassWordHead(model.get_input_embeddings(), tokenizer.convert_tokens_to_ids(list(vt.CLASS_WORDS)))
 
 
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``(B, 196, D)``: the projected visual features the language model receives."""
+    return torch.stack(model.model.get_image_features(pixel_values=pixel_values).pooler_output)
+
+
 def forward_with_cells(model, batch):
     """The VLM's logits and the projected image features from one pass of the tower: the features are computed
     once and scattered into the placeholders (what the model's own forward does with ``pixel_values``)."""
-    features = torch.stack(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    features = image_features(model, batch["pixel_values"])
     embeds = model.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == vt.IMAGE)[..., None]
     embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
@@ -219,6 +252,20 @@ def answer_accuracy(model, conv: Conversations, canvas, classes, kinds, dtype) -
     model.train()
     total = [r for rs in right.values() for r in rs]
     return {"all": 100 * sum(total) / len(total), **{k: 100 * sum(v) / max(1, len(v)) for k, v in right.items()}}
+
+
+@torch.no_grad()
+def cell_accuracy(model, head, canvas, classes, dtype) -> float:
+    """Accuracy (%) of each mosaic cell's class from the mean of its tokens' projected features, by ``head``: what
+    the visual tokens tell of a cell, the ceiling of the position questions."""
+    model.eval()
+    right = []
+    for start in range(0, len(canvas), 50):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logits = cell_logits(image_features(model, pixels(canvas[start:start + 50])), head)
+        right.append(logits.argmax(-1) == classes[start:start + 50])
+    model.train()
+    return 100 * torch.cat(right).float().mean().item()
 
 
 def load_matching(module: torch.nn.Module, saved: dict, wanted=lambda name: True) -> tuple[dict, list[str]]:
@@ -284,7 +331,7 @@ def training_command(args) -> str:
 
 
 TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "cell_loss",
-                     "token_loss", "place_loss", "kinds", "freeze_tower",
+                     "token_loss", "place_loss", "code_loss", "code_scale", "answer_loss", "kinds", "freeze_tower",
                      "seed", "precision")
 
 
@@ -354,13 +401,15 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            logits, features = forward_with_cells(model, batch)
-            auxiliary = auxiliary_loss(features, cell_head, batch["cells"], args.cell_loss, args.token_loss,
-                                       place_head, args.place_loss)
-        # each position predicts the next token; only the answers (and their </s>) carry labels
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                               ignore_index=-100)
-        loss = loss + auxiliary
+            if args.answer_loss:
+                logits, features = forward_with_cells(model, batch)
+            else:
+                features = image_features(model, batch["pixel_values"])
+            loss = auxiliary_loss(features, cell_head, batch["cells"], args.cell_loss, args.token_loss,
+                                  place_head, args.place_loss, args.code_loss, args.code_scale)
+        if args.answer_loss:  # each position predicts the next token; only the answers (and their </s>) carry labels
+            loss = loss + args.answer_loss * F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                                             batch["labels"][:, 1:].flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -377,10 +426,15 @@ def main(argv=None):
                 f"elapsed {fmt_time(spent)} ETA {fmt_time((args.steps - step) * (now - start) / (step - first_step))}")
             last_log, losses = now, []
         if step % args.eval_every == 0 or step == args.steps:
-            accuracy = answer_accuracy(model, conv, val_canvas, val_classes, val_kinds, dtype)
-            history.append(dict(step=step, val=accuracy))
-            kinds = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items() if k != "all")
-            log(f"val answer accuracy {accuracy['all']:.2f} ({kinds})")
+            cells = cell_accuracy(model, cell_head, val_canvas, val_classes, dtype)
+            if args.answer_loss:
+                accuracy = answer_accuracy(model, conv, val_canvas, val_classes, val_kinds, dtype)
+                kinds = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items() if k != "all")
+                log(f"val answer accuracy {accuracy['all']:.2f} ({kinds}) | cell accuracy {cells:.1f}")
+            else:
+                accuracy = {}
+                log(f"val cell accuracy {cells:.1f}")
+            history.append(dict(step=step, val=accuracy, cell=cells))
         if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
             save()
             last_ckpt = time.time()

@@ -135,10 +135,11 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
     assert 0 <= record["train_seconds"] <= time.time() - began + 1
     assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}  # readable by all, as a package's data
     assert set(record["history"][0]["val"]) == {"all", "position", "count"}
+    assert all(0 <= h["cell"] <= 100 for h in record["history"])
     assert record["training_command"] == (
         "python -m tokenprune.eval.train_vlm_testbed --data-root FASHION_MNIST_FOLDER --steps 4 --batch-size 4 "
         "--turns 2 --lr 0.001 --min-lr 2e-05 --warmup-steps 2 --weight-decay 0.05 --cell-loss 1.0 --token-loss 1.0 "
-        "--place-loss 1.0 --kinds position count --seed 0 "
+        "--place-loss 1.0 --code-loss 0.0 --code-scale 300.0 --answer-loss 1.0 --kinds position count --seed 0 "
         "--precision bf16")
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -316,3 +317,78 @@ def test_flipped_training_tiles_are_mirrored_left_to_right():
             assert same or mirrored
             flipped += not same
     assert 0 < flipped < 128
+
+
+def test_code_loss_pulls_each_token_to_the_code_of_its_cell():
+    """The code directions are fixed and orthonormal; features carrying ``scale`` along their own cell's
+    direction and nothing along the others' (whatever else they carry) cost nothing; a deviation of ``d`` on
+    one component of one token costs ``(d / scale)**2`` over the number of components."""
+    from tokenprune.eval.train_vlm_testbed import auxiliary_loss, cell_code_directions, code_loss, token_places
+
+    u = cell_code_directions(128)
+    assert u.shape == (4, 128) and torch.allclose(u @ u.T, torch.eye(4), atol=1e-5)
+    assert torch.equal(u, cell_code_directions(128))
+    rest = torch.randn(2, 196, 128)
+    rest = rest - (rest @ u.T) @ u  # nothing along the code directions
+    features = rest + 300 * u[token_places(2)]
+    assert code_loss(features, 300) < 1e-8
+    moved = features.clone()
+    moved[1, 17] += 30 * u[3]
+    assert torch.isclose(code_loss(moved, 300), torch.tensor(0.1 ** 2 / (2 * 196 * 4)), rtol=1e-3)
+    swapped = rest + 300 * u[(token_places(2) + 1) % 4]  # every token carries another cell's code
+    assert torch.isclose(code_loss(swapped, 300), torch.tensor(0.5))
+    head = torch.nn.Linear(128, 10)
+    cells = torch.tensor([[3, 1, 4, 9], [0, 0, 7, 2]])
+    base = auxiliary_loss(moved, head, cells, 1.0, 0.0)
+    assert torch.allclose(auxiliary_loss(moved, head, cells, 1.0, 0.0, code_weight=2.0, code_scale=300.0),
+                          base + 2.0 * code_loss(moved, 300))
+
+
+def test_tower_pretraining_leaves_the_language_model_out(tmp_path, monkeypatch):
+    """--answer-loss 0: the tower and the projector train on the auxiliary losses, the language model is never
+    run (its weights stay as initialised) and validation reports the cell accuracy only; the cell accuracy is
+    the head's argmax over each cell's mean token, checked by hand."""
+    from tokenprune.eval import train_vlm_testbed as train
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+
+    images, labels = vt_split()
+    monkeypatch.setattr(train, "testbed_split", lambda task, split, root: (images[:300], labels[:300]))
+    real = vt.vlm_testbed_config
+
+    def tiny():
+        config = real()
+        config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 2})
+        config.text_config.num_hidden_layers = 1
+        return config
+
+    monkeypatch.setattr(vt, "vlm_testbed_config", tiny)
+    ran = []
+    monkeypatch.setattr(train, "forward_with_cells", lambda *a: ran.append(1))
+    monkeypatch.setattr(train, "answer_accuracy", lambda *a: ran.append(1))
+    ckpt = tmp_path / "ckpt" / "last.pt"
+    argv = ["--data-root", "unused", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--val-questions", "8",
+            "--ckpt", str(ckpt), "--out", str(tmp_path / "model"), "--threads", "1", "--no-adaptive-threads",
+            "--warmup-steps", "1", "--answer-loss", "0", "--code-loss", "1"]
+    threads = torch.get_num_threads()
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert not ran
+    state = torch.load(ckpt, weights_only=True)
+    torch.manual_seed(0)
+    fresh = LlavaForConditionalGeneration(tiny()).state_dict()
+    lm = [k for k in fresh if "language_model.layers" in k]
+    assert lm and all(torch.equal(state["model"][k], fresh[k]) for k in lm)
+    assert not all(torch.equal(state["model"][k], fresh[k]) for k in fresh if "vision_tower" in k)
+    (entry,) = json.loads(state["history"])
+    assert entry["val"] == {}
+    model = LlavaForConditionalGeneration(tiny()).eval()
+    model.load_state_dict(state["model"])
+    head = train.class_word_head(model, vt.vlm_testbed_processor().tokenizer)
+    head.load_state_dict(state["cell_head"])
+    canvas, classes = vt.compose_mosaics(images[:300], labels[:300], 8, torch.Generator().manual_seed(vt.VLM_EVAL_SEED))
+    with torch.no_grad():
+        means = train.image_features(model, train.pixels(canvas)).view(8, 2, 7, 2, 7, -1).mean((2, 4)).flatten(1, 2)
+    by_hand = 100 * (head(means).argmax(-1) == classes).float().mean().item()
+    assert abs(entry["cell"] - by_hand) <= 100 / 32 + 1e-6  # bf16 may flip one cell of 32

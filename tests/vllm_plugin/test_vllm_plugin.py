@@ -1,0 +1,112 @@
+"""The vLLM plugin (tokenprune.vllm) on a tiny random LLaVA of the VLM testbed's architecture (196 visual
+tokens, a 4-layer Llama with head size 32, which vLLM's CPU attention takes). These tests need vLLM, so they
+run in its own environment (`make vllm-test`, a CI step); the main suite skips them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from tokenprune.vllm import check  # noqa: E402
+from tokenprune.vllm.selection import selector_from  # noqa: E402
+
+PROMPTS = 6  # several requests in one batch, with prompts of different lengths and different images
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Saved by today's transformers (the tower without "vision_model.", which only the plugin's model loads)."""
+    return check.save_random_testbed(tmp_path_factory.mktemp("llava") / "model")
+
+
+@pytest.fixture(scope="module")
+def legacy_model(tmp_path_factory):
+    """The same weights in transformers 4's layout, which vLLM's own LLaVA loads."""
+    return check.save_random_testbed(tmp_path_factory.mktemp("llava4") / "model", legacy_layout=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    from transformers import AutoProcessor
+
+    return check.testbed_prompts(AutoProcessor.from_pretrained(model), PROMPTS)
+
+
+def stock_vllm(folder, max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Greedy tokens and visual tokens per prompt from vLLM with the plugin off (TOKENPRUNE_VLLM=0, set before
+    vLLM loads its plugins, in a process of its own)."""
+    code = ("import json, sys; from pathlib import Path; from transformers import AutoProcessor; "
+            "from tokenprune.vllm import check\n"
+            "if __name__ == '__main__':\n"
+            f"    folder = Path({str(folder)!r})\n"
+            f"    prompts = check.testbed_prompts(AutoProcessor.from_pretrained(folder), {PROMPTS})\n"
+            f"    llm = check.engine(folder, None)\n"
+            f"    assert type(llm.llm_engine.model_config.hf_config).__name__ == 'LlavaConfig'\n"
+            f"    print('RESULT', json.dumps(check.greedy(llm, prompts, {max_new_tokens})))\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TOKENPRUNE_VLLM": "0"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return tuple(json.loads(line[len("RESULT "):]))
+
+
+def test_hiprune_in_vllm_keeps_the_budget_and_matches_transformers(model, prompts):
+    """vLLM's prompts hold exactly the budgeted visual tokens per image (a third of 196: 65), the kept indices
+    equal the transformers adapter's, and so do the greedy generations of a batch of requests."""
+    result = check.compare(model, {"method": "hiprune", "keep": 1 / 3}, prompts, max_new_tokens=6)
+    assert result.visual_tokens == result.budget == [65] * PROMPTS
+    assert all(result.kept_equal) and len(result.kept_equal) == PROMPTS
+    assert all(result.tokens_equal) and len(result.tokens_equal) == PROMPTS and result.ok
+
+
+def test_native_options_reach_the_processor_and_the_workers(model, prompts):
+    """A token budget and HiPrune's own options, given once in hf_overrides, shape both halves."""
+    settings = {"method": "hiprune", "tokens": 20, "alpha": 0.5, "object_layer": 4}
+    result = check.compare(model, settings, prompts, max_new_tokens=4)
+    assert result.visual_tokens == [20] * PROMPTS and result.ok
+
+
+def test_without_settings_or_at_keep_one_vllm_answers_as_its_own_model(legacy_model, prompts):
+    """The plugin on but not configured, and configured at keep=1.0: the outputs of vLLM without the plugin."""
+    stock_tokens, stock_visual = stock_vllm(legacy_model, 6)
+    assert stock_visual == [196] * PROMPTS
+    for settings in (None, {"method": "hiprune", "keep": 1.0}):
+        tokens, visual = check.greedy(check.engine(legacy_model, settings), prompts, 6)
+        assert visual == stock_visual and tokens == stock_tokens, settings
+
+
+def test_settings_are_checked_before_any_model_is_built():
+    class Config:
+        pass
+
+    config = Config()
+    assert selector_from(config) is None
+    config.tokenprune = {"keep": 0.5}
+    assert selector_from(config).name == "hiprune" and selector_from(config).keep == 0.5
+    config.tokenprune = {"method": "tome", "keep": 0.5}
+    with pytest.raises(ValueError, match="visual-token selectors"):
+        selector_from(config)
+    config.tokenprune = 0.5
+    with pytest.raises(ValueError, match="must be a dict"):
+        selector_from(config)
+    config.tokenprune = {"method": "hiprune", "keep": 0.5, "colour": 1}
+    with pytest.raises(TypeError, match="unknown option"):
+        selector_from(config)
+
+
+def test_both_checkpoint_layouts_load():
+    """transformers 5 saves the tower without "vision_model."; transformers 4 with it: both map to vLLM's CLIP."""
+    from tokenprune.vllm.llava import TokenpruneLlava
+
+    mapper = TokenpruneLlava.hf_to_vllm_mapper
+    for key in ("vision_tower.embeddings.patch_embedding.weight",
+                "vision_tower.vision_model.embeddings.patch_embedding.weight",
+                "model.vision_tower.embeddings.patch_embedding.weight"):
+        assert mapper.map_name(key) == "vision_tower.vision_model.embeddings.patch_embedding.weight", key
+    assert mapper.map_name("model.language_model.layers.0.mlp.up_proj.weight") == (
+        "language_model.model.layers.0.mlp.up_proj.weight")

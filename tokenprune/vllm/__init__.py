@@ -1,0 +1,27 @@
+"""tokenprune in vLLM: HiPrune (or random selection) of LLaVA-1.5's visual tokens, through vLLM's own plugin
+mechanism (the ``vllm.general_plugins`` entry point, which vLLM loads in every one of its processes).
+
+    pip install "tokenprune-vit[vllm]"
+    from vllm import LLM
+    llm = LLM("llava-hf/llava-1.5-7b-hf", hf_overrides={"tokenprune": {"method": "hiprune", "keep": 1 / 3}})
+
+Without ``hf_overrides["tokenprune"]`` the model is vLLM's own, untouched; ``TOKENPRUNE_VLLM=0`` keeps the
+plugin from registering at all. How it works, what is refused and why: ``docs/vllm.md``.
+"""
+from __future__ import annotations
+
+import os
+
+#: the architectures the plugin serves: vLLM's registry name -> our subclass ("module:Class", imported lazily
+#: by vLLM, so that registering in the API process does not import the model code)
+ARCHITECTURES = {"LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlava"}
+
+
+def register() -> None:
+    """The entry point: replace the served architectures by subclasses that prune when configured."""
+    if os.environ.get("TOKENPRUNE_VLLM", "1") == "0":
+        return
+    from vllm import ModelRegistry
+
+    for architecture, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(architecture, target)

@@ -1,0 +1,182 @@
+"""The same prompts through tokenprune's transformers adapter and through vLLM with the plugin: the kept token
+indices of every image, the visual tokens vLLM's prompts hold, and the greedy tokens, compared one by one.
+
+    <vllm venv>/bin/python -m tokenprune.vllm.check --model FOLDER --method hiprune --keep 0.3333
+    # no --model: a random-init copy of the VLM testbed's architecture (tokenprune.vlm_testbed), saved to a
+    # temporary folder; prompts: the testbed's questions on test-split mosaics
+
+Exit status 0 when everything matches, 1 otherwise (the first differences are printed). Both sides run in
+float32 on the CPU, so HiPrune's top-k sees the same scores (vLLM's kernels in bf16 would rank near-ties
+differently).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Comparison:
+    prompts: int
+    settings: dict
+    visual_tokens: list[int] = field(default_factory=list)  # per prompt, as vLLM's prompt holds them
+    budget: list[int] = field(default_factory=list)          # per prompt, the selector's budget
+    kept_equal: list[bool] = field(default_factory=list)
+    tokens_equal: list[bool] = field(default_factory=list)
+    transformers_tokens: list[list[int]] = field(default_factory=list)
+    vllm_tokens: list[list[int]] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return (self.visual_tokens == self.budget and all(self.kept_equal) and all(self.tokens_equal)
+                and len(self.tokens_equal) == self.prompts)
+
+
+def testbed_prompts(processor, n: int, seed: int = 0) -> list[tuple[str, object]]:
+    """``n`` (prompt, PIL image) pairs: the testbed's questions about test-split mosaics, in the chat template."""
+    from tokenprune import vlm_testbed as vt
+    from tokenprune.eval.vlm import prompt_text
+
+    questions = vt.question_set("test", n)
+    return [(prompt_text(processor, q["question"] + " " * (i % 3), 1, None, vt.POST_PROMPT, None), q["image"])
+            for i, q in enumerate(questions)]  # trailing spaces: prompts of different lengths in one batch
+
+
+def save_random_testbed(folder: Path, seed: int = 0, legacy_layout: bool = False) -> Path:
+    """A random-init model of the VLM testbed's architecture with its processor, as a local folder.
+    ``legacy_layout``: the tower's weights named as transformers 4 saved them (``vision_tower.vision_model.*``),
+    the only layout vLLM's own LLaVA loads."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaForConditionalGeneration
+
+    from tokenprune import vlm_testbed as vt
+
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(vt.vlm_testbed_config()).save_pretrained(folder)
+    vt.vlm_testbed_processor().save_pretrained(folder)
+    if legacy_layout:
+        weights = load_file(folder / "model.safetensors")
+        save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.")
+                   and not k.startswith("vision_tower.vision_model.") else k: v for k, v in weights.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def transformers_side(folder, settings: dict, prompts, max_new_tokens: int):
+    """Greedy tokens and kept indices from transformers with ``tokenprune.apply``, one prompt at a time."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import tokenprune
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    options = dict(settings)
+    tokenprune.apply(model, options.pop("method", "hiprune"), **options)
+    tokens, kept, pixels = [], [], []
+    for text, image in prompts:
+        inputs = processor(images=image, text=text, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        tokens.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+        kept.append(tokenprune.last_forward(model).kept[0].nonzero().flatten().tolist())
+        pixels.append(inputs["pixel_values"])
+    return tokens, kept, torch.cat(pixels)
+
+
+def engine(folder, settings: dict | None):
+    """A vLLM engine on ``folder`` in float32 on the CPU; ``settings``: the plugin's (None: not configured)."""
+    from vllm import LLM
+
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function to the workers
+    overrides = {} if settings is None else {"tokenprune": settings}
+    return LLM(str(folder), hf_overrides=overrides, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+               gpu_memory_utilization=0.1)
+
+
+def greedy(llm, prompts, max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Greedy tokens of all prompts in one ``generate`` (batched by vLLM), and each prompt's visual tokens."""
+    from vllm import SamplingParams
+
+    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for text, image in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    image_id = llm.llm_engine.model_config.hf_config.image_token_index
+    return ([list(o.outputs[0].token_ids) for o in outputs],
+            [sum(t == image_id for t in o.prompt_token_ids) for o in outputs])
+
+
+def vllm_side(folder, settings: dict, prompts, max_new_tokens: int, pixels: torch.Tensor):
+    """Greedy tokens, visual tokens per prompt and kept indices per image, from vLLM with the plugin."""
+    llm = engine(folder, settings)
+    tokens, visual = greedy(llm, prompts, max_new_tokens)
+    (kept,) = llm.apply_model(functools.partial(_kept_indices, pixels))
+    return tokens, visual, kept
+
+
+def _kept_indices(pixels: torch.Tensor, model) -> list[list[int]]:
+    """Runs in vLLM's worker (module level, so that it pickles by name)."""
+    return [k.tolist() for k in model.tokenprune_kept(pixels)]
+
+
+def compare(folder, settings: dict, prompts, max_new_tokens: int = 4) -> Comparison:
+    from tokenprune.registry import get_method
+
+    settings = dict(settings)
+    options = {k: v for k, v in settings.items() if k != "method"}
+    selector = get_method(settings.get("method", "hiprune"))(**options)
+    result = Comparison(prompts=len(prompts), settings=settings)
+    start = time.time()
+    hf_tokens, hf_kept, pixels = transformers_side(folder, settings, prompts, max_new_tokens)
+    result.seconds["transformers"] = round(time.time() - start, 1)
+    start = time.time()
+    vllm_tokens, visual, vllm_kept = vllm_side(folder, settings, prompts, max_new_tokens, pixels)
+    result.seconds["vllm"] = round(time.time() - start, 1)
+    result.visual_tokens = visual
+    result.budget = [selector.budget(n) for n in _patch_counts(folder, len(prompts))]
+    result.kept_equal = [a == b for a, b in zip(hf_kept, vllm_kept)]
+    result.tokens_equal = [a == b for a, b in zip(hf_tokens, vllm_tokens)]
+    result.transformers_tokens, result.vllm_tokens = hf_tokens, vllm_tokens
+    return result
+
+
+def _patch_counts(folder, n: int) -> list[int]:
+    from transformers import AutoConfig
+
+    vision = AutoConfig.from_pretrained(folder).vision_config
+    return [(vision.image_size // vision.patch_size) ** 2] * n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a local LLaVA-1.5 folder (default: a random-init testbed-architecture model)")
+    p.add_argument("--method", default="hiprune")
+    p.add_argument("--keep", type=float, default=1 / 3)
+    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--json", help="write the comparison here")
+    args = p.parse_args(argv)
+    from transformers import AutoProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.model) if args.model else save_random_testbed(Path(tmp) / "model")
+        prompts = testbed_prompts(AutoProcessor.from_pretrained(folder), args.prompts)
+        result = compare(folder, {"method": args.method, "keep": args.keep}, prompts, args.max_new_tokens)
+    report = {**asdict(result), "ok": result.ok}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("settings", "visual_tokens", "budget", "kept_equal", "tokens_equal",
+                                             "seconds", "ok")}))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The host-neutral half of the vLLM plugin: which selector ``hf_overrides["tokenprune"]`` asks for, and the
+attention each visual token receives, read from vLLM's own encoder-attention modules. The selection itself is
+the selector's (``tokenprune.methods``), the same code the transformers adapter calls."""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..registry import VisualTokenSelector, get_method
+
+#: the key of vLLM's ``hf_overrides`` (engine-wide; it reaches the processor and the model workers alike)
+SETTINGS_KEY = "tokenprune"
+
+
+def selector_from(hf_config) -> VisualTokenSelector | None:
+    """The selector ``hf_config.tokenprune`` configures (``{"method": "hiprune", "keep": 1/3, ...}``; method
+    defaults to hiprune), or None where the key is absent: the model is then vLLM's own."""
+    settings = getattr(hf_config, SETTINGS_KEY, None)
+    if settings is None:
+        return None
+    if not isinstance(settings, dict):
+        raise ValueError(f"tokenprune: hf_overrides['{SETTINGS_KEY}'] must be a dict such as "
+                         f"{{'method': 'hiprune', 'keep': 0.333}}, got {settings!r}")
+    options = dict(settings)
+    method = get_method(options.pop("method", "hiprune"))
+    if not issubclass(method, VisualTokenSelector):
+        raise ValueError(f"tokenprune: vLLM serves the visual-token selectors (hiprune, random-select); "
+                         f"{method.name!r} works inside the vision tower, which vLLM runs as its own code")
+    return method(**options)
+
+
+class AttentionScores:
+    """Forward pre-hooks on vLLM's encoder attention modules (``MMEncoderAttention``, called with q, k, v of
+    shape ``(B, N, heads * head_size)``): inside ``recording()``, the attention each token receives at those
+    layers (mean over heads and queries, ``tokenprune.ops.received_attention``, computed in query chunks),
+    while vLLM's own kernel still computes the outputs. Outside it the hooks do nothing."""
+
+    def __init__(self, modules: dict[int, nn.Module]) -> None:
+        self._scores: dict[int, Tensor] | None = None
+        self.handles = [module.register_forward_pre_hook(functools.partial(self._record, layer))
+                        for layer, module in modules.items()]
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[int, Tensor]]:
+        self._scores = {}
+        try:
+            yield self._scores
+        finally:
+            self._scores = None
+
+    def _record(self, layer: int, module: nn.Module, args: tuple) -> None:
+        if self._scores is None:
+            return
+        query, key = args[0], args[1]
+        heads, size = module.num_heads, module.head_size
+        query = query.unflatten(-1, (heads, size)).transpose(1, 2)
+        key = key.unflatten(-1, (module.num_kv_heads, size)).transpose(1, 2)
+        if key.shape[1] != heads:  # grouped keys: each query head reads its group's key
+            key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        with torch.no_grad():
+            self._scores[layer] = ops.received_attention(query, key, module.scale)
