@@ -101,13 +101,10 @@ def vt_split():
     return testbed_split("fmnist", "test")
 
 
-def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monkeypatch):
-    """Four steps of a tiny configuration on a few test-split garments: the exported folder loads with the
-    Auto classes and ``eval-vlm`` answers the packaged question set with it."""
-    from tokenprune.eval import train_vlm_testbed as train
-    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
-
-    from tokenprune.cli import main as cli_main
+def tiny_training(monkeypatch, train, tower_layers: int):
+    """The training script on 300 test-split garments and a testbed with ``tower_layers`` vision layers and
+    one language-model layer; returns the garments and their labels."""
+    from transformers import CLIPVisionConfig
 
     images, labels = vt_split()
     monkeypatch.setattr(train, "testbed_split", lambda task, split, root: (images[:300], labels[:300]))
@@ -115,11 +112,24 @@ def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monke
 
     def tiny():
         config = real()
-        config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 3})
+        config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(),
+                                                   "num_hidden_layers": tower_layers})
         config.text_config.num_hidden_layers = 1
         return config
 
     monkeypatch.setattr(vt, "vlm_testbed_config", tiny)
+    return images[:300], labels[:300]
+
+
+def test_training_script_trains_exports_and_the_folder_evaluates(tmp_path, monkeypatch):
+    """Four steps of a tiny configuration on a few test-split garments: the exported folder loads with the
+    Auto classes and ``eval-vlm`` answers the packaged question set with it."""
+    from tokenprune.eval import train_vlm_testbed as train
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tokenprune.cli import main as cli_main
+
+    images, labels = tiny_training(monkeypatch, train, tower_layers=3)
     out = tmp_path / "model"
     argv = ["--data-root", "unused", "--steps", "4", "--batch-size", "4", "--turns", "2", "--eval-every", "2",
             "--val-questions", "6", "--ckpt", str(tmp_path / "ckpt" / "last.pt"), "--out", str(out), "--threads", "1",
@@ -349,19 +359,10 @@ def test_tower_pretraining_leaves_the_language_model_out(tmp_path, monkeypatch):
     run (its weights stay as initialised) and validation reports the cell accuracy only; the cell accuracy is
     the head's argmax over each cell's mean token, checked by hand."""
     from tokenprune.eval import train_vlm_testbed as train
-    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    images, labels = vt_split()
-    monkeypatch.setattr(train, "testbed_split", lambda task, split, root: (images[:300], labels[:300]))
-    real = vt.vlm_testbed_config
-
-    def tiny():
-        config = real()
-        config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 2})
-        config.text_config.num_hidden_layers = 1
-        return config
-
-    monkeypatch.setattr(vt, "vlm_testbed_config", tiny)
+    images, labels = tiny_training(monkeypatch, train, tower_layers=2)
+    tiny = vt.vlm_testbed_config
     ran = []
     monkeypatch.setattr(train, "forward_with_cells", lambda *a: ran.append(1))
     monkeypatch.setattr(train, "answer_accuracy", lambda *a: ran.append(1))
@@ -387,7 +388,7 @@ def test_tower_pretraining_leaves_the_language_model_out(tmp_path, monkeypatch):
     model.load_state_dict(state["model"])
     head = train.class_word_head(model, vt.vlm_testbed_processor().tokenizer)
     head.load_state_dict(state["cell_head"])
-    canvas, classes = vt.compose_mosaics(images[:300], labels[:300], 8, torch.Generator().manual_seed(vt.VLM_EVAL_SEED))
+    canvas, classes = vt.compose_mosaics(images, labels, 8, torch.Generator().manual_seed(vt.VLM_EVAL_SEED))
     with torch.no_grad():
         means = train.image_features(model, train.pixels(canvas)).view(8, 2, 7, 2, 7, -1).mean((2, 4)).flatten(1, 2)
     by_hand = 100 * (head(means).argmax(-1) == classes).float().mean().item()

@@ -110,3 +110,14 @@ def test_both_checkpoint_layouts_load():
         assert mapper.map_name(key) == "vision_tower.vision_model.embeddings.patch_embedding.weight", key
     assert mapper.map_name("model.language_model.layers.0.mlp.up_proj.weight") == (
         "language_model.model.layers.0.mlp.up_proj.weight")
+
+
+def test_throughput_times_both_engines_on_the_same_requests(model, prompts):
+    """The throughput report: both engines time the same requests; the pruned prompts are shorter by exactly
+    the dropped visual tokens (196 - 65 per image)."""
+    report = check.throughput(model, {"method": "hiprune", "keep": 1 / 3}, prompts[:3], max_new_tokens=2, repeats=1)
+    tokens = report["prompt_tokens_per_request"]
+    assert tokens["unpruned"] - tokens["pruned"] == 196 - 65
+    assert set(report["requests_per_s"]) == {"unpruned", "pruned"} and all(
+        r > 0 for r in report["requests_per_s"].values())
+    assert report["speedup"] == report["requests_per_s"]["pruned"] / report["requests_per_s"]["unpruned"]

@@ -107,8 +107,8 @@ def greedy(llm, prompts, max_new_tokens: int) -> tuple[list[list[int]], list[int
     """Greedy tokens of all prompts in one ``generate`` (batched by vLLM), and each prompt's visual tokens."""
     from vllm import SamplingParams
 
-    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for text, image in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    outputs = llm.generate(_requests(prompts), SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+                           use_tqdm=False)
     image_id = llm.llm_engine.model_config.hf_config.image_token_index
     return ([list(o.outputs[0].token_ids) for o in outputs],
             [sum(t == image_id for t in o.prompt_token_ids) for o in outputs])
@@ -120,6 +120,35 @@ def vllm_side(folder, settings: dict, prompts, max_new_tokens: int, pixels: torc
     tokens, visual = greedy(llm, prompts, max_new_tokens)
     (kept,) = llm.apply_model(functools.partial(_kept_indices, pixels))
     return tokens, visual, kept
+
+
+def throughput(folder, settings: dict, prompts, max_new_tokens: int, repeats: int = 3) -> dict:
+    """Requests per second of vLLM with the plugin configured and not, two engines side by side, their
+    ``generate`` calls interleaved (medians over ``repeats``), and the prompt tokens per request of each."""
+    import statistics
+
+    from vllm import SamplingParams
+
+    engines = {"unpruned": engine(folder, None), "pruned": engine(folder, settings)}
+    rates = {name: [] for name in engines}
+    tokens = {}
+    for name, llm in engines.items():  # warm-up, and the prompt sizes
+        tokens[name] = statistics.mean(
+            len(o.prompt_token_ids) for o in llm.generate(_requests(prompts), use_tqdm=False))
+    for _ in range(repeats):
+        for name, llm in engines.items():
+            start = time.perf_counter()
+            llm.generate(_requests(prompts), SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                                            ignore_eos=True), use_tqdm=False)
+            rates[name].append(len(prompts) / (time.perf_counter() - start))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    return dict(requests=len(prompts), max_new_tokens=max_new_tokens, repeats=repeats,
+                requests_per_s=median, prompt_tokens_per_request=tokens,
+                speedup=median["pruned"] / median["unpruned"])
+
+
+def _requests(prompts) -> list[dict]:
+    return [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in prompts]
 
 
 def _kept_indices(pixels: torch.Tensor, model) -> list[list[int]]:
@@ -163,18 +192,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--json", help="write the comparison here")
+    p.add_argument("--throughput", type=int, default=0, metavar="N",
+                   help="also time N requests through vLLM with the plugin configured and not (requests/s, medians of 3 "
+                        "interleaved runs)")
     args = p.parse_args(argv)
     from transformers import AutoProcessor
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else save_random_testbed(Path(tmp) / "model")
         prompts = testbed_prompts(AutoProcessor.from_pretrained(folder), args.prompts)
-        result = compare(folder, {"method": args.method, "keep": args.keep}, prompts, args.max_new_tokens)
-    report = {**asdict(result), "ok": result.ok}
+        settings = {"method": args.method, "keep": args.keep}
+        result = compare(folder, settings, prompts, args.max_new_tokens)
+        report = {**asdict(result), "ok": result.ok}
+        if args.throughput:
+            many = testbed_prompts(AutoProcessor.from_pretrained(folder), args.throughput)
+            report["throughput"] = throughput(folder, settings, many, args.max_new_tokens)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in ("settings", "visual_tokens", "budget", "kept_equal", "tokens_equal",
-                                             "seconds", "ok")}))
+                                             "seconds", "ok", "throughput") if k in report}))
     return 0 if result.ok else 1
 
 
