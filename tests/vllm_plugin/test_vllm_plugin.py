@@ -121,3 +121,20 @@ def test_throughput_times_both_engines_on_the_same_requests(model, prompts):
     assert set(report["requests_per_s"]) == {"unpruned", "pruned"} and all(
         r > 0 for r in report["requests_per_s"].values())
     assert report["speedup"] == report["requests_per_s"]["pruned"] / report["requests_per_s"]["unpruned"]
+
+
+def test_what_cannot_be_served_right_is_refused():
+    from types import SimpleNamespace
+
+    from tokenprune.vllm.llava import refuse_unservable
+
+    def config(tower="clip_vision_model", strategy="default"):
+        return SimpleNamespace(vision_config=SimpleNamespace(model_type=tower), vision_feature_select_strategy=strategy)
+
+    refuse_unservable(config(), 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        refuse_unservable(config(), 2)
+    with pytest.raises(ValueError, match="CLIP vision tower.*siglip"):
+        refuse_unservable(config("siglip_vision_model"), 1)
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+        refuse_unservable(config(strategy="full"), 1)

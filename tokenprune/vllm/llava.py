@@ -45,9 +45,22 @@ def _info(ctx):
     info = _build_llava_or_pixtral_hf_info(ctx)
     if type(info) is not LlavaProcessingInfo:  # Pixtral's tower: the same checkpoint class, another model
         if selector_from(ctx.get_hf_config()) is not None:
-            raise ValueError("tokenprune serves LLaVA-1.5 (a CLIP or SigLIP tower) in vLLM, not Pixtral")
+            raise ValueError("tokenprune serves LLaVA-1.5 (a CLIP tower) in vLLM, not Pixtral")
         return info
     return TokenpruneLlavaInfo(ctx)
+
+
+def refuse_unservable(config, tensor_parallel_size: int) -> None:
+    """Raise ValueError for what the plugin cannot serve right, before any weight is loaded."""
+    if tensor_parallel_size > 1:
+        raise ValueError("tokenprune in vLLM runs with tensor_parallel_size=1: each rank would score its own "
+                         "heads and keep different tokens")
+    if config.vision_config.model_type != "clip_vision_model":  # the hooks are tested on vLLM's CLIP only
+        raise ValueError(f"tokenprune serves LLaVA with a CLIP vision tower in vLLM, not "
+                         f"{config.vision_config.model_type!r}")
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError("tokenprune needs vision_feature_select_strategy='default' (the features without the "
+                         "class token), as LLaVA-1.5")
 
 
 @MULTIMODAL_REGISTRY.register_processor(_build_llava_or_pixtral_hf_processor, info=_info,
@@ -67,12 +80,7 @@ class TokenpruneLlava(LlavaForConditionalGeneration):
         self.tokenprune_selector = selector = selector_from(self.config)
         if selector is None:
             return
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise ValueError("tokenprune in vLLM runs with tensor_parallel_size=1: each rank would score its own "
-                             "heads and keep different tokens")
-        if self.config.vision_feature_select_strategy != "default":
-            raise ValueError("tokenprune needs vision_feature_select_strategy='default' (the features without the "
-                             "class token), as LLaVA-1.5")
+        refuse_unservable(self.config, vllm_config.parallel_config.tensor_parallel_size)
         layers = self.vision_tower.vision_model.encoder.layers
         # vLLM builds the tower only up to the feature layer, whose output it takes: the last layer built
         self.tokenprune_tower = tower = VisionTower(family=Llava.name, depth=len(layers),
