@@ -73,6 +73,9 @@ def parse_args(argv=None):
                         "vision_tower multi_modal_projector); the rest starts from random init")
     p.add_argument("--freeze-tower", action="store_true",
                    help="train the projector and the language model only, the vision tower as loaded (--init-from)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop at this step of the --steps schedule (checkpoint and export as at the end): a stage of a "
+                        "recipe that continues from a mid-schedule checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default=None,
                    help="a checkpoint of an earlier run (its last.pt): every tensor whose name and shape match starts "
@@ -322,6 +325,8 @@ def training_command(args) -> str:
         flag, v = "--" + name.replace("_", "-"), getattr(args, name)
         if isinstance(v, bool):  # a switch: named when on
             return flag if v else ""
+        if v is None:  # an option left unset
+            return ""
         return f"{flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
 
     settings = " ".join(filter(None, map(setting, TRAINING_SETTINGS)))
@@ -332,7 +337,7 @@ def training_command(args) -> str:
 
 TRAINING_SETTINGS = ("steps", "batch_size", "turns", "lr", "min_lr", "warmup_steps", "weight_decay", "cell_loss",
                      "token_loss", "place_loss", "code_loss", "code_scale", "answer_loss", "kinds", "freeze_tower",
-                     "seed", "precision")
+                     "stop_after", "seed", "precision")
 
 
 def main(argv=None):
@@ -396,7 +401,8 @@ def main(argv=None):
 
     start, last_ckpt, losses, first_step = time.time(), time.time(), [], step
     last_log = start
-    while step < args.steps:
+    last = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
+    while step < last:
         batch = training_batch(images, labels, conv, args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args)
@@ -425,7 +431,7 @@ def main(argv=None):
                 f"{args.batch_size * len(losses) / (now - last_log):.1f} mosaics/s {governor.threads}T | "
                 f"elapsed {fmt_time(spent)} ETA {fmt_time((args.steps - step) * (now - start) / (step - first_step))}")
             last_log, losses = now, []
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == last:
             cells = cell_accuracy(model, cell_head, val_canvas, val_classes, dtype)
             if args.answer_loss:
                 accuracy = answer_accuracy(model, conv, val_canvas, val_classes, val_kinds, dtype)
@@ -435,12 +441,12 @@ def main(argv=None):
                 accuracy = {}
                 log(f"val cell accuracy {cells:.1f}")
             history.append(dict(step=step, val=accuracy, cell=cells))
-        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == last:
             save()
             last_ckpt = time.time()
             log(f"checkpoint -> {ckpt}")
     model.eval()
-    record = dict(model=vt.VLM_TESTBED, steps=args.steps, batch_size=args.batch_size, turns=args.turns,
+    record = dict(model=vt.VLM_TESTBED, steps=args.steps, steps_done=step, batch_size=args.batch_size, turns=args.turns,
                   seed=args.seed, lr=args.lr, precision=args.precision, params=params,
                   train_seconds=round(elapsed_before + time.time() - start), history=history,
                   training_command=training_command(args), init_from=init_record,
