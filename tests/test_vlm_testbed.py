@@ -285,6 +285,7 @@ def test_warm_start_loads_matching_tensors_and_grows_layers_as_the_identity(tmp_
     state, before = new.state_dict(), old.state_dict()
     assert all(torch.equal(state[k], v) for k, v in before.items())
     assert torch.equal(head.bias, old_head.bias) and record["from_step"] == 7
+    assert record["loaded"] == len(before) + 1  # every tensor of the old model, and the head's bias
     assert record["fresh"] and all("language_model.layers.1." in k for k in record["fresh"])
     layer = new.model.language_model.layers[1]
     assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
@@ -411,3 +412,35 @@ def test_the_packaged_testbed_meets_the_issue_s_floors(tmp_path):
     assert base["method"] is None and base["questions"] == 2000 and base["visual_tokens_per_image"] == 196
     assert base["accuracy"] >= 75.0
     assert random_ninth["visual_tokens_per_image"] == 22 and random_ninth["accuracy"] <= base["accuracy"] - 5
+
+
+def test_cell_accuracy_reads_every_mosaic_in_chunks():
+    """More mosaics than one chunk of 50: each cell's class from the head on the mean of its 7x7 tokens, every
+    mosaic counted once (fp32 here, so equal to the computation by hand)."""
+    from tokenprune.eval import train_vlm_testbed as train
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+
+    config = vt.vlm_testbed_config()
+    config.vision_config = CLIPVisionConfig(**{**config.vision_config.to_dict(), "num_hidden_layers": 1})
+    config.text_config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    head = torch.nn.Linear(config.text_config.hidden_size, 10)
+    images, labels = vt_split()
+    canvas, classes = vt.compose_mosaics(images, labels, 73, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        means = train.image_features(model, train.pixels(canvas)).view(73, 2, 7, 2, 7, -1).mean((2, 4))
+        predicted = head(means.flatten(1, 2)).argmax(-1)
+    truth = classes.clone()
+    truth[:40] = predicted[:40]  # 160 of the 292 cells right by construction, the rest as the model has them
+    by_hand = 100 * (predicted == truth).float().mean().item()
+    assert train.cell_accuracy(model, head, canvas, truth, None) == pytest.approx(by_hand)
+
+
+def test_documented_training_defaults():
+    """The defaults the module docstring and docs/testbeds.md's recipe rely on."""
+    from tokenprune.eval.train_vlm_testbed import parse_args
+
+    args = parse_args(["--data-root", "x"])
+    assert (args.steps, args.batch_size, args.turns, args.lr, args.stop_after, args.answer_loss, args.code_loss) == (
+        3000, 32, 4, 1e-3, None, 1.0, 0.0)
