@@ -24,6 +24,7 @@ Design notes:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -162,6 +163,7 @@ def token_places(batch: int) -> torch.Tensor:
     return token_cells(torch.arange(len(vt.CELLS)).expand(batch, -1))
 
 
+@functools.lru_cache(maxsize=None)  # the same directions every step: one QR per width, not one per step
 def cell_code_directions(dim: int) -> torch.Tensor:
     """``(4, dim)``: fixed orthonormal directions, one per mosaic cell, along which the code loss writes the cell
     code (seeded, so a resumed or warm-started run pulls towards the same code)."""
@@ -429,7 +431,7 @@ def main(argv=None):
             lr = lr_at(step, args.steps, args)
             log(f"step {step}/{args.steps} loss {sum(losses) / len(losses):.4f} lr {lr:.2e} | "
                 f"{args.batch_size * len(losses) / (now - last_log):.1f} mosaics/s {governor.threads}T | "
-                f"elapsed {fmt_time(spent)} ETA {fmt_time((args.steps - step) * (now - start) / (step - first_step))}")
+                f"elapsed {fmt_time(spent)} ETA {fmt_time((last - step) * (now - start) / (step - first_step))}")
             last_log, losses = now, []
         if step % args.eval_every == 0 or step == last:
             cells = cell_accuracy(model, cell_head, val_canvas, val_classes, dtype)

@@ -157,11 +157,10 @@ def _kept_indices(pixels: torch.Tensor, model) -> list[list[int]]:
 
 
 def compare(folder, settings: dict, prompts, max_new_tokens: int = 4) -> Comparison:
-    from tokenprune.registry import get_method
+    from tokenprune.vllm.selection import selector_for
 
     settings = dict(settings)
-    options = {k: v for k, v in settings.items() if k != "method"}
-    selector = get_method(settings.get("method", "hiprune"))(**options)
+    selector = selector_for(settings)
     result = Comparison(prompts=len(prompts), settings=settings)
     start = time.time()
     hf_tokens, hf_kept, pixels = transformers_side(folder, settings, prompts, max_new_tokens)

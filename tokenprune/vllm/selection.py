@@ -18,11 +18,15 @@ SETTINGS_KEY = "tokenprune"
 
 
 def selector_from(hf_config) -> VisualTokenSelector | None:
-    """The selector ``hf_config.tokenprune`` configures (``{"method": "hiprune", "keep": 1/3, ...}``; method
-    defaults to hiprune), or None where the key is absent: the model is then vLLM's own."""
+    """The selector ``hf_config.tokenprune`` configures, or None where the key is absent: the model is then
+    vLLM's own."""
     settings = getattr(hf_config, SETTINGS_KEY, None)
-    if settings is None:
-        return None
+    return None if settings is None else selector_for(settings)
+
+
+def selector_for(settings) -> VisualTokenSelector:
+    """The selector of the plugin's settings (``{"method": "hiprune", "keep": 1/3, ...}``; method defaults to
+    hiprune), checked as ``tokenprune.apply`` checks its arguments."""
     if not isinstance(settings, dict):
         raise ValueError(f"tokenprune: hf_overrides['{SETTINGS_KEY}'] must be a dict such as "
                          f"{{'method': 'hiprune', 'keep': 0.333}}, got {settings!r}")
