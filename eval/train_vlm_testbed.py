@@ -58,9 +58,9 @@ def parse_args(argv=None):
                         "(0: none; runs before 2026-12-02 had none). Meant to give a cell's tokens a common key "
                         "(docs/testbeds.md: decodable is not yet strong enough)")
     p.add_argument("--code-loss", type=float, default=0.0,
-                   help="weight of the auxiliary loss that writes a strong code of each token's cell into the projected "
-                        "features: their components along four fixed orthonormal directions are pulled to --code-scale "
-                        "for the token's own cell and 0 for the others (0: none)")
+                   help="weight of the auxiliary loss that writes a strong code of each token's cell into the "
+                        "projected features: their components along four fixed orthonormal directions are pulled to "
+                        "--code-scale for the token's own cell and 0 for the others (0: none)")
     p.add_argument("--code-scale", type=float, default=300.0,
                    help="the code's length; the probe (docs/results/vlm_testbed/lm_probe.py) learnt positions once the "
                         "code was about 3x the length of the rest of the token")

@@ -59,51 +59,14 @@ def tiny_task(folder, data_path) -> None:
         """))
 
 
-QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-#: Qwen2.5-VL's layout of a user turn (vision markers around the image pad) in LLaVA's conversation format
-QWEN_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %} ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] != 'user' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def tiny_qwen_folder(tmp_path_factory):
     """A random-init Qwen2.5-VL (patch 4, 2x2 merger: a 32x32 image gives 16 visual tokens) with its processor."""
-    import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from tokenprune.vlm_testbed import random_qwen25vl
 
-    from tokenprune.vlm_testbed import EOS, PAD, word_tokenizer
-
-    tokenizer = word_tokenizer(WORDS, QWEN_TOKENS)
-    tokenizer.chat_template = QWEN_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
-    sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=1024, max_pixels=1024, **sizes),
-                                    video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tokenizer,
-                                    chat_template=QWEN_TEMPLATE)
-    torch.manual_seed(0)
-    config = Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[1, 3], in_channels=3),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}, pad_token_id=PAD,
-                         eos_token_id=EOS),
-        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-        vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+    model, processor = random_qwen25vl(WORDS)
     folder = tmp_path_factory.mktemp("tiny-qwen")
-    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

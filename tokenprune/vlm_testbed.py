@@ -1,6 +1,7 @@
 """The pieces of a small LLaVA-1.5-architecture model that loads with transformers' own classes: a word-level
 tokenizer (``tokenizers``' WordLevel model, saved as ``tokenizer.json``), LLaVA-1.5's conversation format as a
-chat template, and a ``LlavaProcessor`` around a CLIP image processor. Nothing here is a new model class:
+chat template, and a ``LlavaProcessor`` around a CLIP image processor (and a random Qwen2.5-VL with the same
+tokenizer, for the tests of the Qwen paths). Nothing here is a new model class:
 a folder saved from these loads with ``AutoProcessor`` / ``AutoModelForImageTextToText.from_pretrained``.
 """
 from __future__ import annotations
@@ -59,6 +60,59 @@ def llava_processor(tokenizer, image_size: int, patch_size: int, mean=(0.5, 0.5,
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                           num_additional_image_tokens=1)
+
+
+#: the special tokens Qwen2.5-VL's processor finds by name, and its layout of a user turn (vision markers around
+#: the image pad) in LLaVA-1.5's conversation format
+QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>")
+
+
+def random_qwen25vl(words, patch_size: int = 4, min_pixels: int = 1024, max_pixels: int = 1024, seed: int = 0,
+                    attention_sharpness: float = 8.0):
+    """A random-init Qwen2.5-VL small enough for the CPU, and its processor (``word_tokenizer(words)``, the
+    2x2 merger, images resized to between ``min_pixels`` and ``max_pixels`` in multiples of ``2 * patch_size``;
+    the defaults make every image 32x32 px, 16 visual tokens). Four vision blocks (whole-image attention in the
+    2nd and 4th, windows of 2x2 visual tokens in the others) and a 2-layer language model with heads of 32,
+    the smallest vLLM's CPU attention takes. Returns ``(model, processor)``."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = word_tokenizer(words, QWEN_TOKENS)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in QWEN_TOKENS.items()}
+    sizes = dict(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes), tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=4 * patch_size, fullatt_block_indexes=[1, 3], in_channels=3),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, pad_token_id=PAD,
+                         bos_token_id=BOS, eos_token_id=EOS),
+        image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # attention at init is near uniform: its ranking is rounding noise, and positions
+        # barely matter. Sharpened, which tokens a selector keeps is a property of the weights, and a token's
+        # position changes what the language model says
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight.mul_(attention_sharpness)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(attention_sharpness)
+            layer.self_attn.k_proj.weight.mul_(attention_sharpness)
+    return model, processor
 
 
 # ---------------------------------------------------------------- the trained VLM testbed: questions on mosaics

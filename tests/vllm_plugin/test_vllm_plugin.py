@@ -3,12 +3,8 @@ tokens, a 4-layer Llama with head size 32, which vLLM's CPU attention takes). Th
 run in its own environment (`make vllm-test`, a CI step); the main suite skips them."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from stock_vllm import stock_vllm
 
 pytest.importorskip("vllm")
 
@@ -37,31 +33,14 @@ def prompts(model):
     return check.testbed_prompts(AutoProcessor.from_pretrained(model), PROMPTS)
 
 
-def stock_vllm(folder, max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
-    """Greedy tokens and visual tokens per prompt from vLLM with the plugin off (TOKENPRUNE_VLLM=0, set before
-    vLLM loads its plugins, in a process of its own)."""
-    code = ("import json, sys; from pathlib import Path; from transformers import AutoProcessor; "
-            "from tokenprune.vllm import check\n"
-            "if __name__ == '__main__':\n"
-            f"    folder = Path({str(folder)!r})\n"
-            f"    prompts = check.testbed_prompts(AutoProcessor.from_pretrained(folder), {PROMPTS})\n"
-            f"    llm = check.engine(folder, None)\n"
-            f"    assert type(llm.llm_engine.model_config.hf_config).__name__ == 'LlavaConfig'\n"
-            f"    print('RESULT', json.dumps(check.greedy(llm, prompts, {max_new_tokens})))\n")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TOKENPRUNE_VLLM": "0"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return tuple(json.loads(line[len("RESULT "):]))
-
-
 def test_hiprune_in_vllm_keeps_the_budget_and_matches_transformers(model, prompts):
     """vLLM's prompts hold exactly the budgeted visual tokens per image (a third of 196: 65), the kept indices
     equal the transformers adapter's, and so do the greedy generations of a batch of requests."""
     result = check.compare(model, {"method": "hiprune", "keep": 1 / 3}, prompts, max_new_tokens=6)
     assert result.visual_tokens == result.budget == [65] * PROMPTS
     assert all(result.kept_equal) and len(result.kept_equal) == PROMPTS
-    assert all(result.tokens_equal) and len(result.tokens_equal) == PROMPTS and result.ok
+    assert all(result.tokens_equal) and len(result.tokens_equal) == PROMPTS
+    assert max(result.logprob_gap) <= check.LOGPROB_TOLERANCE and result.ok
 
 
 def test_native_options_reach_the_processor_and_the_workers(model, prompts):
@@ -73,11 +52,11 @@ def test_native_options_reach_the_processor_and_the_workers(model, prompts):
 
 def test_without_settings_or_at_keep_one_vllm_answers_as_its_own_model(legacy_model, prompts):
     """The plugin on but not configured, and configured at keep=1.0: the outputs of vLLM without the plugin."""
-    stock_tokens, stock_visual = stock_vllm(legacy_model, 6)
+    stock_tokens, stock_visual, stock_logprobs = stock_vllm(legacy_model, prompts, 6)
     assert stock_visual == [196] * PROMPTS
     for settings in (None, {"method": "hiprune", "keep": 1.0}):
-        tokens, visual = check.greedy(check.engine(legacy_model, settings), prompts, 6)
-        assert visual == stock_visual and tokens == stock_tokens, settings
+        tokens, visual, logprobs = check.greedy(check.engine(legacy_model, settings), prompts, 6)
+        assert visual == stock_visual and tokens == stock_tokens and logprobs == stock_logprobs, settings
 
 
 def test_settings_are_checked_before_any_model_is_built():
@@ -131,10 +110,15 @@ def test_what_cannot_be_served_right_is_refused():
     def config(tower="clip_vision_model", strategy="default"):
         return SimpleNamespace(vision_config=SimpleNamespace(model_type=tower), vision_feature_select_strategy=strategy)
 
-    refuse_unservable(config(), 1)
+    def engine(tp=1, pp=1):
+        return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp))
+
+    refuse_unservable(config(), engine())
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        refuse_unservable(config(), 2)
+        refuse_unservable(config(), engine(tp=2))
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1"):
+        refuse_unservable(config(), engine(pp=2))
     with pytest.raises(ValueError, match="CLIP vision tower.*siglip"):
-        refuse_unservable(config("siglip_vision_model"), 1)
+        refuse_unservable(config("siglip_vision_model"), engine())
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
-        refuse_unservable(config(strategy="full"), 1)
+        refuse_unservable(config(strategy="full"), engine())

@@ -1,5 +1,6 @@
-"""tokenprune in vLLM: HiPrune (or random selection) of LLaVA-1.5's visual tokens, through vLLM's own plugin
-mechanism (the ``vllm.general_plugins`` entry point, which vLLM loads in every one of its processes).
+"""tokenprune in vLLM: HiPrune (or random selection) of LLaVA-1.5's and Qwen2.5-VL's visual tokens, through
+vLLM's own plugin mechanism (the ``vllm.general_plugins`` entry point, which vLLM loads in every one of its
+processes).
 
     pip install "tokenprune-vit[vllm]"
     from vllm import LLM
@@ -14,7 +15,8 @@ import os
 
 #: the architectures the plugin serves: vLLM's registry name -> our subclass ("module:Class", imported lazily
 #: by vLLM, so that registering in the API process does not import the model code)
-ARCHITECTURES = {"LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlava"}
+ARCHITECTURES = {"LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlava",
+                 "Qwen2_5_VLForConditionalGeneration": "tokenprune.vllm.qwen:TokenpruneQwen25VL"}
 
 
 def register() -> None:

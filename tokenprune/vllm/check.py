@@ -23,6 +23,11 @@ from pathlib import Path
 
 import torch
 
+from .selection import selector_for
+
+#: float32 on both sides: the log-probabilities agree to rounding, far below this, unless an input differs
+LOGPROB_TOLERANCE = 1e-4
+
 
 @dataclass
 class Comparison:
@@ -32,6 +37,10 @@ class Comparison:
     budget: list[int] = field(default_factory=list)          # per prompt, the selector's budget
     kept_equal: list[bool] = field(default_factory=list)
     tokens_equal: list[bool] = field(default_factory=list)
+    #: per prompt, the largest difference between the two engines' log-probabilities of the greedy tokens (where
+    #: the tokens are equal). Greedy tokens of a random model can be blind to what went in (positions above all);
+    #: their log-probabilities are not
+    logprob_gap: list[float] = field(default_factory=list)
     transformers_tokens: list[list[int]] = field(default_factory=list)
     vllm_tokens: list[list[int]] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
@@ -39,17 +48,29 @@ class Comparison:
     @property
     def ok(self) -> bool:
         return (self.visual_tokens == self.budget and all(self.kept_equal) and all(self.tokens_equal)
-                and len(self.tokens_equal) == self.prompts)
+                and len(self.tokens_equal) == self.prompts and max(self.logprob_gap) <= LOGPROB_TOLERANCE)
 
 
-def testbed_prompts(processor, n: int, seed: int = 0) -> list[tuple[str, object]]:
-    """``n`` (prompt, PIL image) pairs: the testbed's questions about test-split mosaics, in the chat template."""
+#: the sizes (width, height) Qwen's prompts cycle through: token grids of 7x7, 10x6 and 8x12 (patch 4, 2x2 merger)
+QWEN_IMAGE_SIZES = ((56, 56), (80, 48), (64, 96))
+
+
+def testbed_prompts(processor, n: int, sizes=None, two_images: bool = False) -> list[tuple[str, object]]:
+    """``n`` (prompt, PIL image) pairs: the testbed's questions about test-split mosaics, in the chat template;
+    ``sizes``: (width, height) the images are resized to in turn (Qwen's native resolution), else 56x56;
+    ``two_images``: the last prompt asks about two images (a list), the text after each at its own position."""
     from tokenprune import vlm_testbed as vt
     from tokenprune.eval.vlm import prompt_text
 
-    questions = vt.question_set("test", n)
-    return [(prompt_text(processor, q["question"] + " " * (i % 3), 1, None, vt.POST_PROMPT, None), q["image"])
-            for i, q in enumerate(questions)]  # trailing spaces: prompts of different lengths in one batch
+    questions = vt.question_set("test", n + two_images)
+    images = [q["image"] if sizes is None else q["image"].resize(sizes[i % len(sizes)])
+              for i, q in enumerate(questions)]
+    prompts = [(prompt_text(processor, q["question"] + " " * (i % 3), 1, None, vt.POST_PROMPT, None), image)
+               for i, (q, image) in enumerate(zip(questions, images))]  # trailing spaces: different lengths
+    if two_images:
+        prompts[-2:] = [(prompt_text(processor, questions[-1]["question"], 2, None, vt.POST_PROMPT, None),
+                         images[-2:])]
+    return prompts
 
 
 def save_random_testbed(folder: Path, seed: int = 0, legacy_layout: bool = False) -> Path:
@@ -72,8 +93,28 @@ def save_random_testbed(folder: Path, seed: int = 0, legacy_layout: bool = False
     return folder
 
 
+def save_random_qwen(folder: Path, seed: int = 0) -> Path:
+    """A random-init tiny Qwen2.5-VL with the testbed's words and a processor keeping images between 16x16 and
+    96x96 px (``vlm_testbed.random_qwen25vl``), as a local folder. Its tower has 4 blocks: HiPrune's object
+    layer must be 2 (a full-attention block)."""
+    from tokenprune import vlm_testbed as vt
+
+    model, processor = vt.random_qwen25vl(vt.WORDS, min_pixels=16 * 16, max_pixels=96 * 96, seed=seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def is_qwen(folder) -> bool:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder).model_type == "qwen2_5_vl"
+
+
 def transformers_side(folder, settings: dict, prompts, max_new_tokens: int):
-    """Greedy tokens and kept indices from transformers with ``tokenprune.apply``, one prompt at a time."""
+    """Per prompt, from transformers with ``tokenprune.apply``, one prompt at a time: the greedy tokens and their
+    log-probabilities, the indices each image kept, the image inputs, and the selector's budget (the visual
+    tokens the prompt should hold). A prompt's image may be a list of images."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import tokenprune
@@ -82,15 +123,21 @@ def transformers_side(folder, settings: dict, prompts, max_new_tokens: int):
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     options = dict(settings)
     tokenprune.apply(model, options.pop("method", "hiprune"), **options)
-    tokens, kept, pixels = [], [], []
+    selector = selector_for(settings)
+    tokens, logprobs, kept, images, budget = [], [], [], [], []
     for text, image in prompts:
         inputs = processor(images=image, text=text, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        tokens.append(out[0, inputs["input_ids"].shape[1]:].tolist())
-        kept.append(tokenprune.last_forward(model).kept[0].nonzero().flatten().tolist())
-        pixels.append(inputs["pixel_values"])
-    return tokens, kept, torch.cat(pixels)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        new = out.sequences[0, inputs["input_ids"].shape[1]:]
+        tokens.append(new.tolist())
+        logprobs.append([float(step[0].log_softmax(-1)[t]) for step, t in zip(out.scores, new)])
+        report = tokenprune.last_forward(model)
+        kept.append([image.nonzero().flatten().tolist() for image in report.kept])
+        budget.append(sum(selector.budget(len(image)) for image in report.kept))
+        images.append({k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")})
+    return tokens, logprobs, kept, images, budget
 
 
 def engine(folder, settings: dict | None):
@@ -103,23 +150,26 @@ def engine(folder, settings: dict | None):
                gpu_memory_utilization=0.1)
 
 
-def greedy(llm, prompts, max_new_tokens: int) -> tuple[list[list[int]], list[int]]:
-    """Greedy tokens of all prompts in one ``generate`` (batched by vLLM), and each prompt's visual tokens."""
+def greedy(llm, prompts, max_new_tokens: int) -> tuple[list[list[int]], list[int], list[list[float]]]:
+    """Greedy tokens of all prompts in one ``generate`` (batched by vLLM), each prompt's visual tokens, and the
+    log-probabilities of the greedy tokens."""
     from vllm import SamplingParams
 
-    outputs = llm.generate(_requests(prompts), SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+    outputs = llm.generate(_requests(prompts), SamplingParams(temperature=0.0, max_tokens=max_new_tokens, logprobs=0),
                            use_tqdm=False)
-    image_id = llm.llm_engine.model_config.hf_config.image_token_index
+    config = llm.llm_engine.model_config.hf_config
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
     return ([list(o.outputs[0].token_ids) for o in outputs],
-            [sum(t == image_id for t in o.prompt_token_ids) for o in outputs])
+            [sum(t == image_id for t in o.prompt_token_ids) for o in outputs],
+            [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs])
 
 
-def vllm_side(folder, settings: dict, prompts, max_new_tokens: int, pixels: torch.Tensor):
+def vllm_side(folder, settings: dict, prompts, max_new_tokens: int, images: list[dict]):
     """Greedy tokens, visual tokens per prompt and kept indices per image, from vLLM with the plugin."""
     llm = engine(folder, settings)
-    tokens, visual = greedy(llm, prompts, max_new_tokens)
-    (kept,) = llm.apply_model(functools.partial(_kept_indices, pixels))
-    return tokens, visual, kept
+    tokens, visual, logprobs = greedy(llm, prompts, max_new_tokens)
+    (kept,) = llm.apply_model(functools.partial(_kept_indices, images))
+    return tokens, visual, logprobs, kept
 
 
 def throughput(folder, settings: dict, prompts, max_new_tokens: int, repeats: int = 3) -> dict:
@@ -151,65 +201,74 @@ def _requests(prompts) -> list[dict]:
     return [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in prompts]
 
 
-def _kept_indices(pixels: torch.Tensor, model) -> list[list[int]]:
-    """Runs in vLLM's worker (module level, so that it pickles by name)."""
-    return [k.tolist() for k in model.tokenprune_kept(pixels)]
+def served_class(model) -> str:
+    """The class of the model vLLM serves (through ``LLM.apply_model``)."""
+    return type(model).__name__
+
+
+def _kept_indices(images: list[dict], model) -> list[list[int]]:
+    """Runs in vLLM's worker (module level, so that it pickles by name): each prompt's images, one prompt at a
+    time."""
+    return [[kept.tolist() for kept in model.tokenprune_kept(**inputs)] for inputs in images]
 
 
 def compare(folder, settings: dict, prompts, max_new_tokens: int = 4) -> Comparison:
-    from tokenprune.vllm.selection import selector_for
-
     settings = dict(settings)
-    selector = selector_for(settings)
+    selector_for(settings)  # bad settings fail here, before either engine loads
     result = Comparison(prompts=len(prompts), settings=settings)
     start = time.time()
-    hf_tokens, hf_kept, pixels = transformers_side(folder, settings, prompts, max_new_tokens)
+    hf_tokens, hf_logprobs, hf_kept, images, budget = transformers_side(folder, settings, prompts, max_new_tokens)
     result.seconds["transformers"] = round(time.time() - start, 1)
     start = time.time()
-    vllm_tokens, visual, vllm_kept = vllm_side(folder, settings, prompts, max_new_tokens, pixels)
+    vllm_tokens, visual, vllm_logprobs, vllm_kept = vllm_side(folder, settings, prompts, max_new_tokens, images)
     result.seconds["vllm"] = round(time.time() - start, 1)
     result.visual_tokens = visual
-    result.budget = [selector.budget(n) for n in _patch_counts(folder, len(prompts))]
+    result.budget = budget
     result.kept_equal = [a == b for a, b in zip(hf_kept, vllm_kept)]
     result.tokens_equal = [a == b for a, b in zip(hf_tokens, vllm_tokens)]
+    result.logprob_gap = [max(abs(x - y) for x, y in zip(a, b)) for a, b in zip(hf_logprobs, vllm_logprobs)]
     result.transformers_tokens, result.vllm_tokens = hf_tokens, vllm_tokens
     return result
 
 
-def _patch_counts(folder, n: int) -> list[int]:
-    from transformers import AutoConfig
-
-    vision = AutoConfig.from_pretrained(folder).vision_config
-    return [(vision.image_size // vision.patch_size) ** 2] * n
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local LLaVA-1.5 folder (default: a random-init testbed-architecture model)")
+    p.add_argument("--model", help="a local LLaVA-1.5 or Qwen2.5-VL folder (default: a random-init model of --family)")
+    p.add_argument("--family", choices=("llava", "qwen"), default="llava",
+                   help="the random model without --model: the VLM testbed's LLaVA architecture, or a tiny "
+                        "Qwen2.5-VL (4 vision blocks; object layer 2 unless --object-layer)")
     p.add_argument("--method", default="hiprune")
     p.add_argument("--keep", type=float, default=1 / 3)
+    p.add_argument("--object-layer", type=int, help="HiPrune's object layer (1-based; default: the family's)")
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--json", help="write the comparison here")
     p.add_argument("--throughput", type=int, default=0, metavar="N",
-                   help="also time N requests through vLLM with the plugin configured and not (requests/s, medians of 3 "
-                        "interleaved runs)")
+                   help="also time N requests through vLLM with the plugin configured and not (requests/s, "
+                        "medians of 3 interleaved runs)")
     args = p.parse_args(argv)
     from transformers import AutoProcessor
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.model) if args.model else save_random_testbed(Path(tmp) / "model")
-        prompts = testbed_prompts(AutoProcessor.from_pretrained(folder), args.prompts)
+        if args.model:
+            folder = Path(args.model)
+        else:
+            folder = (save_random_qwen if args.family == "qwen" else save_random_testbed)(Path(tmp) / "model")
+        qwen = is_qwen(folder)
         settings = {"method": args.method, "keep": args.keep}
+        if args.object_layer is not None or (qwen and not args.model):
+            settings["object_layer"] = args.object_layer or 2
+        sizes = QWEN_IMAGE_SIZES if qwen else None
+        prompts = testbed_prompts(AutoProcessor.from_pretrained(folder), args.prompts, sizes, two_images=True)
         result = compare(folder, settings, prompts, args.max_new_tokens)
         report = {**asdict(result), "ok": result.ok}
         if args.throughput:
-            many = testbed_prompts(AutoProcessor.from_pretrained(folder), args.throughput)
+            many = testbed_prompts(AutoProcessor.from_pretrained(folder), args.throughput, sizes)
             report["throughput"] = throughput(folder, settings, many, args.max_new_tokens)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in ("settings", "visual_tokens", "budget", "kept_equal", "tokens_equal",
-                                             "seconds", "ok", "throughput") if k in report}))
+                                             "logprob_gap", "seconds", "ok", "throughput") if k in report}))
     return 0 if result.ok else 1
 
 

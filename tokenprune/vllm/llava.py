@@ -29,7 +29,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..patches.vlm_llava import Llava
 from ..registry import VisionTower
-from .selection import AttentionScores, selector_from
+from .selection import AttentionScores, refuse_parallelism, selector_from
 
 
 class TokenpruneLlavaInfo(LlavaProcessingInfo):
@@ -50,11 +50,9 @@ def _info(ctx):
     return TokenpruneLlavaInfo(ctx)
 
 
-def refuse_unservable(config, tensor_parallel_size: int) -> None:
+def refuse_unservable(config, vllm_config) -> None:
     """Raise ValueError for what the plugin cannot serve right, before any weight is loaded."""
-    if tensor_parallel_size > 1:
-        raise ValueError("tokenprune in vLLM runs with tensor_parallel_size=1: each rank would score its own "
-                         "heads and keep different tokens")
+    refuse_parallelism(vllm_config)
     if config.vision_config.model_type != "clip_vision_model":  # the hooks are tested on vLLM's CLIP only
         raise ValueError(f"tokenprune serves LLaVA with a CLIP vision tower in vLLM, not "
                          f"{config.vision_config.model_type!r}")
@@ -80,7 +78,7 @@ class TokenpruneLlava(LlavaForConditionalGeneration):
         self.tokenprune_selector = selector = selector_from(self.config)
         if selector is None:
             return
-        refuse_unservable(self.config, vllm_config.parallel_config.tensor_parallel_size)
+        refuse_unservable(self.config, vllm_config)
         layers = self.vision_tower.vision_model.encoder.layers
         # vLLM builds the tower only up to the feature layer, whose output it takes: the last layer built
         self.tokenprune_tower = tower = VisionTower(family=Llava.name, depth=len(layers),

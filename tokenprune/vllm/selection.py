@@ -38,33 +38,54 @@ def selector_for(settings) -> VisualTokenSelector:
     return method(**options)
 
 
+def refuse_parallelism(vllm_config) -> None:
+    """Raise ValueError where vLLM would split what one selection must see whole."""
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise ValueError("tokenprune in vLLM runs with tensor_parallel_size=1: each rank would score its own "
+                         "heads and keep different tokens")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("tokenprune in vLLM runs with pipeline_parallel_size=1")
+
+
 class AttentionScores:
-    """Forward pre-hooks on vLLM's encoder attention modules (``MMEncoderAttention``, called with q, k, v of
-    shape ``(B, N, heads * head_size)``): inside ``recording()``, the attention each token receives at those
-    layers (mean over heads and queries, ``tokenprune.ops.received_attention``, computed in query chunks),
-    while vLLM's own kernel still computes the outputs. Outside it the hooks do nothing."""
+    """Forward pre-hooks on vLLM's encoder attention modules (``MMEncoderAttention``, called with q and k of
+    shape ``(B, N, heads * head_size)`` as CLIP calls it, or ``(B, N, heads, head_size)`` as Qwen's tower
+    does): inside ``recording()``, the attention each token receives at those layers (mean over heads and
+    queries, ``tokenprune.ops.received_attention``, computed in query chunks), while vLLM's own kernel still
+    computes the outputs. Outside it the hooks do nothing.
+
+    ``segments`` (token counts along N): images packed into one sequence, as Qwen's tower packs them; each
+    attends only within itself in a full-attention block, so each segment's scores are its own softmax."""
 
     def __init__(self, modules: dict[int, nn.Module]) -> None:
         self._scores: dict[int, Tensor] | None = None
-        self.handles = [module.register_forward_pre_hook(functools.partial(self._record, layer))
+        self._segments: list[int] | None = None
+        self.handles = [module.register_forward_pre_hook(functools.partial(self._record, layer), with_kwargs=True)
                         for layer, module in modules.items()]
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[dict[int, Tensor]]:
-        self._scores = {}
+    def recording(self, segments: list[int] | None = None) -> Iterator[dict[int, Tensor]]:
+        self._scores, self._segments = {}, segments
         try:
             yield self._scores
         finally:
-            self._scores = None
+            self._scores = self._segments = None
 
-    def _record(self, layer: int, module: nn.Module, args: tuple) -> None:
+    def _record(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._scores is None:
             return
-        query, key = args[0], args[1]
+        query = kwargs["query"] if "query" in kwargs else args[0]
+        key = kwargs["key"] if "key" in kwargs else args[1]
         heads, size = module.num_heads, module.head_size
-        query = query.unflatten(-1, (heads, size)).transpose(1, 2)
-        key = key.unflatten(-1, (module.num_kv_heads, size)).transpose(1, 2)
+        if query.dim() == 3:
+            query, key = query.unflatten(-1, (heads, size)), key.unflatten(-1, (module.num_kv_heads, size))
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, heads, N, size)
         if key.shape[1] != heads:  # grouped keys: each query head reads its group's key
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
         with torch.no_grad():
-            self._scores[layer] = ops.received_attention(query, key, module.scale)
+            if self._segments is None:
+                self._scores[layer] = ops.received_attention(query, key, module.scale)
+            else:
+                self._scores[layer] = torch.cat([
+                    ops.received_attention(q, k, module.scale)
+                    for q, k in zip(query.split(self._segments, dim=2), key.split(self._segments, dim=2))], dim=-1)
