@@ -47,9 +47,29 @@ def test_without_settings_or_at_keep_one_vllm_answers_as_its_own_model(model, pr
     stock_tokens, stock_visual, stock_logprobs = stock_vllm(model, prompts, 6)
     assert stock_visual == [49, 60, 96, 49, 156]
     for settings in (None, {**SETTINGS, "keep": 1.0}):
-        tokens, visual, logprobs = check.greedy(check.engine(model, settings), prompts, 6)
+        llm = check.engine(model, settings)
+        tokens, visual, logprobs = check.greedy(llm, prompts, 6)
         assert visual == stock_visual and tokens == stock_tokens, settings
         assert max(abs(a - b) for x, y in zip(logprobs, stock_logprobs) for a, b in zip(x, y)) <= 1e-5, settings
+    assert llm.apply_model(unapplied_offsets_raise) == ["positions were never applied"]
+
+
+def unapplied_offsets_raise(model) -> str:
+    """In vLLM's worker: two embedding steps without a forward between them (a replayed CUDA graph would skip
+    the Python forward that adds the offsets) raise instead of shifting the next step's positions."""
+    import torch
+
+    ids = torch.zeros(3, dtype=torch.long)
+    mask = torch.tensor([False, True, True])
+    features = torch.zeros(2, model.config.text_config.hidden_size + 2)
+    model.embed_input_ids(ids, [features], is_multimodal=mask)
+    try:
+        model.embed_input_ids(ids, [features], is_multimodal=mask)
+    except RuntimeError as error:
+        return "positions were never applied" if "never applied" in str(error) else str(error)
+    finally:
+        model._tokenprune_offsets = None
+    return "no error"
 
 
 def test_what_cannot_be_served_right_is_refused():
