@@ -4,6 +4,7 @@ tokenprune's transformers adapter on the same weights: the budget per image, the
 tokens with their log-probabilities, which move when a kept token's M-RoPE position is wrong."""
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,74 @@ def test_offsets_that_a_dtype_cannot_hold_exactly_are_refused():
     assert out[:, -2:].long().tolist() == [[0, 0], [255, 255], [256, 256]]
     with pytest.raises(ValueError, match="not exact in torch.bfloat16"):
         _with_offsets(torch.zeros(1, 4, dtype=torch.bfloat16), torch.tensor([257]), torch.tensor([0]))
+
+
+@functools.cache
+def _tiny_qwen():
+    from tokenprune.vlm_testbed import WORDS, random_qwen25vl
+
+    return random_qwen25vl(WORDS)[0]
+
+
+def _full_positions(images: list[tuple[int, int]], texts: list[int]):
+    """transformers' M-RoPE positions ``(3, L)`` of an unpruned prompt: ``texts[i]`` text tokens, then image i
+    (``images[i]``: its token grid), ..., then ``texts[-1]`` text tokens."""
+    import torch
+
+    config = _tiny_qwen().config
+    image_id = config.image_token_id
+    ids = []
+    for text, (rows, cols) in zip(texts, images):
+        ids += [5] * text + [image_id] * (rows * cols)
+    ids += [5] * texts[-1]
+    ids = torch.tensor([ids])
+    merge = config.vision_config.spatial_merge_size
+    grid = torch.tensor([[1, rows * merge, cols * merge] for rows, cols in images])
+    positions, _ = _tiny_qwen().model.get_rope_index(ids, (ids == image_id).int(), image_grid_thw=grid)
+    return positions[:, 0], ids[0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_provisional_positions_plus_offsets_are_the_unpruned_positions(seed):
+    """The two halves of Qwen's positions, composed: ``get_mrope_input_positions`` on the pruned prompt, plus
+    each kept token's (row, column), equal transformers' positions of the unpruned prompt at the kept tokens;
+    the decode position after the prompt is the unpruned one. Images of random grids keep random subsets (a
+    precomputed-embedding image keeps all, at stock positions); the prompt may end on an image."""
+    import torch
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    from tokenprune.vllm.qwen import TokenpruneQwen25VL
+
+    gen = torch.Generator().manual_seed(seed)
+    config = _tiny_qwen().config
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    images = [(draw(1, 6), draw(1, 6)) for _ in range(draw(1, 3))]
+    # at least one token before each image (its vision-start marker, in real prompts); odd seeds end on text
+    texts = [draw(1, 4) for _ in images] + [draw(1, 3) * (seed % 2)]
+    selected = [draw(0, 3) > 0 for _ in images]  # else a precomputed image: every token, no offsets
+    kept = [torch.randperm(r * c, generator=gen)[:draw(1, r * c)].sort().values if s else torch.arange(r * c)
+            for (r, c), s in zip(images, selected)]
+    full, ids = _full_positions(images, texts)
+
+    features, keep_sequence, offsets, start, full_start = [], [], [], 0, 0
+    for text, (rows, cols), keep, s in zip(texts, images, kept, selected):
+        keep_sequence += list(range(full_start, full_start + text)) + [full_start + text + int(i) for i in keep]
+        grid = SimpleNamespace(data=torch.tensor([1, 2 * rows, 2 * cols]))
+        data = {"pixel_values": None, "image_grid_thw": grid} if s else {"image_embeds": None, "image_grid_thw": grid}
+        features.append(SimpleNamespace(modality="image", data=data,
+                                        mm_position=SimpleNamespace(offset=start + text, length=len(keep))))
+        offsets.append(torch.stack([keep // cols, keep % cols]) if s else torch.zeros(2, len(keep), dtype=torch.long))
+        start, full_start = start + text + len(keep), full_start + text + rows * cols
+    keep_sequence += list(range(full_start, full_start + texts[-1]))
+    model = SimpleNamespace(tokenprune_selector=object(), config=config)
+    model.iter_mm_grid_thw = functools.partial(Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw, model)
+    pruned = [int(t) for t in ids[keep_sequence]]
+    positions, delta = TokenpruneQwen25VL.get_mrope_input_positions(model, pruned, features)
+    for feature, offset in zip(features, offsets):
+        rows = slice(feature.mm_position.offset, feature.mm_position.offset + feature.mm_position.length)
+        positions[1:, rows] += offset
+    assert torch.equal(positions, full[:, keep_sequence])
+    assert len(pruned) + delta == int(full.max()) + 1
