@@ -202,3 +202,17 @@ def test_provisional_positions_plus_offsets_are_the_unpruned_positions(seed):
     assert torch.equal(stock, full) or seed % 2
     assert torch.equal(positions, stock[:, keep_sequence])
     assert len(pruned) + delta == len(ids) + stock_delta
+
+
+def test_a_selection_of_another_size_than_the_placeholders_is_refused():
+    """vLLM would cut or misplace the rows of an image whose selection does not match its placeholder count."""
+    import torch
+
+    from tokenprune.vllm.selection import select_exactly, selector_for
+
+    selector = selector_for({"keep": 0.5})
+    scores = (torch.rand(16), torch.rand(16))
+    assert len(select_exactly(selector, scores, (4, 4), 16)) == 8
+    selector.select = lambda scores, grid: torch.arange(9)
+    with pytest.raises(RuntimeError, match="9 features selected for 8 placeholders"):
+        select_exactly(selector, scores, (4, 4), 16)

@@ -29,7 +29,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..patches.vlm_llava import Llava
 from ..registry import VisionTower
-from .selection import AttentionScores, refuse_parallelism, selector_from
+from .selection import AttentionScores, refuse_parallelism, select_exactly, selector_from
 
 
 class TokenpruneLlavaInfo(LlavaProcessingInfo):
@@ -115,10 +115,6 @@ class TokenpruneLlava(LlavaForConditionalGeneration):
         kept = []
         for i, image in enumerate(features):
             # the class token's column is not a feature (strategy "default"), as in the transformers adapter
-            keep = selector.select(tuple(scores[layer][i, 1:] for layer in self.tokenprune_layers),
-                                   self.tokenprune_grid)
-            if len(keep) != selector.budget(len(image)):  # vLLM would silently cut or misplace rows
-                raise RuntimeError(f"tokenprune: {len(keep)} features selected for {selector.budget(len(image))} "
-                                   "placeholders")
-            kept.append(keep)
+            kept.append(select_exactly(selector, tuple(scores[layer][i, 1:] for layer in self.tokenprune_layers),
+                                       self.tokenprune_grid, len(image)))
         return features, kept

@@ -31,7 +31,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ..patches.vlm_qwen import Qwen25VL
 from ..registry import VisionTower
-from .selection import AttentionScores, refuse_parallelism, selector_from
+from .selection import AttentionScores, refuse_parallelism, select_exactly, selector_from
 
 #: the channels a selected feature carries after its embedding: its row and column on the image's token grid
 OFFSET_CHANNELS = 2
@@ -130,7 +130,9 @@ class TokenpruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
             else:  # videos and precomputed embeddings: every token, at its stock position
                 stock = (self._process_image_input(inputs) if modality == "image"
                          else self._process_video_input(inputs))
-                embeddings += [_with_offsets(e, *(e.new_zeros(len(e), dtype=torch.long),) * 2) for e in stock]
+                for e in stock:
+                    zeros = e.new_zeros(len(e), dtype=torch.long)
+                    embeddings.append(_with_offsets(e, zeros, zeros))
         return tuple(embeddings)
 
     def tokenprune_kept(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
@@ -165,11 +167,7 @@ class TokenpruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
                 raster = torch.empty_like(per_token)
                 raster[window_order.to(raster.device)] = per_token
                 layer_scores.append(raster)
-            keep = selector.select(tuple(layer_scores), (rows, cols))
-            if len(keep) != selector.budget(len(image)):  # vLLM would silently cut or misplace rows
-                raise RuntimeError(f"tokenprune: {len(keep)} features selected for {selector.budget(len(image))} "
-                                   "placeholders")
-            kept.append(keep)
+            kept.append(select_exactly(selector, tuple(layer_scores), (rows, cols), len(image)))
             start += count
         return features, kept
 

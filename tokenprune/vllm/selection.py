@@ -38,6 +38,16 @@ def selector_for(settings) -> VisualTokenSelector:
     return method(**options)
 
 
+def select_exactly(selector: VisualTokenSelector, scores: tuple[Tensor, ...], grid: tuple[int, int],
+                   features: int) -> Tensor:
+    """The selector's indices for one image of ``features`` rows, checked to be as many as the placeholders the
+    processor wrote (``budget(features)``): vLLM would silently cut or misplace rows otherwise."""
+    keep = selector.select(scores, grid)
+    if len(keep) != selector.budget(features):
+        raise RuntimeError(f"tokenprune: {len(keep)} features selected for {selector.budget(features)} placeholders")
+    return keep
+
+
 def refuse_parallelism(vllm_config) -> None:
     """Raise ValueError where vLLM would split what one selection must see whole."""
     if vllm_config.parallel_config.tensor_parallel_size > 1:
