@@ -157,6 +157,81 @@ def test_merge_destinations_turn_a_plan_into_the_same_merge(data):
     torch.testing.assert_close(ops.assign_sum(size, dest, n_out), merged_size)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(token_batches(), st.data())
+def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
+    """ToMe's one-call step equals bipartite_soft_matching + merge_mean exactly (the same scores, each
+    destination summing its sources in rank order), sizes given or not, for every r that merges; duplicated
+    tokens (tied scores, as in a flat image background) rank as the reference ranks them."""
+    x, prefix, g = data
+    patches = x.shape[1] - prefix
+    if patches < 2:
+        return
+    heads = draw.draw(st.integers(1, 3))
+    keys = torch.randn(x.shape[0], heads, x.shape[1], 4, generator=g).to(x.dtype)
+    if draw.draw(st.booleans()):  # tied scores: every patch token's key is one of three (a flat background)
+        keys[:, :, prefix:] = keys[:, :, prefix + torch.arange(patches) % 3].clone()
+    keys = keys.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as a qkv projection's view is
+    size = torch.randint(1, 6, (x.shape[0], x.shape[1], 1), generator=g).float() if draw.draw(st.booleans()) else None
+    r = draw.draw(st.integers(1, patches // 2))
+    reference = ops.merge_mean(x, size, ops.bipartite_soft_matching(ops.head_mean(keys), r, prefix), prefix)
+    for build in builds(request):
+        merged, merged_size = build.bipartite_merge(keys, x, size, r, prefix)
+        assert merged.dtype == x.dtype and merged_size.dtype == torch.float32
+        assert torch.equal(merged, reference[0]) and torch.equal(merged_size, reference[1])
+
+
+def test_bipartite_merge_is_what_tome_runs_on_cpu_by_default(monkeypatch, cpu_build):
+    """auto: a ToMe forward on CPU goes through the one-call kernel and gives the PyTorch ops' output exactly;
+    off: the PyTorch ops; with source tracing (which needs the plan): the PyTorch ops."""
+    model = tiny_timm("deit_small_distilled_patch16_224")
+    x = images(2)
+    tokenprune.apply(model, "tome", keep=0.4)
+    monkeypatch.setenv(extension.ENV, "off")
+    with torch.no_grad():
+        reference = model(x)
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    for setting, calls in (("auto", len(model.blocks)), ("off", 0)):
+        monkeypatch.setenv(extension.ENV, setting)
+        counting.calls.clear()
+        with torch.no_grad():
+            assert torch.equal(model(x), reference)
+        assert counting.calls.get("bipartite_merge", 0) == calls, (setting, counting.calls)
+    monkeypatch.setenv(extension.ENV, "auto")
+    tokenprune.apply(model, "tome", keep=0.4, trace_source=True)
+    counting.calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+    assert counting.calls == {}
+
+
+def test_bipartite_merge_keeps_the_pytorch_ops_where_the_kernel_does_not_apply(monkeypatch, cpu_build):
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.delenv(extension.ENV, raising=False)
+    g = torch.Generator().manual_seed(0)
+    x, keys = torch.randn(2, 6, 3, generator=g), torch.randn(2, 2, 6, 5, generator=g)
+
+    def reference(keys, x, size, r, prefix):
+        plan = ops.bipartite_soft_matching(ops.head_mean(keys), r, prefix)
+        return ops.merge_mean(x, size, plan, prefix)
+    # one patch token: r clamps to 0, nothing merges (the kernel takes r >= 1 only)
+    for got, want in zip(ops.bipartite_merge(keys[:, :, :2], x[:, :2], None, 3, 1),
+                         reference(keys[:, :, :2], x[:, :2], None, 0, 1)):
+        assert torch.equal(got, want)
+    wide = torch.ones(2, 6, 1, dtype=torch.float64)  # sizes wider than the kernel's float32
+    for got, want in zip(ops.bipartite_merge(keys, x, wide, 2, 1), reference(keys, x, wide, 2, 1)):
+        assert torch.equal(got, want) and got.dtype == want.dtype
+    for got, want in zip(ops.bipartite_merge(x.double()[:, None], x.double(), None, 2, 1),
+                         reference(x.double()[:, None], x.double(), None, 2, 1)):
+        assert torch.equal(got, want)
+    assert counting.calls == {}
+    for got, want in zip(ops.bipartite_merge(keys, x, None, 9, 1), reference(keys, x, None, 2, 1)):  # r clamped
+        assert torch.equal(got, want)
+    assert counting.calls == {"bipartite_merge": 1}
+
+
 def test_the_extension_names_bad_input(cpu_build):
     x = torch.randn(2, 6, 3)
     with pytest.raises(RuntimeError, match=r"keep must lie in \[0, 5\)"):
@@ -171,6 +246,17 @@ def test_the_extension_names_bad_input(cpu_build):
         cpu_build.gather_kept(x, torch.zeros(2, 1, dtype=torch.long), 7)
     with pytest.raises(RuntimeError, match="disagree"):
         cpu_build.received_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), 1.0)
+    keys = torch.randn(2, 3, 6, 4)
+    with pytest.raises(RuntimeError, match=r"r must lie in \[1, 2\], got 3"):
+        cpu_build.bipartite_merge(keys, x, None, 3, 1)
+    with pytest.raises(RuntimeError, match=r"r must lie in \[1, 2\], got 0"):
+        cpu_build.bipartite_merge(keys, x, None, 0, 1)
+    with pytest.raises(RuntimeError, match=r"k must be \(2, heads, 6, dim\)"):
+        cpu_build.bipartite_merge(keys[:, :, :5], x, None, 1, 1)
+    with pytest.raises(RuntimeError, match="size must be float32"):
+        cpu_build.bipartite_merge(keys, x, torch.ones(2, 6, 1, dtype=torch.float64), 1, 1)
+    with pytest.raises(RuntimeError, match="k and x must share a dtype"):
+        cpu_build.bipartite_merge(keys.half(), x, None, 1, 1)
 
 
 # ----------------------------------------------------------------------------- dispatch and fallback
@@ -206,7 +292,7 @@ def test_whole_models_run_through_the_kernels_and_match_the_reference(monkeypatc
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
-    expected = {"tome": "weighted_merge", "mctf": "weighted_merge", "random": "gather_kept",
+    expected = {"tome": "bipartite_merge", "mctf": "weighted_merge", "random": "gather_kept",
                 "zero-tprune": "gather_kept"}[method]
     assert counting.calls.get(expected, 0) > 0, counting.calls
 
@@ -247,15 +333,19 @@ class FakeCuda:
 
 def test_dispatch_rules(monkeypatch):
     cpu = torch.zeros(2, 3)
-    monkeypatch.setattr(extension, "_load_or_warn", lambda: "cuda build")
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: "cuda build" if cuda else "cpu build")
     monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: "cuda build" if cuda else "cpu build")
     monkeypatch.delenv(extension.ENV, raising=False)
     assert extension.mode() == "auto"
     assert extension.for_tensor(cpu) is None  # CPU tensors keep the PyTorch ops by default
+    assert extension.for_tensor(cpu, floating=True) is None
+    assert extension.for_tensor(cpu, cpu_kernel_pays=True) == "cpu build"  # ... but where one call replaces many
+    assert extension.for_tensor(cpu.double(), floating=True, cpu_kernel_pays=True) is None
     assert extension.for_tensor(FakeCuda()) == "cuda build"
     for off in ("off", "0", "OFF"):
         monkeypatch.setenv(extension.ENV, off)
         assert extension.for_tensor(FakeCuda()) is None
+        assert extension.for_tensor(cpu, cpu_kernel_pays=True) is None
     monkeypatch.setenv(extension.ENV, "all")
     assert extension.for_tensor(cpu) == "cpu build"
     assert extension.for_tensor(FakeCuda()) == "cuda build"
@@ -297,6 +387,32 @@ def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch):
         monkeypatch.setenv(extension.ENV, "all")  # asked for explicitly: the failure is an error
         with pytest.raises(RuntimeError, match="nvcc: not found"):
             extension.for_tensor(FakeCuda())
+    finally:
+        extension._load_or_warn.cache_clear()
+
+
+def test_a_failed_cpu_build_falls_back_to_the_pytorch_ops_with_one_warning(monkeypatch, capsys):
+    def broken(cuda, verbose=False):
+        raise RuntimeError("c++: not found")
+    model = tiny_timm("vit_base_patch16_224")
+    x = images(1)
+    tokenprune.apply(model, "tome", keep=0.5)
+    monkeypatch.setenv(extension.ENV, "off")
+    with torch.no_grad():
+        reference = model(x)
+    monkeypatch.setattr(extension, "load", broken)
+    monkeypatch.setattr(extension, "_is_built", lambda name: False)
+    extension._load_or_warn.cache_clear()
+    monkeypatch.delenv(extension.ENV, raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"the CPU extension could not be built \(c\+\+: not found\)"):
+            with torch.no_grad():
+                assert torch.equal(model(x), reference)
+        assert "tokenprune: compiling the CPU kernels (once" in capsys.readouterr().err  # said before the wait
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # only once
+            with torch.no_grad():
+                model(x)
     finally:
         extension._load_or_warn.cache_clear()
 

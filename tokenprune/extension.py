@@ -10,8 +10,10 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
 
 * ``auto`` (default): CUDA tensors use the CUDA build, compiled on first use (about a minute; cached by
   torch in ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default) or ahead of time with
-  ``tokenprune build-ext --cuda``. If it cannot be built, one warning, then the PyTorch ops. CPU tensors
-  always use the PyTorch ops: they need no compiler and are as fast there.
+  ``tokenprune build-ext --cuda``. CPU tensors use the PyTorch ops, which are as fast there for a gather or a
+  merge, except where one kernel replaces many small ops (``cpu_kernel_pays``: ToMe's matching and merge,
+  ``ops.bipartite_merge``), which the CPU build runs, compiled on first use (about 30 s, then cached; or
+  ``tokenprune build-ext``). If a build fails, one warning, then the PyTorch ops.
 * ``off`` (or ``0``): the PyTorch ops everywhere.
 * ``all``: the extension for CPU tensors too (the CPU build), and a build failure is an error; this is how
   the tests run whole models through the kernels without a GPU.
@@ -27,6 +29,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -65,10 +68,11 @@ def mode() -> str:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def for_tensor(t: torch.Tensor, floating: bool = False) -> ModuleType | None:
+def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = False) -> ModuleType | None:
     """The extension module that should handle ``t``, or None for the PyTorch reference. ``floating``:
     the op computes (merge, attention), so only the dtypes its kernels take (float64 stays in PyTorch);
-    a gather copies, so any dtype."""
+    a gather copies, so any dtype. ``cpu_kernel_pays``: the op's CPU kernel is measurably faster than the
+    PyTorch ops (one call for many small ones), so ``auto`` uses the CPU build for CPU tensors too."""
     if torch.compiler.is_compiling():  # first: dynamo then traces nothing below
         return None
     if floating and t.dtype not in KERNEL_DTYPES:
@@ -77,31 +81,50 @@ def for_tensor(t: torch.Tensor, floating: bool = False) -> ModuleType | None:
     if setting == "off" or (t.requires_grad and torch.is_grad_enabled()):
         return None
     if t.is_cuda:
-        return load(cuda=True) if setting == "all" else _load_or_warn()
-    if setting == "all" and t.device.type == "cpu":
-        return load(cuda=False)
+        return load(cuda=True) if setting == "all" else _load_or_warn(cuda=True)
+    if t.device.type == "cpu":
+        if setting == "all":
+            return load(cuda=False)
+        if cpu_kernel_pays:
+            return _load_or_warn(cuda=False)
     return None
 
 
 @functools.cache
-def _load_or_warn() -> ModuleType | None:
+def _load_or_warn(cuda: bool) -> ModuleType | None:
+    build = "CUDA" if cuda else "CPU"
     try:
-        return load(cuda=True)
+        if not cuda and not _is_built("tokenprune_ext_cpu"):  # a silent half minute would look like a hang
+            print("tokenprune: compiling the CPU kernels (once, about 30 s; then cached)", file=sys.stderr)
+        return load(cuda=cuda)
     except Exception as error:  # a missing compiler or toolkit: fall back, once, loudly
-        warnings.warn(f"tokenprune: the CUDA extension could not be built ({str(error).splitlines()[0]}); "
+        warnings.warn(f"tokenprune: the {build} extension could not be built ({str(error).splitlines()[0]}); "
                       f"using the PyTorch ops. Set {ENV}=off to silence this, or see docs/design.md.",
                       RuntimeWarning, stacklevel=3)
         return None
 
 
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache holds a build of ``name`` (it may still rebuild a changed source)."""
+    return any(Path(_cpp_extension()._get_build_directory(name, verbose=False)).glob("*.so"))
+
+
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported after CUDA_HOME names the toolkit of the ``nvcc`` on PATH (torch
+    reads it at import, and guesses, with a warning, when it is unset)."""
+    if not os.environ.get("CUDA_HOME") and toolkit_root():
+        os.environ["CUDA_HOME"] = toolkit_root()
+    from torch.utils import cpp_extension
+
+    return cpp_extension
+
+
 @functools.cache
 def load(cuda: bool, verbose: bool = False) -> ModuleType:
     """Build (once; torch caches the result and rebuilds when a source changes) and import one build."""
-    if not os.environ.get("CUDA_HOME") and toolkit_root():  # before torch's import guesses (and warns)
-        os.environ["CUDA_HOME"] = toolkit_root()
+    cpp_extension = _cpp_extension()
     if cuda:
         _cuda_build_environment()
-    from torch.utils import cpp_extension
 
     if cuda and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
         # torch resolved CUDA_HOME when it was first imported, before we set it (see _cuda_build_environment)

@@ -27,7 +27,8 @@ features). For float32 and float64 tokens every function here computes exactly w
 
 These functions are the reference. Where ``tokenprune.extension.for_tensor`` returns the compiled
 extension (CUDA tensors by default; see that module), ``keep_tokens``, ``merge_mean``, ``assign_mean``
-and ``received_attention`` hand their work to its kernels, which the tests hold equal to the code here.
+and ``received_attention`` hand their work to its kernels, which the tests hold equal to the code here;
+``bipartite_merge`` (ToMe's matching and merge in one call) does so on CPU by default, bit-identically.
 """
 from __future__ import annotations
 
@@ -108,6 +109,25 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> MergePla
     unmerged = order[:, r:].sort(dim=-1).values[:, prefix_in_sets(num_prefix)[0]:]
     dst = best_dst.gather(1, src)
     return MergePlan(unmerged=unmerged, src=src, dst=dst)
+
+
+def head_mean(keys: Tensor) -> Tensor:
+    """ToMe's similarity metric: keys ``(B, H, N, D)`` averaged over heads, ``(B, N, D)`` (float32 for half-precision
+    keys, so that rounding does not decide which tokens are most similar)."""
+    return keys.mean(dim=1, dtype=accumulation_dtype(keys.dtype))
+
+
+def bipartite_merge(keys: Tensor, x: Tensor, size: Tensor | None, r: int, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """ToMe's whole step: ``bipartite_soft_matching`` on the head-mean ``keys`` (B, H, N, D), then ``merge_mean``
+    of ``x`` (B, N, C) with token sizes ``size`` (B, N, 1) or None; returns ``(x, size)``.
+
+    On CPU the extension's CPU build does it in one call, bit-identical to the two functions (the default: about
+    thirty small ops become one, which is what decides whether merging pays at batch 1; docs/performance.md)."""
+    r = min(r, (x.shape[1] - num_prefix) // 2)
+    kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
+    if kernels is not None and not x.is_cuda and r > 0 and (size is None or size.dtype == torch.float32):
+        return kernels.bipartite_merge(keys, x, size, r, num_prefix)
+    return merge_mean(x, size, bipartite_soft_matching(head_mean(keys), r, num_prefix), num_prefix)
 
 
 def _add_sources(b: Tensor, src: Tensor, dst: Tensor) -> Tensor:

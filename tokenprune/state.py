@@ -79,6 +79,14 @@ class ForwardState:
             self.source = ops.merge_sum(self.source, plan, self.num_prefix)
         return x
 
+    def merge_similar(self, x: Tensor, keys: Tensor, r: int) -> Tensor:
+        """ToMe's step: merge the ``r`` tokens most similar by their head-mean ``keys`` (B, H, N, D), size-weighted
+        (``ops.bipartite_merge``: one call on CPU), keeping sizes and sources in step."""
+        if self.source is None:
+            x, self.size = ops.bipartite_merge(keys, x, self.size, r, self.num_prefix)
+            return x
+        return self.merge(x, ops.bipartite_soft_matching(ops.head_mean(keys), r, self.num_prefix))
+
     def fuse(self, x: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
         """Merge tokens sharing a slot of ``dest`` (B, N; prefix tokens in their own slots) by the
         ``weight``-ed (B, N, 1) mean; sizes and sources add up."""
@@ -174,6 +182,5 @@ class AttentionTaps:
         return logits.view(batch, heads, n, n_k)
 
     def head_mean_keys(self) -> Tensor:
-        """ToMe's similarity metric: keys averaged over heads, ``(B, N, head_dim)`` (float32 for half-precision
-        keys, so that rounding does not decide which tokens are most similar)."""
-        return self.k.mean(dim=1, dtype=ops.accumulation_dtype(self.k.dtype))
+        """ToMe's similarity metric (``ops.head_mean``): keys averaged over heads, ``(B, N, head_dim)``."""
+        return ops.head_mean(self.k)

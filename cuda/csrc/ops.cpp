@@ -3,6 +3,10 @@
 // The PyTorch functions in tokenprune/ops.py are the reference each op here is tested against.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <limits>
+#include <vector>
+
 #include "convert_host.h"
 #include "launch.h"
 
@@ -210,6 +214,93 @@ torch::Tensor received_attention(torch::Tensor q, torch::Tensor k, double scale,
   return out;
 }
 
+// ToMe's whole step in one call, for CPU tensors: the bipartite soft matching of the head-mean keys k
+// (B, H, N, D) and the size-weighted merge of x (B, N, C) with sizes (B, N, 1) fp32 (None: every size 1).
+// Returns (merged x (B, n_out, C) in x's dtype, merged sizes (B, n_out, 1) fp32). At batch 1 the reference's
+// thirty-odd small ops cost more than a transformer block saves by losing the merged tokens; here they are one.
+// The reference is ops.bipartite_soft_matching + ops.merge_mean, and the outputs are bit-identical to it: the
+// scores come from the same ATen ops, and each destination adds its sources in their rank order, as the
+// reference's index_add does, before the same division.
+std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch::Tensor x,
+                                                          c10::optional<torch::Tensor> size, int64_t r,
+                                                          int64_t num_prefix) {
+  TORCH_CHECK(x.dim() == 3, "tokenprune: x must be (batch, tokens, channels), got ", x.sizes());
+  check_floating(x, "x");
+  TORCH_CHECK(x.is_cpu() && k.is_cpu(), "tokenprune: bipartite_merge takes CPU tensors, got ", x.device());
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), P = num_prefix;
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(2) == N, "tokenprune: k must be (", B, ", heads, ", N,
+              ", dim), got ", k.sizes());
+  TORCH_CHECK(k.scalar_type() == x.scalar_type(), "tokenprune: k and x must share a dtype");
+  TORCH_CHECK(0 <= P && P <= N, "tokenprune: num_prefix must lie in [0, ", N, "], got ", P);
+  TORCH_CHECK(0 < r && r <= (N - P) / 2, "tokenprune: r must lie in [1, ", (N - P) / 2, "], got ", r);
+  torch::Tensor s;
+  if (size.has_value() && size->defined()) {
+    TORCH_CHECK(size->scalar_type() == torch::kFloat && size->dim() == 3 && size->size(0) == B &&
+                    size->size(1) == N && size->size(2) == 1,
+                "tokenprune: size must be float32 (", B, ", ", N, ", 1), got ", size->scalar_type(), " ",
+                size->sizes());
+    s = size->contiguous();
+  }
+  const int64_t in_a = (P + 1) / 2, in_b = P / 2, n_a = (N + 1) / 2, n_b = N / 2;
+  const int64_t n_unmerged = n_a - in_a - r, n_out = P + n_unmerged + n_b - in_b;
+  // the matching, op for op the reference's (so that near-ties rank alike)
+  const auto metric = k.mean({1}, /*keepdim=*/false, torch::kFloat);
+  const auto unit = metric / at::linalg_vector_norm(metric, 2, {-1}, /*keepdim=*/true);
+  auto scores = at::matmul(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2));
+  scores.slice(1, 0, in_a).fill_(-std::numeric_limits<float>::infinity());
+  scores.slice(2, 0, in_b).fill_(-std::numeric_limits<float>::infinity());
+  const auto best = scores.max(-1);
+  const auto best_dst = std::get<1>(best).contiguous();
+  const auto order = std::get<0>(best).argsort(-1, /*descending=*/true).contiguous();
+  const auto xf = x.to(torch::kFloat).contiguous();
+  auto merged = torch::empty({B, n_out, C}, xf.options());
+  auto merged_size = torch::empty({B, n_out, 1}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* dst_p = best_dst.data_ptr<int64_t>();
+  float* mp = merged.data_ptr<float>();
+  float* msp = merged_size.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> slot(N), kept;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t* rank = order_p + b * n_a;  // A tokens, best match first: the first r are sources
+      // output slots, the reference's order: prefix, unmerged A (position order), non-prefix B
+      std::fill(slot.begin(), slot.end(), -1);
+      for (int64_t t = 0; t < P; ++t) slot[t] = t;
+      kept.assign(rank + r, rank + n_a);
+      std::sort(kept.begin(), kept.end());  // prefix A tokens (scored -inf) come first; they keep their slots
+      for (int64_t i = in_a; i < n_a - r; ++i) slot[2 * kept[i]] = P + i - in_a;
+      for (int64_t j = in_b; j < n_b; ++j) slot[2 * j + 1] = P + n_unmerged + j - in_b;
+      const float* xb = xp + b * N * C;
+      float* mb = mp + b * n_out * C;
+      float* msb = msp + b * n_out;
+      for (int64_t t = 0; t < N; ++t) {  // every token but the sources starts its slot with size * x
+        if (slot[t] < 0) continue;
+        const float w = sp ? sp[b * N + t] : 1.0f;
+        float* out = mb + slot[t] * C;
+        const float* in = xb + t * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = in[c] * w;
+        msb[slot[t]] = w;
+      }
+      for (int64_t i = 0; i < r; ++i) {  // sources, in rank order, add into their destinations
+        const int64_t t = 2 * rank[i], dest = slot[2 * dst_p[b * n_a + rank[i]] + 1];
+        const float w = sp ? sp[b * N + t] : 1.0f;
+        float* out = mb + dest * C;
+        const float* in = xb + t * C;
+        for (int64_t c = 0; c < C; ++c) out[c] += in[c] * w;
+        msb[dest] += w;
+      }
+      for (int64_t j = 0; j < n_out; ++j) {
+        float* out = mb + j * C;
+        const float w = msb[j];
+        for (int64_t c = 0; c < C; ++c) out[c] /= w;
+      }
+    }
+  });
+  return {merged.to(x.scalar_type()), merged_size};
+}
+
 }  // namespace tokenprune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -225,4 +316,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("dest"), py::arg("n_out"));
   m.def("received_attention", &tokenprune::received_attention, "attention each key receives", py::arg("q"),
         py::arg("k"), py::arg("scale"), py::arg("bias") = py::none());
+  m.def("bipartite_merge", &tokenprune::bipartite_merge, "ToMe's matching and size-weighted merge (CPU)",
+        py::arg("k"), py::arg("x"), py::arg("size"), py::arg("r"), py::arg("num_prefix"));
 }

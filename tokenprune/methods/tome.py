@@ -12,7 +12,6 @@ For a class token (+ distillation token) this is exactly the official code; for 
 """
 from __future__ import annotations
 
-from .. import ops
 from ..registry import Needs, Reduction, flag, register
 from ._scheduled import EveryBlockReducer
 
@@ -30,5 +29,4 @@ class ToMe(EveryBlockReducer):
         return self.options["prop_attn"]
 
     def after_attention(self, x, remove, taps, state):
-        plan = ops.bipartite_soft_matching(taps.head_mean_keys(), remove, state.num_prefix)
-        return Reduction(state.merge(x, plan))
+        return Reduction(state.merge_similar(x, taps.k, remove))
