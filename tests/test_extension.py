@@ -181,15 +181,19 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
         assert torch.equal(merged, reference[0]) and torch.equal(merged_size, reference[1])
 
 
-def test_bipartite_merge_is_what_tome_runs_on_cpu_by_default(monkeypatch, cpu_build):
-    """auto: a ToMe forward on CPU goes through the one-call kernel and gives the PyTorch ops' output exactly;
-    off: the PyTorch ops; with source tracing (which needs the plan): the PyTorch ops."""
-    model = tiny_timm("deit_small_distilled_patch16_224")
-    x = images(2)
+def tome_through_the_pytorch_ops(monkeypatch, name: str, batch: int):
+    """A tiny ToMe-patched model, an input, and the model's output through the PyTorch ops (TOKENPRUNE_EXT=off)."""
+    model, x = tiny_timm(name), images(batch)
     tokenprune.apply(model, "tome", keep=0.4)
     monkeypatch.setenv(extension.ENV, "off")
     with torch.no_grad():
-        reference = model(x)
+        return model, x, model(x)
+
+
+def test_bipartite_merge_is_what_tome_runs_on_cpu_by_default(monkeypatch, cpu_build):
+    """auto: a ToMe forward on CPU goes through the one-call kernel and gives the PyTorch ops' output exactly;
+    off: the PyTorch ops; with source tracing (which needs the plan): the PyTorch ops."""
+    model, x, reference = tome_through_the_pytorch_ops(monkeypatch, "deit_small_distilled_patch16_224", 2)
     counting = Counting(cpu_build)
     monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
     for setting, calls in (("auto", len(model.blocks)), ("off", 0)):
@@ -394,12 +398,7 @@ def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch):
 def test_a_failed_cpu_build_falls_back_to_the_pytorch_ops_with_one_warning(monkeypatch, capsys):
     def broken(cuda, verbose=False):
         raise RuntimeError("c++: not found")
-    model = tiny_timm("vit_base_patch16_224")
-    x = images(1)
-    tokenprune.apply(model, "tome", keep=0.5)
-    monkeypatch.setenv(extension.ENV, "off")
-    with torch.no_grad():
-        reference = model(x)
+    model, x, reference = tome_through_the_pytorch_ops(monkeypatch, "vit_base_patch16_224", 1)
     monkeypatch.setattr(extension, "load", broken)
     monkeypatch.setattr(extension, "_is_built", lambda name: False)
     extension._load_or_warn.cache_clear()
