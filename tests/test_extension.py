@@ -67,6 +67,14 @@ def test_the_cpu_build_is_not_the_cuda_build(cpu_build):
     assert cpu_build.with_cuda is False
 
 
+def test_each_torch_version_has_its_own_build(monkeypatch):
+    """torch's cache keys a build by sources and flags only: the name must tell two torch versions apart."""
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cpu")
+    assert extension.build_name(cuda=False) == "tokenprune_ext_cpu_torch2_14_1_cpu"
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    assert extension.build_name(cuda=True) == "tokenprune_ext_cuda_torch2_13_0"
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(token_batches(), st.data())
 def test_gather_equals_keep_tokens_exactly(request, data, draw):
@@ -494,7 +502,7 @@ def test_the_cuda_build_points_torch_at_the_toolkit_even_after_torch_guessed(mon
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs, home=cpp_extension.CUDA_HOME))
     extension.load.__wrapped__(cuda=True)
     assert seen["home"] == "/the/toolkit"
-    assert seen["name"] == "tokenprune_ext_cuda" and "-DTOKENPRUNE_WITH_CUDA" in seen["extra_cflags"]
+    assert seen["name"] == extension.build_name(cuda=True) and "-DTOKENPRUNE_WITH_CUDA" in seen["extra_cflags"]
     assert [p.rsplit("/", 1)[-1] for p in seen["sources"]] == ["ops.cpp", "kernels.cu"]
 
 

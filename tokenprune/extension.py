@@ -94,7 +94,7 @@ def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = 
 def _load_or_warn(cuda: bool) -> ModuleType | None:
     build = "CUDA" if cuda else "CPU"
     try:
-        if not cuda and not _is_built("tokenprune_ext_cpu"):  # a silent half minute would look like a hang
+        if not cuda and not _is_built(build_name(cuda=False)):  # a silent half minute would look like a hang
             print("tokenprune: compiling the CPU kernels (once, about 30 s; then cached)", file=sys.stderr)
         return load(cuda=cuda)
     except Exception as error:  # a missing compiler or toolkit: fall back, once, loudly
@@ -102,6 +102,14 @@ def _load_or_warn(cuda: bool) -> ModuleType | None:
                       f"using the PyTorch ops. Set {ENV}=off to silence this, or see docs/design.md.",
                       RuntimeWarning, stacklevel=3)
         return None
+
+
+def build_name(cuda: bool) -> str:
+    """The build's name in torch's extension cache, which carries torch's version: torch keys a cached build by
+    its sources and flags only, so two environments with different torch versions would otherwise load each
+    other's build (and fail on its symbols)."""
+    version = re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
+    return f"tokenprune_ext_{'cuda' if cuda else 'cpu'}_torch{version}"
 
 
 def _is_built(name: str) -> bool:
@@ -133,7 +141,7 @@ def load(cuda: bool, verbose: bool = False) -> ModuleType:
     sources = [csrc / "ops.cpp"] + ([csrc / "kernels.cu"] if cuda else [])
     cflags = ["-O3"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else [])
     return cpp_extension.load(
-        name="tokenprune_ext_cuda" if cuda else "tokenprune_ext_cpu",
+        name=build_name(cuda),
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3"],
