@@ -4,6 +4,7 @@
     .venv/bin/python mutation/run.py --sample 80       # a fixed random sample of 80 mutants per module
     .venv/bin/python mutation/run.py zero_tprune hiprune
     .venv/bin/python mutation/run.py --recheck hiprune   # re-run only the last session's survivors
+    .venv/bin/python mutation/run.py --lines 113-127 tome_step   # only the mutants of those lines (a change)
 
 cosmic-ray mutates the file on disk, so the runs happen in a scratch copy of the working tree (tracked
 and untracked files, not ignored ones), never in the checkout itself: an interrupted run leaves nothing
@@ -66,6 +67,17 @@ def sample(session: Path, keep: int, seed: int = 0) -> None:
                                 WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
 
 
+def only_lines(session: Path, first: int, last: int) -> None:
+    """Mark every pending mutant outside lines ``first``..``last`` of its module as skipped."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        outside = [item.job_id for item in db.pending_work_items
+                   if not first <= item.mutations[0].start_pos[0] <= last]
+        db.set_multiple_results(outside, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+
+
 def forget_survivors(session: Path) -> None:
     """Make the survivors of a finished session pending again (to re-run them against new tests)."""
     import sqlite3
@@ -110,6 +122,7 @@ def main() -> int:
     parser.add_argument("configs", nargs="*", help="config names (mutation/NAME.toml); default: all")
     parser.add_argument("--sample", type=int, default=0, help="mutants per module (0: all)")
     parser.add_argument("--recheck", action="store_true", help="re-run the survivors of the last session only")
+    parser.add_argument("--lines", help="FIRST-LAST: only the mutants of these lines of the module")
     args = parser.parse_args()
     configs = [ROOT / "mutation" / f"{n}.toml" for n in args.configs] or sorted((ROOT / "mutation").glob("*.toml"))
     OUT.mkdir(exist_ok=True)
@@ -134,6 +147,8 @@ def main() -> int:
             run([str(BIN / "cosmic-ray"), "init", str(config), str(session)], copy, env)
             if "operators-filter" in config.read_text():
                 run([str(BIN / "cr-filter-operators"), str(session), str(config)], copy, env)
+            if args.lines:
+                only_lines(session, *map(int, args.lines.split("-")))
             if args.sample:
                 sample(session, args.sample)
             run([str(BIN / "cosmic-ray"), "exec", str(config), str(session)], copy, env)
