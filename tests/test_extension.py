@@ -239,9 +239,10 @@ def test_bipartite_merge_keeps_the_pytorch_ops_where_the_kernel_does_not_apply(m
                          reference(x.double()[:, None], x.double(), None, 2, 1)):
         assert torch.equal(got, want)
     assert counting.calls == {}
-    for got, want in zip(ops.bipartite_merge(keys, x, None, 9, 1), reference(keys, x, None, 2, 1)):  # r clamped
-        assert torch.equal(got, want)
-    assert counting.calls == {"bipartite_merge": 1}
+    for r, clamped in ((9, 2), (1, 1)):  # the kernel from r = 1, r clamped to half the patch tokens
+        for got, want in zip(ops.bipartite_merge(keys, x, None, r, 1), reference(keys, x, None, clamped, 1)):
+            assert torch.equal(got, want)
+    assert counting.calls == {"bipartite_merge": 2}
 
 
 def test_the_extension_names_bad_input(cpu_build):
