@@ -9,6 +9,7 @@ exists (no GPU needed); its CPU path is held to the same reference, and its CUDA
 from __future__ import annotations
 
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -423,6 +424,34 @@ def test_a_failed_cpu_build_falls_back_to_the_pytorch_ops_with_one_warning(monke
                 model(x)
     finally:
         extension._load_or_warn.cache_clear()
+
+
+def test_the_build_tools_import_without_torchs_no_gpu_notice(monkeypatch, tmp_path):
+    """ToMe on a CPU-only machine with a CUDA toolkit loads the CPU build: torch's import-time notice that no
+    CUDA runtime was found would be noise in every first forward, so it is silenced (and only it)."""
+    import logging
+
+    import torch.utils
+    from torch.utils import cpp_extension as imported
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("torch.utils.cpp_extension")
+    log.addHandler(handler)
+    monkeypatch.setattr(torch.utils, "cpp_extension", imported)  # put back afterwards, as is the module entry
+    monkeypatch.delattr(torch.utils, "cpp_extension")  # so that the next import runs the module's body
+    monkeypatch.delitem(sys.modules, "torch.utils.cpp_extension")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # a toolkit, and no GPU: torch's notice
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        module = extension._cpp_extension()
+        assert module.CUDA_HOME == str(tmp_path)
+        assert seen == []
+        assert log.level == logging.NOTSET  # the logger is left as it was
+        log.warning("later messages still reach the handlers")
+        assert seen == ["later messages still reach the handlers"]
+    finally:
+        log.removeHandler(handler)
 
 
 def test_toolkit_root_is_asked_of_nvcc():

@@ -25,6 +25,7 @@ backward).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shutil
@@ -119,11 +120,18 @@ def _is_built(name: str) -> bool:
 
 def _cpp_extension() -> ModuleType:
     """``torch.utils.cpp_extension``, imported after CUDA_HOME names the toolkit of the ``nvcc`` on PATH (torch
-    reads it at import, and guesses, with a warning, when it is unset)."""
+    reads it at import, and guesses when it is unset). Its import-time notice that a toolkit but no GPU was
+    found is silenced: the CPU build (ToMe on CPU) needs no CUDA runtime, and the CUDA build is compiled
+    without a GPU on purpose (``DEFAULT_ARCHS``)."""
     if not os.environ.get("CUDA_HOME") and toolkit_root():
         os.environ["CUDA_HOME"] = toolkit_root()
-    from torch.utils import cpp_extension
-
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
     return cpp_extension
 
 
