@@ -386,15 +386,17 @@ def test_no_extension_under_torch_compile(monkeypatch):
     assert seen == [None]
 
 
-def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch):
+def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch, capsys):
     def broken(cuda, verbose=False):
         raise RuntimeError("nvcc: not found\nmore detail")
     monkeypatch.setattr(extension, "load", broken)
+    monkeypatch.setattr(extension, "_is_built", lambda name: False)
     extension._load_or_warn.cache_clear()
     monkeypatch.delenv(extension.ENV, raising=False)
     try:
-        with pytest.warns(RuntimeWarning, match=r"could not be built \(nvcc: not found\); using the PyTorch ops"):
+        with pytest.warns(RuntimeWarning, match=r"the CUDA extension could not be built \(nvcc: not found\); using"):
             assert extension.for_tensor(FakeCuda()) is None
+        assert capsys.readouterr().err == ""  # the notice of a CPU compile is not this build's
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # only once
             assert extension.for_tensor(FakeCuda()) is None
@@ -422,6 +424,11 @@ def test_a_failed_cpu_build_falls_back_to_the_pytorch_ops_with_one_warning(monke
             warnings.simplefilter("error")  # only once
             with torch.no_grad():
                 model(x)
+        extension._load_or_warn.cache_clear()
+        monkeypatch.setattr(extension, "_is_built", lambda name: True)  # cached: nothing to announce
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            extension.for_tensor(x, cpu_kernel_pays=True)
+        assert capsys.readouterr().err == ""
     finally:
         extension._load_or_warn.cache_clear()
 
