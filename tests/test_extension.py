@@ -177,7 +177,7 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
     if patches < 2:
         return
     heads = draw.draw(st.integers(1, 3))
-    keys = torch.randn(x.shape[0], heads, x.shape[1], 4, generator=g).to(x.dtype)
+    keys = torch.randn(x.shape[0], heads, x.shape[1], 4, generator=g).to(draw.draw(st.sampled_from(DTYPES)))
     if draw.draw(st.booleans()):  # tied scores: every patch token's key is one of three (a flat background)
         keys[:, :, prefix:] = keys[:, :, prefix + torch.arange(patches) % 3].clone()
     keys = keys.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as a qkv projection's view is
@@ -219,6 +219,20 @@ def test_bipartite_merge_is_what_tome_runs_on_cpu_by_default(monkeypatch, cpu_bu
     assert counting.calls == {}
 
 
+def test_tome_under_cpu_autocast_runs_the_kernel_and_matches_the_pytorch_ops(monkeypatch, cpu_build):
+    """bf16 autocast: the projections (keys) are bf16, the residual stream float32; the kernel takes both."""
+    model, x, _ = tome_through_the_pytorch_ops(monkeypatch, "vit_base_patch16_224", 2)
+    outputs = {}
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    for setting in ("off", "auto"):
+        monkeypatch.setenv(extension.ENV, setting)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[setting] = model(x)
+    assert torch.equal(outputs["auto"], outputs["off"])
+    assert counting.calls.get("bipartite_merge", 0) == len(model.blocks)
+
+
 def test_bipartite_merge_keeps_the_pytorch_ops_where_the_kernel_does_not_apply(monkeypatch, cpu_build):
     counting = Counting(cpu_build)
     monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
@@ -239,11 +253,17 @@ def test_bipartite_merge_keeps_the_pytorch_ops_where_the_kernel_does_not_apply(m
     for got, want in zip(ops.bipartite_merge(x.double()[:, None], x.double(), None, 2, 1),
                          reference(x.double()[:, None], x.double(), None, 2, 1)):
         assert torch.equal(got, want)
+    for got, want in zip(ops.bipartite_merge(keys.double(), x, None, 2, 1),  # float64 scores: the kernel's are float32
+                         reference(keys.double(), x, None, 2, 1)):
+        assert torch.equal(got, want)
     assert counting.calls == {}
     for r, clamped in ((9, 2), (1, 1)):  # the kernel from r = 1, r clamped to half the patch tokens
         for got, want in zip(ops.bipartite_merge(keys, x, None, r, 1), reference(keys, x, None, clamped, 1)):
             assert torch.equal(got, want)
-    assert counting.calls == {"bipartite_merge": 2}
+    # autocast: bf16 keys from the projections, a float32 residual stream
+    for got, want in zip(ops.bipartite_merge(keys.bfloat16(), x, None, 2, 1), reference(keys.bfloat16(), x, None, 2, 1)):
+        assert torch.equal(got, want) and got.dtype == torch.float32
+    assert counting.calls == {"bipartite_merge": 3}
 
 
 def test_the_extension_names_bad_input(cpu_build):
@@ -269,8 +289,8 @@ def test_the_extension_names_bad_input(cpu_build):
         cpu_build.bipartite_merge(keys[:, :, :5], x, None, 1, 1)
     with pytest.raises(RuntimeError, match="size must be float32"):
         cpu_build.bipartite_merge(keys, x, torch.ones(2, 6, 1, dtype=torch.float64), 1, 1)
-    with pytest.raises(RuntimeError, match="k and x must share a dtype"):
-        cpu_build.bipartite_merge(keys.half(), x, None, 1, 1)
+    with pytest.raises(RuntimeError, match="k must be float32, float16 or bfloat16"):
+        cpu_build.bipartite_merge(keys.double(), x, None, 1, 1)
 
 
 # ----------------------------------------------------------------------------- dispatch and fallback

@@ -114,8 +114,12 @@ def build_name(cuda: bool) -> str:
 
 
 def _is_built(name: str) -> bool:
-    """Whether torch's extension cache holds a build of ``name`` (it may still rebuild a changed source)."""
-    return any(Path(_cpp_extension()._get_build_directory(name, verbose=False)).glob("*.so"))
+    """Whether torch's extension cache holds a build of ``name`` (it may still rebuild a changed source). It
+    reads a private function of torch's: if that ever fails, say False (the notice is said once too often)."""
+    try:
+        return any(Path(_cpp_extension()._get_build_directory(name, verbose=False)).glob("*.so"))
+    except Exception:
+        return False
 
 
 def _cpp_extension() -> ModuleType:

@@ -125,7 +125,10 @@ def bipartite_merge(keys: Tensor, x: Tensor, size: Tensor | None, r: int, num_pr
     thirty small ops become one, which is what decides whether merging pays at batch 1; docs/performance.md)."""
     r = min(r, (x.shape[1] - num_prefix) // 2)
     kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
-    if kernels is not None and not x.is_cuda and r > 0 and (size is None or size.dtype == torch.float32):
+    # the kernel scores in float32: keys of any dtype but float64 (under autocast they may differ from x's)
+    float32_scores = accumulation_dtype(keys.dtype) == torch.float32
+    if (kernels is not None and not x.is_cuda and r > 0 and float32_scores
+            and (size is None or size.dtype == torch.float32)):
         return kernels.bipartite_merge(keys, x, size, r, num_prefix)
     return merge_mean(x, size, bipartite_soft_matching(head_mean(keys), r, num_prefix), num_prefix)
 

@@ -230,7 +230,7 @@ std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch:
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), P = num_prefix;
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(2) == N, "tokenprune: k must be (", B, ", heads, ", N,
               ", dim), got ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == x.scalar_type(), "tokenprune: k and x must share a dtype");
+  check_floating(k, "k");  // any of them, whatever x's (autocast): the head mean is float32, as the reference's
   TORCH_CHECK(0 <= P && P <= N, "tokenprune: num_prefix must lie in [0, ", N, "], got ", P);
   TORCH_CHECK(0 < r && r <= (N - P) / 2, "tokenprune: r must lie in [1, ", (N - P) / 2, "], got ", r);
   torch::Tensor s;
