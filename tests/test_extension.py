@@ -261,7 +261,8 @@ def test_bipartite_merge_keeps_the_pytorch_ops_where_the_kernel_does_not_apply(m
         for got, want in zip(ops.bipartite_merge(keys, x, None, r, 1), reference(keys, x, None, clamped, 1)):
             assert torch.equal(got, want)
     # autocast: bf16 keys from the projections, a float32 residual stream
-    for got, want in zip(ops.bipartite_merge(keys.bfloat16(), x, None, 2, 1), reference(keys.bfloat16(), x, None, 2, 1)):
+    half_keys = keys.bfloat16()
+    for got, want in zip(ops.bipartite_merge(half_keys, x, None, 2, 1), reference(half_keys, x, None, 2, 1)):
         assert torch.equal(got, want) and got.dtype == torch.float32
     assert counting.calls == {"bipartite_merge": 3}
 
