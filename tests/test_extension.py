@@ -68,6 +68,12 @@ def test_the_cpu_build_is_not_the_cuda_build(cpu_build):
     assert cpu_build.with_cuda is False
 
 
+def test_is_built_finds_a_build_in_torchs_cache_and_says_nothing(cpu_build, capsys):
+    assert extension._is_built(extension.build_name(cuda=False))
+    assert not extension._is_built("tokenprune_no_such_build")
+    assert capsys.readouterr().out == ""
+
+
 def test_each_torch_version_has_its_own_build(monkeypatch):
     """torch's cache keys a build by sources and flags only: the name must tell two torch versions apart."""
     monkeypatch.setattr(torch, "__version__", "2.14.1+cpu")
@@ -415,8 +421,9 @@ def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch, capsys):
     extension._load_or_warn.cache_clear()
     monkeypatch.delenv(extension.ENV, raising=False)
     try:
-        with pytest.warns(RuntimeWarning, match=r"the CUDA extension could not be built \(nvcc: not found\); using"):
+        with pytest.warns(RuntimeWarning, match=r"the CUDA extension could not be built \(nvcc: not found\)") as got:
             assert extension.for_tensor(FakeCuda()) is None
+        assert got[0].filename == __file__  # attributed to for_tensor's caller (ops.py in a forward)
         assert capsys.readouterr().err == ""  # the notice of a CPU compile is not this build's
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # only once
@@ -446,7 +453,7 @@ def test_a_failed_cpu_build_falls_back_to_the_pytorch_ops_with_one_warning(monke
             with torch.no_grad():
                 model(x)
         extension._load_or_warn.cache_clear()
-        monkeypatch.setattr(extension, "_is_built", lambda name: True)  # cached: nothing to announce
+        monkeypatch.setattr(extension, "_is_built", lambda name: name == extension.build_name(cuda=False))  # cached
         with pytest.warns(RuntimeWarning, match="could not be built"):
             extension.for_tensor(x, cpu_kernel_pays=True)
         assert capsys.readouterr().err == ""
