@@ -382,6 +382,7 @@ def test_dispatch_rules(monkeypatch):
     assert extension.for_tensor(cpu, floating=True) is None
     assert extension.for_tensor(cpu, cpu_kernel_pays=True) == "cpu build"  # ... but where one call replaces many
     assert extension.for_tensor(cpu.double(), floating=True, cpu_kernel_pays=True) is None
+    assert extension.for_tensor(torch.empty(2, device="meta"), cpu_kernel_pays=True) is None  # neither build's
     assert extension.for_tensor(FakeCuda()) == "cuda build"
     for off in ("off", "0", "OFF"):
         monkeypatch.setenv(extension.ENV, off)
@@ -389,6 +390,7 @@ def test_dispatch_rules(monkeypatch):
         assert extension.for_tensor(cpu, cpu_kernel_pays=True) is None
     monkeypatch.setenv(extension.ENV, "all")
     assert extension.for_tensor(cpu) == "cpu build"
+    assert extension.for_tensor(torch.empty(2, device="meta")) is None
     assert extension.for_tensor(FakeCuda()) == "cuda build"
     grad = torch.zeros(2, requires_grad=True)
     assert extension.for_tensor(grad) is None  # the kernels have no backward
