@@ -4,7 +4,7 @@
     .venv/bin/python mutation/run.py --sample 80       # a fixed random sample of 80 mutants per module
     .venv/bin/python mutation/run.py zero_tprune hiprune
     .venv/bin/python mutation/run.py --recheck hiprune   # re-run only the last session's survivors
-    .venv/bin/python mutation/run.py --lines 113-127 tome_step   # only the mutants of those lines (a change)
+    .venv/bin/python mutation/run.py --lines 114-135 tome_step   # only the mutants of those lines (a change)
 
 cosmic-ray mutates the file on disk, so the runs happen in a scratch copy of the working tree (tracked
 and untracked files, not ignored ones), never in the checkout itself: an interrupted run leaves nothing

@@ -124,12 +124,13 @@ def bipartite_merge(keys: Tensor, x: Tensor, size: Tensor | None, r: int, num_pr
     On CPU the extension's CPU build does it in one call, bit-identical to the two functions (the default: about
     thirty small ops become one, which is what decides whether merging pays at batch 1; docs/performance.md)."""
     r = min(r, (x.shape[1] - num_prefix) // 2)
-    kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
-    # the kernel scores in float32: keys of any dtype but float64 (under autocast they may differ from x's)
+    # the kernel (CPU only) scores in float32: keys of any dtype but float64 (under autocast they may differ from
+    # x's); checked before the extension is asked for, which may compile it
     float32_scores = accumulation_dtype(keys.dtype) == torch.float32
-    if (kernels is not None and not x.is_cuda and r > 0 and float32_scores
-            and (size is None or size.dtype == torch.float32)):
-        return kernels.bipartite_merge(keys, x, size, r, num_prefix)
+    if not x.is_cuda and r > 0 and float32_scores and (size is None or size.dtype == torch.float32):
+        kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
+        if kernels is not None:
+            return kernels.bipartite_merge(keys, x, size, r, num_prefix)
     return merge_mean(x, size, bipartite_soft_matching(head_mean(keys), r, num_prefix), num_prefix)
 
 
