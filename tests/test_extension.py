@@ -89,10 +89,12 @@ def test_gather_equals_keep_tokens_exactly(request, data, draw):
     patches = x.shape[1] - prefix
     kept = draw.draw(st.integers(0, patches))
     keep = torch.rand(x.shape[0], patches, generator=g).argsort(-1)[:, :kept]  # any order, not only ascending
+    # written out here: ops.keep_tokens itself runs the CPU build by default
+    expected = torch.stack([torch.cat([sample[:prefix], sample[prefix:][kept]]) for sample, kept in zip(x, keep)])
     for build in builds(request):
         out = build.gather_kept(x, keep, prefix)
         assert out.dtype == x.dtype
-        assert torch.equal(out, ops.keep_tokens(x, keep, prefix))
+        assert torch.equal(out, expected)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -222,6 +224,40 @@ def test_bipartite_merge_is_what_tome_runs_on_cpu_by_default(monkeypatch, cpu_bu
     counting.calls.clear()
     with torch.no_grad():
         assert torch.equal(model(x), reference)
+    assert counting.calls == {}
+
+
+@pytest.mark.parametrize("method,options,calls", [
+    ("random", {}, lambda blocks: blocks),  # one removal per block
+    ("zero-tprune", {"trace_source": True}, lambda blocks: 3 * 2),  # three pruning layers: tokens and sources
+])
+def test_the_kept_token_gather_is_what_cpu_pruning_runs_by_default(monkeypatch, cpu_build, method, options, calls):
+    """auto: dropping tokens on CPU copies the kept rows through the CPU build, with the PyTorch ops' output
+    exactly (a copy); off: the PyTorch ops."""
+    model, x = tiny_timm("deit_small_distilled_patch16_224"), images(2)
+    tokenprune.apply(model, method, keep=0.4, **options)
+    monkeypatch.setenv(extension.ENV, "off")
+    with torch.no_grad():
+        reference, reference_source = model(x), tokenprune.last_forward(model).source
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    for setting, expected in (("auto", calls(len(model.blocks))), ("off", 0)):
+        monkeypatch.setenv(extension.ENV, setting)
+        counting.calls.clear()
+        with torch.no_grad():
+            assert torch.equal(model(x), reference)
+        assert counting.calls.get("gather_kept", 0) == expected, (setting, counting.calls)
+        source = tokenprune.last_forward(model).source
+        assert (source is None and reference_source is None) or torch.equal(source, reference_source)
+
+
+def test_keep_tokens_takes_two_dimensional_tensors_through_the_pytorch_ops(monkeypatch, cpu_build):
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.setenv(extension.ENV, "auto")
+    t = torch.arange(12.0).view(2, 6)
+    assert torch.equal(ops.keep_tokens(t, torch.tensor([[0, 4], [2, 3]]), 1),
+                       torch.tensor([[0.0, 1.0, 5.0], [6.0, 9.0, 10.0]]))
     assert counting.calls == {}
 
 
@@ -505,13 +541,14 @@ def test_the_cuda_build_compiles_and_refuses_nothing_it_should_take(cuda_build):
     assert cuda_build.with_cuda is True
     x = torch.randn(1, 4, 2)
     keep = torch.tensor([[2, 0]])
-    assert torch.equal(cuda_build.gather_kept(x, keep, 1), ops.keep_tokens(x, keep, 1))
+    assert torch.equal(cuda_build.gather_kept(x, keep, 1), x[:, [0, 3, 1]])
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_kernels_equal_the_reference_on_the_gpu(cuda_build, dtype):
+def test_cuda_kernels_equal_the_reference_on_the_gpu(monkeypatch, cuda_build, dtype):
+    monkeypatch.setenv(extension.ENV, "off")  # the references: PyTorch's ops on CPU tensors
     g = torch.Generator().manual_seed(0)
     for batch, prefix, patches in [(1, 0, 7), (4, 1, 196), (3, 5, 255), (2, 2, 1)]:
         x = torch.randn(batch, prefix + patches, 384, generator=g).to(dtype)

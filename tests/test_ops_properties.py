@@ -7,12 +7,14 @@ token, prefix tokens first and untouched, ``min(r, N // 2)`` tokens removed).
 from __future__ import annotations
 
 import math
+import os
+from unittest import mock
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenprune import ops
+from tokenprune import extension, ops
 
 settings.register_profile("tokenprune", max_examples=60, deadline=None, derandomize=True)
 settings.load_profile("tokenprune")
@@ -91,11 +93,13 @@ def test_keep_tokens_keeps_the_prefix_and_the_chosen_patches(data, draw):
             for _ in range(x.shape[0])]
     k = min(len(ids) for ids in keep)
     idx = torch.tensor([ids[:k] for ids in keep])
-    out = ops.keep_tokens(x, idx, prefix)
-    assert out.shape == (x.shape[0], prefix + k, 4)
-    assert torch.equal(out[:, :prefix], x[:, :prefix])
-    for b in range(x.shape[0]):
-        assert torch.equal(out[b, prefix:], x[b, prefix + idx[b]])
+    for setting in ("off", "auto"):  # the PyTorch ops, and the CPU build's row copy (the default on CPU)
+        with mock.patch.dict(os.environ, {extension.ENV: setting}):
+            out = ops.keep_tokens(x, idx, prefix)
+        assert out.shape == (x.shape[0], prefix + k, 4)
+        assert torch.equal(out[:, :prefix], x[:, :prefix])
+        for b in range(x.shape[0]):
+            assert torch.equal(out[b, prefix:], x[b, prefix + idx[b]])
 
 
 @given(st.integers(1, 4), st.integers(1, 200), st.data(), st.integers(0, 2 ** 31))

@@ -10,9 +10,10 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
 
 * ``auto`` (default): CUDA tensors use the CUDA build, compiled on first use (about a minute; cached by
   torch in ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default) or ahead of time with
-  ``tokenprune build-ext --cuda``. CPU tensors use the PyTorch ops, which are as fast there for a gather or a
-  merge, except where one kernel replaces many small ops (``cpu_kernel_pays``: ToMe's matching and merge,
-  ``ops.bipartite_merge``), which the CPU build runs, compiled on first use (about 30 s, then cached; or
+  ``tokenprune build-ext --cuda``. CPU tensors use the PyTorch ops (as fast there for a merge or the attention
+  received), except where the CPU build's kernel measured faster (``cpu_kernel_pays``: ToMe's matching and
+  merge, ``ops.bipartite_merge``, one call for some thirty small ops; the kept-token gather,
+  ``ops.keep_tokens``, a row copy for five ATen calls), compiled on first use (about 30 s, then cached; or
   ``tokenprune build-ext``). If a build fails, one warning, then the PyTorch ops.
 * ``off`` (or ``0``): the PyTorch ops everywhere.
 * ``all``: the extension for CPU tensors too (the CPU build), and a build failure is an error; this is how

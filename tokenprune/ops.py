@@ -198,8 +198,9 @@ def merge_destinations(plan: MergePlan, n: int, num_prefix: int) -> tuple[Tensor
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
     """Keep the prefix and the patch tokens at ``keep_idx`` ``(B, k)`` (indices into the patches)."""
-    kernels = extension.for_tensor(t)
-    if kernels is not None and t.dim() == 3:
+    # one call where ATen's indexing takes five (faster on CPU at every batch measured; docs/performance.md)
+    kernels = extension.for_tensor(t, cpu_kernel_pays=True) if t.dim() == 3 else None
+    if kernels is not None:
         return kernels.gather_kept(t, keep_idx, num_prefix)
     patches = t[:, num_prefix:]
     return torch.cat([t[:, :num_prefix], patches[_batch_index(t), keep_idx]], dim=1)

@@ -23,14 +23,18 @@ namespace tokenprune {
 // ---- gather: the prefix tokens, then the kept patch tokens, in one pass ----------------------------------
 // out (B, P + K, C) from x (B, N, C); keep (B, K) indexes the patch tokens x[:, P:]. `e` is a flat index
 // into out. A copy, so it is exact in every dtype (the CUDA build copies bytes of the element's size).
+// The token of sample b's row of x that output row j copies (the CPU build copies whole rows with it).
+TP_HD int64_t gather_source(const int64_t* keep, int64_t b, int64_t j, int64_t K, int64_t P) {
+  return j < P ? j : P + keep[b * K + (j - P)];
+}
+
 template <typename T>
 TP_HD void gather_element(const T* x, const int64_t* keep, T* out, int64_t e, int64_t N, int64_t K,
                           int64_t C, int64_t P) {
   const int64_t c = e % C;
   const int64_t j = (e / C) % (P + K);
   const int64_t b = e / (C * (P + K));
-  const int64_t src = j < P ? j : P + keep[b * K + (j - P)];
-  out[e] = x[(b * N + src) * C + c];
+  out[e] = x[(b * N + gather_source(keep, b, j, K, P)) * C + c];
 }
 
 // ---- weighted merge: out[b, s] = sum_{n in s} w[b, n] x[b, n] / sum_{n in s} w[b, n] -----------------------

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -19,6 +20,7 @@ namespace tokenprune {
 namespace {
 
 constexpr int64_t kGrain = 2048;  // elements per parallel task on the CPU
+constexpr int64_t kGrainBytes = 16384;  // bytes per parallel task of a copy
 
 void check_floating(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kHalf ||
@@ -35,11 +37,14 @@ void check_index(const torch::Tensor& index, const char* name, int64_t batch) {
 
 // Indices are trusted on the device (a range check there would cost a host sync, and they come from
 // topk/argsort); the CPU build checks them, which is how the tests see a wrong index named.
+// A plain scan: two ATen reductions and their .item() cost more than the CPU gather itself at batch 1.
 void check_range_on_cpu(const torch::Tensor& index, int64_t bound, const char* name) {
   if (!index.is_cpu() || index.numel() == 0) return;
-  const auto lo = index.min().item<int64_t>(), hi = index.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < bound, "tokenprune: ", name, " must lie in [0, ", bound, "), got [", lo, ", ", hi,
-              "]");
+  const auto flat = index.contiguous();
+  const int64_t* p = flat.data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(p, p + flat.numel());
+  TORCH_CHECK(*lo >= 0 && *hi < bound, "tokenprune: ", name, " must lie in [0, ", bound, "), got [", *lo, ", ",
+              *hi, "]");
 }
 
 Scalar scalar_of(const torch::Tensor& t) {
@@ -98,14 +103,19 @@ torch::Tensor gather_kept(torch::Tensor x, torch::Tensor keep, int64_t num_prefi
     return out;
   }
 #endif
-  AT_DISPATCH_ALL_TYPES_AND3(torch::kHalf, torch::kBFloat16, torch::kBool, x.scalar_type(), "gather_kept", [&] {
-    const auto* xp = x.data_ptr<scalar_t>();
-    const auto* kp = keep.data_ptr<int64_t>();
-    auto* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) gather_element(xp, kp, op, e, N, K, C, P);
-    });
-  });
+  // Whole rows: a copy per token (the per-element loop the CUDA build runs was 4x slower than ATen's
+  // indexing at batch 1 and 8x at batch 32; this one is faster than ATen at every batch measured).
+  const int64_t row = C * static_cast<int64_t>(x.element_size());
+  const auto* xp = static_cast<const char*>(x.data_ptr());
+  const auto* kp = keep.data_ptr<int64_t>();
+  auto* op = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, B * (P + K), std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       const int64_t b = r / (P + K), src = gather_source(kp, b, r % (P + K), K, P);
+                       std::memcpy(op + r * row, xp + (b * N + src) * row, row);
+                     }
+                   });
   return out;
 }
 
