@@ -8,9 +8,12 @@ exists (no GPU needed); its CPU path is held to the same reference, and its CUDA
 """
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import sys
 import warnings
+from unittest import mock
 
 import pytest
 import timm
@@ -95,6 +98,46 @@ def test_gather_equals_keep_tokens_exactly(request, data, draw):
         out = build.gather_kept(x, keep, prefix)
         assert out.dtype == x.dtype
         assert torch.equal(out, expected)
+
+
+def slow_top_k_ascending(row: list[float], k: int, largest: bool) -> list[int]:
+    """The definition: by value (NaN above every number), ties to the lower index; the k first, ascending."""
+    def rank(i):
+        v = row[i]
+        if math.isnan(v):
+            return (0 if largest else 1, 0.0, i)
+        return (1 if largest else 0, -v if largest else v, i)
+    return sorted(sorted(range(len(row)), key=rank)[:k])
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 40), st.booleans(), st.sampled_from(DTYPES + (torch.float64,)), st.data())
+def test_top_k_ascending_ranks_by_value_then_index_in_every_path(request, batch, n, largest, dtype, draw):
+    """The CPU build, and ops.top_k_ascending through the PyTorch ops and by default, give the definition's
+    indices, ties (few distinct values), infinities and NaN included."""
+    values = st.sampled_from((0.0, 1.0, -1.0, 0.5, float("inf"), float("-inf"), float("nan")))
+    scores = torch.tensor(draw.draw(st.lists(st.lists(values, min_size=n, max_size=n), min_size=batch,
+                                             max_size=batch))).to(dtype)
+    k = draw.draw(st.integers(0, n))
+    expected = torch.tensor([slow_top_k_ascending(row, k, largest) for row in scores.double().tolist()],
+                            dtype=torch.long).view(batch, k)
+    for build in builds(request):
+        assert torch.equal(build.top_k_ascending(scores, k, largest), expected)
+    for setting in ("off", "auto"):
+        with mock.patch.dict(os.environ, {extension.ENV: setting}):
+            assert torch.equal(ops.top_k_ascending(scores, k, largest), expected), setting
+
+
+def test_top_k_ascending_is_one_kernel_call_on_cpu_by_default(monkeypatch, cpu_build):
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.setenv(extension.ENV, "auto")
+    scores = torch.tensor([[3.0, 1.0, 2.0, 5.0]])
+    assert ops.top_k_ascending(scores, 2).tolist() == [[0, 3]]
+    assert ops.top_k_ascending(scores, 2, largest=False).tolist() == [[1, 2]]
+    assert counting.calls == {"top_k_ascending": 2}
+    assert ops.top_k_ascending(torch.tensor([[3, 1, 2]]), 1).tolist() == [[0]]  # integers: the PyTorch ops
+    assert counting.calls == {"top_k_ascending": 2}
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -319,6 +362,10 @@ def test_the_extension_names_bad_input(cpu_build):
         cpu_build.weighted_merge(x, torch.ones(2, 6), torch.full((2, 6), 2), 2)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         cpu_build.weighted_merge(x.double(), torch.ones(2, 6), torch.zeros(2, 6, dtype=torch.long), 1)
+    with pytest.raises(RuntimeError, match=r"k must lie in \[0, 6\], got 7"):
+        cpu_build.top_k_ascending(torch.randn(2, 6), 7, True)
+    with pytest.raises(RuntimeError, match="scores must be"):
+        cpu_build.top_k_ascending(torch.randn(6), 1, True)
     with pytest.raises(RuntimeError, match="num_prefix must lie"):
         cpu_build.gather_kept(x, torch.zeros(2, 1, dtype=torch.long), 7)
     with pytest.raises(RuntimeError, match="disagree"):

@@ -206,11 +206,21 @@ def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
     return torch.cat([t[:, :num_prefix], patches[_batch_index(t), keep_idx]], dim=1)
 
 
+def top_k_ascending(scores: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Indices ``(B, k)`` of the ``k`` largest (``largest=False``: smallest) of each row of ``scores`` ``(B, n)``,
+    ascending (so the spatial order survives). NaN ranks above every number (as in ``torch.sort``); ties go to
+    the lower index. On CPU the extension's CPU build does it in one call (the default), the same indices."""
+    if scores.dim() == 2 and scores.is_floating_point() and not scores.is_cuda:
+        kernels = extension.for_tensor(scores, cpu_kernel_pays=True)
+        if kernels is not None:
+            return kernels.top_k_ascending(scores, k, largest)
+    return scores.argsort(dim=-1, descending=largest, stable=True)[:, :k].sort(dim=-1).values
+
+
 def random_keep_indices(batch: int, num_patches: int, keep: int, generator: torch.Generator | None,
                         device: torch.device) -> Tensor:
     """``keep`` random patch indices per sample, ascending (so the spatial order survives)."""
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
-    return noise.argsort(dim=-1)[:, :keep].sort(dim=-1).values
+    return top_k_ascending(torch.rand(batch, num_patches, generator=generator, device=device), keep, largest=False)
 
 
 def log_size_bias(size: Tensor) -> Tensor:

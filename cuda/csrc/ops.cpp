@@ -1,11 +1,13 @@
 // tokenprune's extension: tensor checks, the CPU build's loops over the per-element functions of kernels.h,
 // and (compiled with -DTOKENPRUNE_WITH_CUDA) the hand-off of CUDA tensors to the launchers of kernels.cu.
 // The PyTorch functions in tokenprune/ops.py are the reference each op here is tested against.
+#include <ATen/OpMathType.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "convert_host.h"
@@ -116,6 +118,43 @@ torch::Tensor gather_kept(torch::Tensor x, torch::Tensor keep, int64_t num_prefi
                        std::memcpy(op + r * row, xp + (b * N + src) * row, row);
                      }
                    });
+  return out;
+}
+
+// Indices (B, k) of the k highest-ranked entries of each row of scores (B, n), in ascending index order:
+// by value (largest or smallest first), NaN above every number (as torch.sort), ties to the lower index (a
+// stable sort). The reference: argsort(descending=largest, stable=True)[:, :k].sort(). CPU only: a partial
+// selection and a sort of k indices per row, one call for the PyTorch path's three.
+torch::Tensor top_k_ascending(torch::Tensor scores, int64_t k, bool largest) {
+  TORCH_CHECK(scores.dim() == 2, "tokenprune: scores must be (batch, n), got ", scores.sizes());
+  TORCH_CHECK(scores.is_cpu(), "tokenprune: top_k_ascending is a CPU kernel, got a ", scores.device(), " tensor");
+  const int64_t B = scores.size(0), n = scores.size(1);
+  TORCH_CHECK(0 <= k && k <= n, "tokenprune: k must lie in [0, ", n, "], got ", k);
+  scores = scores.contiguous();
+  auto out = torch::empty({B, k}, scores.options().dtype(torch::kLong));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(torch::kHalf, torch::kBFloat16, scores.scalar_type(), "top_k_ascending", [&] {
+    using value_t = at::opmath_type<scalar_t>;
+    const auto* sp = scores.data_ptr<scalar_t>();
+    auto* op = out.data_ptr<int64_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> order(n);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* row = sp + b * n;
+        const auto ranks_before = [&](int64_t i, int64_t j) {  // a strict weak order, NaN included
+          const value_t u = row[i], v = row[j];
+          const bool u_nan = std::isnan(u), v_nan = std::isnan(v);
+          if (u_nan != v_nan) return largest ? u_nan : v_nan;
+          if (!u_nan && u != v) return largest ? u > v : u < v;
+          return i < j;
+        };
+        std::iota(order.begin(), order.end(), int64_t{0});
+        if (k < n) std::nth_element(order.begin(), order.begin() + k, order.end(), ranks_before);
+        std::sort(order.begin(), order.begin() + k);
+        std::copy(order.begin(), order.begin() + k, op + b * k);
+      }
+    });
+  });
   return out;
 }
 
@@ -326,6 +365,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("dest"), py::arg("n_out"));
   m.def("received_attention", &tokenprune::received_attention, "attention each key receives", py::arg("q"),
         py::arg("k"), py::arg("scale"), py::arg("bias") = py::none());
+  m.def("top_k_ascending", &tokenprune::top_k_ascending, "each row's top-k indices, ascending (CPU)",
+        py::arg("scores"), py::arg("k"), py::arg("largest"));
   m.def("bipartite_merge", &tokenprune::bipartite_merge, "ToMe's matching and size-weighted merge (CPU)",
         py::arg("k"), py::arg("x"), py::arg("size"), py::arg("r"), py::arg("num_prefix"));
 }

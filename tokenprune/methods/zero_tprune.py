@@ -223,5 +223,5 @@ class ZeroTPrune(EncoderReducer):
         scores = weighted_pagerank(attn, start, iterations=self.iterations_at(state.layer, depth, index),
                                    tol=o["tol"], alive=graph_alive, renormalize=o["renormalize"])
         importance = aggregate_heads(scores[..., p:], rms=o["eir"], variance_range=variance_range, alive=alive)
-        kept = importance.topk(n - remove, dim=-1).indices.sort(dim=-1).values
+        kept = ops.top_k_ascending(importance, n - remove)
         return Reduction(state.keep(x, kept))
