@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import tokenprune
+from tokenprune import extension
 from tokenprune.adapters import find_adapter
 from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
@@ -66,6 +67,7 @@ class BenchRow:
     compiled: bool = False  # all three models run through torch.compile (compiled against compiled)
     device: str = "cpu"
     dtype: str = "fp32"
+    kernels: str = "pytorch ops"  # the extension's part (extension.kernels_in_use); compiled runs use none
 
     @property
     def images_per_s(self) -> tuple[float, float]:
@@ -104,6 +106,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     ideal = base_flops.flops / patched_flops.flops
     config = ", ".join([f"keep={keep}"] * (not options) + [f"{k}={v}" for k, v in options.items()])
     models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
+    kernels = "pytorch ops" if compile else extension.kernels_in_use(device)  # inductor traces the PyTorch ops
     if compile:
         models = {name: torch.compile(m) for name, m in models.items()}
     rows = []
@@ -121,7 +124,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             baseline_ms=1000 * b, patched_ms=1000 * p, measured_speedup=b / p, ideal_speedup=ideal,
             fraction_of_ideal=(b / p) / ideal, ceiling_speedup=b / c, overhead=(p - c) / p,
             baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
-            foreign_load=foreign, compiled=compile, device=str(device), dtype=DTYPE_NAMES[dtype]))
+            foreign_load=foreign, compiled=compile, device=str(device), dtype=DTYPE_NAMES[dtype], kernels=kernels))
     return rows
 
 
@@ -172,7 +175,9 @@ def format_rows(rows: list[BenchRow]) -> str:
 
 def _config_label(row: BenchRow) -> str:
     """The configuration, then what differs from the default eager fp32 CPU run."""
-    extras = [" compiled"] * row.compiled + [f" {row.dtype}"] * (row.dtype != "fp32")
+    # eager without the extension's kernels (off, or a failed build) is slower at small batches: say so
+    extras = ([" compiled"] * row.compiled + [" no-ext"] * (not row.compiled and row.kernels.startswith("pytorch"))
+              + [f" {row.dtype}"] * (row.dtype != "fp32"))
     return row.config + "".join(extras + [f" {row.device}"] * (row.device != "cpu"))
 
 

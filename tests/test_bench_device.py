@@ -73,6 +73,29 @@ def test_bench_runs_in_half_precision_on_cpu(dtype, torch_dtype, monkeypatch, ca
     assert len(seen) >= 3 * 3 and set(seen) == {(torch_dtype, torch_dtype)}
 
 
+@pytest.mark.parametrize("setting, loads, kernels, marked", [
+    ("auto", True, "CPU build: ToMe's step, the gather, the top-k", False),
+    ("auto", False, "pytorch ops (the CPU build failed)", True),
+    ("off", True, "pytorch ops", True),
+    ("all", True, "CPU build, every kernel", False),
+])
+def test_bench_rows_say_which_kernels_ran(setting, loads, kernels, marked, monkeypatch, capsys, tmp_path):
+    """Eager CPU figures depend on the extension's CPU kernels (a machine without a compiler falls back to the
+    PyTorch ops): the JSON rows say which ran, the table marks a run without them."""
+    from tokenprune import extension
+    monkeypatch.setattr(bench, "random_model", lambda name, seed=0: tiny_timm(name, seed))
+    monkeypatch.setenv(extension.ENV, setting)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: object() if loads else None)
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: object())
+    monkeypatch.setattr(extension, "for_tensor", lambda *args, **kwargs: None)  # the timing itself: PyTorch ops
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--model", "vit_base_patch16_224", "--method", "random", "--keep", "0.5",
+                 "--batch-sizes", "2", "--repeats", "1", "--json", str(out)]) == 0
+    table_row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (" keep=0.5 no-ext " in table_row) == marked, table_row
+    assert [r["kernels"] for r in json.loads(out.read_text())] == [kernels]
+
+
 def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
     result, seconds = timing.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
     assert result == 7 and 0.02 <= seconds < 1

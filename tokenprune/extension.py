@@ -13,7 +13,8 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
   ``tokenprune build-ext --cuda``. CPU tensors use the PyTorch ops (as fast there for a merge or the attention
   received), except where the CPU build's kernel measured faster (``cpu_kernel_pays``: ToMe's matching and
   merge, ``ops.bipartite_merge``, one call for some thirty small ops; the kept-token gather,
-  ``ops.keep_tokens``, a row copy for five ATen calls), compiled on first use (about 30 s, then cached; or
+  ``ops.keep_tokens``, a row copy for five ATen calls; the kept indices, ``ops.top_k_ascending``, one call for
+  three), compiled on first use (about 30 s, then cached; or
   ``tokenprune build-ext``). If a build fails, one warning, then the PyTorch ops.
 * ``off`` (or ``0``): the PyTorch ops everywhere.
 * ``all``: the extension for CPU tensors too (the CPU build), and a build failure is an error; this is how
@@ -90,6 +91,23 @@ def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = 
         if cpu_kernel_pays:
             return _load_or_warn(cuda=False)
     return None
+
+
+def kernels_in_use(device: torch.device | str) -> str:
+    """What a forward on ``device`` runs, in words, for benchmark tables (on CPU, the default kernels decide
+    whether pruning pays at small batches; a machine without a compiler falls back to the PyTorch ops). Asks
+    for the build ``for_tensor`` would load, so a first call may compile it (before anything is timed)."""
+    device, setting = torch.device(device), mode()
+    if setting == "off" or device.type not in ("cpu", "cuda"):
+        return "pytorch ops"
+    cuda = device.type == "cuda"
+    build = "CUDA build" if cuda else "CPU build"
+    if setting == "all":
+        load(cuda=cuda)
+        return f"{build}, every kernel"
+    if _load_or_warn(cuda=cuda) is None:
+        return f"pytorch ops (the {build} failed)"
+    return build if cuda else "CPU build: ToMe's step, the gather, the top-k"
 
 
 @functools.cache
