@@ -96,6 +96,18 @@ def test_bench_rows_say_which_kernels_ran(setting, loads, kernels, marked, monke
     assert [r["kernels"] for r in json.loads(out.read_text())] == [kernels]
 
 
+def test_the_config_label_names_what_differs_from_a_default_run():
+    from dataclasses import replace
+    row = bench.BenchRow(model="m", method="tome", config="keep=0.5", batch_size=1, threads=2, repeats=1,
+                         baseline_ms=1.0, patched_ms=1.0, measured_speedup=1.0, ideal_speedup=1.0,
+                         fraction_of_ideal=1.0, ceiling_speedup=1.0, overhead=0.0, baseline_gmacs=1.0,
+                         patched_gmacs=1.0, foreign_load=None, kernels="CPU build: ToMe's step, the gather, the top-k")
+    assert bench._config_label(row) == "keep=0.5"
+    assert bench._config_label(replace(row, kernels="pytorch ops")) == "keep=0.5 no-ext"
+    assert bench._config_label(replace(row, kernels="pytorch ops", compiled=True)) == "keep=0.5 compiled"
+    assert bench._config_label(replace(row, dtype="bf16", device="cuda:0")) == "keep=0.5 bf16 cuda:0"
+
+
 def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
     result, seconds = timing.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
     assert result == 7 and 0.02 <= seconds < 1

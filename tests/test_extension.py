@@ -294,14 +294,19 @@ def test_the_kept_token_gather_is_what_cpu_pruning_runs_by_default(monkeypatch, 
         assert (source is None and reference_source is None) or torch.equal(source, reference_source)
 
 
-def test_keep_tokens_takes_two_dimensional_tensors_through_the_pytorch_ops(monkeypatch, cpu_build):
+def test_keep_tokens_takes_other_than_three_dimensions_through_the_pytorch_ops(monkeypatch, cpu_build):
+    """The kernel takes (B, N, C); per-token tensors of other shapes (B, N) or (B, N, H, D) keep the PyTorch ops."""
     counting = Counting(cpu_build)
     monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
     monkeypatch.setenv(extension.ENV, "auto")
     t = torch.arange(12.0).view(2, 6)
-    assert torch.equal(ops.keep_tokens(t, torch.tensor([[0, 4], [2, 3]]), 1),
-                       torch.tensor([[0.0, 1.0, 5.0], [6.0, 9.0, 10.0]]))
+    keep = torch.tensor([[0, 4], [2, 3]])
+    assert torch.equal(ops.keep_tokens(t, keep, 1), torch.tensor([[0.0, 1.0, 5.0], [6.0, 9.0, 10.0]]))
+    heads = torch.arange(48.0).view(2, 6, 2, 2)
+    assert torch.equal(ops.keep_tokens(heads, keep, 1), torch.stack([heads[0, [0, 1, 5]], heads[1, [0, 3, 4]]]))
     assert counting.calls == {}
+    with pytest.raises(RuntimeError, match=r"scores must be \(batch, n\)"):
+        ops.top_k_ascending(torch.randn(2, 3, 4), 1)  # the kernel's check: no silent wrong dimension
 
 
 def test_tome_under_cpu_autocast_runs_the_kernel_and_matches_the_pytorch_ops(monkeypatch, cpu_build):
@@ -485,6 +490,23 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv(extension.ENV, "fast")
     with pytest.raises(ValueError, match=r"TOKENPRUNE_EXT='fast'.*auto, off \(or 0\), all"):
         extension.for_tensor(cpu)
+
+
+def test_kernels_in_use_names_the_build_each_device_would_run(monkeypatch):
+    builds_that_load = set()
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: object() if cuda in builds_that_load else None)
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: object())
+    monkeypatch.setenv(extension.ENV, "auto")
+    assert extension.kernels_in_use("cuda") == "pytorch ops (the CUDA build failed)"
+    assert extension.kernels_in_use("cpu") == "pytorch ops (the CPU build failed)"
+    builds_that_load.update({True, False})
+    assert extension.kernels_in_use("cuda:0") == "CUDA build"
+    assert extension.kernels_in_use(torch.device("cpu")) == "CPU build: ToMe's step, the gather, the top-k"
+    assert extension.kernels_in_use("meta") == "pytorch ops"
+    monkeypatch.setenv(extension.ENV, "all")
+    assert extension.kernels_in_use("cuda") == "CUDA build, every kernel"
+    monkeypatch.setenv(extension.ENV, "off")
+    assert extension.kernels_in_use("cpu") == "pytorch ops"
 
 
 def test_no_extension_under_torch_compile(monkeypatch):

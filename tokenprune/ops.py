@@ -210,7 +210,7 @@ def top_k_ascending(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     """Indices ``(B, k)`` of the ``k`` largest (``largest=False``: smallest) of each row of ``scores`` ``(B, n)``,
     ascending (so the spatial order survives). NaN ranks above every number (as in ``torch.sort``); ties go to
     the lower index. On CPU the extension's CPU build does it in one call (the default), the same indices."""
-    if scores.dim() == 2 and scores.is_floating_point() and not scores.is_cuda:
+    if scores.is_floating_point() and not scores.is_cuda:  # the kernel names a shape that is not (B, n)
         kernels = extension.for_tensor(scores, cpu_kernel_pays=True)
         if kernels is not None:
             return kernels.top_k_ascending(scores, k, largest)
