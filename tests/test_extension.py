@@ -304,7 +304,13 @@ def test_keep_tokens_takes_other_than_three_dimensions_through_the_pytorch_ops(m
     assert torch.equal(ops.keep_tokens(t, keep, 1), torch.tensor([[0.0, 1.0, 5.0], [6.0, 9.0, 10.0]]))
     heads = torch.arange(48.0).view(2, 6, 2, 2)
     assert torch.equal(ops.keep_tokens(heads, keep, 1), torch.stack([heads[0, [0, 1, 5]], heads[1, [0, 3, 4]]]))
+    # indices the kernel does not take (int32, one row for the whole batch): PyTorch's indexing, as before
+    tokens = torch.arange(24.0).view(2, 6, 2)
+    expected = torch.stack([tokens[0, [0, 1, 5]], tokens[1, [0, 3, 4]]])
+    assert torch.equal(ops.keep_tokens(tokens, keep.int(), 1), expected)
+    assert torch.equal(ops.keep_tokens(tokens, torch.tensor([[1, 2]]), 1), tokens[:, [0, 2, 3]])
     assert counting.calls == {}
+    assert torch.equal(ops.keep_tokens(tokens, keep, 1), expected) and counting.calls == {"gather_kept": 1}
     with pytest.raises(RuntimeError, match=r"scores must be \(batch, n\)"):
         ops.top_k_ascending(torch.randn(2, 3, 4), 1)  # the kernel's check: no silent wrong dimension
 
@@ -507,6 +513,23 @@ def test_kernels_in_use_names_the_build_each_device_would_run(monkeypatch):
     assert extension.kernels_in_use("cuda") == "CUDA build, every kernel"
     monkeypatch.setenv(extension.ENV, "off")
     assert extension.kernels_in_use("cpu") == "pytorch ops"
+
+
+def test_no_extension_under_forward_mode_ad_or_torch_func(monkeypatch, cpu_build):
+    """The kernels have no derivatives and read raw data: a tangent must not be cut off silently, and a vmap
+    or jvp must not fail on a wrapped tensor. They run the PyTorch ops, as under autograd."""
+    import torch.autograd.forward_ad as fwAD
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.setenv(extension.ENV, "auto")
+    x, keep = torch.randn(2, 6, 3), torch.tensor([[0, 4], [2, 3]])
+    with fwAD.dual_level():
+        out = ops.keep_tokens(fwAD.make_dual(x, torch.ones_like(x)), keep, 1)
+        assert torch.equal(fwAD.unpack_dual(out).tangent, torch.ones(2, 3, 3))
+    assert torch.equal(torch.func.vmap(lambda t: ops.keep_tokens(t, keep, 1))(x[None])[0], ops.keep_tokens(x, keep, 1))
+    _, tangent = torch.func.jvp(lambda t: ops.keep_tokens(t, keep, 1), (x,), (torch.ones_like(x),))
+    assert torch.equal(tangent, torch.ones(2, 3, 3))
+    assert counting.calls == {"gather_kept": 1}  # only the plain call
 
 
 def test_no_extension_under_torch_compile(monkeypatch):

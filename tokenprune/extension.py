@@ -21,8 +21,8 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
   the tests run whole models through the kernels without a GPU.
 
 The extension is skipped where it would be wrong or slower: under ``torch.compile`` (inductor fuses the
-PyTorch ops, and an opaque call would break the graph) and when autograd records (the kernels have no
-backward).
+PyTorch ops, and an opaque call would break the graph) and under differentiation (autograd recording,
+forward-mode AD, ``torch.func`` transforms: the kernels have no derivatives).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.autograd import forward_ad
 
 
 def _sources() -> Path:
@@ -81,7 +82,7 @@ def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = 
     if floating and t.dtype not in KERNEL_DTYPES:
         return None
     setting = mode()
-    if setting == "off" or (t.requires_grad and torch.is_grad_enabled()):
+    if setting == "off" or _differentiated(t):
         return None
     if t.is_cuda:
         return load(cuda=True) if setting == "all" else _load_or_warn(cuda=True)
@@ -91,6 +92,14 @@ def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = 
         if cpu_kernel_pays:
             return _load_or_warn(cuda=False)
     return None
+
+
+def _differentiated(t: torch.Tensor) -> bool:
+    """Whether a transform follows ``t`` through the ops, which the kernels (no derivatives, raw data
+    pointers) would silently cut or fail: autograd recording it, a forward-mode dual level (a tangent rides on
+    plain tensors), or a ``torch.func`` transform (vmap, jvp, grad: their interpreter stack is not empty)."""
+    return ((t.requires_grad and torch.is_grad_enabled()) or forward_ad._current_level >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def kernels_in_use(device: torch.device | str) -> str:
@@ -144,7 +153,7 @@ def _is_built(name: str) -> bool:
 def _cpp_extension() -> ModuleType:
     """``torch.utils.cpp_extension``, imported after CUDA_HOME names the toolkit of the ``nvcc`` on PATH (torch
     reads it at import, and guesses when it is unset). Its import-time notice that a toolkit but no GPU was
-    found is silenced: the CPU build (ToMe on CPU) needs no CUDA runtime, and the CUDA build is compiled
+    found is silenced: the CPU build (pruning on CPU) needs no CUDA runtime, and the CUDA build is compiled
     without a GPU on purpose (``DEFAULT_ARCHS``)."""
     if not os.environ.get("CUDA_HOME") and toolkit_root():
         os.environ["CUDA_HOME"] = toolkit_root()

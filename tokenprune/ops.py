@@ -28,7 +28,8 @@ features). For float32 and float64 tokens every function here computes exactly w
 These functions are the reference. Where ``tokenprune.extension.for_tensor`` returns the compiled
 extension (CUDA tensors by default; see that module), ``keep_tokens``, ``merge_mean``, ``assign_mean``
 and ``received_attention`` hand their work to its kernels, which the tests hold equal to the code here;
-``bipartite_merge`` (ToMe's matching and merge in one call) does so on CPU by default, bit-identically.
+on CPU by default ``bipartite_merge`` (ToMe's matching and merge in one call, bit-identical), ``keep_tokens``
+(a row copy) and ``top_k_ascending`` (the same indices) do so too.
 """
 from __future__ import annotations
 
@@ -197,20 +198,27 @@ def merge_destinations(plan: MergePlan, n: int, num_prefix: int) -> tuple[Tensor
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
-    """Keep the prefix and the patch tokens at ``keep_idx`` ``(B, k)`` (indices into the patches)."""
-    # one call where ATen's indexing takes five (faster on CPU at every batch measured; docs/performance.md)
-    kernels = extension.for_tensor(t, cpu_kernel_pays=True) if t.dim() == 3 else None
+    """Keep the prefix and the patch tokens at ``keep_idx`` ``(B, k)`` (indices into the patches, non-negative:
+    the CPU kernel names one outside ``[0, N - num_prefix)``)."""
+    # one call where ATen's indexing takes five (faster on CPU at every batch measured; docs/performance.md),
+    # for what the kernel takes: (B, N, C) tokens, int64 (B, k) indices (others: PyTorch's indexing)
+    takes = (t.dim() == 3 and keep_idx.dtype == torch.int64 and keep_idx.dim() == 2
+             and keep_idx.shape[0] == t.shape[0])
+    kernels = extension.for_tensor(t, cpu_kernel_pays=True) if takes else None
     if kernels is not None:
         return kernels.gather_kept(t, keep_idx, num_prefix)
     patches = t[:, num_prefix:]
     return torch.cat([t[:, :num_prefix], patches[_batch_index(t), keep_idx]], dim=1)
 
 
+_TOP_K_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # the CPU kernel's
+
+
 def top_k_ascending(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     """Indices ``(B, k)`` of the ``k`` largest (``largest=False``: smallest) of each row of ``scores`` ``(B, n)``,
     ascending (so the spatial order survives). NaN ranks above every number (as in ``torch.sort``); ties go to
     the lower index. On CPU the extension's CPU build does it in one call (the default), the same indices."""
-    if scores.is_floating_point() and not scores.is_cuda:  # the kernel names a shape that is not (B, n)
+    if scores.dtype in _TOP_K_DTYPES and not scores.is_cuda:  # the kernel names a shape that is not (B, n)
         kernels = extension.for_tensor(scores, cpu_kernel_pays=True)
         if kernels is not None:
             return kernels.top_k_ascending(scores, k, largest)
