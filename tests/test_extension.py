@@ -309,6 +309,7 @@ def test_keep_tokens_takes_other_than_three_dimensions_through_the_pytorch_ops(m
     expected = torch.stack([tokens[0, [0, 1, 5]], tokens[1, [0, 3, 4]]])
     assert torch.equal(ops.keep_tokens(tokens, keep.int(), 1), expected)
     assert torch.equal(ops.keep_tokens(tokens, torch.tensor([[1, 2]]), 1), tokens[:, [0, 2, 3]])
+    assert torch.equal(ops.keep_tokens(tokens, torch.tensor([1, 2]), 1), tokens[:, [0, 2, 3]])
     assert counting.calls == {}
     assert torch.equal(ops.keep_tokens(tokens, keep, 1), expected) and counting.calls == {"gather_kept": 1}
     with pytest.raises(RuntimeError, match=r"scores must be \(batch, n\)"):
