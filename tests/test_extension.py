@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 from conftest import images, tiny_timm
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import tokenprune
@@ -241,6 +241,113 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
         assert torch.equal(merged, reference[0]) and torch.equal(merged_size, reference[1])
 
 
+def slow_s_stage_keep(attn: torch.Tensor, keys: torch.Tensor, prefix: int, remove: int, emphasize: int | None,
+                      rms: bool) -> tuple[list[list[int]], float]:
+    """Zero-TPrune's I'- and S-stage by the definition, in float64 loops: one voting round from the start vector
+    (token ``emphasize`` sqrt(N) times the others), each head rescaled to mean 1 over the patch tokens, summed
+    (squared for rms); the less important half (ties: the lower index) are candidates; the ``remove`` most similar
+    to an anchor (cosine of head-mean keys; ties: the less important) go. Returns the kept patch tokens per sample
+    and the smallest margin at the two decisions (the half split, the removal cut), where rounding could decide."""
+    batch, heads, total, _ = attn.shape
+    n, a, k = total - prefix, attn.double().tolist(), keys.double().tolist()
+    kept, margin = [], math.inf
+    for b in range(batch):
+        start = [math.sqrt(total) if t == emphasize else 1.0 for t in range(total)]
+        importance = [0.0] * n
+        for h in range(heads):
+            votes = [sum(start[i] * a[b][h][i][prefix + j] for i in range(total)) for j in range(n)]
+            mean = sum(votes) / n
+            for j in range(n):
+                importance[j] += (votes[j] / mean) ** 2 if rms else votes[j] / mean
+        order = sorted(range(n), key=lambda j: (importance[j], j))
+        candidates, anchors = order[: n // 2], order[n // 2:]
+        if candidates:
+            margin = min(margin, importance[anchors[0]] - importance[candidates[-1]])
+        unit = []
+        for t in range(n):
+            metric = [sum(k[b][h][prefix + t][d] for h in range(heads)) / heads for d in range(len(k[b][0][0]))]
+            norm = math.sqrt(sum(v * v for v in metric))
+            unit.append([v / norm for v in metric])
+        redundancy = [max(sum(u * v for u, v in zip(unit[c], unit[x])) for x in anchors) for c in candidates]
+        ranked = sorted(range(len(candidates)), key=lambda i: (-redundancy[i], i))
+        if 0 < remove < len(candidates):
+            margin = min(margin, redundancy[ranked[remove - 1]] - redundancy[ranked[remove]])
+        dropped = {candidates[i] for i in ranked[:remove]}
+        kept.append([j for j in range(n) if j not in dropped])
+    return kept, margin
+
+
+def s_stage_paths(request, attn, keys, prefix, remove, emphasize, rms) -> dict:
+    """similarity_prune of every build, and zt.s_stage_keep through the PyTorch ops and by default."""
+    from tokenprune.methods import zero_tprune as zt
+
+    found = {f"build {i}": build.similarity_prune(attn, keys, prefix, remove, -1 if emphasize is None else emphasize,
+                                                  rms) for i, build in enumerate(builds(request))}
+    for setting in ("off", "auto"):
+        with mock.patch.dict(os.environ, {extension.ENV: setting}):
+            found[setting] = zt.s_stage_keep(attn, keys, prefix, remove, emphasize, rms)
+    return found
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 4), st.sampled_from(PREFIXES), st.integers(2, 30), st.integers(1, 8),
+       st.sampled_from(DTYPES), st.booleans(), st.booleans(), st.data())
+def test_similarity_prune_keeps_what_the_definition_keeps(request, batch, heads, prefix, patches, dim, key_dtype,
+                                                          emphasize, rms, draw):
+    """Zero-TPrune's one-call S-stage and its PyTorch path keep the definition's tokens, over shapes, prefixes,
+    start vectors, aggregations and key dtypes (where the definition's decisions are not within rounding)."""
+    g = torch.Generator().manual_seed(draw.draw(st.integers(0, 2 ** 31)))
+    total = prefix + patches
+    attn = (torch.randn(batch, heads, total, total, generator=g) * 2).softmax(-1)
+    keys = torch.randn(batch, heads, total, dim, generator=g).to(key_dtype)
+    remove = draw.draw(st.integers(0, patches // 2))
+    emphasize = 0 if emphasize and prefix else None
+    expected, margin = slow_s_stage_keep(attn, keys, prefix, remove, emphasize, rms)
+    assume(margin > 1e-4)
+    for path, kept in s_stage_paths(request, attn, keys, prefix, remove, emphasize, rms).items():
+        assert kept.tolist() == expected, path
+
+
+def test_similarity_prune_breaks_ties_as_the_definition_does(request):
+    """Uniform attention ties every importance (candidates: the lower indices); duplicated keys tie similarities
+    (the less important candidate goes); a zero key's NaN similarity goes first, as topk ranks NaN."""
+    total, prefix = 16, 1  # a power of two: uniform attention's votes are exact, so they tie exactly
+    attn = torch.full((1, 2, total, total), 1.0 / total)
+    keys = torch.randn(1, 2, total, 4, generator=torch.Generator().manual_seed(0))
+    keys[:, :, prefix + 2] = keys[:, :, prefix + 5] = keys[:, :, prefix + 9]  # candidates 2 and 5 copy anchor 9
+    expected, _ = slow_s_stage_keep(attn, keys, prefix, 1, 0, True)
+    assert expected == [[j for j in range(15) if j != 2]]
+    for path, kept in s_stage_paths(request, attn, keys, prefix, 1, 0, True).items():
+        assert kept.tolist() == expected, path
+    keys[:, :, prefix + 4] = 0.0  # candidate 4: no direction, NaN similarity
+    for path, kept in s_stage_paths(request, attn, keys, prefix, 2, None, False).items():
+        assert kept.tolist() == [[j for j in range(15) if j not in (2, 4)]], path
+
+
+def test_similarity_prune_is_what_zero_tprune_runs_on_cpu_by_default(monkeypatch, cpu_build):
+    """auto: every pruning layer's S-stage is one kernel call (also when the I-stage prunes the rest), with the
+    PyTorch ops' output; off, no S-stage, or a float64 model: the PyTorch ops."""
+    model, x = tiny_timm("deit_small_distilled_patch16_224"), images(2)
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    for options, calls in (({}, 3), ({"s_fraction": 0.5}, 3), ({"s_stage": False}, 0)):
+        tokenprune.apply(model, "zero-tprune", keep=0.4, **options)
+        for setting in ("off", "auto"):
+            monkeypatch.setenv(extension.ENV, setting)
+            counting.calls.clear()
+            with torch.no_grad():
+                out = model(x)
+            if setting == "off":
+                reference = out
+            assert torch.equal(out, reference), (options, setting)
+            assert counting.calls.get("similarity_prune", 0) == (calls if setting == "auto" else 0), options
+    tokenprune.apply(model.double(), "zero-tprune", keep=0.4)
+    counting.calls.clear()
+    with torch.no_grad():
+        model(x.double())
+    assert "similarity_prune" not in counting.calls
+
+
 def tome_through_the_pytorch_ops(monkeypatch, name: str, batch: int):
     """A tiny ToMe-patched model, an input, and the model's output through the PyTorch ops (TOKENPRUNE_EXT=off)."""
     model, x = tiny_timm(name), images(batch)
@@ -393,6 +500,19 @@ def test_the_extension_names_bad_input(cpu_build):
         cpu_build.bipartite_merge(keys, x, torch.ones(2, 6, 1, dtype=torch.float64), 1, 1)
     with pytest.raises(RuntimeError, match="k must be float32, float16 or bfloat16"):
         cpu_build.bipartite_merge(keys.double(), x, None, 1, 1)
+    probs = torch.randn(2, 3, 6, 6).softmax(-1)
+    with pytest.raises(RuntimeError, match="probs must be float32"):
+        cpu_build.similarity_prune(probs.double(), keys, 1, 1, 0, True)
+    with pytest.raises(RuntimeError, match=r"probs must be \(batch, heads, tokens, tokens\)"):
+        cpu_build.similarity_prune(probs[..., :5], keys, 1, 1, 0, True)
+    with pytest.raises(RuntimeError, match=r"k must be \(2, 3, 6, dim\)"):
+        cpu_build.similarity_prune(probs, keys[:, :2], 1, 1, 0, True)
+    with pytest.raises(RuntimeError, match=r"remove must lie in \[0, 2\], got 3"):
+        cpu_build.similarity_prune(probs, keys, 1, 3, 0, True)
+    with pytest.raises(RuntimeError, match=r"num_prefix must lie in \[0, 6\], got 7"):
+        cpu_build.similarity_prune(probs, keys, 7, 0, 0, True)
+    with pytest.raises(RuntimeError, match=r"emphasize must lie in \[-1, 6\), got 6"):
+        cpu_build.similarity_prune(probs, keys, 1, 1, 6, True)
 
 
 # ----------------------------------------------------------------------------- dispatch and fallback

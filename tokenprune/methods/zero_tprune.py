@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import extension, ops
 from ..registry import EncoderReducer, Needs, Option, Reduction, choice, flag, is_index_list, is_int, is_real, register
 from ._scheduled import SEED, TRACE_SOURCE
 from .random_drop import drop_at_random
@@ -94,18 +94,45 @@ def aggregate_heads(scores: Tensor, rms: bool = True, variance_range: tuple[floa
 
 
 def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
-    """S-stage: indices ``(B, remove)`` of the most redundant patch tokens.
+    """S-stage: indices ``(B, remove)`` of the most redundant patch tokens, ascending.
 
-    The less important half (by ``importance``, unimportant first) are candidates; each is scored by
-    its cosine similarity to the most similar token of the more important half.
+    The less important half (by ``importance``, unimportant first; ties: the lower index first) are
+    candidates; each is scored by its cosine similarity to the most similar token of the more important
+    half. Ties in similarity drop the less important candidate.
     """
     n = importance.shape[-1]
-    order = importance.argsort(dim=-1)
+    order = importance.argsort(dim=-1, stable=True)
     candidates, anchors = order[:, : n // 2], order[:, n // 2:]
     batch = torch.arange(metric.shape[0], device=metric.device)[:, None]
     unit = metric / metric.norm(dim=-1, keepdim=True)
     similarity = (unit[batch, candidates] @ unit[batch, anchors].transpose(-1, -2)).amax(dim=-1)
-    return candidates.gather(1, similarity.topk(remove, dim=-1).indices)
+    return candidates.gather(1, ops.top_k_ascending(similarity, remove)).sort(dim=-1).values
+
+
+def s_stage_keep(attn: Tensor, keys: Tensor, num_prefix: int, remove: int, emphasize: int | None,
+                 rms: bool = True) -> Tensor:
+    """The I'- and S-stage of a pruning layer: the patch tokens ``(B, n - remove)``, ascending, left once the
+    ``remove`` most redundant (``redundant_tokens``) are dropped, ranked by one weighted-PageRank round from
+    ``initial_scores`` (``emphasize``: the class token, or None) aggregated over heads (``aggregate_heads``).
+
+    ``attn`` (B, H, N, N) are the attention probabilities and ``keys`` (B, H, N, D) the keys the attention used
+    (their head mean is the similarity metric). On CPU the extension's CPU build does it in one call for float32
+    maps (the default: some twenty small ops, most of what a pruning layer costs at batch 1, become one;
+    docs/performance.md); its sums run in another order, so a ranking can differ where two scores agree to
+    float rounding.
+    """
+    batch, heads, total = attn.shape[:3]
+    n = total - num_prefix
+    if attn.dtype == torch.float32 and not attn.is_cuda:
+        kernels = extension.for_tensor(attn, cpu_kernel_pays=True)
+        if kernels is not None:
+            return kernels.similarity_prune(attn, keys, num_prefix, remove, -1 if emphasize is None else emphasize,
+                                            rms)
+    start = initial_scores(batch, heads, total, emphasize, attn.device, attn.dtype)
+    rough = aggregate_heads(weighted_pagerank(attn, start, iterations=1)[..., num_prefix:], rms=rms)
+    dropped = redundant_tokens(rough, ops.head_mean(keys)[:, num_prefix:], remove)
+    alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device).scatter_(1, dropped, False)
+    return torch.arange(n, device=attn.device).expand(batch, -1)[alive].view(batch, n - remove)
 
 
 # ----------------------------------------------------------------------------- the method
@@ -204,22 +231,19 @@ class ZeroTPrune(EncoderReducer):
         attn = taps.probabilities()  # (B, H, N, N)
         batch, heads, total = attn.shape[:3]
         cls = None if o["uniform_start"] or p == 0 else 0
-        start = initial_scores(batch, heads, total, cls, x.device, attn.dtype)
         variance_range = tuple(o["vhf_range"]) if o["vhf"] else None
         # the S-stage drops from the less important half only; whatever exceeds it goes to the I-stage
         s_remove = min(round(remove * o["s_fraction"]), n // 2) if o["s_stage"] else 0
         alive = None  # patch tokens the S-stage leaves to the I-stage (None: all)
         if s_remove:
-            rough = weighted_pagerank(attn, start, iterations=1)[..., p:]  # I'-stage: rank only
-            rough = aggregate_heads(rough, rms=o["eir"])
-            dropped = redundant_tokens(rough, taps.head_mean_keys()[:, p:], s_remove)
-            alive = torch.ones(batch, n, dtype=torch.bool, device=x.device).scatter_(1, dropped, False)
-        if s_remove == remove:  # the S-stage did all the pruning: the I-stage has nothing left to drop
-            kept = torch.arange(n, device=x.device).expand(batch, -1)[alive].view(batch, n - remove)
-            return Reduction(state.keep(x, kept))
+            kept = s_stage_keep(attn, taps.k, p, s_remove, cls, rms=o["eir"])
+            if s_remove == remove:  # the S-stage did all the pruning (the default): the I-stage has nothing to drop
+                return Reduction(state.keep(x, kept))
+            alive = torch.zeros(batch, n, dtype=torch.bool, device=x.device).scatter_(1, kept, True)
         graph_alive = None if alive is None else torch.cat([alive.new_ones(batch, p), alive], dim=1)[:, None]
         depth = len(state.schedule)
         index = self.pruning_layers(depth).index(state.layer)
+        start = initial_scores(batch, heads, total, cls, x.device, attn.dtype)
         scores = weighted_pagerank(attn, start, iterations=self.iterations_at(state.layer, depth, index),
                                    tol=o["tol"], alive=graph_alive, renormalize=o["renormalize"])
         importance = aggregate_heads(scores[..., p:], rms=o["eir"], variance_range=variance_range, alive=alive)
