@@ -227,3 +227,52 @@ def test_size_weighted_mean_is_the_mean_over_copies_and_the_bias_is_log_size(bat
 def test_final_patch_count(n, keep):
     count = ops.final_patch_count(n, keep)
     assert 1 <= count <= n and count == max(1, round(keep * n))
+
+
+@st.composite
+def head_operands(draw):
+    """(a, b, add, alpha): per-head operands (B, H, n, m) and (B, H, m, p), either contiguous or as a qkv
+    projection leaves them (heads between tokens: one product over B*H would copy them), and an additive bias
+    shaped as attention biases are, or None."""
+    batch, heads = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    n, m, p = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 6))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
+    strided = draw(st.booleans())
+    a = torch.randn(batch, n, heads, m, generator=g, dtype=torch.float64).transpose(1, 2) if strided \
+        else torch.randn(batch, heads, n, m, generator=g, dtype=torch.float64)
+    b = torch.randn(batch, p, heads, m, generator=g, dtype=torch.float64).permute(0, 2, 3, 1) if strided \
+        else torch.randn(batch, heads, m, p, generator=g, dtype=torch.float64)
+    shape = draw(st.sampled_from((None, (batch, 1, 1, p), (1, 1, 1, p), (batch, heads, 1, p), (batch, 1, n, p))))
+    add = None if shape is None else torch.randn(*shape, generator=g, dtype=torch.float64)
+    return a, b, add, draw(st.sampled_from((1.0, 0.125, 0.3)))
+
+
+@given(head_operands(), st.booleans())
+def test_head_products_are_alpha_a_b_plus_add_into_out(operands, into_buffer):
+    """Whatever the layout (one product over B*H, or one per sample) and the bias's broadcast, the result is
+    alpha * a @ b + add, written into ``out`` where one is given."""
+    a, b, add, alpha = operands
+    expected = alpha * (a @ b) + (0 if add is None else add)
+    out = torch.full((a.shape[0], a.shape[1], a.shape[2], b.shape[-1]), float("nan"), dtype=torch.float64) \
+        if into_buffer else None
+    got = ops.head_products(a, b, alpha=alpha, add=add, out=out)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert out is None or got.data_ptr() == out.data_ptr()
+
+
+def test_head_products_follow_autograd():
+    """Under autograd (no ``out=``): the gradient of alpha * a @ b + add."""
+    a, b = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 5, 2)
+    add = torch.randn(2, 1, 1, 2, requires_grad=True)
+    ops.head_products(a, b, alpha=0.5, add=add).sum().backward()
+    torch.testing.assert_close(a.grad, 0.5 * torch.ones(2, 3, 4, 2) @ b.transpose(-1, -2))
+    torch.testing.assert_close(add.grad, torch.full((2, 1, 1, 2), 3.0 * 4))
+
+
+def test_heads_fold_into_the_batch_only_where_that_is_a_view():
+    """The per-sample products exist to spare a copy: (B, H) folds into one batch dimension only as a view."""
+    q = torch.randn(2, 5, 3, 4).transpose(1, 2)  # (B, H, N, D) as a projection leaves it: heads between tokens
+    assert ops._heads_as_batch(q) is None
+    for view in (q[:1], q[:, :1], q.contiguous()):  # one sample, one head, or contiguous
+        folded = ops._heads_as_batch(view)
+        assert folded.data_ptr() == view.data_ptr() and torch.equal(folded, view.reshape(-1, 5, 4))

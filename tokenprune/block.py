@@ -96,9 +96,7 @@ def explicit_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | No
     """softmax(scale * q k^T + bias), the softmax in float32 (as transformers' eager attention does for
     half precision; the same kernel in float32). Returned in float32 for half-precision q (else in q's dtype):
     callers cast it to q's dtype to apply it, as eager attention does, and score tokens on the unrounded map."""
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias
+    logits = ops.head_products(q, k.transpose(-2, -1), alpha=scale, add=bias)
     return logits.softmax(dim=-1, dtype=torch.float32).to(ops.accumulation_dtype(q.dtype))
 
 
