@@ -348,6 +348,64 @@ def test_similarity_prune_is_what_zero_tprune_runs_on_cpu_by_default(monkeypatch
     assert "similarity_prune" not in counting.calls
 
 
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(token_batches(), st.booleans(), st.data())
+def test_mctf_plan_is_the_reference_bit_for_bit(request, data, bidirectional, draw):
+    """MCTF's one-call matching gives pair_scores + bidirectional_assignment's slots exactly, over shapes, prefixes,
+    criteria, directions, feature dtypes and every removal the schedule allows (half the patch tokens); tied
+    scores (every patch token one of three, as in a flat background) order as the reference orders them."""
+    from tokenprune.methods import mctf
+
+    x, prefix, g = data
+    patches = x.shape[1] - prefix
+    if patches < 2:
+        return
+    if draw.draw(st.booleans()):
+        x[:, prefix:] = x[:, prefix + torch.arange(patches) % 3].clone()
+    received = torch.rand(x.shape[:2], generator=g) + 0.01
+    size = torch.randint(1, 6, x.shape[:2], generator=g).float()
+    criteria = tuple(draw.draw(st.lists(st.booleans(), min_size=3, max_size=3)))
+    tau = tuple(draw.draw(st.sampled_from(((1.0, 20.0, 40.0), (0.5, 3.0, 7.0)))))
+    remove = draw.draw(st.integers(1, patches // 2))
+    expected = mctf.bidirectional_assignment(mctf.pair_scores(x, received, size, tau, criteria, prefix), remove,
+                                             prefix, bidirectional)
+    for build in builds(request):
+        dest, n_out = build.mctf_plan(x, received, size, list(tau), list(criteria), prefix, remove, bidirectional)
+        assert torch.equal(dest, expected[0]) and n_out == expected[1]
+    for setting in ("off", "auto"):
+        with mock.patch.dict(os.environ, {extension.ENV: setting}):
+            dest, n_out = mctf.merge_plan(x, received, size, tau, criteria, remove, prefix, bidirectional)
+            assert torch.equal(dest, expected[0]) and n_out == expected[1], setting
+
+
+def test_mctf_plan_is_what_mctf_runs_on_cpu_by_default(monkeypatch, cpu_build):
+    """auto: every merging block's matching is one kernel call, with the PyTorch ops' output exactly; off or a
+    float64 model: the PyTorch ops."""
+    model, x = tiny_timm("deit_small_distilled_patch16_224"), images(2)
+    tokenprune.apply(model, "mctf", keep=0.4)
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    merging = None
+    for setting in ("off", "auto"):
+        monkeypatch.setenv(extension.ENV, setting)
+        counting.calls.clear()
+        with torch.no_grad():
+            out = model(x)
+        if setting == "off":
+            reference = out
+            report = tokenprune.last_forward(model)
+            counts = report.token_counts + [report.output_tokens]
+            merging = sum(a > b for a, b in zip(counts, counts[1:]))  # merging blocks
+        assert torch.equal(out, reference), setting
+        assert counting.calls.get("mctf_plan", 0) == (merging if setting == "auto" else 0), counting.calls
+    assert merging == len(model.blocks) - 1  # blocks 1 .. L-1
+    tokenprune.apply(model.double(), "mctf", keep=0.4)
+    counting.calls.clear()
+    with torch.no_grad():
+        model(x.double())
+    assert "mctf_plan" not in counting.calls
+
+
 def tome_through_the_pytorch_ops(monkeypatch, name: str, batch: int):
     """A tiny ToMe-patched model, an input, and the model's output through the PyTorch ops (TOKENPRUNE_EXT=off)."""
     model, x = tiny_timm(name), images(batch)
@@ -513,6 +571,13 @@ def test_the_extension_names_bad_input(cpu_build):
         cpu_build.similarity_prune(probs, keys, 7, 0, 0, True)
     with pytest.raises(RuntimeError, match=r"emphasize must lie in \[-1, 6\), got 6"):
         cpu_build.similarity_prune(probs, keys, 1, 1, 6, True)
+    ones = torch.ones(2, 6)
+    with pytest.raises(RuntimeError, match=r"received and size must be float32 \(2, 6\)"):
+        cpu_build.mctf_plan(x, ones.double(), ones, [1.0, 20.0, 40.0], [True] * 3, 1, 1, True)
+    with pytest.raises(RuntimeError, match="cannot fuse 4 of 5 patch tokens"):
+        cpu_build.mctf_plan(x, ones, ones, [1.0, 20.0, 40.0], [True] * 3, 1, 4, True)
+    with pytest.raises(RuntimeError, match="tau and criteria take three entries each"):
+        cpu_build.mctf_plan(x, ones, ones, [1.0, 20.0], [True] * 3, 1, 1, True)
 
 
 # ----------------------------------------------------------------------------- dispatch and fallback

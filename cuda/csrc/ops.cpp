@@ -458,6 +458,168 @@ torch::Tensor similarity_prune(torch::Tensor probs, torch::Tensor k, int64_t num
   return kept;
 }
 
+namespace {
+
+// Each row's max over its n entries and where it is: the first of equal maxima, NaN first (as ATen's max).
+void row_max(const float* row, int64_t n, int64_t stride, float* best, int64_t* arg) {
+  float value = -std::numeric_limits<float>::infinity();
+  int64_t at = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = row[j * stride];
+    if (std::isnan(v)) {
+      value = v;
+      at = j;
+      break;
+    }
+    if (v > value) {
+      value = v;
+      at = j;
+    }
+  }
+  *best = value;
+  *arg = at;
+}
+
+// log(v^-1 / max over the sequence of v^-1) / tau per token, (B, N): MCTF's informativeness and size terms, op for
+// op the reference's (the reciprocal, the max and the division correctly rounded in loops; the log in ATen).
+torch::Tensor log_relative_inverse(const torch::Tensor& v, double tau) {
+  const int64_t B = v.size(0), N = v.size(1);
+  auto out = torch::empty({B, N}, v.options());
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < N; ++t) {
+      op[b * N + t] = 1.0f / vp[b * N + t];
+      top = (std::isnan(op[b * N + t]) || op[b * N + t] > top) ? op[b * N + t] : top;
+    }
+    for (int64_t t = 0; t < N; ++t) op[b * N + t] /= top;
+  }
+  out.log_();
+  const float t = static_cast<float>(tau);
+  for (int64_t e = 0; e < B * N; ++e) op[e] /= t;
+  return out;
+}
+
+}  // namespace
+
+// MCTF's matching at one merging block, in one call, for CPU tensors: each token's slot (B, N) and the number of
+// slots, from the block's input x (B, N, C), the attention each token receives (B, N) and the token sizes (B, N).
+// The reference is mctf.pair_scores + mctf.bidirectional_assignment in PyTorch (some fifty small ops, about a
+// third of a merging block at batch 1 on deit_tiny), and the slots are bit-identical to it: the scores take the
+// reference's steps in its order, with its ATen calls where rounding could differ (the norms, the cosine product,
+// the logarithms), each row's best is the first of equal maxima (NaN first) as ATen's max, and the two
+// rankings are the reference's argsort calls (so that tied scores, a flat background's, order alike).
+std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor received, torch::Tensor size,
+                                             std::vector<double> tau, std::vector<bool> criteria,
+                                             int64_t num_prefix, int64_t remove, bool bidirectional) {
+  TORCH_CHECK(x.dim() == 3, "tokenprune: x must be (batch, tokens, channels), got ", x.sizes());
+  check_floating(x, "x");
+  const int64_t B = x.size(0), N = x.size(1), P = num_prefix;
+  TORCH_CHECK(received.dim() == 2 && received.size(0) == B && received.size(1) == N &&
+                  received.scalar_type() == torch::kFloat && size.dim() == 2 && size.size(0) == B &&
+                  size.size(1) == N && size.scalar_type() == torch::kFloat,
+              "tokenprune: received and size must be float32 (", B, ", ", N, "), got ", received.sizes(), " ",
+              received.scalar_type(), " and ", size.sizes(), " ", size.scalar_type());
+  TORCH_CHECK(x.is_cpu() && received.is_cpu() && size.is_cpu(), "tokenprune: mctf_plan takes CPU tensors");
+  TORCH_CHECK(tau.size() == 3 && criteria.size() == 3, "tokenprune: tau and criteria take three entries each");
+  TORCH_CHECK(0 <= P && P <= N, "tokenprune: num_prefix must lie in [0, ", N, "], got ", P);
+  const int64_t in_a = (P + 1) / 2, in_b = P / 2, n_a = (N + 1) / 2, n_b = N / 2;
+  const int64_t r1 = bidirectional ? remove / 2 : remove, r2 = remove - r1;
+  TORCH_CHECK(remove >= 0 && r1 < n_a - in_a + (bidirectional ? 0 : 1) && r2 <= n_b - in_b && n_b > in_b,
+              "tokenprune: cannot fuse ", remove, " of ", N - P, " patch tokens (", n_a - in_a, " in A, ",
+              n_b - in_b, " in B)");
+  const bool use_sim = criteria[0], use_info = criteria[1], use_size = criteria[2];
+  const auto xf = x.to(torch::kFloat).contiguous();
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  // the pair scores log W (B, |A|, |B|), the reference's steps in its order
+  torch::Tensor log_w;
+  if (use_sim) {
+    const auto unit = xf / at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true);
+    log_w = at::matmul(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
+    float* wp = log_w.data_ptr<float>();
+    for (int64_t e = 0; e < log_w.numel(); ++e) wp[e] = std::max((wp[e] + 1.0f) / 2.0f, 1e-12f);  // NaN stays
+    log_w.log_();
+    const float t = static_cast<float>(tau[0]);
+    for (int64_t e = 0; e < log_w.numel(); ++e) wp[e] /= t;
+  } else {
+    log_w = torch::zeros({B, n_a, n_b}, xf.options());
+  }
+  const auto info = use_info ? log_relative_inverse(received.contiguous(), tau[1]) : torch::Tensor();
+  const auto small = use_size ? log_relative_inverse(size.contiguous(), tau[2]) : torch::Tensor();
+  auto best = torch::empty({B, n_a}, xf.options());
+  std::vector<int64_t> best_b(B * n_a);
+  {
+    float* wp = log_w.data_ptr<float>();
+    float* bp = best.data_ptr<float>();
+    const float* ip = use_info ? info.data_ptr<float>() : nullptr;
+    const float* sp = use_size ? small.data_ptr<float>() : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < n_a; ++i) {
+        float* row = wp + (b * n_a + i) * n_b;
+        for (int64_t j = 0; j < n_b; ++j) {
+          float w = row[j];
+          if (ip) w = w + ip[b * N + 2 * i] + ip[b * N + 2 * j + 1];
+          if (sp) w = w + sp[b * N + 2 * i] + sp[b * N + 2 * j + 1];
+          row[j] = (i < in_a || j < in_b) ? kMinusInf : w;  // pairs that touch a prefix token never merge
+        }
+        row_max(row, n_b, 1, bp + b * n_a + i, &best_b[b * n_a + i]);
+      }
+    }
+  }
+  const auto order = best.argsort(-1, /*descending=*/true).contiguous();  // A tokens, best match first
+  const int64_t n_kept_a = n_a - in_a - r1;
+  auto best2 = torch::empty({B, n_b}, xf.options());
+  std::vector<int64_t> kept_a(B * (n_a - r1)), best_a(B * n_b);
+  {
+    const int64_t* op = order.data_ptr<int64_t>();
+    const float* wp = log_w.data_ptr<float>();
+    float* b2 = best2.data_ptr<float>();
+    std::vector<float> column(n_a);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t* kept = kept_a.data() + b * (n_a - r1);
+      std::copy(op + b * n_a + r1, op + (b + 1) * n_a, kept);
+      std::sort(kept, kept + n_a - r1);  // prefix A tokens (scored -inf) come first
+      if (!bidirectional) continue;
+      for (int64_t j = 0; j < n_b; ++j) {  // each B token's best remaining A token, in kept order
+        for (int64_t idx = 0; idx < n_a - r1; ++idx) column[idx] = wp[(b * n_a + kept[idx]) * n_b + j];
+        row_max(column.data(), n_a - r1, 1, b2 + b * n_b + j, &best_a[b * n_b + j]);
+      }
+    }
+  }
+  torch::Tensor order2;
+  if (bidirectional) order2 = best2.argsort(-1, /*descending=*/true).contiguous();
+  auto dest = torch::empty({B, N}, xf.options().dtype(torch::kLong));
+  {
+    const int64_t* op = order.data_ptr<int64_t>();
+    const int64_t* o2 = bidirectional ? order2.data_ptr<int64_t>() : nullptr;
+    int64_t* dp = dest.data_ptr<int64_t>();
+    std::vector<int64_t> slot_a(n_a), slot_b(n_b);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t* kept = kept_a.data() + b * (n_a - r1);
+      for (int64_t i = 0; i < in_a; ++i) slot_a[i] = 2 * i;  // prefix tokens keep their positions
+      for (int64_t j = 0; j < in_b; ++j) slot_b[j] = 2 * j + 1;
+      for (int64_t idx = in_a; idx < n_a - r1; ++idx) slot_a[kept[idx]] = P + idx - in_a;
+      if (bidirectional) {  // the remaining B tokens by descending score (prefix B tokens, at -inf, come last)
+        for (int64_t idx = r2; idx < n_b - in_b; ++idx) slot_b[o2[b * n_b + idx]] = P + n_kept_a + idx - r2;
+        for (int64_t idx = 0; idx < r2; ++idx) {  // a B source lands on its A token's slot
+          const int64_t j = o2[b * n_b + idx];
+          slot_b[j] = P - in_a + best_a[b * n_b + j];
+        }
+      } else {
+        for (int64_t j = in_b; j < n_b; ++j) slot_b[j] = P + n_kept_a + j - in_b;
+      }
+      for (int64_t idx = 0; idx < r1; ++idx) {  // A sources follow their B token
+        const int64_t i = op[b * n_a + idx];
+        slot_a[i] = slot_b[best_b[b * n_a + i]];
+      }
+      for (int64_t i = 0; i < n_a; ++i) dp[b * N + 2 * i] = slot_a[i];
+      for (int64_t j = 0; j < n_b; ++j) dp[b * N + 2 * j + 1] = slot_b[j];
+    }
+  }
+  return {dest, n_a + n_b - remove};
+}
+
 }  // namespace tokenprune
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -477,6 +639,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scores"), py::arg("k"), py::arg("largest"));
   m.def("bipartite_merge", &tokenprune::bipartite_merge, "ToMe's matching and size-weighted merge (CPU)",
         py::arg("k"), py::arg("x"), py::arg("size"), py::arg("r"), py::arg("num_prefix"));
+  m.def("mctf_plan", &tokenprune::mctf_plan, "MCTF's pair scores and bidirectional matching: slots (CPU)",
+        py::arg("x"), py::arg("received"), py::arg("size"), py::arg("tau"), py::arg("criteria"),
+        py::arg("num_prefix"), py::arg("remove"), py::arg("bidirectional"));
   m.def("similarity_prune", &tokenprune::similarity_prune, "Zero-TPrune's I'- and S-stage: the kept patch tokens (CPU)",
         py::arg("probs"), py::arg("k"), py::arg("num_prefix"), py::arg("remove"), py::arg("emphasize"),
         py::arg("rms"));

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import extension, ops
 from ..registry import EncoderReducer, Option, Reduction, choice, flag, is_index_list, is_int, is_real, register
 from ._scheduled import TRACE_SOURCE, capped, keep_schedule
 
@@ -99,6 +99,24 @@ def bidirectional_assignment(scores: Tensor, remove: int, num_prefix: int = 0,
     dest = torch.empty(batch, n_a + n_b, dtype=torch.long, device=device)
     dest[:, 0::2], dest[:, 1::2] = slot_a, slot_b
     return dest, n_a + n_b - remove
+
+
+def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
+               criteria: tuple[bool, bool, bool], remove: int, num_prefix: int = 0,
+               bidirectional: bool = True) -> tuple[Tensor, int]:
+    """``bidirectional_assignment(pair_scores(...), remove, ...)``: each token's slot ``(B, N)`` and the slot count.
+
+    On CPU the extension's CPU build does it in one call (the default: some fifty small ops, about a third of
+    a merging block at batch 1, become one; docs/performance.md); its norms and logarithms round differently, so
+    a choice can differ where two scores agree to float rounding. Exact ties (a flat background's identical
+    tokens) order as here: the two argsorts are the same ATen calls.
+    """
+    if not x.is_cuda and received.dtype == torch.float32 and size.dtype == torch.float32:
+        kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
+        if kernels is not None:
+            return kernels.mctf_plan(x, received, size, list(tau), list(criteria), num_prefix, remove, bidirectional)
+    scores = pair_scores(x, received, size, tau, criteria, num_prefix)
+    return bidirectional_assignment(scores, remove, num_prefix, bidirectional)
 
 
 def merge_attention(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor) -> Tensor:
@@ -216,9 +234,8 @@ class MCTF(EncoderReducer):
         size = state.size
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1, dtype=ops.accumulation_dtype(x.dtype))
-        scores = pair_scores(x, received, size[..., 0], tuple(o["tau"]),
-                             (o["similarity"], o["informativeness"], o["size"]), p)
-        dest, n_out = bidirectional_assignment(scores, remove, p, o["bidirectional"])
+        dest, n_out = merge_plan(x, received, size[..., 0], tuple(o["tau"]),
+                                 (o["similarity"], o["informativeness"], o["size"]), remove, p, o["bidirectional"])
         weight = received.unsqueeze(-1) * size  # fuse by attention x size
         x = state.fuse(x, weight, dest, n_out)
         if o["one_step_ahead"] == "exact":
