@@ -335,9 +335,12 @@ def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
 
 def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1). Accumulated in float32 for
-    half-precision ``t``; returned in ``t``'s dtype."""
-    kernels = extension.for_tensor(t, floating=True)
-    if kernels is not None and t.dim() == 3:
+    half-precision ``t``; returned in ``t``'s dtype. On CPU the extension's CPU build does it in one call for
+    (B, N, C) tokens and float32 or half-precision weights (the default; bit-identical: the same products summed
+    in the same order)."""
+    kernels = (extension.for_tensor(t, floating=True, cpu_kernel_pays=True)
+               if t.dim() == 3 and weight.dtype != torch.float64 else None)
+    if kernels is not None:
         return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]
     weight = weight.to(accumulation_dtype(weight.dtype))
     total = assign_sum(t.to(accumulation_dtype(t.dtype)) * weight, dest, n_out)

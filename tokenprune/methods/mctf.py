@@ -150,9 +150,9 @@ def attend_merged(probs: Tensor, dest: Tensor, n_out: int, row_weight: Tensor, v
     per_key = v.transpose(1, 2)[torch.arange(v.shape[0], device=v.device)[:, None], dest].transpose(1, 2)
     # the map may be float32 for half-precision v (AttentionTaps.probabilities): applied in its dtype, cast back
     out = (probs @ per_key.to(probs.dtype)).transpose(1, 2)  # (B, N queries, H, D)
-    weight = row_weight[:, :, None, None]
-    merged = ops.assign_sum(out * weight, dest, n_out) / ops.assign_sum(weight, dest, n_out)
-    return merged.transpose(1, 2).to(v.dtype)
+    batch, n, heads, dim = out.shape
+    merged = ops.assign_mean(out.reshape(batch, n, heads * dim), row_weight[..., None], dest, n_out)
+    return merged.view(batch, n_out, heads, dim).transpose(1, 2).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------- the method
