@@ -479,11 +479,11 @@ torch::Tensor similarity_prune(torch::Tensor probs, torch::Tensor k, int64_t num
 namespace {
 
 // Each row's max over its n entries and where it is: the first of equal maxima, NaN first (as ATen's max).
-void row_max(const float* row, int64_t n, int64_t stride, float* best, int64_t* arg) {
+void first_max(const float* row, int64_t n, float* best, int64_t* arg) {
   float value = -std::numeric_limits<float>::infinity();
   int64_t at = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const float v = row[j * stride];
+    const float v = row[j];
     if (std::isnan(v)) {
       value = v;
       at = j;
@@ -556,10 +556,14 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     const auto unit = xf / at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true);
     log_w = at::matmul(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
     float* wp = log_w.data_ptr<float>();
-    for (int64_t e = 0; e < log_w.numel(); ++e) wp[e] = std::max((wp[e] + 1.0f) / 2.0f, 1e-12f);  // NaN stays
+    at::parallel_for(0, log_w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) wp[e] = std::max((wp[e] + 1.0f) / 2.0f, 1e-12f);  // NaN stays
+    });
     log_w.log_();
     const float t = static_cast<float>(tau[0]);
-    for (int64_t e = 0; e < log_w.numel(); ++e) wp[e] /= t;
+    at::parallel_for(0, log_w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) wp[e] /= t;
+    });
   } else {
     log_w = torch::zeros({B, n_a, n_b}, xf.options());
   }
@@ -572,18 +576,20 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     float* bp = best.data_ptr<float>();
     const float* ip = use_info ? info.data_ptr<float>() : nullptr;
     const float* sp = use_size ? small.data_ptr<float>() : nullptr;
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < n_a; ++i) {
-        float* row = wp + (b * n_a + i) * n_b;
-        for (int64_t j = 0; j < n_b; ++j) {
-          float w = row[j];
-          if (ip) w = w + ip[b * N + 2 * i] + ip[b * N + 2 * j + 1];
-          if (sp) w = w + sp[b * N + 2 * i] + sp[b * N + 2 * j + 1];
-          row[j] = (i < in_a || j < in_b) ? kMinusInf : w;  // pairs that touch a prefix token never merge
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < n_a; ++i) {
+          float* row = wp + (b * n_a + i) * n_b;
+          for (int64_t j = 0; j < n_b; ++j) {
+            float w = row[j];
+            if (ip) w = w + ip[b * N + 2 * i] + ip[b * N + 2 * j + 1];
+            if (sp) w = w + sp[b * N + 2 * i] + sp[b * N + 2 * j + 1];
+            row[j] = (i < in_a || j < in_b) ? kMinusInf : w;  // pairs that touch a prefix token never merge
+          }
+          first_max(row, n_b, bp + b * n_a + i, &best_b[b * n_a + i]);
         }
-        row_max(row, n_b, 1, bp + b * n_a + i, &best_b[b * n_a + i]);
       }
-    }
+    });
   }
   const auto order = best.argsort(-1, /*descending=*/true).contiguous();  // A tokens, best match first
   const int64_t n_kept_a = n_a - in_a - r1;
@@ -593,17 +599,29 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     const int64_t* op = order.data_ptr<int64_t>();
     const float* wp = log_w.data_ptr<float>();
     float* b2 = best2.data_ptr<float>();
-    std::vector<float> column(n_a);
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t* kept = kept_a.data() + b * (n_a - r1);
-      std::copy(op + b * n_a + r1, op + (b + 1) * n_a, kept);
-      std::sort(kept, kept + n_a - r1);  // prefix A tokens (scored -inf) come first
-      if (!bidirectional) continue;
-      for (int64_t j = 0; j < n_b; ++j) {  // each B token's best remaining A token, in kept order
-        for (int64_t idx = 0; idx < n_a - r1; ++idx) column[idx] = wp[(b * n_a + kept[idx]) * n_b + j];
-        row_max(column.data(), n_a - r1, 1, b2 + b * n_b + j, &best_a[b * n_b + j]);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t* kept = kept_a.data() + b * (n_a - r1);
+        std::copy(op + b * n_a + r1, op + (b + 1) * n_a, kept);
+        std::sort(kept, kept + n_a - r1);  // prefix A tokens (scored -inf) come first
+        if (!bidirectional) continue;
+        // each B token's best remaining A token, in kept order: row by row, the first of equal maxima, NaN first
+        float* top = b2 + b * n_b;
+        int64_t* arg = best_a.data() + b * n_b;
+        std::fill(top, top + n_b, kMinusInf);
+        std::fill(arg, arg + n_b, int64_t{0});
+        for (int64_t idx = 0; idx < n_a - r1; ++idx) {
+          const float* row = wp + (b * n_a + kept[idx]) * n_b;
+          for (int64_t j = 0; j < n_b; ++j) {
+            if (std::isnan(top[j])) continue;
+            if (std::isnan(row[j]) || row[j] > top[j]) {
+              top[j] = row[j];
+              arg[j] = idx;
+            }
+          }
+        }
       }
-    }
+    });
   }
   torch::Tensor order2;
   if (bidirectional) order2 = best2.argsort(-1, /*descending=*/true).contiguous();
@@ -612,28 +630,30 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     const int64_t* op = order.data_ptr<int64_t>();
     const int64_t* o2 = bidirectional ? order2.data_ptr<int64_t>() : nullptr;
     int64_t* dp = dest.data_ptr<int64_t>();
-    std::vector<int64_t> slot_a(n_a), slot_b(n_b);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t* kept = kept_a.data() + b * (n_a - r1);
-      for (int64_t i = 0; i < in_a; ++i) slot_a[i] = 2 * i;  // prefix tokens keep their positions
-      for (int64_t j = 0; j < in_b; ++j) slot_b[j] = 2 * j + 1;
-      for (int64_t idx = in_a; idx < n_a - r1; ++idx) slot_a[kept[idx]] = P + idx - in_a;
-      if (bidirectional) {  // the remaining B tokens by descending score (prefix B tokens, at -inf, come last)
-        for (int64_t idx = r2; idx < n_b - in_b; ++idx) slot_b[o2[b * n_b + idx]] = P + n_kept_a + idx - r2;
-        for (int64_t idx = 0; idx < r2; ++idx) {  // a B source lands on its A token's slot
-          const int64_t j = o2[b * n_b + idx];
-          slot_b[j] = P - in_a + best_a[b * n_b + j];
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> slot_a(n_a), slot_b(n_b);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t* kept = kept_a.data() + b * (n_a - r1);
+        for (int64_t i = 0; i < in_a; ++i) slot_a[i] = 2 * i;  // prefix tokens keep their positions
+        for (int64_t j = 0; j < in_b; ++j) slot_b[j] = 2 * j + 1;
+        for (int64_t idx = in_a; idx < n_a - r1; ++idx) slot_a[kept[idx]] = P + idx - in_a;
+        if (bidirectional) {  // the remaining B tokens by descending score (prefix B tokens, at -inf, come last)
+          for (int64_t idx = r2; idx < n_b - in_b; ++idx) slot_b[o2[b * n_b + idx]] = P + n_kept_a + idx - r2;
+          for (int64_t idx = 0; idx < r2; ++idx) {  // a B source lands on its A token's slot
+            const int64_t j = o2[b * n_b + idx];
+            slot_b[j] = P - in_a + best_a[b * n_b + j];
+          }
+        } else {
+          for (int64_t j = in_b; j < n_b; ++j) slot_b[j] = P + n_kept_a + j - in_b;
         }
-      } else {
-        for (int64_t j = in_b; j < n_b; ++j) slot_b[j] = P + n_kept_a + j - in_b;
+        for (int64_t idx = 0; idx < r1; ++idx) {  // A sources follow their B token
+          const int64_t i = op[b * n_a + idx];
+          slot_a[i] = slot_b[best_b[b * n_a + i]];
+        }
+        for (int64_t i = 0; i < n_a; ++i) dp[b * N + 2 * i] = slot_a[i];
+        for (int64_t j = 0; j < n_b; ++j) dp[b * N + 2 * j + 1] = slot_b[j];
       }
-      for (int64_t idx = 0; idx < r1; ++idx) {  // A sources follow their B token
-        const int64_t i = op[b * n_a + idx];
-        slot_a[i] = slot_b[best_b[b * n_a + i]];
-      }
-      for (int64_t i = 0; i < n_a; ++i) dp[b * N + 2 * i] = slot_a[i];
-      for (int64_t j = 0; j < n_b; ++j) dp[b * N + 2 * j + 1] = slot_b[j];
-    }
+    });
   }
   return {dest, n_a + n_b - remove};
 }
