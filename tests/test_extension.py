@@ -327,6 +327,28 @@ def test_similarity_prune_breaks_ties_as_the_definition_does(request):
         assert kept.tolist() == [[j for j in range(15) if j not in (2, 4)]], path
 
 
+def calls_off_and_auto(monkeypatch, model, x, counting, op: str) -> dict:
+    """How often the kernel ``op`` ran in one forward under TOKENPRUNE_EXT=off and =auto, whose outputs must be equal."""
+    calls, outputs = {}, {}
+    for setting in ("off", "auto"):
+        monkeypatch.setenv(extension.ENV, setting)
+        counting.calls.clear()
+        with torch.no_grad():
+            outputs[setting] = model(x)
+        calls[setting] = counting.calls.get(op, 0)
+    assert torch.equal(outputs["auto"], outputs["off"])
+    return calls
+
+
+def calls_in_float64(model, x, counting, method: str, op: str) -> int:
+    """How often the kernel ``op`` ran in a forward of the model converted to float64 (the kernels take fp32 and half)."""
+    tokenprune.apply(model.double(), method, keep=0.4)
+    counting.calls.clear()
+    with torch.no_grad():
+        model(x.double())
+    return counting.calls.get(op, 0)
+
+
 def test_similarity_prune_is_what_zero_tprune_runs_on_cpu_by_default(monkeypatch, cpu_build):
     """auto: every pruning layer's S-stage is one kernel call (also when the I-stage prunes the rest), with the
     PyTorch ops' output; off, no S-stage, or a float64 model: the PyTorch ops."""
@@ -335,20 +357,8 @@ def test_similarity_prune_is_what_zero_tprune_runs_on_cpu_by_default(monkeypatch
     monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
     for options, calls in (({}, 3), ({"s_fraction": 0.5}, 3), ({"s_stage": False}, 0)):
         tokenprune.apply(model, "zero-tprune", keep=0.4, **options)
-        for setting in ("off", "auto"):
-            monkeypatch.setenv(extension.ENV, setting)
-            counting.calls.clear()
-            with torch.no_grad():
-                out = model(x)
-            if setting == "off":
-                reference = out
-            assert torch.equal(out, reference), (options, setting)
-            assert counting.calls.get("similarity_prune", 0) == (calls if setting == "auto" else 0), options
-    tokenprune.apply(model.double(), "zero-tprune", keep=0.4)
-    counting.calls.clear()
-    with torch.no_grad():
-        model(x.double())
-    assert "similarity_prune" not in counting.calls
+        assert calls_off_and_auto(monkeypatch, model, x, counting, "similarity_prune") == {"off": 0, "auto": calls}
+    assert calls_in_float64(model, x, counting, "zero-tprune", "similarity_prune") == 0
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)
@@ -382,31 +392,15 @@ def test_mctf_plan_is_the_reference_bit_for_bit(request, data, bidirectional, dr
 
 
 def test_mctf_plan_is_what_mctf_runs_on_cpu_by_default(monkeypatch, cpu_build):
-    """auto: every merging block's matching is one kernel call, with the PyTorch ops' output exactly; off or a
-    float64 model: the PyTorch ops."""
+    """auto: every merging block's matching is one kernel call (blocks 1 .. L-1), with the PyTorch ops' output
+    exactly; off or a float64 model: the PyTorch ops."""
     model, x = tiny_timm("deit_small_distilled_patch16_224"), images(2)
     tokenprune.apply(model, "mctf", keep=0.4)
     counting = Counting(cpu_build)
     monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
-    merging = None
-    for setting in ("off", "auto"):
-        monkeypatch.setenv(extension.ENV, setting)
-        counting.calls.clear()
-        with torch.no_grad():
-            out = model(x)
-        if setting == "off":
-            reference = out
-            report = tokenprune.last_forward(model)
-            counts = report.token_counts + [report.output_tokens]
-            merging = sum(a > b for a, b in zip(counts, counts[1:]))  # merging blocks
-        assert torch.equal(out, reference), setting
-        assert counting.calls.get("mctf_plan", 0) == (merging if setting == "auto" else 0), counting.calls
-    assert merging == len(model.blocks) - 1  # blocks 1 .. L-1
-    tokenprune.apply(model.double(), "mctf", keep=0.4)
-    counting.calls.clear()
-    with torch.no_grad():
-        model(x.double())
-    assert "mctf_plan" not in counting.calls
+    calls = calls_off_and_auto(monkeypatch, model, x, counting, "mctf_plan")
+    assert calls == {"off": 0, "auto": len(model.blocks) - 1}
+    assert calls_in_float64(model, x, counting, "mctf", "mctf_plan") == 0
 
 
 def tome_through_the_pytorch_ops(monkeypatch, name: str, batch: int):
@@ -696,7 +690,7 @@ def test_kernels_in_use_names_the_build_each_device_would_run(monkeypatch):
     assert extension.kernels_in_use("cpu") == "pytorch ops (the CPU build failed)"
     builds_that_load.update({True, False})
     assert extension.kernels_in_use("cuda:0") == "CUDA build"
-    assert extension.kernels_in_use(torch.device("cpu")) == "CPU build: ToMe's step, the gather, the top-k"
+    assert extension.kernels_in_use(torch.device("cpu")) == "CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k"
     assert extension.kernels_in_use("meta") == "pytorch ops"
     monkeypatch.setenv(extension.ENV, "all")
     assert extension.kernels_in_use("cuda") == "CUDA build, every kernel"

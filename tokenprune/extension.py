@@ -116,7 +116,7 @@ def kernels_in_use(device: torch.device | str) -> str:
         return f"{build}, every kernel"
     if _load_or_warn(cuda=cuda) is None:
         return f"pytorch ops (the {build} failed)"
-    return build if cuda else "CPU build: ToMe's step, the gather, the top-k"
+    return build if cuda else "CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k"
 
 
 @functools.cache

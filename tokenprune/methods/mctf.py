@@ -107,9 +107,9 @@ def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, floa
     """``bidirectional_assignment(pair_scores(...), remove, ...)``: each token's slot ``(B, N)`` and the slot count.
 
     On CPU the extension's CPU build does it in one call (the default: some fifty small ops, about a third of
-    a merging block at batch 1, become one; docs/performance.md); its norms and logarithms round differently, so
-    a choice can differ where two scores agree to float rounding. Exact ties (a flat background's identical
-    tokens) order as here: the two argsorts are the same ATen calls.
+    a merging block at batch 1, become one; docs/performance.md), with bit-identical slots: it takes these steps
+    in this order, with the same ATen calls where rounding could differ (norms, the cosine product, logarithms)
+    and for both argsorts, so exact ties (a flat background's identical tokens) order as here.
     """
     if not x.is_cuda and received.dtype == torch.float32 and size.dtype == torch.float32:
         kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
