@@ -110,10 +110,11 @@ def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
 
 
 def s_stage_keep(attn: Tensor, keys: Tensor, num_prefix: int, remove: int, emphasize: int | None,
-                 rms: bool = True) -> Tensor:
+                 rms: bool) -> Tensor:
     """The I'- and S-stage of a pruning layer: the patch tokens ``(B, n - remove)``, ascending, left once the
     ``remove`` most redundant (``redundant_tokens``) are dropped, ranked by one weighted-PageRank round from
-    ``initial_scores`` (``emphasize``: the class token, or None) aggregated over heads (``aggregate_heads``).
+    ``initial_scores`` (``emphasize``: the class token, or None) aggregated over heads (``aggregate_heads``, by
+    root-mean-square with ``rms``, else the mean).
 
     ``attn`` (B, H, N, N) are the attention probabilities and ``keys`` (B, H, N, D) the keys the attention used
     (their head mean is the similarity metric). On CPU the extension's CPU build does it in one call for float32
