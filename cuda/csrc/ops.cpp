@@ -67,6 +67,26 @@ void dispatch_floating(const torch::Tensor& x, F&& f) {
   }
 }
 
+// Each row's max over its n entries and where it is: the first of equal maxima, NaN first (as ATen's max).
+void first_max(const float* row, int64_t n, float* best, int64_t* arg) {
+  float value = -std::numeric_limits<float>::infinity();
+  int64_t at = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = row[j];
+    if (std::isnan(v)) {
+      value = v;
+      at = j;
+      break;
+    }
+    if (v > value) {
+      value = v;
+      at = j;
+    }
+  }
+  *best = value;
+  *arg = at;
+}
+
 #ifdef TOKENPRUNE_WITH_CUDA
 void* stream_of(const torch::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "tokenprune CUDA kernel: ", error); }
@@ -454,10 +474,8 @@ torch::Tensor similarity_prune(torch::Tensor probs, torch::Tensor k, int64_t num
     std::vector<char> dropped(n);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t c = 0; c < n_cand; ++c) {  // the best anchor's similarity (NaN wins, as amax)
-        const float* row = simp + (b * n_cand + c) * n_anchor;
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t a = 0; a < n_anchor; ++a) best = (std::isnan(row[a]) || row[a] > best) ? row[a] : best;
-        redundancy[c] = best;
+        int64_t anchor;  // unused: only the value counts
+        first_max(simp + (b * n_cand + c) * n_anchor, n_anchor, &redundancy[c], &anchor);
       }
       std::iota(rank.begin(), rank.end(), int64_t{0});
       std::nth_element(rank.begin(), rank.begin() + remove, rank.end(), [&](int64_t i, int64_t j) {
@@ -477,26 +495,6 @@ torch::Tensor similarity_prune(torch::Tensor probs, torch::Tensor k, int64_t num
 }
 
 namespace {
-
-// Each row's max over its n entries and where it is: the first of equal maxima, NaN first (as ATen's max).
-void first_max(const float* row, int64_t n, float* best, int64_t* arg) {
-  float value = -std::numeric_limits<float>::infinity();
-  int64_t at = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = row[j];
-    if (std::isnan(v)) {
-      value = v;
-      at = j;
-      break;
-    }
-    if (v > value) {
-      value = v;
-      at = j;
-    }
-  }
-  *best = value;
-  *arg = at;
-}
 
 // log(v^-1 / max over the sequence of v^-1) / tau per token, (B, N): MCTF's informativeness and size terms, op for
 // op the reference's (the reciprocal, the max and the division correctly rounded in loops; the log in ATen).
