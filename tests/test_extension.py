@@ -396,6 +396,29 @@ def test_mctf_plan_is_the_reference_bit_for_bit(request, data, bidirectional, dr
             assert torch.equal(dest, expected[0]) and n_out == expected[1], setting
 
 
+def test_mctf_plan_leaves_float64_to_the_pytorch_ops(monkeypatch, cpu_build):
+    """The kernel scores in float32: features, attention received or sizes in float64 (any one of them) keep the
+    PyTorch ops, with their output; all three in float32 take the kernel."""
+    from tokenprune.methods import mctf
+
+    g = torch.Generator().manual_seed(5)
+    x, received = torch.randn(2, 9, 6, generator=g), torch.rand(2, 9, generator=g) + 0.01
+    size = torch.randint(1, 4, (2, 9), generator=g).float()
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    for wide in ("x", "received", "size", None):
+        args = {"x": x, "received": received, "size": size}
+        if wide is not None:
+            args[wide] = args[wide].double()
+        counting.calls.clear()
+        expected = mctf.bidirectional_assignment(mctf.pair_scores(**args, tau=(1.0, 20.0, 40.0),
+                                                                  criteria=(True, True, True), num_prefix=1), 3, 1, True)
+        dest, n_out = mctf.merge_plan(**args, tau=(1.0, 20.0, 40.0), criteria=(True, True, True), remove=3,
+                                      num_prefix=1, bidirectional=True)
+        assert torch.equal(dest, expected[0]) and n_out == expected[1], wide
+        assert counting.calls.get("mctf_plan", 0) == (wide is None), wide
+
+
 def test_mctf_plan_is_what_mctf_runs_on_cpu_by_default(monkeypatch, cpu_build):
     """auto: every merging block's matching is one kernel call (blocks 1 .. L-1), with the PyTorch ops' output
     exactly; off or a float64 model: the PyTorch ops."""

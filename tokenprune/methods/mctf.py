@@ -102,8 +102,8 @@ def bidirectional_assignment(scores: Tensor, remove: int, num_prefix: int = 0,
 
 
 def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
-               criteria: tuple[bool, bool, bool], remove: int, num_prefix: int = 0,
-               bidirectional: bool = True) -> tuple[Tensor, int]:
+               criteria: tuple[bool, bool, bool], remove: int, num_prefix: int,
+               bidirectional: bool) -> tuple[Tensor, int]:
     """``bidirectional_assignment(pair_scores(...), remove, ...)``: each token's slot ``(B, N)`` and the slot count.
 
     On CPU the extension's CPU build does it in one call (the default: some fifty small ops, about a third of
