@@ -10,6 +10,7 @@ import math
 import os
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -237,10 +238,10 @@ def head_operands(draw):
     batch, heads = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     n, m, p = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 6))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
-    strided = draw(st.booleans())
-    a = torch.randn(batch, n, heads, m, generator=g, dtype=torch.float64).transpose(1, 2) if strided \
+    # each operand's layout drawn on its own: either one of them may be the one that does not fold
+    a = torch.randn(batch, n, heads, m, generator=g, dtype=torch.float64).transpose(1, 2) if draw(st.booleans()) \
         else torch.randn(batch, heads, n, m, generator=g, dtype=torch.float64)
-    b = torch.randn(batch, p, heads, m, generator=g, dtype=torch.float64).permute(0, 2, 3, 1) if strided \
+    b = torch.randn(batch, p, heads, m, generator=g, dtype=torch.float64).permute(0, 2, 3, 1) if draw(st.booleans()) \
         else torch.randn(batch, heads, m, p, generator=g, dtype=torch.float64)
     shape = draw(st.sampled_from((None, (batch, 1, 1, p), (1, 1, 1, p), (batch, heads, 1, p), (batch, 1, n, p))))
     add = None if shape is None else torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -260,13 +261,19 @@ def test_head_products_are_alpha_a_b_plus_add_into_out(operands, into_buffer):
     assert out is None or got.data_ptr() == out.data_ptr()
 
 
-def test_head_products_follow_autograd():
-    """Under autograd (no ``out=``): the gradient of alpha * a @ b + add."""
-    a, b = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 5, 2)
-    add = torch.randn(2, 1, 1, 2, requires_grad=True)
+@pytest.mark.parametrize("learns", ["a", "b", "add", "all"])
+def test_head_products_follow_autograd(learns):
+    """Under autograd (no ``out=``), whichever operand requires grad: the gradient of alpha * a @ b + add."""
+    a, b, add = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 2), torch.randn(2, 1, 1, 2)
+    for name, t in (("a", a), ("b", b), ("add", add)):
+        t.requires_grad_(learns in (name, "all"))
     ops.head_products(a, b, alpha=0.5, add=add).sum().backward()
-    torch.testing.assert_close(a.grad, 0.5 * torch.ones(2, 3, 4, 2) @ b.transpose(-1, -2))
-    torch.testing.assert_close(add.grad, torch.full((2, 1, 1, 2), 3.0 * 4))
+    if a.requires_grad:
+        torch.testing.assert_close(a.grad, 0.5 * torch.ones(2, 3, 4, 2) @ b.transpose(-1, -2))
+    if b.requires_grad:
+        torch.testing.assert_close(b.grad, 0.5 * a.transpose(-1, -2) @ torch.ones(2, 3, 4, 2))
+    if add.requires_grad:
+        torch.testing.assert_close(add.grad, torch.full((2, 1, 1, 2), 3.0 * 4))
 
 
 def test_heads_fold_into_the_batch_only_where_that_is_a_view():
