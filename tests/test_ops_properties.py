@@ -280,6 +280,7 @@ def test_heads_fold_into_the_batch_only_where_that_is_a_view():
     """The per-sample products exist to spare a copy: (B, H) folds into one batch dimension only as a view."""
     q = torch.randn(2, 5, 3, 4).transpose(1, 2)  # (B, H, N, D) as a projection leaves it: heads between tokens
     assert ops._heads_as_batch(q) is None
+    assert ops._heads_as_batch(torch.randn(3, 2, 5, 4).transpose(0, 1)) is None  # samples inside heads
     for view in (q[:1], q[:, :1], q.contiguous()):  # one sample, one head, or contiguous
         folded = ops._heads_as_batch(view)
         assert folded.data_ptr() == view.data_ptr() and torch.equal(folded, view.reshape(-1, 5, 4))
