@@ -252,39 +252,6 @@ def test_random_draws_each_block_from_seed_plus_block_index():
     assert torch.equal(kept, expected)
 
 
-def test_random_reuses_its_draws_only_for_the_same_seed_shape_and_block():
-    """The kept indices are drawn once per (batch, tokens, keep, seed + block, device) and reused: a second forward,
-    another seed, another batch size and a training forward (backward through the gather) after an inference one
-    all keep what a fresh draw keeps."""
-    from tokenprune.methods import random_drop
-
-    random_drop.kept_at_random.cache_clear()
-    model, x = tiny_timm(), images(3)
-
-    def kept_in_forward(seed, inputs, mode=torch.inference_mode):
-        tokenprune.apply(model, "random", r=[6, 0, 6], seed=seed, trace_source=True)
-        with mode():
-            out = model(inputs)
-        return tokenprune.last_forward(model).source[:, 1:, 1:].argmax(-1), out
-
-    def fresh(seed, batch):
-        expected = torch.arange(64).expand(batch, -1)
-        for block, step in ((0, 6), (2, 6)):
-            n = expected.shape[1]
-            g = torch.Generator().manual_seed(seed + block)
-            expected = expected.gather(1, ops.random_keep_indices(batch, n, n - step, g, torch.device("cpu")))
-        return expected
-
-    for seed, inputs in ((7, x), (7, x), (8, x), (7, x[:2])):
-        assert torch.equal(kept_in_forward(seed, inputs)[0], fresh(seed, inputs.shape[0])), (seed, inputs.shape)
-    assert random_drop.kept_at_random.cache_info().hits >= 2
-    model.train()
-    kept, out = kept_in_forward(7, x, mode=torch.enable_grad)
-    out.sum().backward()  # the cached indices are not inference tensors: the gather can save them
-    assert torch.equal(kept, fresh(7, 3))
-    model.eval()
-
-
 # ----------------------------------------------------------------------------- the transformers adapter
 
 @pytest.mark.parametrize("method, options", [
