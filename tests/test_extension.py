@@ -141,27 +141,28 @@ def test_top_k_ascending_is_one_kernel_call_on_cpu_by_default(monkeypatch, cpu_b
 
 
 def test_assign_mean_takes_the_kernel_for_tokens_in_the_kernels_dtypes_only(monkeypatch, cpu_build):
-    """By default on CPU: (B, N, C) tokens with float32 weights are one ``weighted_merge`` call; float64 tokens or
-    weights, and tokens of other ranks (sizes (B, N, 1) are 3-D; (B, N) or (B, N, H, D) are not), keep the
-    PyTorch ops. Every case gives the weighted mean by its definition."""
+    """By default on CPU: (B, N, C) tokens with one float32 weight per token are one ``weighted_merge`` call;
+    float64 tokens or weights, weights per channel (the kernel takes one per token) and tokens of other ranks keep
+    the PyTorch ops. Every case gives the weighted mean by its definition."""
     counting = Counting(cpu_build)
     monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
     g = torch.Generator().manual_seed(2)
     dest = torch.tensor([[0, 1, 0, 2, 1], [2, 2, 0, 1, 0]])
-    weight = torch.rand(2, 5, 1, generator=g) + 0.5
-    for shape, dtype, weight_dtype, calls in (((2, 5, 3), torch.float32, torch.float32, 1),
-                                              ((2, 5, 3), torch.float64, torch.float32, 0),
-                                              ((2, 5, 3), torch.float32, torch.float64, 0),
-                                              ((2, 5), torch.float32, torch.float32, 0),
-                                              ((2, 5, 2, 3), torch.float32, torch.float32, 0)):
-        t, w = torch.randn(*shape, generator=g, dtype=dtype), weight.to(weight_dtype)
-        w_t = w.reshape(2, 5, *([1] * (t.dim() - 2)))
-        expected = torch.stack([torch.stack([(t[b][dest[b] == j] * w_t[b][dest[b] == j]).sum(0)
-                                             / w[b][dest[b] == j].sum() for j in range(3)]) for b in range(2)])
+    for t, weight_shape, weight_dtype, calls in (
+            (torch.randn(2, 5, 3, generator=g), (2, 5, 1), torch.float32, 1),
+            (torch.randn(2, 5, 3, generator=g, dtype=torch.float64), (2, 5, 1), torch.float32, 0),
+            (torch.randn(2, 5, 3, generator=g), (2, 5, 1), torch.float64, 0),
+            (torch.randn(2, 5, 3, generator=g), (2, 5, 3), torch.float32, 0),  # a weight per channel
+            (torch.randn(2, 5, generator=g), (2, 5), torch.float32, 0),
+            (torch.randn(2, 5, 2, 3, generator=g), (2, 5, 1, 1), torch.float32, 0)):
+        w = (torch.rand(*weight_shape, generator=g) + 0.5).to(weight_dtype)
+        expected = torch.stack([torch.stack([(t[b][dest[b] == j] * w[b][dest[b] == j]).sum(0)
+                                             / w[b][dest[b] == j].sum(0) for j in range(3)]) for b in range(2)])
         counting.calls.clear()
-        got = ops.assign_mean(t, w_t, dest, 3)
-        torch.testing.assert_close(got, expected.to(dtype), rtol=1e-5, atol=1e-6)
-        assert counting.calls.get("weighted_merge", 0) == calls, (shape, dtype, weight_dtype)
+        got = ops.assign_mean(t, w, dest, 3)
+        assert got.shape == (2, 3, *t.shape[2:]) and got.dtype == t.dtype
+        torch.testing.assert_close(got, expected.to(t.dtype), rtol=1e-5, atol=1e-6)
+        assert counting.calls.get("weighted_merge", 0) == calls, (t.shape, weight_shape, t.dtype, weight_dtype)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -334,12 +334,13 @@ def assign_sum(t: Tensor, dest: Tensor, n_out: int) -> Tensor:
 
 
 def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
-    """Weighted mean of the tokens sharing a slot; ``weight`` is (B, N, 1). Accumulated in float32 for
-    half-precision ``t``; returned in ``t``'s dtype. On CPU the extension's CPU build does it in one call for
-    (B, N, C) tokens and float32 or half-precision weights (the default; bit-identical: the same products summed
-    in the same order)."""
+    """Weighted mean of the tokens of ``t`` (B, N, ...) sharing a slot; ``weight`` is (B, N, 1, ...), one per token
+    (or broadcastable to ``t``: a weight per channel). Accumulated in float32 for half-precision ``t``; returned in
+    ``t``'s dtype. On CPU the extension's CPU build does it in one call for (B, N, C) tokens with one float32 or
+    half-precision weight per token (the default; bit-identical: the same products summed in the same order)."""
+    one_per_token = weight.shape == (*t.shape[:2], 1)
     kernels = (extension.for_tensor(t, floating=True, cpu_kernel_pays=True)
-               if t.dim() == 3 and weight.dtype != torch.float64 else None)
+               if t.dim() == 3 and one_per_token and weight.dtype != torch.float64 else None)
     if kernels is not None:
         return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]
     weight = weight.to(accumulation_dtype(weight.dtype))
