@@ -8,12 +8,18 @@
    matching and merging cost in that block (and what its different token layout costs downstream).
 2. Per op: ``torch.profiler``'s self CPU time per aten op over the same forwards, patched minus ceiling:
    the ops the method adds (or makes slower), largest first.
+3. Per hook (``--hooks``): the wall time, inside the forward, of the method's own step (its
+   ``before_attention`` / ``after_attention``: scoring, matching, merging) and of the attention core it
+   hands the block (MCTF's one-step-ahead attention), beside the three models' forward times. Timed
+   where they run, so they include what cold caches cost there (a call can cost twice what it costs
+   in a tight loop: docs/performance.md).
 
 Timings are of this machine, at the moment they run: compare the two columns of one run, not runs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -116,6 +122,67 @@ def profile_ops(model_name: str = "deit_small_patch16_224", method: str = "tome"
     return sorted(rows, key=lambda r: r[2] - r[1])
 
 
+@dataclass
+class HookRow:
+    part: str
+    calls_per_forward: float
+    ms_per_forward: float
+
+
+@torch.inference_mode()
+def profile_hooks(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.5,
+                  options: dict | None = None, batch: int = 1, repeats: int = 21, threads: int = 2,
+                  seed: int = 0) -> list[HookRow]:
+    """The three models' forward times (unpatched, zero-cost truncation, patched; medians, interleaved), then the
+    method's hook and attention core as timed inside the patched forwards (totals per forward)."""
+    torch.set_num_threads(threads)
+    baseline = random_model(model_name, seed)
+    patched, ceiling = patched_and_ceiling(baseline, method, keep, options or {})
+    reducer = tokenprune.reducer_of(patched)
+    spent = defaultdict(list)
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            began = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name].append(time.perf_counter() - began)
+            return out
+        return call
+
+    hook = reducer.stage.value
+    step = timed(f"{hook} (the method's step)", getattr(reducer, hook))
+
+    def with_timed_core(*args, **kwargs):
+        reduced = step(*args, **kwargs)
+        if reduced.attention_core is None:
+            return reduced
+        return dataclasses.replace(reduced, attention_core=timed("attention core it hands the block",
+                                                                 reduced.attention_core))
+
+    setattr(reducer, hook, with_timed_core)  # on the instance: the class (and so the stage) is untouched
+    x = torch.randn(batch, *default_input_size(patched))
+    models = {"unpatched": baseline, "zero-cost truncation": ceiling, "patched": patched}
+    forwards = {name: [] for name in models}
+    for _ in range(2):
+        for m in models.values():
+            m(x)
+    spent.clear()
+    for i in range(repeats):
+        for name in (list(models) if i % 2 == 0 else list(models)[::-1]):
+            began = time.perf_counter()
+            models[name](x)
+            forwards[name].append(time.perf_counter() - began)
+    rows = [HookRow(f"forward: {name}", 1, 1000 * statistics.median(t)) for name, t in forwards.items()]
+    return rows + [HookRow(name, len(t) / repeats, 1000 * sum(t) / repeats) for name, t in spent.items()]
+
+
+def format_hooks(rows: list[HookRow]) -> str:
+    lines = ["| part | calls a forward | ms a forward | us a call |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r.part} | {r.calls_per_forward:g} | {r.ms_per_forward:.2f} | "
+              f"{1000 * r.ms_per_forward / r.calls_per_forward:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_blocks(rows: list[BlockRow]) -> str:
     lines = ["| block | tokens in | ceiling ms | patched ms | overhead ms | overhead |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -149,9 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hooks", action="store_true",
+                        help="time the method's step and attention core inside the forward instead of blocks and ops")
     args = parser.parse_args(argv)
     options = dict(args.option)
     try:
+        if args.hooks:
+            hooks = profile_hooks(args.model, args.method, args.keep, options, args.batch, args.repeats,
+                                  args.threads)
+            print(f"{args.model}, {args.method} keep={args.keep} {options or ''}, batch {args.batch}, "
+                  f"{args.threads} threads\n")
+            print(format_hooks(hooks))
+            return 0
         blocks = profile_blocks(args.model, args.method, args.keep, options, args.batch, args.repeats, args.threads)
         ops = profile_ops(args.model, args.method, args.keep, options, args.batch, max(3, args.repeats // 2),
                           args.threads)

@@ -93,3 +93,22 @@ def test_block_profile_times_every_block_of_both_models(monkeypatch, capsys):
     assert {"aten::bmm", "aten::argsort"} <= added  # the matching ToMe adds (its scores, its ranking)
     assert block_profile.main(["--model", "hf:vit"]) == 2
     assert "reads a timm ViT's .blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, core", [("tome", False), ("mctf", True)])
+def test_block_profile_times_the_methods_hook_and_core_inside_the_forward(monkeypatch, capsys, method, core):
+    """``--hooks``: the three forwards, then one call of the method's hook per reducing block (and, for a method
+    that hands the block an attention core, one core call each), as the schedule plans them."""
+    from tokenprune.eval import block_profile
+
+    monkeypatch.setattr(block_profile, "random_model", lambda name, seed=0: tiny_timm(name, seed))
+    rows = block_profile.profile_hooks("vit_base_patch16_224", method, 0.5, batch=2, repeats=3)
+    planned = tokenprune.reducer_of(tokenprune.apply(tiny_timm(), method, keep=0.5)).schedule(64, 4, 1)
+    reducing = sum(1 for step in planned if step)
+    assert [r.part for r in rows[:3]] == ["forward: unpatched", "forward: zero-cost truncation", "forward: patched"]
+    assert all(r.ms_per_forward > 0 for r in rows)
+    hook = "before_attention" if method == "mctf" else "after_attention"
+    calls = {r.part.split(" ")[0]: r.calls_per_forward for r in rows[3:]}
+    assert calls == {hook: reducing, **({"attention": reducing} if core else {})}
+    assert block_profile.main(["--model", "vit_base_patch16_224", "--method", method, "--hooks", "--repeats", "2"]) == 0
+    assert f"| {hook} (the method's step) |" in capsys.readouterr().out
