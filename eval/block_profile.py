@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from tokenprune.eval.benchmark import patched_and_ceiling
+from tokenprune.timing import interleaved_medians
 
 import tokenprune
 from tokenprune.flops import default_input_size, random_model
@@ -161,18 +163,13 @@ def profile_hooks(model_name: str = "deit_small_patch16_224", method: str = "tom
 
     setattr(reducer, hook, with_timed_core)  # on the instance: the class (and so the stage) is untouched
     x = torch.randn(batch, *default_input_size(patched))
-    models = {"unpatched": baseline, "zero-cost truncation": ceiling, "patched": patched}
-    forwards = {name: [] for name in models}
-    for _ in range(2):
-        for m in models.values():
-            m(x)
+    calls = {name: functools.partial(m, x) for name, m in
+             (("unpatched", baseline), ("zero-cost truncation", ceiling), ("patched", patched))}
+    for call in calls.values():  # warm-up, outside the hook totals
+        call(), call()
     spent.clear()
-    for i in range(repeats):
-        for name in (list(models) if i % 2 == 0 else list(models)[::-1]):
-            began = time.perf_counter()
-            models[name](x)
-            forwards[name].append(time.perf_counter() - began)
-    rows = [HookRow(f"forward: {name}", 1, 1000 * statistics.median(t)) for name, t in forwards.items()]
+    medians, _ = interleaved_medians(calls, repeats, warmup=0)
+    rows = [HookRow(f"forward: {name}", 1, 1000 * seconds) for name, seconds in medians.items()]
     return rows + [HookRow(name, len(t) / repeats, 1000 * sum(t) / repeats) for name, t in spent.items()]
 
 
