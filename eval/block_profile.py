@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 from tokenprune.eval.benchmark import patched_and_ceiling
-from tokenprune.timing import interleaved_medians
 
 import tokenprune
 from tokenprune.flops import default_input_size, random_model
+from tokenprune.timing import interleaved_medians
 
 
 @dataclass

@@ -436,8 +436,8 @@ def test_mctf_plan_leaves_float64_to_the_pytorch_ops(monkeypatch, cpu_build):
         if wide is not None:
             args[wide] = args[wide].double()
         counting.calls.clear()
-        expected = mctf.bidirectional_assignment(mctf.pair_scores(**args, tau=(1.0, 20.0, 40.0),
-                                                                  criteria=(True, True, True), num_prefix=1), 3, 1, True)
+        scores = mctf.pair_scores(**args, tau=(1.0, 20.0, 40.0), criteria=(True, True, True), num_prefix=1)
+        expected = mctf.bidirectional_assignment(scores, 3, 1, True)
         dest, n_out = mctf.merge_plan(**args, tau=(1.0, 20.0, 40.0), criteria=(True, True, True), remove=3,
                                       num_prefix=1, bidirectional=True)
         assert torch.equal(dest, expected[0]) and n_out == expected[1], wide
