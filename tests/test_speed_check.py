@@ -112,3 +112,56 @@ def test_block_profile_times_the_methods_hook_and_core_inside_the_forward(monkey
     assert calls == {hook: reducing, **({"attention": reducing} if core else {})}
     assert block_profile.main(["--model", "vit_base_patch16_224", "--method", method, "--hooks", "--repeats", "2"]) == 0
     assert f"| {hook} (the method's step) |" in capsys.readouterr().out
+
+
+class _StepClock:
+    """A stand-in for ``time`` in block_profile: every reading is 2**-10 s after the last (exact in binary, so the
+    totals and the per-call column are exact), starting at 128 s."""
+
+    def __init__(self):
+        self.now, self.reads = 128.0, 0
+
+    def perf_counter(self):
+        self.now, self.reads = self.now + 2.0 ** -10, self.reads + 1
+        return self.now
+
+
+def test_block_profile_hooks_totals_defaults_and_table(monkeypatch, capsys):
+    """``profile_hooks``' arithmetic on a clock whose every timed call lasts 2**-10 s: the forward rows are the
+    interleaved medians in ms, each hook row its calls and ms per forward over ``repeats`` forwards, the table's last
+    column microseconds a call; the warm-up runs before the timing and stays out of the totals; the defaults (batch
+    1, 21 repeats, 2 threads, seed 0) reach the model, the input and the timing."""
+    from tokenprune.eval import block_profile
+
+    seeds, clock, seen = [], _StepClock(), {}
+    monkeypatch.setattr(block_profile, "random_model", lambda name, seed=0: seeds.append(seed) or tiny_timm(name, seed))
+    monkeypatch.setattr(block_profile, "time", clock)
+    real_medians = block_profile.interleaved_medians
+
+    def medians(calls, repeats, warmup):
+        seen.update(reads_before=clock.reads, repeats=repeats, warmup=warmup,
+                    batch=calls["patched"].args[0].shape[0], threads=torch.get_num_threads())
+        return {name: 0.5 + i / 8 for i, name in enumerate(calls)}, None  # what the rows must show, in ms
+
+    monkeypatch.setattr(block_profile, "interleaved_medians", medians)
+    threads = torch.get_num_threads()
+    try:
+        rows = block_profile.profile_hooks("vit_base_patch16_224", "mctf", 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    reducing = sum(1 for step in tokenprune.reducer_of(tokenprune.apply(tiny_timm(), "mctf", keep=0.5))
+                   .schedule(64, 4, 1) if step)
+    assert seeds == [0] and seen["batch"] == 1 and seen["threads"] == 2 and seen["repeats"] == 21
+    assert seen["warmup"] == 0 and seen["reads_before"] == 2 * 2 * 2 * reducing  # two warm-up forwards, step + core
+    assert [(r.calls_per_forward, r.ms_per_forward) for r in rows[:3]] == [(1, 500.0), (1, 625.0), (1, 750.0)]
+    assert rows[3:] == []  # the warm-up's calls are not in the totals, and the (stubbed) timing made none
+
+    # the totals over real timed forwards, on the same clock
+    monkeypatch.setattr(block_profile, "interleaved_medians", real_medians)
+    rows = block_profile.profile_hooks("vit_base_patch16_224", "mctf", 0.5, batch=2, repeats=3, threads=threads)
+    assert [(r.calls_per_forward, r.ms_per_forward) for r in rows[3:]] == [(reducing, reducing * 1000 / 1024)] * 2
+    table = block_profile.format_hooks(rows)
+    assert f"| before_attention (the method's step) | {reducing} | {reducing * 1000 / 1024:.2f} | 976.6 |" in table
+    assert block_profile.main(["--model", "vit_base_patch16_224", "--method", "mctf", "--hooks", "--repeats", "2",
+                               "--threads", str(threads), "-o", "prop_attn=False"]) == 0
+    assert "mctf keep=0.5 {'prop_attn': False}, batch 1" in capsys.readouterr().out
