@@ -129,8 +129,8 @@ class _StepClock:
 def test_block_profile_hooks_totals_defaults_and_table(monkeypatch, capsys):
     """``profile_hooks``' arithmetic on a clock whose every timed call lasts 2**-10 s: the forward rows are the
     interleaved medians in ms, each hook row its calls and ms per forward over ``repeats`` forwards, the table's last
-    column microseconds a call; the warm-up runs before the timing and stays out of the totals; the defaults (batch
-    1, 21 repeats, 2 threads, seed 0) reach the model, the input and the timing."""
+    column microseconds a call; the warm-up runs before the timing and stays out of the totals; the defaults (keep
+    0.5, batch 1, 21 repeats, 2 threads, seed 0) reach the model, the input and the timing."""
     from tokenprune.eval import block_profile
 
     seeds, clock, seen = [], _StepClock(), {}
@@ -140,18 +140,19 @@ def test_block_profile_hooks_totals_defaults_and_table(monkeypatch, capsys):
 
     def medians(calls, repeats, warmup):
         seen.update(reads_before=clock.reads, repeats=repeats, warmup=warmup,
-                    batch=calls["patched"].args[0].shape[0], threads=torch.get_num_threads())
+                    batch=calls["patched"].args[0].shape[0], threads=torch.get_num_threads(),
+                    keep=tokenprune.reducer_of(calls["patched"].func).keep)
         return {name: 0.5 + i / 8 for i, name in enumerate(calls)}, None  # what the rows must show, in ms
 
     monkeypatch.setattr(block_profile, "interleaved_medians", medians)
     threads = torch.get_num_threads()
     try:
-        rows = block_profile.profile_hooks("vit_base_patch16_224", "mctf", 0.5)
+        rows = block_profile.profile_hooks("vit_base_patch16_224", "mctf")  # keep 0.5 by default
     finally:
         torch.set_num_threads(threads)
     reducing = sum(1 for step in tokenprune.reducer_of(tokenprune.apply(tiny_timm(), "mctf", keep=0.5))
                    .schedule(64, 4, 1) if step)
-    assert seeds == [0] and seen["batch"] == 1 and seen["threads"] == 2 and seen["repeats"] == 21
+    assert seeds == [0] and seen["keep"] == 0.5 and seen["batch"] == 1 and seen["threads"] == 2 and seen["repeats"] == 21
     assert seen["warmup"] == 0 and seen["reads_before"] == 2 * 2 * 2 * reducing  # two warm-up forwards, step + core
     assert [(r.calls_per_forward, r.ms_per_forward) for r in rows[:3]] == [(1, 500.0), (1, 625.0), (1, 750.0)]
     assert rows[3:] == []  # the warm-up's calls are not in the totals, and the (stubbed) timing made none
