@@ -724,6 +724,8 @@ def test_dispatch_rules(monkeypatch):
     assert extension.for_tensor(FakeCuda()) == "cuda build"
     grad = torch.zeros(2, requires_grad=True)
     assert extension.for_tensor(grad) is None  # the kernels have no backward
+    assert extension.for_tensor(cpu, None, grad) is None  # ... for any input the output depends on
+    assert extension.for_tensor(cpu, None, cpu) == "cpu build"
     with torch.no_grad():
         assert extension.for_tensor(grad) == "cpu build"
     assert extension.for_tensor(cpu.double()) == "cpu build"  # a gather copies any dtype
@@ -766,6 +768,44 @@ def test_no_extension_under_forward_mode_ad_or_torch_func(monkeypatch, cpu_build
     _, tangent = torch.func.jvp(lambda t: ops.keep_tokens(t, keep, 1), (x,), (torch.ones_like(x),))
     assert torch.equal(tangent, torch.ones(2, 3, 3))
     assert counting.calls == {"gather_kept": 1}  # only the plain call
+
+
+@pytest.mark.parametrize("setting", ["auto", "all"])
+def test_a_gradient_asked_of_a_weight_or_size_keeps_the_pytorch_ops(monkeypatch, cpu_build, setting):
+    """A merge's output depends on its weights (MCTF's attention x size, ToMe's sizes) as well as its tokens: a
+    gradient asked of them alone (frozen tokens from a frozen early block, a trainable later block whose attention
+    gives the weights) must flow as the reference's does, not be cut by a kernel with no backward."""
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: counting)
+    g = torch.Generator().manual_seed(0)
+    t, keys = torch.randn(2, 9, 3, generator=g), torch.randn(2, 2, 9, 4, generator=g)
+    weight = torch.rand(2, 9, 1, generator=g) + 0.5
+    dest = torch.tensor([[0, 1, 1, 2, 0, 3, 2, 1, 0], [3, 0, 1, 2, 2, 1, 0, 3, 3]])
+    plan = ops.bipartite_soft_matching(ops.head_mean(keys), 3, 1)
+    merges = {"assign_mean": lambda w: ops.assign_mean(t, w, dest, 4),
+              "bipartite_merge": lambda w: ops.bipartite_merge(keys, t, w, 3, 1)[0],
+              "merge_mean": lambda w: ops.merge_mean(t, w, plan, 1)[0]}
+
+    def output_and_gradient(merge):
+        w = weight.clone().requires_grad_()
+        out = merge(w)
+        out.pow(2).sum().backward()
+        return out.detach(), w.grad
+
+    for name, merge in merges.items():
+        monkeypatch.setenv(extension.ENV, "off")
+        expected = output_and_gradient(merge)
+        assert expected[1].abs().sum() > 0
+        monkeypatch.setenv(extension.ENV, setting)
+        counting.calls.clear()
+        out, grad = output_and_gradient(merge)
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, expected[1], rtol=0, atol=0)
+        assert counting.calls == {}, name  # the reference ran
+        with torch.no_grad():  # without a gradient the kernel takes it again
+            merge(weight)
+        assert sum(counting.calls.values()) == (setting == "all" or name != "merge_mean"), name
 
 
 def test_no_extension_under_torch_compile(monkeypatch):

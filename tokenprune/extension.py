@@ -72,8 +72,11 @@ def mode() -> str:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = False) -> ModuleType | None:
-    """The extension module that should handle ``t``, or None for the PyTorch reference. ``floating``:
+def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = False,
+               cpu_kernel_pays: bool = False) -> ModuleType | None:
+    """The extension module that should handle ``t``, or None for the PyTorch reference. ``inputs``: the op's
+    other tensors that its output depends on differentiably (a merge's weights, token sizes; None skipped): a
+    gradient asked of any of them keeps the reference, as one asked of ``t`` does. ``floating``:
     the op computes (merge, attention), so only the dtypes its kernels take (float64 stays in PyTorch);
     a gather copies, so any dtype. ``cpu_kernel_pays``: the op's CPU kernel is measurably faster than the
     PyTorch ops (one call for many small ones), so ``auto`` uses the CPU build for CPU tensors too."""
@@ -82,7 +85,7 @@ def for_tensor(t: torch.Tensor, floating: bool = False, cpu_kernel_pays: bool = 
     if floating and t.dtype not in KERNEL_DTYPES:
         return None
     setting = mode()
-    if setting == "off" or _differentiated(t):
+    if setting == "off" or any(_differentiated(u) for u in (t, *inputs) if u is not None):
         return None
     if t.is_cuda:
         return load(cuda=True) if setting == "all" else _load_or_warn(cuda=True)

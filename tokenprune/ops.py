@@ -129,7 +129,7 @@ def bipartite_merge(keys: Tensor, x: Tensor, size: Tensor | None, r: int, num_pr
     # x's); checked before the extension is asked for, which may compile it
     float32_scores = accumulation_dtype(keys.dtype) == torch.float32
     if not x.is_cuda and r > 0 and float32_scores and (size is None or size.dtype == torch.float32):
-        kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
+        kernels = extension.for_tensor(x, size, floating=True, cpu_kernel_pays=True)
         if kernels is not None:
             return kernels.bipartite_merge(keys, x, size, r, num_prefix)
     return merge_mean(x, size, bipartite_soft_matching(head_mean(keys), r, num_prefix), num_prefix)
@@ -164,7 +164,7 @@ def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int)
     as they are. The weighted sum is accumulated in float32 for half-precision ``x`` and cast back.
     """
     acc = accumulation_dtype(x.dtype)
-    kernels = extension.for_tensor(x, floating=True)
+    kernels = extension.for_tensor(x, size, floating=True)
     if kernels is not None:  # one weighted merge over the plan's destinations (fp32 sums, like below)
         dest, n_out = merge_destinations(plan, x.shape[1], num_prefix)
         weight = size[..., 0] if size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
@@ -339,7 +339,7 @@ def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     ``t``'s dtype. On CPU the extension's CPU build does it in one call for (B, N, C) tokens with one float32 or
     half-precision weight per token (the default; bit-identical: the same products summed in the same order)."""
     one_per_token = weight.shape == (*t.shape[:2], 1)
-    kernels = (extension.for_tensor(t, floating=True, cpu_kernel_pays=True)
+    kernels = (extension.for_tensor(t, weight, floating=True, cpu_kernel_pays=True)
                if t.dim() == 3 and one_per_token and weight.dtype != torch.float64 else None)
     if kernels is not None:
         return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]
