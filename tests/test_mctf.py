@@ -161,6 +161,34 @@ def test_fusion_is_the_attention_times_size_weighted_mean():
     torch.testing.assert_close(out[0, 0], x[0, 0])
 
 
+@pytest.mark.parametrize("kernel", ["off", "auto"])
+def test_a_token_that_receives_no_attention_at_all_still_merges_soundly(monkeypatch, kernel):
+    """Every query's probability for one key underflows to 0 (its logits far below the rest): the official
+    ``1 / a`` would be inf and the scores NaN. Its received attention counts as ``finfo.tiny``: finite scores, a
+    valid plan (every slot taken, the class token alone in its own), the same in the kernel and the PyTorch ops,
+    and a finite fusion."""
+    monkeypatch.setenv("TOKENPRUNE_EXT", kernel)
+    g = torch.Generator().manual_seed(0)
+    batch, heads, n, dim, remove = 2, 3, 11, 8, 4
+    q, k = torch.rand(batch, heads, n, dim, generator=g) + 0.5, torch.randn(batch, heads, n, dim, generator=g)
+    k[:, :, 6] = -100.0  # key 6: logits some 400 below the others for every query (q is positive)
+    probs = AttentionTaps(q=q, k=k, scale=1.0).probabilities()
+    assert probs[:, :, :, 6].eq(0).all()
+    received = mctf.attention_received(probs)
+    tiny = torch.finfo(torch.float32).tiny
+    assert received[:, 6].eq(tiny).all() and torch.equal(received[:, :6], probs.mean(dim=(1, 2))[:, :6])
+    x, size = torch.randn(batch, n, dim, generator=g), torch.ones(batch, n)
+    dest, n_out = mctf.merge_plan(x, received, size, (1.0, 20.0, 40.0), (True, True, True), remove, 1, True)
+    assert n_out == n - remove and dest[:, 0].eq(0).all() and dest[:, 1:].gt(0).all()
+    assert all(sorted(set(row.tolist())) == list(range(n_out)) for row in dest)
+    monkeypatch.setenv("TOKENPRUNE_EXT", "off")
+    scores = mctf.pair_scores(x, received, size, (1.0, 20.0, 40.0), (True, True, True), 1)
+    assert scores[:, 1:].isfinite().all()  # every pair but the class token's (A row 0, protected at -inf)
+    assert torch.equal(dest, mctf.bidirectional_assignment(scores, remove, 1)[0])
+    monkeypatch.setenv("TOKENPRUNE_EXT", kernel)
+    assert ops.assign_mean(x, received[..., None], dest, n_out).isfinite().all()
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_probabilities_in_the_scratch_buffer_equal_the_plain_ones(with_bias):
     g = torch.Generator().manual_seed(0)

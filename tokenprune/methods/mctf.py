@@ -31,8 +31,15 @@ from ._scheduled import TRACE_SOURCE, capped, keep_schedule
 
 
 def attention_received(probs: Tensor) -> Tensor:
-    """How much attention each token receives, averaged over heads and queries: ``(B, N)``."""
-    return probs.mean(dim=(1, 2))
+    """How much attention each token receives, averaged over heads and queries: ``(B, N)``, never below the
+    dtype's smallest normal number (``finfo.tiny``).
+
+    A token whose every probability underflowed (logits ~100 below the row's maximum) receives exactly 0: the
+    official code's ``1 / a`` is then inf, every pair score NaN or 0 and the matching arbitrary (here it even sent
+    tokens to the class token's slot), and a fused slot of such tokens is 0 / 0. Counting it as receiving
+    ``tiny`` keeps every score finite and every weight positive, and changes no value that was not below it.
+    """
+    return probs.mean(dim=(1, 2)).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
 def pair_scores(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
