@@ -808,6 +808,33 @@ def test_a_gradient_asked_of_a_weight_or_size_keeps_the_pytorch_ops(monkeypatch,
         assert sum(counting.calls.values()) == (setting == "all" or name != "merge_mean"), name
 
 
+def test_inputs_a_kernel_does_not_take_keep_the_pytorch_ops(monkeypatch, cpu_build):
+    """What the PyTorch ops accept and a kernel does not (found by an adversarial review, 2026-12-03): each gives the
+    reference's result, through every kernel setting, instead of the kernel's error or a silently wrong copy."""
+    from tokenprune.methods import zero_tprune
+    g = torch.Generator().manual_seed(0)
+    t, weight = torch.randn(2, 4, 3, generator=g), torch.rand(2, 4, 1, generator=g) + 0.5
+    dest = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
+    attn, keys = torch.randn(2, 3, 9, 9, generator=g).softmax(-1), torch.randn(2, 3, 9, 4, generator=g)
+    q, k = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g)
+    tokens, idx = torch.randn(2, 5, 3, dtype=torch.complex64, generator=g), torch.tensor([[0, 2], [1, 3]])
+    cases = {
+        "int32 slots": lambda: ops.assign_mean(t, weight, dest.int(), 2),
+        "one row of slots for two samples": lambda: ops.assign_mean(t, weight, dest[:1], 2),
+        "float64 keys with a float32 map": lambda: zero_tprune.s_stage_keep(attn, keys.double(), 1, 2, 0, True),
+        "bfloat16 k for float32 q": lambda: ops.received_attention(q, k.bfloat16(), 0.5),
+        "one key head for three query heads": lambda: ops.received_attention(q, k[:, :1], 0.5),
+        "a conjugate view": lambda: ops.keep_tokens(tokens.conj(), idx, 1),
+        "a negative view": lambda: ops.keep_tokens(torch._neg_view(tokens), idx, 1),
+    }
+    for name, run in cases.items():
+        monkeypatch.setenv(extension.ENV, "off")
+        expected = run()
+        for setting in ("auto", "all"):
+            monkeypatch.setenv(extension.ENV, setting)
+            assert torch.equal(run(), expected), (name, setting)
+
+
 def test_no_extension_under_torch_compile(monkeypatch):
     monkeypatch.setenv(extension.ENV, "all")
     seen = []

@@ -203,7 +203,7 @@ def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
     # one call where ATen's indexing takes five (faster on CPU at every batch measured; docs/performance.md),
     # for what the kernel takes: (B, N, C) tokens, int64 (B, k) indices (others: PyTorch's indexing)
     takes = (t.dim() == 3 and keep_idx.dtype == torch.int64 and keep_idx.dim() == 2
-             and keep_idx.shape[0] == t.shape[0])
+             and keep_idx.shape[0] == t.shape[0] and not t.is_conj() and not t.is_neg())  # it copies raw memory
     kernels = extension.for_tensor(t, cpu_kernel_pays=True) if takes else None
     if kernels is not None:
         return kernels.gather_kept(t, keep_idx, num_prefix)
@@ -339,8 +339,9 @@ def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     ``t``'s dtype. On CPU the extension's CPU build does it in one call for (B, N, C) tokens with one float32 or
     half-precision weight per token (the default; bit-identical: the same products summed in the same order)."""
     one_per_token = weight.shape == (*t.shape[:2], 1)
+    slots = dest.dtype == torch.int64 and dest.shape == t.shape[:2]  # the kernel's; index_add broadcasts, casts
     kernels = (extension.for_tensor(t, weight, floating=True, cpu_kernel_pays=True)
-               if t.dim() == 3 and one_per_token and weight.dtype != torch.float64 else None)
+               if t.dim() == 3 and one_per_token and slots and weight.dtype != torch.float64 else None)
     if kernels is not None:
         return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]
     weight = weight.to(accumulation_dtype(weight.dtype))
@@ -352,7 +353,8 @@ def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None =
                        chunk: int = 512) -> Tensor:
     """Attention each key receives, averaged over heads and queries: ``(B, N_k)`` from q ``(B, H, N_q, D)``
     and k ``(B, H, N_k, D)``. Queries go in chunks, so memory is O(chunk * N_k) per head, never N_q * N_k."""
-    kernels = extension.for_tensor(q, floating=True)
+    same_heads = k.dtype == q.dtype and k.shape[:2] == q.shape[:2]  # the kernel's; the ops below promote, broadcast
+    kernels = extension.for_tensor(q, floating=True) if same_heads else None
     if kernels is not None:  # no map at all: row statistics, then each key's column
         return kernels.received_attention(q, k, scale, bias)
     # half-precision q and k: the scores in float32, as the kernel computes them (they only rank tokens)
