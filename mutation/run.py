@@ -5,6 +5,7 @@
     .venv/bin/python mutation/run.py zero_tprune hiprune
     .venv/bin/python mutation/run.py --recheck hiprune   # re-run only the last session's survivors
     .venv/bin/python mutation/run.py --lines 114-135 tome_step   # only the mutants of those lines (a change)
+    .venv/bin/python mutation/run.py --lines 127-133,166-168 kernel_guards   # several ranges, one session
 
 cosmic-ray mutates the file on disk, so the runs happen in a scratch copy of the working tree (tracked
 and untracked files, not ignored ones), never in the checkout itself: an interrupted run leaves nothing
@@ -67,14 +68,22 @@ def sample(session: Path, keep: int, seed: int = 0) -> None:
                                 WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
 
 
-def only_lines(session: Path, first: int, last: int) -> None:
-    """Mark every pending mutant outside lines ``first``..``last`` of its module as skipped."""
+def line_ranges(text: str) -> list[tuple[int, int]]:
+    """``FIRST-LAST[,FIRST-LAST...]`` as ``[(first, last), ...]``."""
+    ranges = [tuple(map(int, part.split("-"))) for part in text.split(",")]
+    if any(len(r) != 2 or r[0] > r[1] for r in ranges):
+        raise SystemExit(f"--lines: expected FIRST-LAST[,FIRST-LAST...], got {text!r}")
+    return ranges
+
+
+def only_lines(session: Path, ranges: list[tuple[int, int]]) -> None:
+    """Mark every pending mutant outside the line ``ranges`` (of whichever module it mutates) as skipped."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         outside = [item.job_id for item in db.pending_work_items
-                   if not first <= item.mutations[0].start_pos[0] <= last]
+                   if not any(first <= item.mutations[0].start_pos[0] <= last for first, last in ranges)]
         db.set_multiple_results(outside, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
 
 
@@ -122,7 +131,7 @@ def main() -> int:
     parser.add_argument("configs", nargs="*", help="config names (mutation/NAME.toml); default: all")
     parser.add_argument("--sample", type=int, default=0, help="mutants per module (0: all)")
     parser.add_argument("--recheck", action="store_true", help="re-run the survivors of the last session only")
-    parser.add_argument("--lines", help="FIRST-LAST: only the mutants of these lines of the module")
+    parser.add_argument("--lines", help="FIRST-LAST[,FIRST-LAST...]: only the mutants of these lines of the module")
     args = parser.parse_args()
     configs = [ROOT / "mutation" / f"{n}.toml" for n in args.configs] or sorted((ROOT / "mutation").glob("*.toml"))
     OUT.mkdir(exist_ok=True)
@@ -148,7 +157,7 @@ def main() -> int:
             if "operators-filter" in config.read_text():
                 run([str(BIN / "cr-filter-operators"), str(session), str(config)], copy, env)
             if args.lines:
-                only_lines(session, *map(int, args.lines.split("-")))
+                only_lines(session, line_ranges(args.lines))
             if args.sample:
                 sample(session, args.sample)
             run([str(BIN / "cosmic-ray"), "exec", str(config), str(session)], copy, env)

@@ -568,6 +568,9 @@ def test_bipartite_merge_keeps_the_pytorch_ops_where_the_kernel_does_not_apply(m
     for got, want in zip(ops.bipartite_merge(keys.double(), x, None, 2, 1),  # float64 scores: the kernel's are float32
                          reference(keys.double(), x, None, 2, 1)):
         assert torch.equal(got, want)
+    for got, want in zip(ops.bipartite_merge(keys, x.double(), None, 2, 1),  # float32 scores, float64 tokens
+                         reference(keys, x.double(), None, 2, 1)):
+        assert torch.equal(got, want) and got.dtype == torch.float64
     assert counting.calls == {}
     for r, clamped in ((9, 2), (1, 1)):  # the kernel from r = 1, r clamped to half the patch tokens
         for got, want in zip(ops.bipartite_merge(keys, x, None, r, 1), reference(keys, x, None, clamped, 1)):

@@ -19,7 +19,7 @@ from test_vlm import GREEDY, llava_batch, qwen_batch, tiny_llava, tiny_qwen
 
 import tokenprune
 from tokenprune import ops, testbed
-from tokenprune.block import AttentionRequest, attend
+from tokenprune.block import AttentionRequest, attend, explicit_probabilities
 from tokenprune.registry import Needs, Stage, get_method
 from tokenprune.state import AttentionTaps, ForwardState
 
@@ -148,6 +148,45 @@ def test_explicit_probabilities_reach_the_method_unrounded(dtype):
     assert request.taps.probs.dtype == torch.float32
     torch.testing.assert_close(request.taps.probs.sum(-1), torch.ones(2, 3, 65), atol=1e-6, rtol=0)
     assert request.taps.head_mean_keys().dtype == torch.float32
+    # the logits too: the float32 map of the half-precision q and k (not one of logits rounded to the half dtype)
+    q, k = request.taps.q, request.taps.k
+    expected = (q.float() @ k.float().transpose(-2, -1) * request.taps.scale).softmax(-1)
+    torch.testing.assert_close(request.taps.probs, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "off"])
+def test_under_cpu_autocast_every_method_scores_in_float32_and_runs_through_the_kernels(monkeypatch, kernels):
+    """Under ``torch.autocast("cpu", bfloat16)`` (``tokenprune eval --amp``): the scores that choose tokens are the
+    float32 scores of the same tokens, q and k (autocast would run their products in bf16, and hand the CPU kernels
+    bf16 products where they read float32: MCTF and Zero-TPrune failed there), and every method runs, the kernels
+    and the PyTorch ops alike."""
+    monkeypatch.setenv("TOKENPRUNE_EXT", kernels)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 65, 24, generator=g)  # enough tokens that bf16 products change every matching below
+    q, k = torch.randn(2, 3, 65, 8, generator=g), torch.randn(2, 3, 65, 8, generator=g)
+    received, size = torch.rand(2, 65, generator=g) + 0.1, torch.ones(2, 65)
+    attn = (q @ k.transpose(-2, -1)).softmax(-1)
+    from tokenprune.methods import mctf, zero_tprune
+    scorings = {
+        "tome": lambda: ops.bipartite_merge(k, x, None, 16, 1),
+        "tome plan": lambda: tuple(ops.bipartite_soft_matching(ops.head_mean(k), 16, 1).__dict__.values()),
+        "mctf scores": lambda: mctf.pair_scores(x, received, size, (1.0, 20.0, 40.0), (True, True, True), 1),
+        "mctf plan": lambda: mctf.merge_plan(x, received, size, (1.0, 20.0, 40.0), (True, True, True), 20, 1, True),
+        "zero-tprune": lambda: zero_tprune.s_stage_keep(attn, k, 1, 16, 0, True),
+        "map": lambda: AttentionTaps(q=q, k=k, scale=0.35).probabilities(),
+        "explicit map": lambda: explicit_probabilities(q, k, 0.35, None),
+    }
+    for name, score in scorings.items():
+        expected = score()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = score()
+        pairs = zip(got, expected) if isinstance(got, tuple) else [(got, expected)]
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in pairs), name
+    for method in METHODS:
+        model = tokenprune.apply(tiny_timm(), method, keep=0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images(2))
+        assert out.isfinite().all() and tokenprune.last_forward(model).output_tokens < 65, method
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=_ids)

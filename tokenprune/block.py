@@ -92,12 +92,16 @@ class AttentionRequest:
     taps: AttentionTaps | None = None  # filled in by ``attend`` when ``needs`` asks for them
 
 
+@ops.without_autocast
 def explicit_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
-    """softmax(scale * q k^T + bias), the softmax in float32 (as transformers' eager attention does for
-    half precision; the same kernel in float32). Returned in float32 for half-precision q (else in q's dtype):
-    callers cast it to q's dtype to apply it, as eager attention does, and score tokens on the unrounded map."""
-    logits = ops.head_products(q, k.transpose(-2, -1), alpha=scale, add=bias)
-    return logits.softmax(dim=-1, dtype=torch.float32).to(ops.accumulation_dtype(q.dtype))
+    """softmax(scale * q k^T + bias), logits and softmax in float32 for half-precision q and k (and under autocast),
+    as the README promises of the scores that choose tokens (transformers' eager attention rounds the logits to
+    half precision first: a ranking then turns on that rounding). Returned in float32 for half-precision q (else in
+    q's dtype): callers cast it to q's dtype to apply it, as eager attention does, and score tokens on the
+    unrounded map."""
+    acc = ops.accumulation_dtype(q.dtype)  # the logits too: half-precision logits would round the ranking
+    logits = ops.head_products(q.to(acc), k.to(acc).transpose(-2, -1), alpha=scale, add=bias)
+    return logits.softmax(dim=-1, dtype=torch.float32).to(acc)
 
 
 def attend(parts: AttentionParts, h: Tensor, bias: Tensor | None,

@@ -33,6 +33,7 @@ on CPU by default ``bipartite_merge`` (ToMe's matching and merge in one call, bi
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,6 +81,20 @@ def protect_prefix(scores: Tensor, num_prefix: int) -> Tensor:
     return scores
 
 
+def without_autocast(fn):
+    """``fn`` with autocast off (CPU and CUDA) while it runs: for the scores that choose tokens, which are float32
+    under autocast as for half-precision models (autocast would run their products in bf16/fp16 and change the
+    matching), and for the CPU kernels, whose ATen products autocast would hand back in bf16 where they read
+    float32. Free when autocast is off."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision tokens, else their own dtype: where sums, means and scores are computed."""
     return torch.promote_types(dtype, torch.float32)
@@ -89,6 +104,7 @@ def _batch_index(t: Tensor) -> Tensor:
     return torch.arange(t.shape[0], device=t.device)[:, None]
 
 
+@without_autocast
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> MergePlan:
     """ToMe's matching: merge the ``r`` A-tokens most similar to some B-token.
 
@@ -118,6 +134,7 @@ def head_mean(keys: Tensor) -> Tensor:
     return keys.mean(dim=1, dtype=accumulation_dtype(keys.dtype))
 
 
+@without_autocast
 def bipartite_merge(keys: Tensor, x: Tensor, size: Tensor | None, r: int, num_prefix: int) -> tuple[Tensor, Tensor]:
     """ToMe's whole step: ``bipartite_soft_matching`` on the head-mean ``keys`` (B, H, N, D), then ``merge_mean``
     of ``x`` (B, N, C) with token sizes ``size`` (B, N, 1) or None; returns ``(x, size)``.
@@ -349,6 +366,7 @@ def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     return (total / assign_sum(weight, dest, n_out)).to(t.dtype)
 
 
+@without_autocast
 def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
                        chunk: int = 512) -> Tensor:
     """Attention each key receives, averaged over heads and queries: ``(B, N_k)`` from q ``(B, H, N_q, D)``

@@ -152,6 +152,7 @@ class AttentionTaps:
     bias: Tensor | None = None
     probs: Tensor | None = None  # (B, heads, N, N), when the adapter computed them anyway
 
+    @ops.without_autocast
     def probabilities(self, state: ForwardState | None = None) -> Tensor:
         """Post-softmax attention ``(B, heads, N, N)``; rows sum to 1.
 

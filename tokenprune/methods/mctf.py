@@ -42,6 +42,7 @@ def attention_received(probs: Tensor) -> Tensor:
     return probs.mean(dim=(1, 2)).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
+@ops.without_autocast
 def pair_scores(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
                 criteria: tuple[bool, bool, bool], num_prefix: int = 0) -> Tensor:
     """log W for every (A, B) pair of tokens, ``(B, |A|, |B|)``; A = even, B = odd positions of the whole
@@ -108,6 +109,7 @@ def bidirectional_assignment(scores: Tensor, remove: int, num_prefix: int = 0,
     return dest, n_a + n_b - remove
 
 
+@ops.without_autocast
 def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, float, float],
                criteria: tuple[bool, bool, bool], remove: int, num_prefix: int,
                bidirectional: bool) -> tuple[Tensor, int]:

@@ -36,6 +36,7 @@ def initial_scores(batch: int, heads: int, n: int, emphasize: int | None, device
     return s / s.sum(dim=-1, keepdim=True)
 
 
+@ops.without_autocast
 def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None, tol: float | None = None,
                       alive: Tensor | None = None, renormalize: bool = True, max_iterations: int = 200) -> Tensor:
     """Each token votes for the tokens it attends to, weighted by its own score: ``s <- A^T s``.
@@ -93,6 +94,7 @@ def aggregate_heads(scores: Tensor, rms: bool = True, variance_range: tuple[floa
     return importance if alive is None else importance.masked_fill(~alive, float("-inf"))
 
 
+@ops.without_autocast
 def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
     """S-stage: indices ``(B, remove)`` of the most redundant patch tokens, ascending.
 
@@ -109,6 +111,7 @@ def redundant_tokens(importance: Tensor, metric: Tensor, remove: int) -> Tensor:
     return candidates.gather(1, ops.top_k_ascending(similarity, remove)).sort(dim=-1).values
 
 
+@ops.without_autocast
 def s_stage_keep(attn: Tensor, keys: Tensor, num_prefix: int, remove: int, emphasize: int | None,
                  rms: bool) -> Tensor:
     """The I'- and S-stage of a pruning layer: the patch tokens ``(B, n - remove)``, ascending, left once the
