@@ -259,3 +259,18 @@ def test_taps_keep_the_probabilities_they_were_asked_for():
         assert without.probs is None
         torch.testing.assert_close(taps.probs, without.probabilities())
         torch.testing.assert_close(taps.probs.sum(-1), torch.ones(2, 3, 17))
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_reset_classifier_gives_the_size_weighted_embeddings_of_an_average_pooled_model(method):
+    """The README's way to size-weighted embeddings of an ``avg``-pooled model after merging: ``reset_classifier(0)``
+    then ``model(x)`` is the normed mean of the output tokens, each weighted by the patches it absorbed."""
+    model = tokenprune.apply(tiny_timm("vit_base_patch16_224", class_token=False, global_pool="avg"), method, keep=0.5)
+    x = images(2)
+    with torch.inference_mode():
+        tokens = model.forward_features(x)
+        size = tokenprune.last_forward(model).size
+        model.reset_classifier(0)
+        embeddings = model(x)
+    assert size is not None and size.max() > 1
+    torch.testing.assert_close(embeddings, model.fc_norm((tokens * size).sum(1) / size.sum(1)), rtol=1e-6, atol=1e-6)
