@@ -182,6 +182,8 @@ def test_under_cpu_autocast_every_method_scores_in_float32_and_runs_through_the_
             got = score()
         pairs = zip(got, expected) if isinstance(got, tuple) else [(got, expected)]
         assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in pairs), name
+    # the wrapped functions keep their names and docstrings (help(), the docs)
+    assert mctf.merge_plan.__name__ == "merge_plan" and "bit-identical slots" in mctf.merge_plan.__doc__
     for method in METHODS:
         model = tokenprune.apply(tiny_timm(), method, keep=0.5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
