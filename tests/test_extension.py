@@ -829,6 +829,9 @@ def test_inputs_a_kernel_does_not_take_keep_the_pytorch_ops(monkeypatch, cpu_bui
         "one key head for three query heads": lambda: ops.received_attention(q, k[:, :1], 0.5),
         "a conjugate view": lambda: ops.keep_tokens(tokens.conj(), idx, 1),
         "a negative view": lambda: ops.keep_tokens(torch._neg_view(tokens), idx, 1),
+        "float64 q and k": lambda: ops.received_attention(q.double(), k.double(), 0.5),
+        "float64 tokens to merge": lambda: ops.merge_mean(
+            t.double(), None, ops.bipartite_soft_matching(t[:, :, :2], 1, 1), 1)[0],
     }
     for name, run in cases.items():
         monkeypatch.setenv(extension.ENV, "off")
@@ -836,6 +839,12 @@ def test_inputs_a_kernel_does_not_take_keep_the_pytorch_ops(monkeypatch, cpu_bui
         for setting in ("auto", "all"):
             monkeypatch.setenv(extension.ENV, setting)
             assert torch.equal(run(), expected), (name, setting)
+    # ... while q and k of one dtype and head count do reach the kernel (TOKENPRUNE_EXT=all on CPU)
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: counting)
+    monkeypatch.setenv(extension.ENV, "all")
+    ops.received_attention(q, k, 0.5)
+    assert counting.calls == {"received_attention": 1}
 
 
 def test_no_extension_under_torch_compile(monkeypatch):
