@@ -190,6 +190,24 @@ def test_torch_compile_matches_eager(method, keep):
     torch.testing.assert_close(run(compiled, x), eager, atol=1e-5, rtol=1e-5)
 
 
+# every method a compiled encoder runs is one graph: a graph break (a data-dependent shape, a query dynamo cannot
+# trace) splits each block into pieces compiled one by one, and past dynamo's recompile limit the blocks run eager
+@pytest.mark.parametrize("method", ["tome", "mctf", "zero-tprune"])
+def test_a_patched_model_traces_as_one_graph(method):
+    model, x = tiny_timm(depth=4), images()
+    tokenprune.apply(model, method, keep=0.5)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def test_zero_tprune_compiled_matches_eager():
+    model, x = tiny_timm(depth=4), images()
+    tokenprune.apply(model, "zero-tprune", keep=0.5)
+    eager = run(model, x)
+    torch.testing.assert_close(run(torch.compile(model), x), eager, atol=1e-5, rtol=1e-5)
+
+
 def test_pooling_counts_merged_tokens_by_size():
     for name in ("vit_base_patch16_siglip_gap_224", "vit_base_patch16_siglip_224"):
         model, x = tiny_timm(name), images()

@@ -219,10 +219,11 @@ def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
     the CPU kernel names one outside ``[0, N - num_prefix)``)."""
     # one call where ATen's indexing takes five (faster on CPU at every batch measured; docs/performance.md),
     # for what the kernel takes: (B, N, C) tokens, int64 (B, k) indices (others: PyTorch's indexing)
-    takes = (t.dim() == 3 and keep_idx.dtype == torch.int64 and keep_idx.dim() == 2
-             and keep_idx.shape[0] == t.shape[0] and not t.is_conj() and not t.is_neg())  # it copies raw memory
+    takes = t.dim() == 3 and keep_idx.dtype == torch.int64 and keep_idx.dim() == 2 and keep_idx.shape[0] == t.shape[0]
     kernels = extension.for_tensor(t, cpu_kernel_pays=True) if takes else None
-    if kernels is not None:
+    # it copies raw memory: not a conjugate or negative view (asked after for_tensor, which is None under
+    # torch.compile, where these queries would break the graph)
+    if kernels is not None and not t.is_conj() and not t.is_neg():
         return kernels.gather_kept(t, keep_idx, num_prefix)
     patches = t[:, num_prefix:]
     return torch.cat([t[:, :num_prefix], patches[_batch_index(t), keep_idx]], dim=1)

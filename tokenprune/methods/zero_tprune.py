@@ -137,8 +137,10 @@ def s_stage_keep(attn: Tensor, keys: Tensor, num_prefix: int, remove: int, empha
     start = initial_scores(batch, heads, total, emphasize, attn.device, attn.dtype)
     rough = aggregate_heads(weighted_pagerank(attn, start, iterations=1)[..., num_prefix:], rms=rms)
     dropped = redundant_tokens(rough, ops.head_mean(keys)[:, num_prefix:], remove)
-    alive = torch.ones(batch, n, dtype=torch.bool, device=attn.device).scatter_(1, dropped, False)
-    return torch.arange(n, device=attn.device).expand(batch, -1)[alive].view(batch, n - remove)
+    # the survivors, ascending: the dropped positions marked past the end and sorted away (a fixed-shape op, where
+    # a boolean mask's indexing would have a data-dependent shape and break a torch.compile graph)
+    marked = torch.arange(n, device=attn.device).expand(batch, -1).scatter(1, dropped, n)
+    return marked.sort(dim=-1).values[:, : n - remove]
 
 
 # ----------------------------------------------------------------------------- the method
