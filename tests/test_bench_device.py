@@ -101,7 +101,8 @@ def test_the_config_label_names_what_differs_from_a_default_run():
     row = bench.BenchRow(model="m", method="tome", config="keep=0.5", batch_size=1, threads=2, repeats=1,
                          baseline_ms=1.0, patched_ms=1.0, measured_speedup=1.0, ideal_speedup=1.0,
                          fraction_of_ideal=1.0, ceiling_speedup=1.0, overhead=0.0, baseline_gmacs=1.0,
-                         patched_gmacs=1.0, foreign_load=None, kernels="CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k")
+                         patched_gmacs=1.0, foreign_load=None,
+                         kernels="CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k")
     assert bench._config_label(row) == "keep=0.5"
     assert bench._config_label(replace(row, kernels="pytorch ops")) == "keep=0.5 no-ext"
     assert bench._config_label(replace(row, kernels="pytorch ops", compiled=True)) == "keep=0.5 compiled"

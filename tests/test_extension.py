@@ -358,7 +358,7 @@ def test_similarity_prune_breaks_ties_as_the_definition_does(request):
 
 
 def calls_off_and_auto(monkeypatch, model, x, counting, op: str) -> dict:
-    """How often the kernel ``op`` ran in one forward under TOKENPRUNE_EXT=off and =auto, whose outputs must be equal."""
+    """How often the kernel ``op`` ran in one forward under TOKENPRUNE_EXT=off and =auto (outputs must be equal)."""
     calls, outputs = {}, {}
     for setting in ("off", "auto"):
         monkeypatch.setenv(extension.ENV, setting)
@@ -371,7 +371,7 @@ def calls_off_and_auto(monkeypatch, model, x, counting, op: str) -> dict:
 
 
 def calls_in_float64(model, x, counting, method: str, op: str) -> int:
-    """How often the kernel ``op`` ran in a forward of the model converted to float64 (the kernels take fp32 and half)."""
+    """How often the kernel ``op`` ran in a forward of the model converted to float64 (kernels take fp32, half)."""
     tokenprune.apply(model.double(), method, keep=0.4)
     counting.calls.clear()
     with torch.no_grad():
@@ -748,7 +748,8 @@ def test_kernels_in_use_names_the_build_each_device_would_run(monkeypatch):
     assert extension.kernels_in_use("cpu") == "pytorch ops (the CPU build failed)"
     builds_that_load.update({True, False})
     assert extension.kernels_in_use("cuda:0") == "CUDA build"
-    assert extension.kernels_in_use(torch.device("cpu")) == "CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k"
+    assert extension.kernels_in_use(torch.device("cpu")) == ("CPU build: ToMe's, MCTF's and Zero-TPrune's steps, "
+                                                             "the merge, the gather, the top-k")
     assert extension.kernels_in_use("meta") == "pytorch ops"
     monkeypatch.setenv(extension.ENV, "all")
     assert extension.kernels_in_use("cuda") == "CUDA build, every kernel"

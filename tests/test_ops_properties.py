@@ -106,12 +106,36 @@ def test_keep_tokens_keeps_the_prefix_and_the_chosen_patches(data, draw):
 @given(st.integers(1, 4), st.integers(1, 200), st.data(), st.integers(0, 2 ** 31))
 def test_random_keep_indices_are_ascending_unique_and_in_range(batch, n, draw, seed):
     keep = draw.draw(st.integers(0, n))
-    idx = ops.random_keep_indices(batch, n, keep, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    idx = ops.random_keep_indices(batch, n, keep, seed, torch.device("cpu"))
     assert idx.shape == (batch, keep)
     for row in idx.tolist():
         assert row == sorted(set(row)) and all(0 <= i < n for i in row)
-    again = ops.random_keep_indices(batch, n, keep, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    again = ops._keep_smallest_keys(batch, n, keep, seed, torch.device("cpu"))  # not the memo's answer
     assert torch.equal(idx, again)  # seeded
+    keys = ops.random_keys(batch, n, seed, "cpu")
+    assert keys.unique().numel() == batch * n and 0 <= keys.min() and keys.max() < 2 ** 31  # distinct 31-bit keys
+    assert torch.equal(idx, keys.argsort(dim=-1)[:, :keep].sort(dim=-1).values)  # the smallest keys
+
+
+def test_random_keys_are_uniform_and_independent_of_the_stream():
+    """Each position is kept about equally often over streams, and neighbouring streams (seed + block index)
+    give unrelated draws: a hash with poor mixing would keep some positions far more often, or repeat a draw."""
+    n, keep, streams = 64, 16, 2000
+    counts = torch.zeros(n)
+    overlap = []
+    previous = None
+    for stream in range(streams):
+        idx = ops._keep_smallest_keys(1, n, keep, stream, torch.device("cpu"))[0]
+        counts[idx] += 1
+        if previous is not None:
+            overlap.append(len(set(idx.tolist()) & previous))
+        previous = set(idx.tolist())
+    expected = streams * keep / n  # 500; binomial sd ~19
+    assert (counts - expected).abs().max() < 6 * expected ** 0.5
+    assert abs(sum(overlap) / len(overlap) - keep * keep / n) < 0.3  # independent draws share keep^2/n = 4
+    # and within a batch: rows differ
+    rows = ops._keep_smallest_keys(8, n, keep, 3, torch.device("cpu"))
+    assert len({tuple(r) for r in rows.tolist()}) == 8
 
 
 def fits_under_the_cap(n, depth, target, fraction=0.5):

@@ -243,10 +243,43 @@ def top_k_ascending(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     return scores.argsort(dim=-1, descending=largest, stable=True)[:, :k].sort(dim=-1).values
 
 
-def random_keep_indices(batch: int, num_patches: int, keep: int, generator: torch.Generator | None,
-                        device: torch.device) -> Tensor:
-    """``keep`` random patch indices per sample, ascending (so the spatial order survives)."""
-    return top_k_ascending(torch.rand(batch, num_patches, generator=generator, device=device), keep, largest=False)
+_MASK31 = 2 ** 31 - 1
+
+
+def _mix31(h):
+    """A bijection of ``[0, 2**31)`` that scrambles the bits of ``h`` (an int, or an int64 tensor of such): xorshifts
+    and odd multipliers modulo 2**31, whose products stay below 2**62, so int64 never overflows on any backend."""
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK31
+    return h ^ (h >> 16)
+
+
+def random_keys(batch: int, num_patches: int, stream: int, device: torch.device | str) -> Tensor:
+    """Random ranking keys ``(B, n)``, int64, all distinct (for ``batch * num_patches <= 2**31``): a hash of the
+    counter ``b * n + j`` from a start drawn from ``stream`` (any non-negative int). A pure function of its
+    arguments, in integer ops that are exact everywhere: the same keys on every device, under ``torch.compile``
+    (no generator object for dynamo to refuse) and from any thread."""
+    start = _mix31((stream ^ (stream >> 31)) & _MASK31)
+    counter = (torch.arange(batch * num_patches, device=device) + start) & _MASK31
+    return _mix31(counter).view(batch, num_patches)
+
+
+def random_keep_indices(batch: int, num_patches: int, keep: int, stream: int, device: torch.device | str) -> Tensor:
+    """``keep`` random patch indices per sample, ascending (so the spatial order survives): those with the
+    smallest ``random_keys`` of ``stream``. Eager calls are memoised (the draw is a pure function of the arguments;
+    a reducing forward asks the same draws every call); the returned tensor is shared, so read it, never write it."""
+    if torch.compiler.is_compiling():
+        return _keep_smallest_keys(batch, num_patches, keep, stream, torch.device(device))
+    return _memoised_keep_indices(batch, num_patches, keep, stream, torch.device(device))
+
+
+def _keep_smallest_keys(batch: int, num_patches: int, keep: int, stream: int, device: torch.device) -> Tensor:
+    # float64 holds every 31-bit key exactly (and is a dtype the top-k kernel takes)
+    keys = random_keys(batch, num_patches, stream, device).to(torch.float64)
+    return top_k_ascending(keys, keep, largest=False)
+
+
+_memoised_keep_indices = functools.lru_cache(maxsize=64)(_keep_smallest_keys)
 
 
 def log_size_bias(size: Tensor) -> Tensor:

@@ -2,12 +2,11 @@
 
 Drops uniformly random patch tokens on the same per-block schedule as ToMe, so the
 two cost the same FLOPs. Seeded: one ``seed`` gives the same choice for the same
-input shape every call (each block draws from ``seed + block index``); samples of a
-batch get different choices.
+input shape every call (each block draws from the stream ``seed + block index``, by
+``ops.random_keys``: a counter hash, so the same choice on every device and under
+``torch.compile``); samples of a batch get different choices.
 """
 from __future__ import annotations
-
-import torch
 
 from .. import ops
 from ..registry import Reduction, register
@@ -26,7 +25,6 @@ class RandomDrop(EveryBlockReducer):
 
 
 def drop_at_random(x, remove, seed, state):
-    """Drop ``remove`` random patch tokens, drawn from ``seed + block index``."""
+    """Drop ``remove`` random patch tokens, drawn from the stream ``seed + block index``."""
     n = x.shape[1] - state.num_prefix
-    generator = torch.Generator(device=x.device).manual_seed(seed + state.layer)
-    return state.keep(x, ops.random_keep_indices(x.shape[0], n, n - remove, generator, x.device))
+    return state.keep(x, ops.random_keep_indices(x.shape[0], n, n - remove, seed + state.layer, x.device))
