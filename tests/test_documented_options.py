@@ -251,6 +251,18 @@ def test_random_draws_each_block_from_seed_plus_block_index():
     assert torch.equal(kept, expected)
 
 
+def test_random_draws_memoised_under_inference_mode_serve_a_training_forward():
+    """The eager draws are memoised: one first asked under inference_mode must still index tokens autograd records."""
+    model, x = tiny_timm(), images(3)
+    tokenprune.apply(model, "random", keep=0.5, seed=11)
+    with torch.inference_mode():
+        expected = model(x)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert model.patch_embed.proj.weight.grad is not None
+
+
 # ----------------------------------------------------------------------------- the transformers adapter
 
 @pytest.mark.parametrize("method, options", [

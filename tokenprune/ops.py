@@ -279,7 +279,12 @@ def _keep_smallest_keys(batch: int, num_patches: int, keep: int, stream: int, de
     return top_k_ascending(keys, keep, largest=False)
 
 
-_memoised_keep_indices = functools.lru_cache(maxsize=64)(_keep_smallest_keys)
+@functools.lru_cache(maxsize=64)  # at most 64 draws (25 MB at batch 256 and 196 patches)
+def _memoised_keep_indices(batch: int, num_patches: int, keep: int, stream: int, device: torch.device) -> Tensor:
+    # a normal tensor even when first asked under inference_mode: an inference tensor cannot index tokens that
+    # autograd records, so a later training forward would fail on the memoised draw
+    with torch.inference_mode(False):
+        return _keep_smallest_keys(batch, num_patches, keep, stream, device)
 
 
 def log_size_bias(size: Tensor) -> Tensor:
