@@ -117,6 +117,35 @@ def test_random_keep_indices_are_ascending_unique_and_in_range(batch, n, draw, s
     assert torch.equal(idx, keys.argsort(dim=-1)[:, :keep].sort(dim=-1).values)  # the smallest keys
 
 
+def _reference_mix31(h: int) -> int:
+    """The documented hash, on Python ints: two rounds of h ^= h >> 16, h *= 0x45D9F3B (mod 2**31), then h ^= h >> 16."""
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) % 2 ** 31
+    return h ^ (h >> 16)
+
+
+def _reference_keys(batch: int, n: int, stream: int) -> list[list[int]]:
+    start = _reference_mix31((stream ^ (stream >> 31)) % 2 ** 31)  # seeds past 2**31 fold in their high bits
+    return [[_reference_mix31((start + b * n + j) % 2 ** 31) for j in range(n)] for b in range(batch)]
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 2 ** 32 + 64))
+def test_random_keys_follow_the_documented_hash(batch, n, stream):
+    assert ops.random_keys(batch, n, stream, "cpu").tolist() == _reference_keys(batch, n, stream)
+
+
+def test_random_keys_wrap_the_counter_and_fold_large_seeds():
+    # a stream whose start lies within 2**16 of 2**31: its counters wrap to 0 within one draw of 2**16 + 64 keys
+    stream = next(s for s in range(10 ** 6) if _reference_mix31(s) > 2 ** 31 - 2 ** 16)
+    n = 2 ** 16 + 64
+    keys = ops.random_keys(1, n, stream, "cpu")[0]
+    start = _reference_mix31(stream)
+    for j in [*range(8), *range(n - 64, n)]:  # the last 64 counters are past the wrap
+        assert keys[j].item() == _reference_mix31((start + j) % 2 ** 31)
+    # seeds reach 2**32 + depth: 5 and 2**31 + 5 must not draw alike
+    assert not torch.equal(ops.random_keys(1, 64, 5, "cpu"), ops.random_keys(1, 64, 2 ** 31 + 5, "cpu"))
+
+
 def test_random_keys_are_uniform_and_independent_of_the_stream():
     """Each position is kept about equally often over streams, and neighbouring streams (seed + block index)
     give unrelated draws: a hash with poor mixing would keep some positions far more often, or repeat a draw."""
