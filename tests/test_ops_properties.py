@@ -146,6 +146,12 @@ def test_random_keys_wrap_the_counter_and_fold_large_seeds():
     assert not torch.equal(ops.random_keys(1, 64, 5, "cpu"), ops.random_keys(1, 64, 2 ** 31 + 5, "cpu"))
 
 
+def test_eager_random_draws_are_memoised_and_equal_to_a_fresh_draw():
+    first = ops.random_keep_indices(2, 30, 12, 4, "cpu")
+    assert ops.random_keep_indices(2, 30, 12, 4, torch.device("cpu")) is first  # one draw, asked twice
+    assert torch.equal(first, ops._keep_smallest_keys(2, 30, 12, 4, torch.device("cpu")))
+
+
 def test_random_keys_are_uniform_and_independent_of_the_stream():
     """Each position is kept about equally often over streams, and neighbouring streams (seed + block index)
     give unrelated draws: a hash with poor mixing would keep some positions far more often, or repeat a draw."""
