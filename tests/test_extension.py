@@ -421,6 +421,32 @@ def test_mctf_plan_is_the_reference_bit_for_bit(request, data, bidirectional, dr
             assert torch.equal(dest, expected[0]) and n_out == expected[1], setting
 
 
+@pytest.mark.parametrize("patches", [8, 37, 196])
+def test_mctf_plan_is_the_reference_with_nonfinite_features_and_ties(request, patches):
+    """Rows with a NaN score take the kernel's scalar scans, the rest its four-wide ones: per sample, so one batch
+    mixes both. NaN and infinite features, exact ties (repeated tokens) and long rows (a vector body and a tail)
+    give the reference's slots."""
+    from tokenprune.methods import mctf
+
+    g = torch.Generator().manual_seed(patches)
+    x = torch.randn(4, 1 + patches, 24, generator=g)
+    x[0, 1:] = x[0, 1 + torch.arange(patches) % 5].clone()  # ties everywhere
+    x[1, 3, 2] = float("nan")
+    x[2, 4] = float("inf")
+    half = patches // 2
+    x[3, 1 + half:] = x[3, 1:1 + patches - half].clone()  # each token twice
+    received = torch.rand(x.shape[:2], generator=g) + 0.01
+    size = torch.randint(1, 4, x.shape[:2], generator=g).float()
+    for bidirectional in (True, False):
+        expected = mctf.bidirectional_assignment(
+            mctf.pair_scores(x, received, size, (1.0, 20.0, 40.0), (True, True, True), 1), patches // 2, 1,
+            bidirectional)
+        for build in builds(request):
+            dest, n_out = build.mctf_plan(x, received, size, [1.0, 20.0, 40.0], [True] * 3, 1, patches // 2,
+                                          bidirectional)
+            assert torch.equal(dest, expected[0]) and n_out == expected[1], (bidirectional, build.with_cuda)
+
+
 def test_mctf_plan_leaves_float64_to_the_pytorch_ops(monkeypatch, cpu_build):
     """The kernel scores in float32: features, attention received or sizes in float64 (any one of them) keep the
     PyTorch ops, with their output; all three in float32 take the kernel."""

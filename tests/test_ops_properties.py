@@ -118,7 +118,8 @@ def test_random_keep_indices_are_ascending_unique_and_in_range(batch, n, draw, s
 
 
 def _reference_mix31(h: int) -> int:
-    """The documented hash, on Python ints: two rounds of h ^= h >> 16, h *= 0x45D9F3B (mod 2**31), then h ^= h >> 16."""
+    """The documented hash, on Python ints: two rounds of h ^= h >> 16, h *= 0x45D9F3B (mod 2**31), then
+    h ^= h >> 16."""
     for _ in range(2):
         h = ((h ^ (h >> 16)) * 0x45D9F3B) % 2 ** 31
     return h ^ (h >> 16)

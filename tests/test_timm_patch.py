@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block
 from tokenprune.patches.timm_vit import ReducingBlock, TimmAttention
 
 import tokenprune
-from tokenprune import ops
+from tokenprune import extension, ops
 from tokenprune.block import AttentionRequest, attend
 from tokenprune.registry import Needs
 
@@ -219,6 +219,64 @@ def test_a_compiled_forward_writes_into_no_scratch_buffer():
     calls = [node for gm in graphs for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
     assert any("softmax" in str(node.target) for node in calls)  # MCTF's map is in the graph
     assert not [node for node in calls if "out" in node.kwargs]
+
+
+def traced_calls(model, x) -> list[str]:
+    """The functions the graph dynamo hands the compiler calls, by name (a fresh trace)."""
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=keep_graph)(x)
+    return [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("setting, calls_kernels", [("auto", True), ("off", False)])
+def test_compiled_mctf_calls_the_cpu_builds_matching_and_merges(monkeypatch, setting, calls_kernels):
+    """Inductor's code for MCTF's matching (sorts) and merges (atomic scatter-adds) ran slower than the CPU build's
+    one call each: a compiled CPU forward calls the build's ops (registered with torch.library), unless
+    TOKENPRUNE_EXT=off, with the eager forward's output."""
+    monkeypatch.setenv(extension.ENV, setting)
+    model, x = tiny_timm(depth=4), images()
+    tokenprune.apply(model, "mctf", keep=0.5)
+    with torch.no_grad():
+        calls = traced_calls(model, x)
+    ours = sorted({c for c in calls if "tokenprune" in c})
+    assert ours == (["tokenprune.mctf_plan", "tokenprune.weighted_merge"] if calls_kernels else []), ours
+    torch._dynamo.reset()
+    torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_mctf_trains_through_the_pytorch_ops():
+    """The kernels have no backward: a compiled forward that records gradients keeps the PyTorch ops, and its
+    gradients are the eager forward's."""
+    model, x = tiny_timm(depth=3), images()
+    tokenprune.apply(model, "mctf", keep=0.5)
+    model.train()
+    assert not [c for c in traced_calls(model, x) if "tokenprune" in c]
+    grads = []
+    for forward in (model, torch.compile(model)):
+        model.zero_grad()
+        forward(x).sum().backward()
+        grads.append(model.blocks[1].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
+    """torch.library's own checks of the two ops a compiled graph calls: schema, fake (meta) shapes and dtypes
+    against the real outputs, no aliasing."""
+    from tokenprune.methods import mctf
+
+    x = torch.randn(2, 9, 8)
+    received, size = torch.rand(2, 9) + 0.01, torch.ones(2, 9)
+    dest, n_out = mctf.merge_plan(x, received, size, (1.0, 20.0, 40.0), (True,) * 3, 3, 1, True)
+    for half in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.tokenprune.weighted_merge, (x.to(half), received, dest, n_out))
+    torch.library.opcheck(torch.ops.tokenprune.mctf_plan,
+                          (x, received, size, [1.0, 20.0, 40.0], [True, True, True], 1, 3, True))
 
 
 @pytest.mark.parametrize("method", ["zero-tprune", "random"])

@@ -20,9 +20,11 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
 * ``all``: the extension for CPU tensors too (the CPU build), and a build failure is an error; this is how
   the tests run whole models through the kernels without a GPU.
 
-The extension is skipped where it would be wrong or slower: under ``torch.compile`` (inductor fuses the
-PyTorch ops, and an opaque call would break the graph) and under differentiation (autograd recording,
-forward-mode AD, ``torch.func`` transforms: the kernels have no derivatives).
+The extension is skipped where it would be wrong or slower: under differentiation (autograd recording,
+forward-mode AD, ``torch.func`` transforms: the kernels have no derivatives), and under ``torch.compile``
+(inductor fuses the PyTorch ops) except for the ops registered with ``torch.library`` below (``COMPILED``),
+which a compiled graph calls as one kernel each: MCTF's matching and its merges, where inductor's code (sorts,
+atomic scatter-adds) measured slower than the CPU build (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -73,15 +75,19 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = False,
-               cpu_kernel_pays: bool = False) -> ModuleType | None:
+               cpu_kernel_pays: bool = False, in_compiled_graphs: bool = False) -> ModuleType | None:
     """The extension module that should handle ``t``, or None for the PyTorch reference. ``inputs``: the op's
     other tensors that its output depends on differentiably (a merge's weights, token sizes; None skipped): a
     gradient asked of any of them keeps the reference, as one asked of ``t`` does. ``floating``:
     the op computes (merge, attention), so only the dtypes its kernels take (float64 stays in PyTorch);
     a gather copies, so any dtype. ``cpu_kernel_pays``: the op's CPU kernel is measurably faster than the
-    PyTorch ops (one call for many small ones), so ``auto`` uses the CPU build for CPU tensors too."""
+    PyTorch ops (one call for many small ones), so ``auto`` uses the CPU build for CPU tensors too.
+    ``in_compiled_graphs``: the op is one of ``COMPILED``'s, which a graph compiled for CPU calls too (returned
+    instead of the module under ``torch.compile``; what it holds has the module's signatures)."""
     if torch.compiler.is_compiling():  # first: dynamo then traces nothing below
-        return None
+        inference = not (torch.is_grad_enabled() and any(u.requires_grad for u in (t, *inputs) if u is not None))
+        usable = in_compiled_graphs and cpu_kernel_pays and t.device.type == "cpu" and inference
+        return COMPILED if usable and (not floating or t.dtype in KERNEL_DTYPES) and _cpu_build_for_graphs() else None
     if floating and t.dtype not in KERNEL_DTYPES:
         return None
     setting = mode()
@@ -95,6 +101,49 @@ def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = F
         if cpu_kernel_pays:
             return _load_or_warn(cuda=False)
     return None
+
+
+@torch.compiler.assume_constant_result
+def _cpu_build_for_graphs() -> bool:
+    """Whether a graph compiled for CPU may call the CPU build: asked once while dynamo traces (the answer is
+    baked into the graph), which builds it if needed, as an eager forward would."""
+    setting = mode()
+    return setting == "all" or (setting == "auto" and _load_or_warn(cuda=False) is not None)
+
+
+@torch.library.custom_op("tokenprune::weighted_merge", mutates_args=(), device_types="cpu")
+def _weighted_merge_op(x: torch.Tensor, weight: torch.Tensor, dest: torch.Tensor,
+                       n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return load(cuda=False).weighted_merge(x, weight, dest, n_out)
+
+
+@_weighted_merge_op.register_fake
+def _(x, weight, dest, n_out):
+    return x.new_empty(x.shape[0], n_out, x.shape[2]), weight.new_empty(x.shape[0], n_out, dtype=torch.float32)
+
+
+@torch.library.custom_op("tokenprune::mctf_plan", mutates_args=(), device_types="cpu")
+def _mctf_plan_op(x: torch.Tensor, received: torch.Tensor, size: torch.Tensor, tau: list[float],
+                  criteria: list[bool], num_prefix: int, remove: int, bidirectional: bool) -> torch.Tensor:
+    return load(cuda=False).mctf_plan(x, received, size, tau, criteria, num_prefix, remove, bidirectional)[0]
+
+
+@_mctf_plan_op.register_fake
+def _(x, received, size, tau, criteria, num_prefix, remove, bidirectional):
+    return x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+class COMPILED:
+    """The CPU build's ops a compiled graph may call, with the module's signatures (``for_tensor``)."""
+
+    @staticmethod
+    def weighted_merge(x, weight, dest, n_out):
+        return torch.ops.tokenprune.weighted_merge(x, weight, dest, n_out)
+
+    @staticmethod
+    def mctf_plan(x, received, size, tau, criteria, num_prefix, remove, bidirectional):
+        dest = torch.ops.tokenprune.mctf_plan(x, received, size, tau, criteria, num_prefix, remove, bidirectional)
+        return dest, x.shape[1] - remove
 
 
 def _differentiated(t: torch.Tensor) -> bool:

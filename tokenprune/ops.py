@@ -396,7 +396,7 @@ def assign_mean(t: Tensor, weight: Tensor, dest: Tensor, n_out: int) -> Tensor:
     half-precision weight per token (the default; bit-identical: the same products summed in the same order)."""
     one_per_token = weight.shape == (*t.shape[:2], 1)
     slots = dest.dtype == torch.int64 and dest.shape == t.shape[:2]  # the kernel's; index_add broadcasts, casts
-    kernels = (extension.for_tensor(t, weight, floating=True, cpu_kernel_pays=True)
+    kernels = (extension.for_tensor(t, weight, floating=True, cpu_kernel_pays=True, in_compiled_graphs=True)
                if t.dim() == 3 and one_per_token and slots and weight.dtype != torch.float64 else None)
     if kernels is not None:
         return kernels.weighted_merge(t, weight[..., 0], dest, n_out)[0]

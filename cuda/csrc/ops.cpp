@@ -87,6 +87,71 @@ void first_max(const float* row, int64_t n, float* best, int64_t* arg) {
   *arg = at;
 }
 
+// Four floats at a time with GCC/Clang vector extensions (SSE on x86-64, NEON on Arm, whatever the build's flags):
+// without fast-math (which would lose NaN) the compiler vectorises none of the reductions and blends below itself.
+using Float4 = float __attribute__((vector_size(16)));
+using Int4 = int32_t __attribute__((vector_size(16)));
+
+inline Float4 load4(const float* p) {
+  Float4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store4(float* p, Float4 v) { std::memcpy(p, &v, sizeof v); }
+
+bool any_nan(const float* row, int64_t n) {
+  Int4 seen = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const Float4 v = load4(row + j);
+    seen |= v != v;
+  }
+  bool nan = seen[0] | seen[1] | seen[2] | seen[3];
+  for (; j < n; ++j) nan |= std::isnan(row[j]);
+  return nan;
+}
+
+// first_max for a row the caller knows holds no NaN: the same value and index (the max, then the first entry
+// equal to it; every entry -inf: the first).
+void first_max_no_nan(const float* row, int64_t n, float* best, int64_t* arg) {
+  constexpr float kLow = -std::numeric_limits<float>::infinity();
+  Float4 top = {kLow, kLow, kLow, kLow};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const Float4 v = load4(row + j);
+    top = v > top ? v : top;
+  }
+  float value = kLow;
+  for (int lane = 0; lane < 4; ++lane) value = top[lane] > value ? top[lane] : value;
+  for (; j < n; ++j) value = row[j] > value ? row[j] : value;
+  int64_t at = 0;
+  while (at < n && row[at] != value) ++at;
+  *best = value;
+  *arg = at < n ? at : 0;
+}
+
+// top = max(top, row) entry by entry over n entries, arg = idx where row is strictly larger (rows without NaN).
+void running_max_no_nan(const float* row, float* top, int32_t* arg, int64_t n, int32_t idx) {
+  const Int4 index = {idx, idx, idx, idx};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const Float4 v = load4(row + j), t = load4(top + j);
+    Int4 a;
+    std::memcpy(&a, arg + j, sizeof a);
+    const Int4 larger = v > t;
+    store4(top + j, larger ? v : t);
+    a = larger ? index : a;
+    std::memcpy(arg + j, &a, sizeof a);
+  }
+  for (; j < n; ++j) {
+    if (row[j] > top[j]) {
+      top[j] = row[j];
+      arg[j] = idx;
+    }
+  }
+}
+
 #ifdef TOKENPRUNE_WITH_CUDA
 void* stream_of(const torch::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "tokenprune CUDA kernel: ", error); }
@@ -569,23 +634,38 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
   const auto small = use_size ? log_relative_inverse(size.contiguous(), tau[2]) : torch::Tensor();
   auto best = torch::empty({B, n_a}, xf.options());
   std::vector<int64_t> best_b(B * n_a);
+  std::vector<char> has_nan(B, 0);  // a NaN score (NaN or infinite features) takes the scalar scans below
   {
     float* wp = log_w.data_ptr<float>();
     float* bp = best.data_ptr<float>();
     const float* ip = use_info ? info.data_ptr<float>() : nullptr;
     const float* sp = use_size ? small.data_ptr<float>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> info_b(n_b), size_b(n_b);  // the B tokens' terms, contiguous: the row loop vectorises
       for (int64_t b = begin; b < end; ++b) {
+        for (int64_t j = 0; j < n_b; ++j) {
+          if (ip) info_b[j] = ip[b * N + 2 * j + 1];
+          if (sp) size_b[j] = sp[b * N + 2 * j + 1];
+        }
+        bool nan = false;
         for (int64_t i = 0; i < n_a; ++i) {
           float* row = wp + (b * n_a + i) * n_b;
-          for (int64_t j = 0; j < n_b; ++j) {
-            float w = row[j];
-            if (ip) w = w + ip[b * N + 2 * i] + ip[b * N + 2 * j + 1];
-            if (sp) w = w + sp[b * N + 2 * i] + sp[b * N + 2 * j + 1];
-            row[j] = (i < in_a || j < in_b) ? kMinusInf : w;  // pairs that touch a prefix token never merge
+          // the reference's additions in its order: (log_w + a_i) + b_j per criterion
+          if (ip) {
+            const float a = ip[b * N + 2 * i];
+            for (int64_t j = 0; j < n_b; ++j) row[j] = (row[j] + a) + info_b[j];
           }
-          first_max(row, n_b, bp + b * n_a + i, &best_b[b * n_a + i]);
+          if (sp) {
+            const float a = sp[b * N + 2 * i];
+            for (int64_t j = 0; j < n_b; ++j) row[j] = (row[j] + a) + size_b[j];
+          }
+          // pairs that touch a prefix token never merge
+          std::fill(row, row + (i < in_a ? n_b : in_b), kMinusInf);
+          const bool row_nan = any_nan(row, n_b);
+          nan |= row_nan;
+          (row_nan ? first_max : first_max_no_nan)(row, n_b, bp + b * n_a + i, &best_b[b * n_a + i]);
         }
+        has_nan[b] = nan;
       }
     });
   }
@@ -598,6 +678,7 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     const float* wp = log_w.data_ptr<float>();
     float* b2 = best2.data_ptr<float>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> arg32(n_b);
       for (int64_t b = begin; b < end; ++b) {
         int64_t* kept = kept_a.data() + b * (n_a - r1);
         std::copy(op + b * n_a + r1, op + (b + 1) * n_a, kept);
@@ -608,6 +689,13 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
         int64_t* arg = best_a.data() + b * n_b;
         std::fill(top, top + n_b, kMinusInf);
         std::fill(arg, arg + n_b, int64_t{0});
+        if (!has_nan[b]) {  // four entries at a time
+          std::fill(arg32.begin(), arg32.end(), 0);
+          for (int64_t idx = 0; idx < n_a - r1; ++idx)
+            running_max_no_nan(wp + (b * n_a + kept[idx]) * n_b, top, arg32.data(), n_b, static_cast<int32_t>(idx));
+          std::copy(arg32.begin(), arg32.end(), arg);
+          continue;
+        }
         for (int64_t idx = 0; idx < n_a - r1; ++idx) {
           const float* row = wp + (b * n_a + kept[idx]) * n_b;
           for (int64_t j = 0; j < n_b; ++j) {

@@ -121,7 +121,7 @@ def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, floa
     and for both argsorts, so exact ties (a flat background's identical tokens) order as here.
     """
     if not x.is_cuda and received.dtype == torch.float32 and size.dtype == torch.float32:
-        kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True)
+        kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True, in_compiled_graphs=True)
         if kernels is not None:
             return kernels.mctf_plan(x, received, size, list(tau), list(criteria), num_prefix, remove, bidirectional)
     scores = pair_scores(x, received, size, tau, criteria, num_prefix)
