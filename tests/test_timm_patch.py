@@ -250,6 +250,14 @@ def test_compiled_mctf_calls_the_cpu_builds_matching_and_merges(monkeypatch, set
     torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_mctf_in_float64_keeps_the_pytorch_ops():
+    """The kernels take float32 and half precision: a float64 model's compiled graph calls none of them."""
+    model, x = tiny_timm(depth=3), images()
+    tokenprune.apply(model.double(), "mctf", keep=0.5)
+    with torch.no_grad():
+        assert not [c for c in traced_calls(model, x.double()) if "tokenprune" in c]
+
+
 def test_compiled_mctf_trains_through_the_pytorch_ops():
     """The kernels have no backward: a compiled forward that records gradients keeps the PyTorch ops, and its
     gradients are the eager forward's."""
