@@ -96,6 +96,22 @@ def test_bench_rows_say_which_kernels_ran(setting, loads, kernels, marked, monke
     assert [r["kernels"] for r in json.loads(out.read_text())] == [kernels]
 
 
+@pytest.mark.parametrize("setting, loads, device, kernels", [
+    ("auto", True, "cpu", "CPU build: MCTF's matching and merges"),
+    ("all", True, "cpu", "CPU build: MCTF's matching and merges"),
+    ("auto", False, "cpu", "pytorch ops (the CPU build failed)"),
+    ("off", True, "cpu", "pytorch ops"),
+    ("auto", True, "cuda", "pytorch ops"),
+])
+def test_compiled_rows_say_which_kernels_their_graphs_call(setting, loads, device, kernels, monkeypatch):
+    """A compiled CPU graph calls the CPU build's MCTF matching and merges (torch.library ops), nothing else of
+    it; a compiled CUDA graph none: the row says so."""
+    from tokenprune import extension
+    monkeypatch.setenv(extension.ENV, setting)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: object() if loads else None)
+    assert extension.kernels_in_use(device, compiled=True) == kernels
+
+
 def test_the_config_label_names_what_differs_from_a_default_run():
     from dataclasses import replace
     row = bench.BenchRow(model="m", method="tome", config="keep=0.5", batch_size=1, threads=2, repeats=1,

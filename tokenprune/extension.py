@@ -154,14 +154,18 @@ def _differentiated(t: torch.Tensor) -> bool:
             or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-def kernels_in_use(device: torch.device | str) -> str:
+def kernels_in_use(device: torch.device | str, compiled: bool = False) -> str:
     """What a forward on ``device`` runs, in words, for benchmark tables (on CPU, the default kernels decide
     whether pruning pays at small batches; a machine without a compiler falls back to the PyTorch ops). Asks
-    for the build ``for_tensor`` would load, so a first call may compile it (before anything is timed)."""
+    for the build ``for_tensor`` would load, so a first call may compile it (before anything is timed).
+    ``compiled``: what a graph from ``torch.compile`` runs (inductor's code, and ``COMPILED``'s ops on CPU)."""
     device, setting = torch.device(device), mode()
-    if setting == "off" or device.type not in ("cpu", "cuda"):
+    if setting == "off" or device.type not in ("cpu", "cuda") or (compiled and device.type != "cpu"):
         return "pytorch ops"
     cuda = device.type == "cuda"
+    if compiled:
+        ready = _cpu_build_for_graphs()
+        return "CPU build: MCTF's matching and merges" if ready else "pytorch ops (the CPU build failed)"
     build = "CUDA build" if cuda else "CPU build"
     if setting == "all":
         load(cuda=cuda)
