@@ -250,6 +250,17 @@ def test_compiled_mctf_calls_the_cpu_builds_matching_and_merges(monkeypatch, set
     torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_frozen_compiled_mctf_model_calls_the_kernels_without_no_grad():
+    """What keeps the kernels out of a graph is a gradient asked of the tokens, not autograd being on: a model
+    whose parameters ask none, run without ``torch.no_grad``, calls them."""
+    model, x = tiny_timm(depth=3), images()
+    tokenprune.apply(model, "mctf", keep=0.5)
+    model.requires_grad_(False)
+    assert torch.is_grad_enabled()
+    assert sorted({c for c in traced_calls(model, x) if "tokenprune" in c}) == ["tokenprune.mctf_plan",
+                                                                                "tokenprune.weighted_merge"]
+
+
 def test_compiled_mctf_in_float64_keeps_the_pytorch_ops():
     """The kernels take float32 and half precision: a float64 model's compiled graph calls none of them."""
     model, x = tiny_timm(depth=3), images()
@@ -273,11 +284,30 @@ def test_compiled_mctf_trains_through_the_pytorch_ops():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
 
 
-def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
+def test_compiled_graphs_hand_the_kernels_to_cpu_tensors_of_kernel_dtypes_only():
+    """Inside a traced function ``for_tensor`` hands over the CPU build's graph ops for a CPU tensor of a dtype the
+    kernels take, when the caller says its op is one of them; not for another device (a meta tensor here, as a
+    CUDA one: the CPU build's ops would run on it) or dtype, nor for other ops."""
+    def asks(t, **kwargs):
+        def probe(u):
+            return extension.for_tensor(u, floating=True, cpu_kernel_pays=True, **kwargs) is not None
+        torch._dynamo.reset()
+        return torch.compile(probe, backend="eager", fullgraph=True)(t)
+
+    assert asks(torch.ones(2, 3), in_compiled_graphs=True)
+    assert not asks(torch.ones(2, 3, device="meta"), in_compiled_graphs=True)
+    assert not asks(torch.ones(2, 3, dtype=torch.float64), in_compiled_graphs=True)
+    assert not asks(torch.ones(2, 3))
+
+
+def test_the_ops_compiled_graphs_call_are_sound_custom_ops(monkeypatch):
     """torch.library's own checks of the two ops a compiled graph calls: schema, fake (meta) shapes and dtypes
     against the real outputs, no aliasing."""
     from tokenprune.methods import mctf
 
+    builds = []
+    load = extension.load
+    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: builds.append(cuda) or load(cuda, verbose))
     x = torch.randn(2, 9, 8)
     received, size = torch.rand(2, 9) + 0.01, torch.ones(2, 9)
     dest, n_out = mctf.merge_plan(x, received, size, (1.0, 20.0, 40.0), (True,) * 3, 3, 1, True)
@@ -285,6 +315,7 @@ def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
         torch.library.opcheck(torch.ops.tokenprune.weighted_merge, (x.to(half), received, dest, n_out))
     torch.library.opcheck(torch.ops.tokenprune.mctf_plan,
                           (x, received, size, [1.0, 20.0, 40.0], [True, True, True], 1, 3, True))
+    assert builds and not any(builds)  # the CPU build (the CUDA one need not exist)
 
 
 @pytest.mark.parametrize("method", ["zero-tprune", "random"])
