@@ -84,12 +84,12 @@ def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = F
     PyTorch ops (one call for many small ones), so ``auto`` uses the CPU build for CPU tensors too.
     ``in_compiled_graphs``: the op is one of ``COMPILED``'s, which a graph compiled for CPU calls too (returned
     instead of the module under ``torch.compile``; what it holds has the module's signatures)."""
-    if torch.compiler.is_compiling():  # first: dynamo then traces nothing below
-        inference = not (torch.is_grad_enabled() and any(u.requires_grad for u in (t, *inputs) if u is not None))
-        usable = in_compiled_graphs and cpu_kernel_pays and t.device.type == "cpu" and inference
-        return COMPILED if usable and (not floating or t.dtype in KERNEL_DTYPES) and _cpu_build_for_graphs() else None
     if floating and t.dtype not in KERNEL_DTYPES:
         return None
+    if torch.compiler.is_compiling():  # dynamo traces nothing below: the other transforms are eager-only
+        inference = not any(_asks_gradient(u) for u in (t, *inputs) if u is not None)
+        usable = in_compiled_graphs and cpu_kernel_pays and t.device.type == "cpu" and inference
+        return COMPILED if usable and _cpu_build_for_graphs() else None
     setting = mode()
     if setting == "off" or any(_differentiated(u) for u in (t, *inputs) if u is not None):
         return None
@@ -150,8 +150,13 @@ def _differentiated(t: torch.Tensor) -> bool:
     """Whether a transform follows ``t`` through the ops, which the kernels (no derivatives, raw data
     pointers) would silently cut or fail: autograd recording it, a forward-mode dual level (a tangent rides on
     plain tensors), or a ``torch.func`` transform (vmap, jvp, grad: their interpreter stack is not empty)."""
-    return ((t.requires_grad and torch.is_grad_enabled()) or forward_ad._current_level >= 0
+    return (_asks_gradient(t) or forward_ad._current_level >= 0
             or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _asks_gradient(t: torch.Tensor) -> bool:
+    """Whether autograd records ``t`` (the one transform a compiled graph can carry)."""
+    return t.requires_grad and torch.is_grad_enabled()
 
 
 def kernels_in_use(device: torch.device | str, compiled: bool = False) -> str:

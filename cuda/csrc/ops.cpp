@@ -113,7 +113,7 @@ bool any_nan(const float* row, int64_t n) {
 }
 
 // first_max for a row the caller knows holds no NaN: the same value and index (the max, then the first entry
-// equal to it; every entry -inf: the first).
+// equal to it).
 void first_max_no_nan(const float* row, int64_t n, float* best, int64_t* arg) {
   constexpr float kLow = -std::numeric_limits<float>::infinity();
   Float4 top = {kLow, kLow, kLow, kLow};
@@ -125,10 +125,10 @@ void first_max_no_nan(const float* row, int64_t n, float* best, int64_t* arg) {
   float value = kLow;
   for (int lane = 0; lane < 4; ++lane) value = top[lane] > value ? top[lane] : value;
   for (; j < n; ++j) value = row[j] > value ? row[j] : value;
-  int64_t at = 0;
+  int64_t at = 0;  // value is one of the row's entries (-inf for an all -inf row: the first)
   while (at < n && row[at] != value) ++at;
   *best = value;
-  *arg = at < n ? at : 0;
+  *arg = at;
 }
 
 // top = max(top, row) entry by entry over n entries, arg = idx where row is strictly larger (rows without NaN).
