@@ -187,6 +187,29 @@ def test_weighted_merge_is_the_reference_bit_for_bit(request, data, draw):
         assert torch.equal(summed, ops.assign_sum(weight[..., None], dest, n_out)[..., 0])
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_merge_splits_channels_over_threads_bit_for_bit(cpu_build, dtype, threads):
+    """Fewer samples than threads: each thread takes a block of channels (a tail block narrower than the rest),
+    in parallel where the work is large enough; the same sums as the reference's, and the summed weights once."""
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, n, channels in ((1, 301, 100), (2, 301, 100), (1, 40, 37), (5, 40, 37)):
+            x = torch.randn(batch, n, channels, generator=g).to(dtype)
+            weight = torch.rand(batch, n, generator=g) * 5
+            dest = torch.randint(0, n // 2, (batch, n), generator=g)
+            dest[:, : n // 2] = torch.arange(n // 2)
+            with mock.patch.dict(os.environ, {extension.ENV: "off"}):
+                reference = ops.assign_mean(x, weight[..., None], dest, n // 2)
+            merged, summed = cpu_build.weighted_merge(x, weight, dest, n // 2)
+            assert torch.equal(merged, reference), (batch, n, channels)
+            assert torch.equal(summed, ops.assign_sum(weight[..., None], dest, n // 2)[..., 0])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_weighted_merge_accumulates_in_fp32(cpu_build):
     """4096 tokens of 1.0 and one of 2048 merged in fp16: an fp16 running sum stalls at 2048 + 2 k steps
     (spacing 2 above 2048) and would land far from the true mean; the fp32 sum gets it."""

@@ -300,22 +300,26 @@ def test_compiled_graphs_hand_the_kernels_to_cpu_tensors_of_kernel_dtypes_only()
     assert not asks(torch.ones(2, 3))
 
 
-def test_the_ops_compiled_graphs_call_are_sound_custom_ops(monkeypatch):
+def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
     """torch.library's own checks of the two ops a compiled graph calls: schema, fake (meta) shapes and dtypes
-    against the real outputs, no aliasing."""
+    against the real outputs, no aliasing; and their CPU kernels are the CPU build's (registered from C++ when
+    it loads): the same outputs as its module's functions."""
     from tokenprune.methods import mctf
 
-    builds = []
-    load = extension.load
-    monkeypatch.setattr(extension, "load", lambda cuda, verbose=False: builds.append(cuda) or load(cuda, verbose))
-    x = torch.randn(2, 9, 8)
-    received, size = torch.rand(2, 9) + 0.01, torch.ones(2, 9)
+    build = extension.load(cuda=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 8, generator=g)
+    received, size = torch.rand(2, 9, generator=g) + 0.01, torch.ones(2, 9)
     dest, n_out = mctf.merge_plan(x, received, size, (1.0, 20.0, 40.0), (True,) * 3, 3, 1, True)
     for half in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(torch.ops.tokenprune.weighted_merge, (x.to(half), received, dest, n_out))
-    torch.library.opcheck(torch.ops.tokenprune.mctf_plan,
-                          (x, received, size, [1.0, 20.0, 40.0], [True, True, True], 1, 3, True))
-    assert builds and not any(builds)  # the CPU build (the CUDA one need not exist)
+        args = (x.to(half), received, dest, n_out)
+        torch.library.opcheck(torch.ops.tokenprune.weighted_merge, args)
+        for op_out, module_out in zip(torch.ops.tokenprune.weighted_merge(*args), build.weighted_merge(*args)):
+            assert torch.equal(op_out, module_out)
+    plan_args = (x, received, size, [1.0, 20.0, 40.0], [False, True, True], 1, 3, True)
+    torch.library.opcheck(torch.ops.tokenprune.mctf_plan, plan_args)
+    assert torch.equal(torch.ops.tokenprune.mctf_plan(*plan_args), build.mctf_plan(*plan_args)[0])
+    assert not torch.equal(build.mctf_plan(*plan_args)[0], dest)  # the criteria reach the kernel
 
 
 @pytest.mark.parametrize("method", ["zero-tprune", "random"])

@@ -111,24 +111,22 @@ def _cpu_build_for_graphs() -> bool:
     return setting == "all" or (setting == "auto" and _load_or_warn(cuda=False) is not None)
 
 
-@torch.library.custom_op("tokenprune::weighted_merge", mutates_args=(), device_types="cpu")
-def _weighted_merge_op(x: torch.Tensor, weight: torch.Tensor, dest: torch.Tensor,
-                       n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return load(cuda=False).weighted_merge(x, weight, dest, n_out)
+# The ops a compiled graph may call (``COMPILED``): schemas and fake (meta) functions here, what tracing sees of
+# them; their CPU kernels are the CPU build's, registered with the dispatcher from C++ (ops.cpp, no Python between
+# the graph and the kernel), so they run once the build is loaded (``_cpu_build_for_graphs`` loads it while
+# dynamo traces).
+_LIBRARY = torch.library.Library("tokenprune", "DEF")
+_LIBRARY.define("weighted_merge(Tensor x, Tensor weight, Tensor dest, int n_out) -> (Tensor, Tensor)")
+_LIBRARY.define("mctf_plan(Tensor x, Tensor received, Tensor size, float[] tau, bool[3] criteria, int num_prefix, "
+                "int remove, bool bidirectional) -> Tensor")
 
 
-@_weighted_merge_op.register_fake
+@torch.library.register_fake("tokenprune::weighted_merge")
 def _(x, weight, dest, n_out):
     return x.new_empty(x.shape[0], n_out, x.shape[2]), weight.new_empty(x.shape[0], n_out, dtype=torch.float32)
 
 
-@torch.library.custom_op("tokenprune::mctf_plan", mutates_args=(), device_types="cpu")
-def _mctf_plan_op(x: torch.Tensor, received: torch.Tensor, size: torch.Tensor, tau: list[float],
-                  criteria: list[bool], num_prefix: int, remove: int, bidirectional: bool) -> torch.Tensor:
-    return load(cuda=False).mctf_plan(x, received, size, tau, criteria, num_prefix, remove, bidirectional)[0]
-
-
-@_mctf_plan_op.register_fake
+@torch.library.register_fake("tokenprune::mctf_plan")
 def _(x, received, size, tau, criteria, num_prefix, remove, bidirectional):
     return x.new_empty(x.shape[:2], dtype=torch.long)
 
@@ -240,7 +238,8 @@ def load(cuda: bool, verbose: bool = False) -> ModuleType:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     csrc = _sources()
     sources = [csrc / "ops.cpp"] + ([csrc / "kernels.cu"] if cuda else [])
-    cflags = ["-O3"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else [])
+    # no fused multiply-adds: the kernels round as the PyTorch reference does (bit-identical outputs, tested)
+    cflags = ["-O3", "-ffp-contract=off"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else [])
     return cpp_extension.load(
         name=build_name(cuda),
         sources=[str(s) for s in sources],

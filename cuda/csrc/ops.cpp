@@ -5,9 +5,11 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "convert_host.h"
@@ -65,6 +67,25 @@ void dispatch_floating(const torch::Tensor& x, F&& f) {
     case torch::kBFloat16: f(c10::BFloat16{}); break;
     default: f(float{}); break;
   }
+}
+
+// Loops whose every lane is independent (no reduction across lanes), compiled twice on x86-64: for AVX2 (eight
+// floats) and for the baseline (SSE2, four), the CPU choosing at load (GCC/Clang function multi-versioning).
+// Neither target has FMA, and the build passes -ffp-contract=off: a * b + c rounds twice, as ATen's does.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TOKENPRUNE_WIDE __attribute__((target_clones("avx2", "default")))
+#else
+#define TOKENPRUNE_WIDE
+#endif
+
+// sum[c] += weight * row[c]
+TOKENPRUNE_WIDE void add_scaled(float* __restrict__ sum, const float* __restrict__ row, float weight, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) sum[c] += weight * row[c];
+}
+
+// v[c] /= total
+TOKENPRUNE_WIDE void divide(float* v, float total, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) v[c] /= total;
 }
 
 // Each row's max over its n entries and where it is: the first of equal maxima, NaN first (as ATen's max).
@@ -283,31 +304,54 @@ std::tuple<torch::Tensor, torch::Tensor> weighted_merge(torch::Tensor x, torch::
 #endif
   // Whole rows, in token order: each slot adds its members' weight x row as they come (the per-element loop the
   // CUDA build runs, each element walking its slot's members, was 3-10x slower than the PyTorch ops on CPU).
-  // The same sums in the same order as merge_element's and the reference's index_add: bit-identical.
+  // The same sums in the same order as merge_element's and the reference's index_add: bit-identical. Tasks are
+  // (sample, block of channels), so one sample still spreads over the threads; float32 sums go straight into the
+  // output, which is then divided in place.
   const auto dc = dest.contiguous();
+  // channels per task: whole rows when the samples alone fill the threads, else each thread a block of them
+  const int64_t threads = at::get_num_threads();
+  const int64_t kChannels = B >= threads ? C : std::min(C, ((C + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t blocks = (C + kChannels - 1) / kChannels;
+  const int64_t grain = std::max<int64_t>(1, kGrain * 16 / std::max<int64_t>(N * kChannels, 1));
   dispatch_floating(x, [&](auto tag) {
     using scalar_t = decltype(tag);
+    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
     const auto* xp = x.data_ptr<scalar_t>();
     const auto* wp = w.data_ptr<float>();
     const auto* dp = dc.data_ptr<int64_t>();
     auto* op = out.data_ptr<scalar_t>();
     auto* sp = wsum.data_ptr<float>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(S * C);
-      for (int64_t b = begin; b < end; ++b) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+    at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> total(S), scratch(kFloat ? 0 : S * kChannels);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, c0 = (task % blocks) * kChannels, width = std::min(kChannels, C - c0);
+        // the sums (S, width) with row stride `stride`: the output's own rows for float32
+        float* acc = kFloat ? reinterpret_cast<float*>(op) + b * S * C + c0 : scratch.data();
+        const int64_t stride = kFloat ? C : width;
+        for (int64_t slot = 0; slot < S; ++slot) std::fill(acc + slot * stride, acc + slot * stride + width, 0.0f);
+        std::fill(total.begin(), total.end(), 0.0f);
         for (int64_t n = 0; n < N; ++n) {
           const int64_t slot = dp[b * N + n];
           const float weight = wp[b * N + n];
-          const scalar_t* row = xp + (b * N + n) * C;
-          float* sum = acc.data() + slot * C;
-          for (int64_t c = 0; c < C; ++c) sum[c] += weight * static_cast<float>(row[c]);
-          sp[b * S + slot] += weight;
+          const scalar_t* row = xp + (b * N + n) * C + c0;
+          float* sum = acc + slot * stride;
+          if constexpr (kFloat) {
+            add_scaled(sum, row, weight, width);
+          } else {
+            for (int64_t c = 0; c < width; ++c) sum[c] += weight * static_cast<float>(row[c]);
+          }
+          total[slot] += weight;
         }
         for (int64_t slot = 0; slot < S; ++slot) {  // an empty slot gives 0/0 = NaN, as the reference's division
-          const float total = sp[b * S + slot];
-          for (int64_t c = 0; c < C; ++c) op[(b * S + slot) * C + c] = static_cast<scalar_t>(acc[slot * C + c] / total);
+          scalar_t* dst = op + (b * S + slot) * C + c0;
+          const float* sum = acc + slot * stride;
+          if constexpr (kFloat) {
+            divide(dst, total[slot], width);  // the sums are the output's rows
+          } else {
+            for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(sum[c] / total[slot]);
+          }
         }
+        if (c0 == 0) std::copy(total.begin(), total.end(), sp + b * S);
       }
     });
   });
@@ -745,6 +789,22 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
 }
 
 }  // namespace tokenprune
+
+#ifndef TOKENPRUNE_WITH_CUDA
+// The CPU kernels of the ops a graph compiled for CPU calls (extension.COMPILED, where their schemas and fake
+// functions are defined), registered with the dispatcher here rather than with torch.library in Python: the
+// graph's wrapper then reaches the C++ kernel without a Python function in between, about 6 us a call less (half
+// of a merge at batch 1 on the testbed). The CPU build only: a process may load both builds.
+TORCH_LIBRARY_IMPL(tokenprune, CPU, m) {
+  m.impl("weighted_merge", &tokenprune::weighted_merge);
+  m.impl("mctf_plan", [](const torch::Tensor& x, const torch::Tensor& received, const torch::Tensor& size,
+                         c10::ArrayRef<double> tau, std::array<bool, 3> criteria, int64_t num_prefix,
+                         int64_t remove, bool bidirectional) {
+    const std::vector<bool> chosen(criteria.begin(), criteria.end());
+    return std::get<0>(tokenprune::mctf_plan(x, received, size, tau.vec(), chosen, num_prefix, remove, bidirectional));
+  });
+}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tokenprune's token gather, weighted merge and received-attention kernels";
