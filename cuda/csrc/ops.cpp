@@ -70,9 +70,10 @@ void dispatch_floating(const torch::Tensor& x, F&& f) {
 }
 
 // Loops whose every lane is independent (no reduction across lanes), compiled twice on x86-64: for AVX2 (eight
-// floats) and for the baseline (SSE2, four), the CPU choosing at load (GCC/Clang function multi-versioning).
+// floats) and for the baseline (SSE2, four), the CPU choosing at load (GCC/Clang function multi-versioning,
+// which needs the loader's ifuncs: Linux).
 // Neither target has FMA, and the build passes -ffp-contract=off: a * b + c rounds twice, as ATen's does.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define TOKENPRUNE_WIDE __attribute__((target_clones("avx2", "default")))
 #else
 #define TOKENPRUNE_WIDE
