@@ -531,6 +531,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compile:  # the same accuracy is expected, but other timings: kept apart for --resume
         run["compile"] = True
     configs = [Config(None, None)] + [Config(m, k, dict(args.option)) for m in methods for k in args.keep]
+    for config in configs[1:]:  # what only this model can refuse (layers past its depth, ...): before any image
+        tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **config.options))
     rows = []
     for config, key in configured(model, configs, run, finished, rows, accelerator):
         flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))

@@ -326,3 +326,13 @@ def test_fashion_mnist_train_split_comes_from_the_environment(tmp_path, monkeypa
     images, labels = testbed.load_fashion_mnist("train")
     assert images.shape == (3, 28, 28) and labels.tolist() == [1, 2, 3]
     assert testbed.load_fashion_mnist("test")[0].shape[0] == 10000  # the packaged split still comes first
+
+
+def test_an_option_only_the_model_can_refuse_fails_before_any_image(tmp_path, capsys, monkeypatch):
+    """MCTF's layers past the model's depth are known only once the model is loaded: still one line, exit 2,
+    before the baseline (or anything) is evaluated, and no result file."""
+    never_evaluated(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    one_line_error(["eval", "--model", "vit_testbed_fmnist", "--limit", "4", "--method", "mctf", "--keep", "0.5",
+                    "--option", "layers=[3,6,12]", "--output", str(out)], capsys, "layers", "12 blocks")
+    assert not out.exists()
