@@ -347,10 +347,10 @@ std::tuple<torch::Tensor, torch::Tensor> weighted_merge(torch::Tensor x, torch::
         }
         for (int64_t slot = 0; slot < S; ++slot) {  // an empty slot gives 0/0 = NaN, as the reference's division
           scalar_t* dst = op + (b * S + slot) * C + c0;
-          const float* sum = acc + slot * stride;
           if constexpr (kFloat) {
             divide(dst, total[slot], width);  // the sums are the output's rows
           } else {
+            const float* sum = acc + slot * stride;
             for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(sum[c] / total[slot]);
           }
         }
