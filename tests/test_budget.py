@@ -114,6 +114,16 @@ def test_bad_budgets_are_refused_and_leave_the_model_alone(kwargs, error, match)
         assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize("method, schedule", [("tome", {"r": [0, 0, 0, 8]}),
+                                              ("zero-tprune", {"layers": [3], "keep_rates": [0.5]})])
+def test_a_schedule_that_reduces_only_in_the_last_block_excludes_a_budget(method, schedule):
+    """The options fix the schedule even where only the last block reduces (which no block's input count shows)."""
+    model = tiny_timm("vit_base_patch16_224", img_size=64, depth=4)
+    with pytest.raises(TypeError, match="fix the token schedule themselves"):
+        tokenprune.apply(model, method, flops=0.99, **schedule)
+    assert not tokenprune.is_patched(model)
+
+
 def test_a_vlm_takes_keep_not_a_budget():
     from test_vlm import tiny_llava
 

@@ -80,7 +80,9 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     full = count_flops(probe, input_size)
     report = last_forward(probe)
     num_patches = report.token_counts[0] - report.num_prefix_tokens
-    if len(set(report.token_counts)) > 1:  # at keep=1.0 only a schedule given as options reduces anything
+    # at keep=1.0 only a schedule given as options reduces anything, in any block: the last block's reduction
+    # shows only in the tokens leaving it
+    if len(set(report.token_counts + [report.output_tokens])) > 1:
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
         raise TypeError(f"{given} fix the token schedule themselves, so a FLOPs budget (which chooses keep) "
                         "cannot apply: give one or the other")
