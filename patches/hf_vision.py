@@ -162,6 +162,12 @@ class ReducingLayer(Swapped):
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         refuse_jit_tracing()
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            # transformers' checkpointing replays this forward in the backward pass, with the forward's state
+            # already moved on (later blocks' counts, reduced sizes): gradients would fail or be wrong
+            raise RuntimeError("tokenprune: gradient checkpointing cannot be combined with token reduction (a layer "
+                               "recomputed in the backward pass would replay the token schedule from a later "
+                               "state); call model.gradient_checkpointing_disable() or tokenprune.remove(model) first")
         if attention_mask is not None and torch.compiler.is_exporting():
             raise RuntimeError("tokenprune: torch.export is not supported on a patched transformers model (under "
                                "export transformers builds an attention mask even without one, which cannot be "

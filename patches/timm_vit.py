@@ -19,8 +19,10 @@ How the patch works (docs/design.md has the reasoning and the measurements):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.attention import maybe_add_mask
@@ -130,6 +132,10 @@ class ReducingViT(Swapped, VisionTransformer):
         if attn_mask is not None or is_causal:
             raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
                              "(the token count changes inside the encoder); call tokenprune.remove(model) first")
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            warnings.warn("tokenprune: timm's gradient checkpointing is not applied while reducing tokens (the "
+                          "blocks run as they are: the same gradients, the memory of a forward without it)",
+                          RuntimeWarning, stacklevel=3)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         reducer = self.tokenprune_reducer
         num_patches = x.shape[1] - self.num_prefix_tokens

@@ -275,3 +275,19 @@ def test_pipeline_checks_arguments_before_loading(saved_vit):
         tokenprune.pipeline("image-classification", model="no/such-model", keep=2.0)
     with pytest.raises(TypeError, match="unknown option"):
         tokenprune.pipeline("image-classification", model="no/such-model", method="tome", options={"rr": 3})
+
+
+def test_gradient_checkpointing_is_refused_while_reducing():
+    """transformers' checkpointing replays a layer's forward in the backward pass, from a state the forward has moved
+    on (the backward failed on a size mismatch, or on a different number of saved tensors): refused in the forward,
+    with what to do; without gradients, or once disabled, the patched model runs."""
+    model = tiny_hf("vit").train()
+    tokenprune.apply(model, "tome", keep=0.5)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="gradient checkpointing cannot be combined with token reduction"):
+        model(pixel_values=x)
+    with torch.no_grad():
+        model(pixel_values=x)
+    model.gradient_checkpointing_disable()
+    model(pixel_values=x).logits.sum().backward()

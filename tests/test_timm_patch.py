@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
+import warnings
 
 import pytest
 import torch
@@ -414,3 +415,19 @@ def test_reset_classifier_gives_the_size_weighted_embeddings_of_an_average_poole
         embeddings = model(x)
     assert size is not None and size.max() > 1
     torch.testing.assert_close(embeddings, model.fc_norm((tokens * size).sum(1) / size.sum(1)), rtol=1e-6, atol=1e-6)
+
+
+def test_timm_gradient_checkpointing_is_not_applied_and_says_so():
+    """The patched forward runs the blocks itself: timm's checkpointing is skipped (the same gradients, more memory),
+    with a warning, only where it would have applied (training, gradients on)."""
+    model, x = tiny_timm(depth=3), images()
+    tokenprune.apply(model, "tome", keep=0.5)
+    model.set_grad_checkpointing(True)
+    model.train()
+    with pytest.warns(RuntimeWarning, match="gradient checkpointing is not applied"):
+        model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)
+        model.eval()(x)

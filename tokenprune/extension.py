@@ -87,11 +87,10 @@ def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = F
     if floating and t.dtype not in KERNEL_DTYPES:
         return None
     if torch.compiler.is_compiling():  # dynamo traces nothing below: the other transforms are eager-only
-        inference = not any(_asks_gradient(u) for u in (t, *inputs) if u is not None)
-        usable = in_compiled_graphs and cpu_kernel_pays and t.device.type == "cpu" and inference
+        usable = in_compiled_graphs and cpu_kernel_pays and t.device.type == "cpu" and not differentiated(t, *inputs)
         return COMPILED if usable and _cpu_build_for_graphs() else None
     setting = mode()
-    if setting == "off" or any(_differentiated(u) for u in (t, *inputs) if u is not None):
+    if setting == "off" or differentiated(t, *inputs):
         return None
     if t.is_cuda:
         return load(cuda=True) if setting == "all" else _load_or_warn(cuda=True)
@@ -144,12 +143,21 @@ class COMPILED:
         return dest, x.shape[1] - remove
 
 
-def _differentiated(t: torch.Tensor) -> bool:
-    """Whether a transform follows ``t`` through the ops, which the kernels (no derivatives, raw data
-    pointers) would silently cut or fail: autograd recording it, a forward-mode dual level (a tangent rides on
-    plain tensors), or a ``torch.func`` transform (vmap, jvp, grad: their interpreter stack is not empty)."""
-    return (_asks_gradient(t) or forward_ad._current_level >= 0
-            or torch._C._functorch.peek_interpreter_stack() is not None)
+def differentiated(*tensors: torch.Tensor | None) -> bool:
+    """Whether a transform follows any of ``tensors`` (None skipped) through the ops, which the kernels (no
+    derivatives, raw data pointers) and ``out=`` buffers would silently cut or fail: autograd recording one, a
+    forward-mode dual level (a tangent rides on plain tensors), or a ``torch.func`` transform (vmap, jvp, grad).
+    While dynamo traces, autograd alone (the one transform a compiled graph carries; the other checks would break
+    the graph)."""
+    if any(_asks_gradient(t) for t in tensors if t is not None):
+        return True
+    return not torch.compiler.is_compiling() and (forward_ad._current_level >= 0 or under_torch_func())
+
+
+def under_torch_func() -> bool:
+    """Whether a ``torch.func`` transform (vmap, jvp, grad) is running: its interpreter stack is not empty, and
+    every tensor made meanwhile, a factory's too, is its wrapper, valid only inside it."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _asks_gradient(t: torch.Tensor) -> bool:

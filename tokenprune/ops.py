@@ -209,9 +209,15 @@ def merge_destinations(plan: MergePlan, n: int, num_prefix: int) -> tuple[Tensor
     slot_a[:, :in_a] = 2 * torch.arange(in_a, device=device)  # prefix A tokens keep their positions
     slot_a.scatter_(1, plan.unmerged, (num_prefix + torch.arange(n_unmerged, device=device)).expand(batch, -1))
     slot_a.scatter_(1, plan.src, slot_b.gather(1, plan.dst))
-    dest = torch.empty(batch, n, dtype=torch.long, device=device)
-    dest[:, 0::2], dest[:, 1::2] = slot_a, slot_b
-    return dest, num_prefix + n_unmerged + n_b - in_b
+    return interleave(slot_a, slot_b), num_prefix + n_unmerged + n_b - in_b
+
+
+def interleave(a: Tensor, b: Tensor) -> Tensor:
+    """The A and B sets' rows back in sequence order: ``a`` (B, n_a) at the even positions, ``b`` (B, n_b) at
+    the odd ones, with ``n_a`` = ``n_b`` or ``n_b + 1``; ``(B, n_a + n_b)``. Out of place (a torch.func.vmap
+    of it writes no batched values into a fresh tensor)."""
+    pairs = torch.stack((a[:, :b.shape[1]], b), dim=-1).flatten(1)
+    return pairs if a.shape[1] == b.shape[1] else torch.cat((pairs, a[:, b.shape[1]:]), dim=1)
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
@@ -268,7 +274,8 @@ def random_keep_indices(batch: int, num_patches: int, keep: int, stream: int, de
     """``keep`` random patch indices per sample, ascending (so the spatial order survives): those with the
     smallest ``random_keys`` of ``stream``. Eager calls are memoised (the draw is a pure function of the arguments;
     a reducing forward asks the same draws every call); the returned tensor is shared, so read it, never write it."""
-    if torch.compiler.is_compiling():
+    # traced, or inside a torch.func transform (whose tensors would outlive it in the memo): drawn afresh
+    if torch.compiler.is_compiling() or extension.under_torch_func():
         return _keep_smallest_keys(batch, num_patches, keep, stream, torch.device(device))
     return _memoised_keep_indices(batch, num_patches, keep, stream, torch.device(device))
 
@@ -448,11 +455,11 @@ def head_products(a: Tensor, b: Tensor, alpha: float = 1.0, add: Tensor | None =
     one sample's heads, where one product over B*H first copies them; and ``alpha`` and ``add`` ride in the
     product. At DeiT-S batch 32 a block's explicit probabilities took 21 ms instead of 29-32 (scaled q, k copied,
     a separate add); the logits into a buffer 4.7 ms instead of 5.3. (For probabilities @ v the per-sample
-    products measured slower than matmul's copy: not used there.) Under autograd (``out=`` takes no part in
-    it): ``torch.matmul``."""
+    products measured slower than matmul's copy: not used there.) Under autograd, forward-mode AD or a
+    ``torch.func`` transform (``out=`` takes no part in them): ``torch.matmul``."""
     batch, heads, n = a.shape[:3]
     p = b.shape[-1]
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (add is not None and add.requires_grad)):
+    if extension.differentiated(a, b, add):
         product = torch.matmul(a, b) * alpha
         return product if add is None else product + add
     if out is None:

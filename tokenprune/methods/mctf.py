@@ -91,7 +91,8 @@ def bidirectional_assignment(scores: Tensor, remove: int, num_prefix: int = 0,
     slot_b = torch.empty(batch, n_b, dtype=torch.long, device=device)
     slot_a[:, :in_a] = 2 * torch.arange(in_a, device=device)  # prefix tokens keep their positions
     slot_b[:, :in_b] = 2 * torch.arange(in_b, device=device) + 1
-    slot_a.scatter_(1, kept_a[:, in_a:], num_prefix + torch.arange(n_kept_a, device=device).expand(batch, -1))
+    # out-of-place scatters (here and below): under torch.func.vmap the indices are batched, the fresh slots not
+    slot_a = slot_a.scatter(1, kept_a[:, in_a:], num_prefix + torch.arange(n_kept_a, device=device).expand(batch, -1))
     if bidirectional:
         rows = scores.gather(1, kept_a[..., None].expand(-1, -1, n_b)).transpose(1, 2)  # (B, |B|, |A'|)
         best2, best_a = rows.max(dim=-1)
@@ -100,13 +101,11 @@ def bidirectional_assignment(scores: Tensor, remove: int, num_prefix: int = 0,
         src2, kept_b = order2[:, :r2], order2[:, r2:n_b - in_b]
     else:
         kept_b = torch.arange(in_b, n_b, device=device).expand(batch, -1)
-    slot_b.scatter_(1, kept_b, num_prefix + n_kept_a + torch.arange(n_b - in_b - r2, device=device).expand(batch, -1))
+    slot_b = slot_b.scatter(1, kept_b, num_prefix + n_kept_a + torch.arange(n_b - in_b - r2, device=device).expand(batch, -1))
     if bidirectional:  # a B source lands on its A' token's slot (best_a indexes kept_a, prefix rows first)
-        slot_b.scatter_(1, src2, num_prefix - in_a + best_a.gather(1, src2))
-    slot_a.scatter_(1, src1, slot_b.gather(1, best_b.gather(1, src1)))  # A sources follow their B token
-    dest = torch.empty(batch, n_a + n_b, dtype=torch.long, device=device)
-    dest[:, 0::2], dest[:, 1::2] = slot_a, slot_b
-    return dest, n_a + n_b - remove
+        slot_b = slot_b.scatter(1, src2, num_prefix - in_a + best_a.gather(1, src2))
+    slot_a = slot_a.scatter(1, src1, slot_b.gather(1, best_b.gather(1, src1)))  # A sources follow their B token
+    return ops.interleave(slot_a, slot_b), n_a + n_b - remove
 
 
 @ops.without_autocast
