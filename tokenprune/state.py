@@ -59,10 +59,11 @@ class ForwardState:
         """A flat buffer of at least ``numel`` elements (``like``'s dtype and device) that every block of
         this forward reuses, for per-block maps such as attention probabilities. On CPU a fresh map of
         tens of MB in every block is served by fresh pages from the OS, and those page faults made MCTF
-        5-10% slower at batch 32 (docs/design.md). None while a transform follows ``like`` (autograd, forward-mode
-        AD, ``torch.func``: ``out=`` buffers cannot take part in them), and under ``torch.compile``: functionalised, every write into a view of the
-        buffer became a copy of the whole buffer, block after block (MCTF compiled ran 3.4x slower than eager
-        at batch 32 and 16x at batch 256 on the testbed); inductor plans the memory of fresh tensors itself."""
+        5-10% slower at batch 32 (docs/design.md). None while a transform follows ``like`` (autograd,
+        forward-mode AD, ``torch.func``: ``out=`` buffers cannot take part in them), and under ``torch.compile``:
+        functionalised, every write into a view of the buffer became a copy of the whole buffer, block after
+        block (MCTF compiled ran 3.4x slower than eager at batch 32 and 16x at batch 256 on the testbed);
+        inductor plans the memory of fresh tensors itself."""
         if torch.compiler.is_compiling() or like.requires_grad or extension.differentiated(like):
             return None
         buf = self._scratch

@@ -101,7 +101,8 @@ def bidirectional_assignment(scores: Tensor, remove: int, num_prefix: int = 0,
         src2, kept_b = order2[:, :r2], order2[:, r2:n_b - in_b]
     else:
         kept_b = torch.arange(in_b, n_b, device=device).expand(batch, -1)
-    slot_b = slot_b.scatter(1, kept_b, num_prefix + n_kept_a + torch.arange(n_b - in_b - r2, device=device).expand(batch, -1))
+    kept_b_slots = num_prefix + n_kept_a + torch.arange(n_b - in_b - r2, device=device).expand(batch, -1)
+    slot_b = slot_b.scatter(1, kept_b, kept_b_slots)
     if bidirectional:  # a B source lands on its A' token's slot (best_a indexes kept_a, prefix rows first)
         slot_b = slot_b.scatter(1, src2, num_prefix - in_a + best_a.gather(1, src2))
     slot_a = slot_a.scatter(1, src1, slot_b.gather(1, best_b.gather(1, src1)))  # A sources follow their B token
