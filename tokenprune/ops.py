@@ -216,8 +216,8 @@ def interleave(a: Tensor, b: Tensor) -> Tensor:
     """The A and B sets' rows back in sequence order: ``a`` (B, n_a) at the even positions, ``b`` (B, n_b) at
     the odd ones, with ``n_a`` = ``n_b`` or ``n_b + 1``; ``(B, n_a + n_b)``. Out of place (a torch.func.vmap
     of it writes no batched values into a fresh tensor)."""
-    pairs = torch.stack((a[:, :b.shape[1]], b), dim=-1).flatten(1)
-    return pairs if a.shape[1] == b.shape[1] else torch.cat((pairs, a[:, b.shape[1]:]), dim=1)
+    n_b = b.shape[1]
+    return torch.cat((torch.stack((a[:, :n_b], b), dim=-1).flatten(1), a[:, n_b:]), dim=1)  # a's last, if odd
 
 
 def keep_tokens(t: Tensor, keep_idx: Tensor, num_prefix: int) -> Tensor:
