@@ -428,23 +428,48 @@ def add_output_arguments(p: argparse.ArgumentParser, folder: str, plotted: str) 
     """``--output``, ``--resume``, ``--overwrite`` and ``--plot``: shared with ``tokenprune eval-vlm``."""
     p.add_argument("--output", help="results file (.jsonl; a .csv is written beside it); "
                                     f"default {folder}/<model>-<data>.jsonl")
-    p.add_argument("--resume", action="store_true", help="skip configurations already in --output")
-    p.add_argument("--overwrite", action="store_true", help="start --output afresh")
+    # one or the other: --overwrite would delete the very results --resume was asked to keep
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="skip configurations already in --output")
+    existing.add_argument("--overwrite", action="store_true", help="start --output afresh")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
-                   help=f"write {plotted} as a PNG (default: beside --output)")
+                   help=f"write {plotted} as a PNG (default: beside --output), or in any format matplotlib "
+                        "writes, by the name's extension (.pdf, .svg, ...)")
+
+
+def plot_formats() -> list[str]:
+    """The file extensions matplotlib's ``savefig`` writes (png, pdf, svg, ...), without the dot."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:  # an optional dependency: missing, said before the evaluation, not after it
+        raise ValueError("--plot needs matplotlib: pip install 'tokenprune-vit[plot]'") from e
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
 
 
 def output_paths(args, folder: str, model: str) -> tuple[Path, Path | None]:
     """The results file and the plot (None without ``--plot``), checked before any work, so a bad path never
-    costs an evaluation: an existing file needs ``--resume`` or ``--overwrite``; every path must be writable."""
+    costs an evaluation: an existing file needs ``--resume`` or ``--overwrite``; the plot's name must end in a
+    format matplotlib writes; the results, their CSV and the plot must be three files (each would overwrite
+    another); every path must be writable."""
     slug = Path(args.data).name or args.data
     output = Path(args.output or f"{folder}/{Path(model).name}-{slug}.jsonl")
     if output.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{output} exists: pass --resume to continue it or --overwrite to start afresh")
     png = (Path(args.plot) if args.plot else output.with_suffix(".png")) if args.plot is not None else None
-    for path, what in ((output, "--output"), (output.with_suffix(".csv"), "--output's CSV"), (png, "--plot")):
-        if path is not None:
-            check_writable(path, what)
+    if png is not None and png.suffix[1:].lower() not in plot_formats():
+        raise ValueError(f"--plot {png}: matplotlib cannot write {png.suffix or 'a name without an extension'}; "
+                         f"give a name ending in one of .{', .'.join(plot_formats())}")
+    files = [("--output", output), ("--output's CSV", output.with_suffix(".csv"))] + ([("--plot", png)] if png else [])
+    first = {}
+    for what, path in files:
+        earlier = first.setdefault(path.resolve(), what)
+        if earlier != what:
+            raise ValueError(f"{earlier} and {what} would be the same file, {path}: the results (--output, JSON "
+                             "lines: e.g. NAME.jsonl), their CSV (NAME.csv, beside them) and --plot must be three "
+                             "different files")
+    for what, path in files:
+        check_writable(path, what)
     return output, png
 
 

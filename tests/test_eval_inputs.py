@@ -15,6 +15,7 @@ from conftest import write_idx
 from PIL import Image
 from test_eval_cli import CLASSES, COMMON, make_folder
 from tokenprune.eval import evaluate as evaluate_module
+from tokenprune.eval import vlm as vlm_module
 from tokenprune.eval.data import build_dataset
 from tokenprune.eval.evaluate import main as evaluate
 
@@ -47,6 +48,7 @@ def never_evaluated(monkeypatch):
         raise AssertionError("evaluation started although the input was bad")
 
     monkeypatch.setattr(evaluate_module, "evaluate_config", fail)
+    monkeypatch.setattr(vlm_module, "evaluate_vlm_config", fail)  # eval-vlm shares the output arguments
 
 
 def tensor(image):
@@ -195,7 +197,8 @@ def test_unwritable_output_is_found_before_evaluating(tmp_path, capsys, monkeypa
     never_evaluated(monkeypatch)
     (tmp_path / "a-file").write_text("")
     bad = str(tmp_path / "a-file" / "run.jsonl")
-    args = ["--output", bad] if flag == "--output" else ["--output", str(tmp_path / "r.jsonl"), "--plot", bad]
+    args = ["--output", bad] if flag == "--output" else ["--output", str(tmp_path / "r.jsonl"), "--plot",
+                                                         str(Path(bad).with_suffix(".png"))]
     one_line_error(["eval", "--no-pretrained", *args], capsys, flag, "cannot be written")
 
 
@@ -336,3 +339,50 @@ def test_an_option_only_the_model_can_refuse_fails_before_any_image(tmp_path, ca
     one_line_error(["eval", "--model", "vit_testbed_fmnist", "--limit", "4", "--method", "mctf", "--keep", "0.5",
                     "--option", "layers=[3,6,12]", "--output", str(out)], capsys, "layers", "12 blocks")
     assert not out.exists()
+
+
+# --- the output files: three distinct ones, a plot format matplotlib writes, --resume or --overwrite ---------------
+
+@pytest.mark.parametrize("command", ["eval", "eval-vlm"])
+@pytest.mark.parametrize("files, fragment", [
+    (["--output", "x.csv"], "--output and --output's CSV would be the same file"),
+    (["--output", "z.png", "--plot"], "--output and --plot would be the same file"),
+    (["--output", "sub/../z.pdf", "--plot", "z.pdf"], "--output and --plot would be the same file"),
+])
+def test_results_csv_and_plot_are_three_files(tmp_path, capsys, monkeypatch, command, files, fragment):
+    """One would overwrite another (and --resume would then 'repair' a CSV or a PNG as torn lines)."""
+    never_evaluated(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    one_line_error([command, "--limit", "2", *files], capsys, fragment, "three different files")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-vlm"])
+@pytest.mark.parametrize("name, fragment", [("q.csv", "cannot write .csv"),
+                                            ("q", "cannot write a name without an extension")])
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_evaluating(tmp_path, capsys, monkeypatch,
+                                                                             command, name, fragment):
+    never_evaluated(monkeypatch)
+    one_line_error([command, "--limit", "2", "--output", str(tmp_path / "r.jsonl"), "--plot", str(tmp_path / name)],
+                   capsys, f"--plot {tmp_path / name}: matplotlib {fragment}", ".png", ".pdf", ".svg")
+
+
+def test_every_format_matplotlib_writes_is_a_plot_name(tmp_path):
+    import argparse
+
+    for name in ("r.pdf", "r.SVG", "r.png"):
+        args = argparse.Namespace(data="d", output=str(tmp_path / "r.jsonl"), plot=str(tmp_path / name),
+                                  resume=False, overwrite=False)
+        assert evaluate_module.output_paths(args, "runs", "m") == (tmp_path / "r.jsonl", tmp_path / name)
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-vlm"])
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys, monkeypatch, command):
+    """--overwrite would delete the results --resume was asked to continue."""
+    never_evaluated(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"key": "finished earlier"}\n')
+    one_line_error([command, "--limit", "2", "--output", str(out), "--resume", "--overwrite"], capsys,
+                   "--overwrite", "not allowed with", "--resume")
+    assert out.read_text() == '{"key": "finished earlier"}\n'
+
