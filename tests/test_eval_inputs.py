@@ -321,7 +321,7 @@ def test_fashion_mnist_train_split_comes_from_the_environment(tmp_path, monkeypa
     from tokenprune import testbed
 
     monkeypatch.delenv("TOKENPRUNE_FMNIST_ROOT", raising=False)
-    with pytest.raises(FileNotFoundError, match="set TOKENPRUNE_FMNIST_ROOT"):
+    with pytest.raises(ValueError, match="set TOKENPRUNE_FMNIST_ROOT"):  # bad input: the CLI's one line, exit 2
         testbed.load_fashion_mnist("train")
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
@@ -385,4 +385,44 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys, monkeypatch
     one_line_error([command, "--limit", "2", "--output", str(out), "--resume", "--overwrite"], capsys,
                    "--overwrite", "not allowed with", "--resume")
     assert out.read_text() == '{"key": "finished earlier"}\n'
+
+
+# --- the Fashion-MNIST train split (the validation splits' source) missing or broken: one line ---------------------
+
+def broken_train_split(root, how: str):
+    """A ``TOKENPRUNE_FMNIST_ROOT`` value for each way the train files can be missing or unreadable."""
+    if how == "unset":
+        return None
+    if how == "no folder":
+        return root / "nowhere"
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(6000))
+    if how == "truncated":
+        write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((6000, 28, 28)))
+        whole = (root / "train-images-idx3-ubyte.gz").read_bytes()
+        (root / "train-images-idx3-ubyte.gz").write_bytes(whole[:len(whole) // 2])
+    return root
+
+
+@pytest.mark.parametrize("how, fragments", [
+    ("unset", ["set TOKENPRUNE_FMNIST_ROOT", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]),
+    ("no folder", ["TOKENPRUNE_FMNIST_ROOT=", "nowhere: no such folder", "train-images-idx3-ubyte.gz"]),
+    ("labels only", ["TOKENPRUNE_FMNIST_ROOT=", "no train-images-idx3-ubyte.gz there", "train-labels-idx1"]),
+    ("truncated", ["train-images-idx3-ubyte.gz: not a readable gzip file", "expected the original Fashion-MNIST"]),
+])
+def test_missing_or_broken_fashion_mnist_train_files_are_one_line(tmp_path, capsys, monkeypatch, how, fragments):
+    never_evaluated(monkeypatch)
+    root = broken_train_split(tmp_path, how)
+    if root is None:
+        monkeypatch.delenv("TOKENPRUNE_FMNIST_ROOT", raising=False)
+    else:
+        monkeypatch.setenv("TOKENPRUNE_FMNIST_ROOT", str(root))
+    one_line_error(["eval", "--data", "fashion-mnist:val", "--output", str(tmp_path / "r.jsonl")], capsys, *fragments)
+
+
+@pytest.mark.parametrize("argv", [["eval", "--model", "vit_testbed_mosaic", "--data", "fashion-mnist-mosaic:val"],
+                                  ["eval-vlm", "--data", "fashion-mnist-vqa:val"]])
+def test_every_validation_split_without_the_train_files_is_one_line(tmp_path, capsys, monkeypatch, argv):
+    never_evaluated(monkeypatch)
+    monkeypatch.delenv("TOKENPRUNE_FMNIST_ROOT", raising=False)
+    one_line_error([*argv, "--output", str(tmp_path / "r.jsonl")], capsys, "set TOKENPRUNE_FMNIST_ROOT")
 

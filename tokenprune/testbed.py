@@ -22,6 +22,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -310,9 +311,16 @@ _FILES = {
 
 
 def _read_idx(path: Path, expected_dims: int) -> torch.Tensor:
-    """Read a gzipped IDX file of unsigned bytes (magic 0x00000801 / 0x00000803)."""
-    with gzip.open(path, 'rb') as f:
-        raw = f.read()
+    """Read a gzipped IDX file of unsigned bytes (magic 0x00000801 / 0x00000803). A file that cannot be read
+    is a ``ValueError`` (the CLI's one-line bad input), like one that reads but is not an IDX file."""
+    try:
+        with gzip.open(path, 'rb') as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip (BadGzipFile is an OSError), truncated, corrupt
+        raise ValueError(f'{path}: not a readable gzip file ({e}); expected the original Fashion-MNIST '
+                         f'{path.name}') from e
+    if len(raw) < 4 + 4 * expected_dims:  # too short for the header
+        raise ValueError(f'{path}: not a uint8 IDX file with {expected_dims} dims')
     zero, dtype_code, ndim = struct.unpack('>HBB', raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
         raise ValueError(f'{path}: not a uint8 IDX file with {expected_dims} dims')
@@ -337,20 +345,30 @@ def load_fashion_mnist(split: str, root: Optional[Union[str, os.PathLike]] = Non
 
     Returns:
         ``(images, labels)``: uint8 tensor ``[N, 28, 28]`` and int64 tensor ``[N]``.
+
+    Raises:
+        ValueError: the files are missing or unreadable (bad input to the CLI: one line, exit 2), naming the
+            folder (and ``TOKENPRUNE_FMNIST_ROOT`` when the folder came from it) and the files it must hold.
     """
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     img_name, lbl_name = _FILES[split]
+    where = root
     if root is None:
         root = DATA_DIR if (DATA_DIR / img_name).is_file() else os.environ.get(FMNIST_ROOT_ENV)
+        where = f'{FMNIST_ROOT_ENV}={root}'
     if not root:
-        raise FileNotFoundError(
-            f'the Fashion-MNIST {split} split is not packaged (only the test split is): pass its folder '
-            f'(train_testbed --data-root) or set {FMNIST_ROOT_ENV} to the folder holding {img_name} and {lbl_name}')
+        source = ' (the validation splits are carved from it)' if split == 'train' else ''
+        raise ValueError(
+            f'the Fashion-MNIST {split} split{source} is not packaged (only the test split is): set '
+            f'{FMNIST_ROOT_ENV} (or pass train_testbed --data-root) to the folder holding {img_name} and {lbl_name}')
     root = Path(root)
     img_path, lbl_path = root / img_name, root / lbl_name
-    if not img_path.is_file() or not lbl_path.is_file():
-        raise FileNotFoundError(f'Fashion-MNIST {split} files not found in {root} (need {img_name}, {lbl_name})')
+    missing = [p.name for p in (img_path, lbl_path) if not p.is_file()]
+    if missing:
+        found = 'no such folder' if not root.is_dir() else f'no {" or ".join(missing)} there'
+        raise ValueError(f'{where}: {found}; expected the folder holding the Fashion-MNIST {split} files '
+                         f'{img_name} and {lbl_name}')
     images = _read_idx(img_path, 3)
     labels = _read_idx(lbl_path, 1).long()
     if images.shape[0] != labels.shape[0]:
