@@ -325,14 +325,47 @@ def looks_like_path(text: str) -> bool:
             or ("/" in text and Path(first).is_dir()))
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder ``datasets.load_from_disk`` reads, by its own rule: a ``Dataset``'s dataset_info.json and
+    state.json, or a ``DatasetDict``'s dataset_dict.json. (One of the first two alone, say a state.json some tool
+    left in an image folder, does not make one.)"""
+    return all((path / name).is_file() for name in ("dataset_info.json", "state.json")) or \
+        (path / "dataset_dict.json").is_file()
+
+
+def pick_split(data, split: str, path) -> tuple:
+    """``data[split]`` of a ``DatasetDict`` (a ``--split`` it lacks is an error naming those it has), or a
+    ``Dataset``, which is one split whatever ``split`` says; and the split's name for a description."""
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"--split {split}: {path} has the splits {', '.join(data) or '(none)'}")
+        return data[split], split
+    return data, "its one saved split" + (f", {data.split}" if data.split else "") + "; --split does not apply"
+
+
+def load_saved_dataset(path: Path, split: str) -> tuple:
+    """The ``split`` of a folder saved with ``save_to_disk`` (``is_saved_dataset``), see ``pick_split``."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as e:  # a split's folder missing, bad JSON, no "splits" in the dict
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise ValueError(f"--data {path}: a folder saved with datasets' save_to_disk that does not load ({reason}); "
+                         "expected what save_to_disk writes: dataset_info.json, state.json and the data of a "
+                         "Dataset, or a DatasetDict's dataset_dict.json listing its split folders") from e
+    return pick_split(data, split, path)
+
+
 def build_dataset(spec: str, transform, input_size, split: str = "validation", num_classes: int | None = None,
                   class_map=None) -> tuple[Dataset, str]:
     """``spec``: ``fashion-mnist`` (embedded), an image folder, a saved HF dataset folder, or a HF name."""
     mode = mode_for(input_size[0])
     path = Path(spec).expanduser()
     is_folder = path.is_dir() and spec not in EMBEDDED_SPECS
-    is_hf_folder = is_folder and any((path / f).exists()
-                                     for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    is_hf_folder = is_folder and is_saved_dataset(path)
     if class_map is not None and (not is_folder or is_hf_folder):
         raise ValueError("--class-map applies to an image-folder --data only")
     if spec in EMBEDDED_SPECS:
@@ -344,12 +377,8 @@ def build_dataset(spec: str, transform, input_size, split: str = "validation", n
         where = "test split" if part == "test" else "validation split (the last 5,000 train images)"
         return dataset, f"embedded {what}Fashion-MNIST {where} ({len(dataset):,})"
     if is_hf_folder:
-        import datasets
-
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            data = data[split]
-        return HFImages(data, transform, input_size, mode, num_classes), f"HF dataset at {path} ({split})"
+        data, which = load_saved_dataset(path, split)
+        return HFImages(data, transform, input_size, mode, num_classes), f"HF dataset at {path} ({which})"
     if is_folder:
         return ImageFolder(path, transform, input_size, mode, num_classes, class_map), f"image folder {path}"
     if path.exists():

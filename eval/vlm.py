@@ -52,7 +52,15 @@ from tokenprune.cli import (
     torch_dtype,
 )
 
-from .data import decode_image, image_source, looks_like_path, skip_reason
+from .data import (
+    decode_image,
+    image_source,
+    is_saved_dataset,
+    load_saved_dataset,
+    looks_like_path,
+    pick_split,
+    skip_reason,
+)
 from .evaluate import (
     Config,
     add_output_arguments,
@@ -213,17 +221,16 @@ def load_questions(spec: str, split: str):
                 f"{EMBEDDED_QUESTION_COUNT:,} questions on 2x2 mosaics of the Fashion-MNIST {where}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        saved = any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        if is_saved_dataset(path):
+            data, which = load_saved_dataset(path, split)
+            return data, f"{path} ({which})"
         try:
-            data = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+            data = datasets.load_dataset(str(path))
         except (OSError, ValueError) as e:  # EmptyDatasetError is a FileNotFoundError
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"--data {spec}: the folder does not load as a dataset ({first})") from e
-        if isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ValueError(f"--split {split}: {path} has the splits {', '.join(data)}")
-            return data[split], f"{path} ({split})"
-        return data, str(path)  # one saved split: --split does not apply
+        data, which = pick_split(data, split, path)
+        return data, f"{path} ({which})"
     if path.exists():
         raise ValueError(f"--data {spec}: a file; expected a folder or a datasets name")
     if looks_like_path(spec):

@@ -426,3 +426,50 @@ def test_every_validation_split_without_the_train_files_is_one_line(tmp_path, ca
     monkeypatch.delenv("TOKENPRUNE_FMNIST_ROOT", raising=False)
     one_line_error([*argv, "--output", str(tmp_path / "r.jsonl")], capsys, "set TOKENPRUNE_FMNIST_ROOT")
 
+
+# --- saved datasets folders: the split, what the folder must hold; an image folder with a stray state.json -------
+
+def saved_dataset(path, splits=("validation",)):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    ds = datasets.Dataset.from_dict({"image": [grey(v) for v in (10, 20, 30)], "label": [0, 1, 2]}, features=features)
+    if splits is None:
+        ds.save_to_disk(str(path))
+    else:
+        datasets.DatasetDict({s: ds for s in splits}).save_to_disk(str(path))
+    return path
+
+
+def test_a_split_the_saved_folder_lacks_names_those_it_has(tmp_path, capsys, monkeypatch):
+    never_evaluated(monkeypatch)
+    data = saved_dataset(tmp_path / "hf", ("validation", "test"))
+    capsys.readouterr()  # the saving progress
+    one_line_error(["eval", "--no-pretrained", "--data", str(data), "--split", "train", "--output",
+                    str(tmp_path / "r.jsonl")], capsys, "--split train:", "has the splits validation, test")
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-vlm"])
+@pytest.mark.parametrize("files", [{"dataset_dict.json": "{}"}, {"dataset_dict.json": "not json"},
+                                   {"dataset_info.json": "{}", "state.json": "{}"}])
+def test_a_saved_dataset_folder_that_does_not_load_is_one_line(tmp_path, capsys, monkeypatch, command, files):
+    never_evaluated(monkeypatch)
+    data = tmp_path / "hf"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+    one_line_error([command, "--data", str(data), "--output", str(tmp_path / "r.jsonl")], capsys,
+                   f"--data {data}: a folder saved with datasets' save_to_disk that does not load",
+                   "dataset_dict.json")
+
+
+def test_an_image_folder_with_a_state_json_is_an_image_folder(tmp_path):
+    data = make_folder(tmp_path / "val", corrupt=False)
+    (data / "state.json").write_text("{}")  # some tool's, not datasets'
+    dataset, what = build_dataset(str(data), tensor, (3, 28, 28))
+    assert what == f"image folder {data}" and len(dataset) == 9
+
+
+def test_a_saved_dataset_of_one_split_says_so_whatever_the_split(tmp_path):
+    data = saved_dataset(tmp_path / "hf", None)
+    dataset, what = build_dataset(str(data), tensor, (3, 28, 28), split="train")
+    assert len(dataset) == 3 and "(its one saved split; --split does not apply)" in what and "train" not in what
