@@ -111,6 +111,8 @@ def parse_option(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    if key == "keep":  # every method takes keep, from its own flag: two values would be ambiguous
+        raise argparse.ArgumentTypeError(f"{text!r}: keep is not a method option but its own flag: --keep {value}")
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
