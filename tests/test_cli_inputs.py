@@ -1,9 +1,70 @@
-"""What `tokenprune flops` and `bench` do with options they cannot run: one line, exit 2, no traceback, before
-anything is counted or timed. (`show`: tests/test_visualize.py; eval's own inputs: tests/test_eval_inputs.py.)"""
+"""What `tokenprune flops` and `bench` do with models, methods and options they cannot run: one line,
+exit 2, no traceback, before anything is counted or timed; and the dual encoders (hf:clip, hf:siglip) they can
+run, by their vision tower. (`show`: tests/test_visualize.py; eval's own inputs: tests/test_eval_inputs.py.)"""
 from __future__ import annotations
 
 import pytest
-from test_eval_inputs import one_line_error
+from test_eval_inputs import one_line_error, run_cli
+
+import tokenprune
+from tokenprune.eval import benchmark as bench
+
+
+def never_counted(monkeypatch):
+    monkeypatch.setattr(tokenprune, "count_flops", lambda *a, **k: pytest.fail("counted before the model was checked"))
+
+
+@pytest.mark.parametrize("command", ["flops", "bench", "show"])
+def test_a_pretrained_tag_the_model_lacks_is_named_with_the_tags_it_has(capsys, command):
+    one_line_error([command, "--model", "vit_testbed_fmnist.bogus_tag"], capsys,
+                   "unknown pretrained tag 'bogus_tag' in 'vit_testbed_fmnist.bogus_tag'", "has tokenprune_fmnist")
+
+
+@pytest.mark.parametrize("command", ["flops", "bench"])
+def test_a_missing_local_dir_is_named(tmp_path, capsys, command):
+    one_line_error([command, "--model", f"local-dir:{tmp_path / 'nope'}"], capsys,
+                   f"{tmp_path / 'nope'} is not a folder with a config.json")
+
+
+@pytest.mark.parametrize("command", ["flops", "bench"])
+def test_a_hub_model_neither_cached_nor_reachable_is_one_line(capsys, monkeypatch, command):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
+    one_line_error([command, "--model", "hf-hub:timm/tokenprune_no_such_model"], capsys,
+                   "could not create 'hf-hub:timm/tokenprune_no_such_model'",
+                   "hf-hub:<repo> in the Hub's local cache or reachable")
+
+
+@pytest.mark.parametrize("model_type, model_class", [("bert", "BertModel"), ("gpt2", "GPT2Model")])
+def test_flops_checks_the_model_is_supported_before_counting(capsys, monkeypatch, model_type, model_class):
+    never_counted(monkeypatch)
+    one_line_error(["flops", "--model", f"hf:{model_type}"], capsys, "tokenprune does not support", model_class,
+                   "supported: ")
+
+
+def tiny_dual_encoder(kind: str):
+    """hf:clip / hf:siglip's config, shrunk to a 64-patch vision tower and a 2-layer text tower."""
+    from transformers import CLIPConfig, SiglipConfig
+
+    vision = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96, image_size=32,
+                  patch_size=4)
+    text = dict(vocab_size=10, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=64)
+    return {"clip": CLIPConfig, "siglip": SiglipConfig}[kind](text_config=text, vision_config=vision)
+
+
+@pytest.mark.parametrize("kind, tower, output", [("clip", "CLIPVisionModel", 17), ("siglip", "SiglipVisionModel", 16)])
+def test_flops_and_bench_run_a_dual_encoders_vision_tower(capsys, monkeypatch, kind, tower, output):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "for_model", lambda model_type: tiny_dual_encoder(model_type))
+    code, out, err = run_cli(["flops", "--model", f"hf:{kind}", "--keep", "0.25"], capsys)
+    assert code == 0, err[-3000:]
+    assert f"model hf:{kind} ({tower})" in out and f"-> {output}\n" in out  # 64 patches at keep 0.25, CLIP's class
+    monkeypatch.setattr(bench, "interleaved_medians", lambda models, *a: ({name: 1.0 for name in models}, None))
+    [row] = bench.benchmark(f"hf:{kind}", keep=0.25, batch_sizes=(2,), repeats=1)
+    assert row.ideal_speedup > 1
 
 
 @pytest.mark.parametrize("command", ["flops", "bench", "eval"])

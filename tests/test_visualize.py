@@ -97,6 +97,10 @@ def test_show_command_writes_a_png_per_method_and_the_counts(tmp_path, capsys):
     (["--method", "nope"], "unknown method 'nope'"),
     (["--keep", "2"], "keep must be in (0, 1]"),
     (["--model", "vit_tiny_patch16_224"], "give an image"),
+    (["--model", "hf:vit"], "show draws timm ViTs only"),
+    (["--method", "hiprune"], "--method hiprune is a visual-token selector"),
+    (["--method", "tome", "random-select"], "`tokenprune show` runs image encoders, which take mctf, random, tome"),
+    (["-o", "trace_source=False"], "show (render) sets trace_source=True itself"),
 ])
 def test_show_command_refuses_bad_input_in_one_line(tmp_path, capsys, argv, message):
     from tokenprune.cli import main
@@ -104,6 +108,22 @@ def test_show_command_refuses_bad_input_in_one_line(tmp_path, capsys, argv, mess
     assert main(["show", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_show_command_checks_the_image_and_the_model_before_drawing(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from tokenprune.cli import main
+
+    monkeypatch.setattr(tv, "show_tokens", lambda *a, **k: pytest.fail("drew with a bad image or model"))
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.png")
+    for argv, message in ((["--image", str(tmp_path / "notes.png")], "notes.png is not an image PIL can read"),
+                          (["--model", "resnet18", "--image", str(tmp_path / "red.png")],
+                           "tokenprune does not support timm.models.resnet.ResNet")):
+        assert main(["show", "--out", str(tmp_path), "--method", "tome", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err[-3000:]
 
 
 def test_kept_groups_follow_a_vlm_report():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import difflib
 import os
 import sys
@@ -39,7 +40,8 @@ def _close(name: str, names) -> str:
 
 
 def check_model_name(name: str, transformers_ok: str = "hf:<model_type>") -> None:
-    """A known timm architecture (an optional ``.pretrained_tag``; ``hf-hub:`` names pass) or, for
+    """A known timm architecture with an optional ``.pretrained_tag`` it has, a ``local-dir:`` folder that
+    exists (``hf-hub:`` names pass: only loading tells whether the Hub or its cache has them) or, for
     ``hf:<type>``, a transformers model type; else a one-line error with close matches."""
     if name.startswith("hf:"):
         from transformers import CONFIG_MAPPING
@@ -49,15 +51,26 @@ def check_model_name(name: str, transformers_ok: str = "hf:<model_type>") -> Non
             raise ValueError(f"unknown transformers model type {name[3:]!r} in {name!r} (hf:<model_type>, e.g. "
                              f"hf:vit){_close(name[3:], types)}")
         return
-    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):  # timm loads these from their source
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"--model {name}: {folder} is not a folder with a config.json (local-dir:<folder "
+                             f"holding a timm model's config.json and weights>)")
+        return
+    if name.startswith(("hf-hub:", "hf_hub:")):  # timm loads these from the Hub or its cache
         return
     import timm
 
     import tokenprune.testbed  # noqa: F401  (registers the testbed with timm)
 
-    if not timm.is_model(name.split(".", 1)[0]):
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
         raise ValueError(f"unknown model {name!r}: not a timm model (timm.list_models()) or {transformers_ok}"
                          f"{_close(name, timm.list_models())}")
+    tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+    if tag and tag not in tags:
+        raise ValueError(f"unknown pretrained tag {tag!r} in {name!r}: {arch} has "
+                         f"{', '.join(tags) if tags else 'none'} (or leave the tag out){_close(tag, tags)}")
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -122,7 +135,7 @@ def parse_option(text: str) -> tuple[str, object]:
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="deit_small_patch16_224",
                    help="timm model name, or hf:<model_type> for a transformers model from its default config "
-                   "(hf:vit = ViT-B/16); random init")
+                   "(hf:vit = ViT-B/16; hf:clip, hf:siglip: their vision tower); random init")
     p.add_argument("--method", default="tome", help="a registered method (see `tokenprune methods`)")
     p.add_argument("--keep", type=float, default=0.33, help="fraction of patch tokens that leave the encoder")
     add_option_argument(p)
@@ -144,11 +157,16 @@ def add_device_arguments(p: argparse.ArgumentParser, auto: bool = False) -> None
                    help="the model's and the input's dtype (half precision: merges still accumulate in float32)")
 
 
-def _check_method(args) -> None:
-    """The method, keep and options against the method's declarations, before any model is built."""
-    from tokenprune.registry import get_method
+def _check_method(command: str, method: str, keep: float, options: list[tuple[str, object]]) -> None:
+    """The method, keep and options against the method's declarations, before any model is built; and that it
+    is a vision-encoder method: ``flops``, ``bench`` and ``show`` run image encoders, not VLMs."""
+    from tokenprune.registry import EncoderReducer, get_method, method_names
 
-    get_method(args.method)(keep=args.keep, **dict(args.option))
+    reducer = get_method(method)(keep=keep, **dict(options))
+    if not isinstance(reducer, EncoderReducer):
+        encoder = [m for m in method_names() if issubclass(get_method(m), EncoderReducer)]
+        raise ValueError(f"--method {method} is {reducer.kind}: `tokenprune {command}` runs image encoders, which "
+                         f"take {', '.join(encoder)} (VLMs: `tokenprune bench-vlm`, `tokenprune eval-vlm`)")
 
 
 def _cmd_methods(args) -> int:
@@ -163,8 +181,10 @@ def _cmd_flops(args) -> int:
     from tokenprune.flops import default_input_size, random_model
 
     check_model_name(args.model)
-    _check_method(args)
+    _check_method(args.command, args.method, args.keep, args.option)
     model = random_model(args.model)
+    # apply's checks (a supported model, a method it runs, a schedule its depth allows) before any count
+    patched = tokenprune.apply(copy.deepcopy(model), args.method, keep=args.keep, **dict(args.option))
     size = tuple(args.input_size) if args.input_size else None
     try:
         base = tokenprune.count_flops(model, size)
@@ -175,12 +195,11 @@ def _cmd_flops(args) -> int:
         native = " ".join(map(str, default_input_size(model)))
         raise ValueError(f"--input-size {' '.join(map(str, size))} does not fit {args.model} ({reason}); its "
                          f"native input is C H W = {native}") from e
-    tokenprune.apply(model, args.method, keep=args.keep, **dict(args.option))
-    reduced = tokenprune.count_flops(model, size)
-    report = tokenprune.last_forward(model)
-    print(f"model {args.model}, input {size or 'default'}; FLOPs = 2 x MACs, per image")
+    reduced = tokenprune.count_flops(patched, size)
+    report = tokenprune.last_forward(patched)
+    print(f"model {args.model} ({type(model).__name__}), input {size or 'default'}; FLOPs = 2 x MACs, per image")
     print(f"  unpatched           {base.gmacs_per_sample:8.3f} GMACs  {base.gflops_per_sample:8.3f} GFLOPs")
-    print(f"  {args.method:<8} {tokenprune.reducer_of(model)!r}")
+    print(f"  {args.method:<8} {tokenprune.reducer_of(patched)!r}")
     print(f"                      {reduced.gmacs_per_sample:8.3f} GMACs  {reduced.gflops_per_sample:8.3f} GFLOPs"
           f"  ({base.flops / reduced.flops:.2f}x fewer)")
     print(f"  tokens entering each block: {report.token_counts} -> {report.output_tokens}")
@@ -193,7 +212,7 @@ def _cmd_bench(args) -> int:
     check_model_name(args.model)
     if args.json:
         check_writable(Path(args.json), "--json")
-    _check_method(args)
+    _check_method(args.command, args.method, args.keep, args.option)
     device = check_device(args.device)
     rows = benchmark(args.model, args.method, keep=args.keep, options=dict(args.option),
                      batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads, compile=args.compile,
@@ -206,14 +225,20 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from tokenprune.visualize import render
+    from tokenprune.visualize import read_image, render
 
-    if args.image is not None and not Path(args.image).is_file():
-        raise ValueError(f"--image {args.image} is not a file")
+    if args.model.startswith("hf:"):
+        raise ValueError(f"--model {args.model}: show draws timm ViTs only (a timm name, hf-hub: or local-dir:)")
+    check_model_name(args.model, transformers_ok="hf-hub:<repo> / local-dir:<folder>")
     for method in args.method:
-        _check_method(argparse.Namespace(method=method, keep=args.keep, option=args.option))
+        _check_method(args.command, method, args.keep, args.option)
+    image = None
+    if args.image is not None:
+        if not Path(args.image).is_file():
+            raise ValueError(f"--image {args.image} is not a file")
+        image = read_image(args.image)
     check_writable(Path(args.out) / "token_counts.png", "--out")
-    for path in render(args.model, args.image, args.method, args.keep, dict(args.option), args.out):
+    for path in render(args.model, image, args.method, args.keep, dict(args.option), args.out):
         print(path)
     return 0
 

@@ -55,15 +55,32 @@ class FlopCount:
 
 def random_model(name: str, seed: int = 0) -> nn.Module:
     """A random-init model in eval mode: a timm name, or ``hf:<model_type>`` for a transformers
-    model built from that type's default config (``hf:vit`` is ViT-B/16 at 224)."""
+    model built from that type's default config (``hf:vit`` is ViT-B/16 at 224). A dual encoder
+    (``hf:clip``, ``hf:siglip``) gives its vision tower: the part that sees the image, and the only one
+    tokens are reduced in (the text tower would also want text to run)."""
     torch.manual_seed(seed)
     if name.startswith("hf:"):
         from transformers import AutoConfig, AutoModel
 
-        return AutoModel.from_config(AutoConfig.for_model(name[3:])).eval()
+        model = AutoModel.from_config(AutoConfig.for_model(name[3:]))
+        if hasattr(model, "vision_model") and hasattr(model, "text_model"):
+            model = model.vision_model
+        return model.eval()
+    return create_timm_model(name).eval()
+
+
+def create_timm_model(name: str, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model``, its failures to load a model as a one-line ValueError: a pretrained tag the
+    architecture lacks, an ``hf-hub:`` name neither cached nor reachable, a ``local-dir:`` folder without
+    a config."""
     import timm
 
-    return timm.create_model(name, pretrained=False).eval()
+    try:  # the testbed is registered: the package's __init__ imports tokenprune.testbed
+        return timm.create_model(name, pretrained=pretrained)
+    except (RuntimeError, OSError) as e:  # timm: a bad tag; huggingface_hub / open(): a missing file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"could not create {name!r} ({reason}); give a timm name (timm.list_models()), "
+                         f"hf-hub:<repo> in the Hub's local cache or reachable, or local-dir:<folder>") from e
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:

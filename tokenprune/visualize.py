@@ -196,6 +196,21 @@ def plot_token_counts(reports: Mapping[str, ForwardReport | Sequence[int]], path
     return fig
 
 
+def read_image(path):
+    """The image file at ``path``, decoded now: a file PIL cannot read is a one-line ValueError here, not
+    a traceback after the model is built."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unknown format (OSError), truncated or corrupt data
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not an image PIL can read ({reason}); give a PNG, JPEG or other image "
+                         f"file") from e
+
+
 def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence[str] = ("tome", "mctf", "zero-tprune",
            "random"), keep: float = 0.33, options: Mapping | None = None, out_dir: str = "runs/show") -> list:
     """Write one PNG of the token groups per method and one of the token counts, for ``image`` (a path or
@@ -203,20 +218,25 @@ def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence
     (the testbed with its trained weights, any other name at random init). Returns the paths."""
     from pathlib import Path
 
-    import timm
     from PIL import Image
     from timm.data import create_transform, resolve_model_data_config
 
     from . import apply, last_forward, testbed
+    from .adapters import find_adapter
+    from .flops import create_timm_model
 
-    model = timm.create_model(model_name, pretrained=model_name == "vit_testbed_fmnist").eval()
+    if "trace_source" in (options or {}):
+        raise ValueError("-o trace_source: show (render) sets trace_source=True itself (the drawing is the source "
+                         "map); leave it out")
+    model = create_timm_model(model_name, pretrained=model_name == "vit_testbed_fmnist").eval()
+    find_adapter(model)  # a model tokenprune patches (a timm ViT), before its patch grid is read
     config = resolve_model_data_config(model)
     if image is None:
         if model_name != "vit_testbed_fmnist":
             raise ValueError("give an image: the default image (Fashion-MNIST) suits the testbed only")
         image = Image.fromarray(testbed.load_fashion_mnist("test")[0][0].numpy())
     elif not hasattr(image, "convert"):
-        image = Image.open(image)
+        image = read_image(image)
     image = image.convert("L" if config["input_size"][0] == 1 else "RGB")
     x = create_transform(**config)(image).unsqueeze(0)
     grid = model.patch_embed.grid_size
