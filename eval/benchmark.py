@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -99,9 +101,11 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             raise ValueError(f"{what} must be integers >= 1, got {values if what == 'batch_sizes' else values[0]}")
     torch.set_num_threads(threads)
     device = torch.device(device)
-    baseline = random_model(model_name, seed).to(device=device, dtype=dtype)
-    patched, ceiling = patched_and_ceiling(baseline, method, keep, options)
+    baseline = random_model(model_name, seed)
     input_size = default_input_size(baseline)
+    check_inputs_fit(batch_sizes, input_size, dtype, device)
+    baseline = baseline.to(device=device, dtype=dtype)
+    patched, ceiling = patched_and_ceiling(baseline, method, keep, options)
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops
     config = ", ".join([f"keep={keep}"] * (not options) + [f"{k}={v}" for k, v in options.items()])
@@ -116,8 +120,14 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             check_compiled(models["patched"], patched, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
-        medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
-                                               n, warmup, device)
+        try:
+            medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
+                                                   n, warmup, device)
+        except RuntimeError as e:  # the input fit, the forward's activations did not
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate" not in str(e):
+                raise
+            raise ValueError(f"batch size {batch}: the forward ran out of {device.type} memory; give smaller "
+                             f"batch sizes") from e
         b, p, c = (medians[name] for name in models)
         rows.append(BenchRow(
             model=model_name, method=method, config=config, batch_size=batch, threads=threads, repeats=n,
@@ -126,6 +136,31 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
             foreign_load=foreign, compiled=compile, device=str(device), dtype=DTYPE_NAMES[dtype], kernels=kernels))
     return rows
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` has in all (None where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def check_inputs_fit(batch_sizes, input_size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before anything is timed, a batch whose input alone is larger than the device's
+    memory: torch would fail in its allocator, or overflow its sizes (C++ frames in the message)."""
+    memory = device_memory(device)
+    if memory is None:
+        return
+    per_sample = math.prod(input_size) * torch.empty((), dtype=dtype).element_size()
+    for batch in batch_sizes:
+        if batch * per_sample > memory:
+            raise ValueError(f"batch size {batch}: its input alone ({batch} x {' x '.join(map(str, input_size))} "
+                             f"{DTYPE_NAMES[dtype]}, {batch * per_sample / 2**30:.3g} GiB) is more than the "
+                             f"{memory / 2**30:.3g} GiB of memory this {device.type} device has; give smaller "
+                             f"batch sizes")
 
 
 def _output_tensor(out) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""What `tokenprune flops` and `bench` do with models, methods and options they cannot run: one line,
-exit 2, no traceback, before anything is counted or timed; and the dual encoders (hf:clip, hf:siglip) they can
+"""What `tokenprune flops` and `bench` do with models, methods, options and batch sizes they cannot run: one
+line, exit 2, no traceback, before anything is counted or timed; and the dual encoders (hf:clip, hf:siglip) they can
 run, by their vision tower. (`show`: tests/test_visualize.py; eval's own inputs: tests/test_eval_inputs.py.)"""
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from tokenprune.eval import benchmark as bench
 
 def never_counted(monkeypatch):
     monkeypatch.setattr(tokenprune, "count_flops", lambda *a, **k: pytest.fail("counted before the model was checked"))
+
+
+def never_timed(monkeypatch):
+    monkeypatch.setattr(bench, "interleaved_medians", lambda *a, **k: pytest.fail("timed a batch that cannot fit"))
 
 
 @pytest.mark.parametrize("command", ["flops", "bench", "show"])
@@ -71,3 +75,27 @@ def test_flops_and_bench_run_a_dual_encoders_vision_tower(capsys, monkeypatch, k
 def test_keep_as_an_option_points_at_the_keep_flag(capsys, command):
     one_line_error([command, "--method", "tome", "-o", "keep=0.5"], capsys, "'keep=0.5': keep is not a method option",
                    "--keep 0.5")
+
+
+@pytest.mark.parametrize("batch", ["1000000000", "99999999999999999999999"])
+def test_bench_refuses_a_batch_whose_input_cannot_be_allocated(capsys, monkeypatch, batch):
+    never_timed(monkeypatch)
+    one_line_error(["bench", "--model", "vit_testbed_fmnist", "--batch-sizes", "1", batch, "--repeats", "1"], capsys,
+                   f"batch size {batch}: its input alone ({batch} x 1 x 28 x 28 fp32", "give smaller batch sizes")
+
+
+def test_bench_names_the_batch_whose_forward_runs_out_of_memory(capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 123456789012 bytes.")
+
+    monkeypatch.setattr(bench, "interleaved_medians", out_of_memory)
+    one_line_error(["bench", "--model", "vit_testbed_fmnist", "--batch-sizes", "8", "--repeats", "1"], capsys,
+                   "batch size 8: the forward ran out of cpu memory")
+
+    def another_failure(*args, **kwargs):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(bench, "interleaved_medians", another_failure)
+    with pytest.raises(RuntimeError, match="a kernel failed"):  # not blamed on the batch size
+        bench.benchmark("vit_testbed_fmnist", batch_sizes=(8,), repeats=1)
