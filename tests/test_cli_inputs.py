@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from test_eval_inputs import one_line_error, run_cli
+from tokenprune.eval import benchmark as bench
 
 import tokenprune
-from tokenprune.eval import benchmark as bench
 
 
 def never_counted(monkeypatch):
