@@ -4,6 +4,7 @@ run, by their vision tower. (`show`: tests/test_visualize.py; eval's own inputs:
 from __future__ import annotations
 
 import pytest
+import torch
 from test_eval_inputs import one_line_error, run_cli
 from tokenprune.eval import benchmark as bench
 
@@ -69,6 +70,44 @@ def test_flops_and_bench_run_a_dual_encoders_vision_tower(capsys, monkeypatch, k
     monkeypatch.setattr(bench, "interleaved_medians", lambda models, *a: ({name: 1.0 for name in models}, None))
     [row] = bench.benchmark(f"hf:{kind}", keep=0.25, batch_sizes=(2,), repeats=1)
     assert row.ideal_speedup > 1
+
+
+def test_a_vlm_gives_its_vision_tower_built_alone(capsys, monkeypatch):
+    """hf:llava's default config holds a 7B language model (killed for memory here when it was built whole)."""
+    import transformers
+
+    def tiny_llava(model_type):
+        assert model_type == "llava"
+        vision = tiny_dual_encoder("clip").vision_config
+        return transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=dict(
+            model_type="llama", vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64))
+
+    built = []
+    from_config = transformers.AutoModel.from_config
+    monkeypatch.setattr(transformers.AutoConfig, "for_model", tiny_llava)
+    monkeypatch.setattr(transformers.AutoModel, "from_config",
+                        lambda config, **k: built.append(type(config).__name__) or from_config(config, **k))
+    code, out, err = run_cli(["flops", "--model", "hf:llava", "--keep", "0.25"], capsys)
+    assert code == 0, err[-3000:]
+    assert "model hf:llava (CLIPVisionModel)" in out and "-> 17\n" in out
+    assert built == ["CLIPVisionConfig", "CLIPVisionConfig"]  # the skeleton checked, then the tower; no LLaMA
+
+
+def test_an_unsupported_model_is_refused_before_its_weights_are_allocated(capsys, monkeypatch):
+    import transformers
+
+    from_config = transformers.AutoModel.from_config
+
+    def on_meta_only(config, **kwargs):
+        assert torch.empty(()).device.type == "meta", "built with real weights before the support check"
+        return from_config(config, **kwargs)
+
+    never_counted(monkeypatch)
+    monkeypatch.setattr(transformers.AutoModel, "from_config", on_meta_only)
+    # Qwen2.5-VL's default vision tower: 3B parameters; tokenprune reduces its tokens as a VLM (eval-vlm) only
+    one_line_error(["flops", "--model", "hf:qwen2_5_vl"], capsys, "tokenprune does not support",
+                   "Qwen2_5_VisionTransformerPretrainedModel")
 
 
 @pytest.mark.parametrize("command", ["flops", "bench", "eval"])

@@ -135,7 +135,7 @@ def parse_option(text: str) -> tuple[str, object]:
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="deit_small_patch16_224",
                    help="timm model name, or hf:<model_type> for a transformers model from its default config "
-                   "(hf:vit = ViT-B/16; hf:clip, hf:siglip: their vision tower); random init")
+                   "(hf:vit = ViT-B/16; hf:clip, hf:siglip, hf:llava: their vision tower); random init")
     p.add_argument("--method", default="tome", help="a registered method (see `tokenprune methods`)")
     p.add_argument("--keep", type=float, default=0.33, help="fraction of patch tokens that leave the encoder")
     add_option_argument(p)

@@ -55,17 +55,23 @@ class FlopCount:
 
 def random_model(name: str, seed: int = 0) -> nn.Module:
     """A random-init model in eval mode: a timm name, or ``hf:<model_type>`` for a transformers
-    model built from that type's default config (``hf:vit`` is ViT-B/16 at 224). A dual encoder
-    (``hf:clip``, ``hf:siglip``) gives its vision tower: the part that sees the image, and the only one
-    tokens are reduced in (the text tower would also want text to run)."""
-    torch.manual_seed(seed)
+    model built from that type's default config (``hf:vit`` is ViT-B/16 at 224). A type whose config
+    has a vision config (dual encoders: ``hf:clip``, ``hf:siglip``; VLMs: ``hf:llava``) gives its vision
+    tower, built alone: the part that sees the image, and the only one encoder methods reduce tokens in
+    (LLaVA's 7B language model would not fit this machine, and is not what is counted). A transformers
+    model tokenprune cannot patch is refused (TypeError) before its weights are allocated."""
     if name.startswith("hf:"):
         from transformers import AutoConfig, AutoModel
 
-        model = AutoModel.from_config(AutoConfig.for_model(name[3:]))
-        if hasattr(model, "vision_model") and hasattr(model, "text_model"):
-            model = model.vision_model
-        return model.eval()
+        from tokenprune.adapters import find_adapter
+
+        config = AutoConfig.for_model(name[3:])
+        config = getattr(config, "vision_config", None) or config
+        with torch.device("meta"):  # shapes only: Qwen2.5-VL's tower alone has 3B parameters
+            find_adapter(AutoModel.from_config(config))
+        torch.manual_seed(seed)
+        return AutoModel.from_config(config).eval()
+    torch.manual_seed(seed)
     return create_timm_model(name).eval()
 
 
