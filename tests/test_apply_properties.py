@@ -12,6 +12,7 @@ class token, 0-2 register tokens), each case is either
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 
@@ -59,7 +60,7 @@ POOLS = {
         "layers": LAYERS,
         "fast": FLAG,
         "tau": pool(good(st.sampled_from([(1.0, 20.0, 40.0), (1, 1, 1), [0.5, 2.0, 3.0]])),
-                    bad((1, 2), (0, 1, 1), (-1, 1, 1), "abc", (True, 1, 1), (NAN, 1, 1))),
+                    bad((1, 2), (0, 1, 1), (-1, 1, 1), "abc", (True, 1, 1), (NAN, 1, 1), (1, 2, math.inf))),
         "similarity": FLAG, "informativeness": FLAG, "size": FLAG, "bidirectional": FLAG, "prop_attn": FLAG,
         "one_step_ahead": pool(good(st.sampled_from(["approximate", "exact"])), bad("precise", 1, None, True)),
         "min_tokens": pool(good(st.integers(0, 20)), bad(-1, 1.5, "10", True, None)),
@@ -71,7 +72,7 @@ POOLS = {
                            bad([1.5], [0.0], [], "0.5", [True], 0.5)),
         "iterations": pool(good(st.none() | st.integers(1, 30) | st.lists(st.integers(1, 5), min_size=1, max_size=3)),
                            bad(0, -1, 1.5, "5", True, [0], [])),
-        "tol": pool(good(st.sampled_from([None, 1e-6, 1e-3, 0.5])), bad(0, -1, True, "1e-3", NAN)),
+        "tol": pool(good(st.sampled_from([None, 1e-6, 1e-3, 0.5])), bad(0, -1, True, "1e-3", NAN, math.inf)),
         "uniform_start": FLAG, "eir": FLAG, "vhf": FLAG, "s_stage": FLAG, "renormalize": FLAG,
         "vhf_range": pool(good(st.sampled_from([(0.01, 0.7), (0.0, 1e9), [0.1, 0.5]])),
                           bad((0.7, 0.1), ("a", "b"), (0.1,), (-0.1, 0.5), (True, 2), 0.5)),

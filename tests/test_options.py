@@ -188,6 +188,8 @@ def test_mctf_fast_on_a_shallow_model_names_fast():
     ({"seed": 2**70}, TypeError, "seed"),
     ({"tol": True}, ValueError, "tol"),
     ({"tol": float("nan")}, ValueError, "tol"),
+    ({"tol": float("inf")}, ValueError, "tol"),  # results files hold the options as JSON: no infinity there
+    ({"vhf_range": (0.01, float("inf"))}, ValueError, "vhf_range"),
     ({"s_fraction": True}, ValueError, "s_fraction"),
     ({"vhf_range": ("a", "b")}, ValueError, "vhf_range"),
     ({"vhf_range": (True, 2)}, ValueError, "vhf_range"),

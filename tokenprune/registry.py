@@ -85,8 +85,10 @@ def is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
 
 
 def is_real(v: Any, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False) -> bool:
-    """A real number (bool excluded, NaN excluded) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    return (isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+    """A finite real number (bool excluded) in ``[low, high]`` (``(low, high]`` with ``low_open``). Infinities are
+    refused: no option needs one (a criterion is switched off by its flag), and results files record the
+    options as JSON, which has no infinity."""
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
             and (v > low if low_open else v >= low) and v <= high)
 
 
