@@ -298,6 +298,7 @@ class HFImages(_Source):
         label = features[self.label_key]
         if isinstance(label, ClassLabel) and num_classes is not None and label.num_classes > num_classes:
             raise ValueError(f"the dataset has {label.num_classes} classes but the model has {num_classes}")
+        check_labels(list(dataset[self.label_key]), self.label_key, num_classes)
         # Decode lazily ourselves, so a corrupt image is one skipped sample, not a failed batch.
         self.dataset = dataset.cast_column(self.image_key, HFImage(decode=False))
         self.transform, self.blank, self.mode = transform, torch.zeros(input_size), mode
@@ -308,6 +309,21 @@ class HFImages(_Source):
     def fetch(self, index):
         row = self.dataset[index]
         return image_source(row[self.image_key]), int(row[self.label_key])
+
+
+def check_labels(labels: list[int], column: str, num_classes: int | None) -> None:
+    """Every label indexes one of the model's outputs: a label -1 (``datasets``' unlabeled row: a test
+    split) or one past the model's classes (a plain integer column) would count as a miss, or as a skipped
+    image, without a word."""
+    accepted = range(num_classes) if num_classes is not None else range(0, 2**63)
+    outside = [v for v in labels if v not in accepted]
+    if outside:
+        values = sorted(set(outside))
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        within = f"the model's classes 0..{num_classes - 1}" if num_classes is not None else "labels >= 0"
+        hint = "; -1 marks an unlabeled row (a test split?): give a labeled --split" if -1 in values else ""
+        raise ValueError(f"the dataset's {column!r} column has {len(outside)} label(s) outside {within} "
+                         f"({shown}){hint}")
 
 
 def image_source(raw):

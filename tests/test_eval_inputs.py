@@ -473,3 +473,22 @@ def test_a_saved_dataset_of_one_split_says_so_whatever_the_split(tmp_path):
     data = saved_dataset(tmp_path / "hf", None)
     dataset, what = build_dataset(str(data), tensor, (3, 28, 28), split="train")
     assert len(dataset) == 3 and "(its one saved split; --split does not apply)" in what and "train" not in what
+
+
+@pytest.mark.parametrize("labels, plain, expected", [
+    ([0, -1, -1], False, ["2 label(s) outside the model's classes 0..9 (-1)", "unlabeled row", "labeled --split"]),
+    ([0, 12, 10], True, ["2 label(s) outside the model's classes 0..9 (10, 12)"]),
+])
+def test_labels_the_model_cannot_score_are_refused_before_evaluating(tmp_path, capsys, monkeypatch, labels, plain,
+                                                                      expected):
+    """Scored as they were, a test split's -1 labels counted as skipped images, and a plain integer column's labels
+    past the model's classes as misses: both silently."""
+    datasets = pytest.importorskip("datasets")
+    never_evaluated(monkeypatch)
+    label = datasets.Value("int64") if plain else datasets.ClassLabel(names=CLASSES)
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    datasets.Dataset.from_dict({"image": [grey(v) for v in (10, 20, 30)], "label": labels},
+                               features=features).save_to_disk(str(tmp_path / "hf"))
+    capsys.readouterr()  # the saving progress
+    one_line_error(["eval", "--no-pretrained", "--data", str(tmp_path / "hf"), "--output", str(tmp_path / "r.jsonl")],
+                   capsys, "the dataset's 'label' column has ", *expected)
