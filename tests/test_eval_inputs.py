@@ -492,3 +492,17 @@ def test_labels_the_model_cannot_score_are_refused_before_evaluating(tmp_path, c
     capsys.readouterr()  # the saving progress
     one_line_error(["eval", "--no-pretrained", "--data", str(tmp_path / "hf"), "--output", str(tmp_path / "r.jsonl")],
                    capsys, "the dataset's 'label' column has ", *expected)
+
+
+def test_check_labels_names_the_values_outside_the_model_s_classes():
+    from tokenprune.eval.data import check_labels
+
+    check_labels([0, 1, 2, 2], "y", 3)  # every class, the last included
+    check_labels([0, 10**6], "y", None)  # no class count known: any label >= 0
+    with pytest.raises(ValueError, match=r"'y' column has 8 label\(s\) outside the model's classes 0\.\.2 "
+                                         r"\(3, 4, 5, 6, 7, \.\.\.\)$"):
+        check_labels([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9], "y", 3)
+    with pytest.raises(ValueError, match=r"5 label\(s\) outside the model's classes 0\.\.2 \(3, 4, 5, 6, 7\)$"):
+        check_labels([3, 4, 5, 6, 7], "y", 3)
+    with pytest.raises(ValueError, match=r"1 label\(s\) outside labels >= 0 \(-2\)$"):
+        check_labels([5, -2], "y", None)
