@@ -100,6 +100,24 @@ def _backbone_classes() -> dict[type, Family]:
     return {cls: family for family in FAMILIES if (cls := family.backbone_class()) is not None}
 
 
+# Heads that read the encoder's patch tokens as the patch grid (a decoder reshapes them to an image): reduced
+# tokens are no grid, and a square count (16 of 64) is read as a smaller image without an error.
+_GRID_HEADS = (("vit", "ViTForMaskedImageModeling"), ("deit", "DeiTForMaskedImageModeling"))
+
+
+@functools.cache
+def _grid_head_classes() -> tuple[type, ...]:
+    return tuple(cls for module, name in _GRID_HEADS if (cls := transformers_class(module, name)) is not None)
+
+
+def check_heads(model: nn.Module) -> None:
+    """Raise TypeError if ``model`` holds a head that reads the encoder's tokens as the patch grid."""
+    for module in model.modules():
+        if isinstance(module, _grid_head_classes()):
+            raise TypeError(f"tokenprune cannot patch {type(module).__name__}: its decoder reads the encoder's "
+                            f"tokens as the patch grid, which token reduction removes; supported: {FAMILY}")
+
+
 # ---------------------------------------------------------------- the attention and the layer
 
 class ReducingAttention(Swapped):
@@ -349,6 +367,7 @@ class HFVisionAdapter(EncoderAdapter):
 
     def check(self, model):
         check_encoder(model)
+        check_heads(model)
 
     def plan(self, model, reducer):
         plan_encoder(model, reducer)

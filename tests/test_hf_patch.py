@@ -192,6 +192,24 @@ def test_unreachable_keep_and_two_encoders_fail_before_patching():
         tokenprune.apply(pair, keep=0.5)
 
 
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_masked_image_modeling_heads_are_refused(family):
+    """``*ForMaskedImageModeling`` reshapes the encoder's patch tokens into the patch grid for its decoder: after
+    reduction they are no grid, and a square count (16 of 64) gave a 16x16 "reconstruction" of 32x32 images
+    without an error. Refused at ``apply``, nothing patched."""
+    from transformers import DeiTForMaskedImageModeling, ViTForMaskedImageModeling
+
+    classes = {"vit": (ViTForMaskedImageModeling, ViTConfig), "deit": (DeiTForMaskedImageModeling, DeiTConfig)}
+    cls, config = classes[family]
+    model = cls(config(**TINY, encoder_stride=4)).eval()
+    with pytest.raises(TypeError, match=f"cannot patch {cls.__name__}.*patch grid"):
+        tokenprune.apply(model, "tome", keep=0.25)
+    assert not tokenprune.is_patched(model)
+    assert not any(type(m).__name__.startswith("TokenPruned") for m in model.modules())
+    with torch.inference_mode():
+        assert model(images()).reconstruction.shape == (2, 3, 32, 32)
+
+
 def test_copies_pickles_and_reconfigures():
     model, x = tiny_hf("dinov2"), images()
     tokenprune.apply(model, "mctf", keep=0.25)
