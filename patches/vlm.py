@@ -172,6 +172,14 @@ class CompactedPrefill:
 
     mask: Tensor  # (B, L_kept) the compacted prefill's attention mask
     shift: Tensor | None  # (B,) position shift for decode steps ("reindex"), None for "original"
+    #: (..., B) the position the first token after the prompt takes, uncompressed (M-RoPE: per axis), as
+    #: ``generate`` continues; for decode steps whose caller passes no position_ids
+    next: Tensor
+
+    def decode_positions(self, past: int, new: int) -> Tensor:
+        """Uncompressed position ids of ``new`` tokens fed after ``past`` cached entries."""
+        after = past - self.mask.shape[1]  # tokens decoded since the prefill
+        return self.next[..., None] + after + torch.arange(new, device=self.next.device)
 
 
 def _full_positions(mask: Tensor) -> Tensor:
@@ -200,6 +208,7 @@ def compact(kwargs: dict, compaction: Compaction) -> CompactedPrefill:
     new_mask[rows, dest] = mask[rows, cols]
     positions = kwargs.get("position_ids")
     full = _full_positions(mask) if positions is None else positions
+    following = full.masked_fill(mask == 0, -1).amax(dim=-1) + 1
     if compaction.positions == "reindex":
         if full.dim() != 2:
             raise TypeError("positions='reindex' needs 1-D text positions; this model uses multi-axis (M-RoPE) "
@@ -211,7 +220,7 @@ def compact(kwargs: dict, compaction: Compaction) -> CompactedPrefill:
         new_positions[..., rows, dest] = full[..., rows, cols]
         shift = None
     kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
-    return CompactedPrefill(mask=new_mask, shift=shift)
+    return CompactedPrefill(mask=new_mask, shift=shift, next=following)
 
 
 def decode_fix(kwargs: dict, note: CompactedPrefill, past: int) -> None:
@@ -290,8 +299,16 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
     refuse_jit_tracing()
     kw = _bind(model.forward, args, kwargs)
     cache = kw.get(_cache_key(kw))
-    if cache is not None and cache.get_seq_length() > 0:
-        return (), kw  # a decode step: the language model's pre-hook fixes the mask
+    if cache is not None and cache.get_seq_length() > 0:  # a decode step: the language model's pre-hook fixes the mask
+        note = getattr(cache, "tokenprune_prefill", None)
+        if note is not None and kw.get("position_ids") is None:
+            # a caller's own loop (generate always passes them): the model would count from the cache's
+            # length, which holds the kept tokens only (LLaVA restarted at K under "original", Qwen's
+            # rope_deltas path went below the prompt's positions), so give the uncompressed ones
+            # ("reindex" shifts them with generate's at the language model)
+            new = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
+            kw["position_ids"] = note.decode_positions(cache.get_seq_length(), new)
+        return (), kw
     if kw.get("pixel_values") is not None:  # a direct call; generate encodes the images beforehand
         kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": _family(model).encode(model, kw)}
         kw["pixel_values"] = None

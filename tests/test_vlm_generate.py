@@ -346,3 +346,47 @@ def test_hiprune_tokens_overrides_keep():
     with torch.no_grad():
         qwen(**inputs)
     assert tokenprune.last_forward(qwen).visual_tokens == [10, 5]
+
+
+# ------------------------------------------------------------------ a KV cache the caller holds
+
+def caller_decode(model, prefill: dict, steps: int, with_mask: bool) -> list[torch.Tensor]:
+    """A caller's own greedy loop: a prefill through ``model(...)``, then one token at a time with the
+    returned cache and no position_ids (the model derives them), the 2-D mask at the uncompressed length
+    (as the caller built it) or none. Returns each step's last logits."""
+    with torch.no_grad():
+        out = model(**prefill, use_cache=True)
+        logits, cache = [out.logits[:, -1]], out.past_key_values
+        mask = prefill.get("attention_mask", torch.ones_like(prefill["input_ids"]))
+        for _ in range(steps - 1):
+            token = logits[-1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            extra = dict(attention_mask=mask) if with_mask else {}
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("case,positions", [("llava", "original"), ("llava", "reindex"), ("qwen", "original")])
+def test_a_callers_decode_loop_continues_at_the_schemes_positions(case, positions):
+    """After a pruned prefill, decode steps the caller runs with the returned cache and no position_ids
+    take the scheme's positions, as in generate: "original" continues at the prompt's length (LLaVA had
+    restarted at the compacted length, overwriting the kept tokens' positions; Qwen's rope_deltas path
+    went negative), "reindex" right after the kept tokens."""
+    if case == "llava":
+        model, ids = tiny_llava(), torch.tensor([llava_prompt(1, 3)])
+        prefill = dict(input_ids=ids, pixel_values=llava_two_images()["pixel_values"][:1])
+    else:
+        model, inputs = tiny_qwen(), qwen_batch()
+        real = inputs["attention_mask"][1] == 1
+        ids = inputs["input_ids"][1:, real]
+        prefill = dict(input_ids=ids, pixel_values=inputs["pixel_values"][96:],
+                       image_grid_thw=inputs["image_grid_thw"][1:], mm_token_type_ids=(ids == QWEN_IMAGE).int())
+    tokenprune.apply(model, "hiprune", keep=0.25, positions=positions, object_layer=2)
+    expected = generate(model, prefill, do_sample=False).logits
+    masks = [False] if case == "qwen" else [False, True]  # stock Qwen fails on a full mask without positions
+    for with_mask in masks:
+        got = caller_decode(model, prefill, NEW, with_mask)
+        for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"mask={with_mask}, step {step}")
+
