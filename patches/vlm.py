@@ -171,6 +171,7 @@ class CompactedPrefill:
     """Left on the KV cache by the prefill, for the decode steps of the same ``generate`` call."""
 
     mask: Tensor  # (B, L_kept) the compacted prefill's attention mask
+    length: int  # L, the prefill's uncompressed length (generate's 2-D mask counts from it)
     shift: Tensor | None  # (B,) position shift for decode steps ("reindex"), None for "original"
     #: (..., B) the position the first token after the prompt takes, uncompressed (M-RoPE: per axis), as
     #: ``generate`` continues; for decode steps whose caller passes no position_ids
@@ -180,6 +181,25 @@ class CompactedPrefill:
         """Uncompressed position ids of ``new`` tokens fed after ``past`` cached entries."""
         after = past - self.mask.shape[1]  # tokens decoded since the prefill
         return self.next[..., None] + after + torch.arange(new, device=self.next.device)
+
+    def check_continues(self, positions: Tensor, past: int) -> None:
+        """Refuse a step whose first token is not the one after the cached ones. generate continuing from
+        this cache with the whole conversation (prefix caching, a second turn, assisted decoding) cuts
+        input_ids at the cache's length, which counts the kept tokens only, so it feeds again L - K prompt
+        tokens the cache holds (placeholders without their features among them); their uncompressed text
+        positions show it (2-D positions, or the text row of generate's 4-row M-RoPE ones)."""
+        text = positions if positions.dim() == 2 else positions[0] if positions.shape[0] == 4 else None
+        expected = self.next if self.next.dim() == 1 else self.next[0] if self.next.shape[0] == 4 else None
+        if text is None or expected is None or text.shape[0] != expected.shape[0]:
+            return
+        expected = expected + past - self.mask.shape[1]
+        if not torch.equal(text[:, 0], expected.to(text.device)):
+            raise ValueError(
+                f"tokenprune: this step continues a KV cache a pruned prefill filled ({self.mask.shape[1]} of "
+                f"{self.length} prompt positions kept) at position {text[:, 0].tolist()}, not "
+                f"{expected.tolist()}: generate given such a cache cuts the whole sequence at the cache's "
+                "compacted length and feeds cached tokens again; continuing from a pruned cache is not "
+                "supported: run the whole prompt again")
 
 
 def _full_positions(mask: Tensor) -> Tensor:
@@ -220,7 +240,7 @@ def compact(kwargs: dict, compaction: Compaction) -> CompactedPrefill:
         new_positions[..., rows, dest] = full[..., rows, cols]
         shift = None
     kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
-    return CompactedPrefill(mask=new_mask, shift=shift, next=following)
+    return CompactedPrefill(mask=new_mask, length=length, shift=shift, next=following)
 
 
 def decode_fix(kwargs: dict, note: CompactedPrefill, past: int) -> None:
@@ -308,6 +328,8 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
             # ("reindex" shifts them with generate's at the language model)
             new = (kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[1]
             kw["position_ids"] = note.decode_positions(cache.get_seq_length(), new)
+        elif note is not None:
+            note.check_continues(kw["position_ids"], cache.get_seq_length())
         return (), kw
     if kw.get("pixel_values") is not None:  # a direct call; generate encodes the images beforehand
         kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": _family(model).encode(model, kw)}

@@ -390,3 +390,27 @@ def test_a_callers_decode_loop_continues_at_the_schemes_positions(case, position
         for step, (a, b) in enumerate(zip(got, expected, strict=True)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"mask={with_mask}, step {step}")
 
+
+
+def test_generate_continuing_a_pruned_cache_is_refused():
+    """generate given a cache a pruned prefill filled, with the whole conversation as input_ids (prefix
+    caching, a second turn), slices input_ids at the cache's (compacted) length and so fed the language
+    model L - K prompt tokens it had already seen (image placeholders included) on top of the cache. That
+    step is refused, with the reason; keep=1.0 continues as the stock model does."""
+    model, ids = tiny_llava(), torch.tensor([llava_prompt(1, 3)])
+    pixels = llava_two_images()["pixel_values"][:1]
+
+    def continued():
+        with torch.no_grad():
+            first = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
+                                   return_dict_in_generate=True)
+            more = torch.cat([first.sequences, torch.tensor([[12, 13]])], dim=1)
+            return model.generate(input_ids=more, past_key_values=first.past_key_values, max_new_tokens=3,
+                                  do_sample=False)
+
+    expected = continued()
+    tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+    assert torch.equal(continued(), expected)
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
+    with pytest.raises(ValueError, match="cache a pruned prefill filled"):
+        continued()
