@@ -94,6 +94,10 @@ class VLMFamily:
         """``model.get_image_features`` called with the image arguments of a forward call ``kw``."""
         raise NotImplementedError
 
+    def encode_videos(self, model: nn.Module, kw: dict):
+        """The unpruned video features of a forward call ``kw`` with ``pixel_values_videos`` (Qwen-VL)."""
+        raise NotImplementedError
+
     def image_scores(self, model: nn.Module, kw: dict, request: ScoreRequest, layer: int) -> list[Tensor]:
         """Attention received at ``layer``, per image, in the order of that image's features."""
         raise NotImplementedError
@@ -332,7 +336,11 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
             note.check_continues(kw["position_ids"], cache.get_seq_length())
         return (), kw
     if kw.get("pixel_values") is not None:  # a direct call; generate encodes the images beforehand
-        kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": _family(model).encode(model, kw)}
+        encoded = {"image": _family(model).encode(model, kw)}
+        if kw.get("pixel_values_videos") is not None:  # Qwen refuses pixel values next to encoder outputs
+            encoded["video"] = _family(model).encode_videos(model, kw)
+            kw["pixel_values_videos"] = None
+        kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), **encoded}
         kw["pixel_values"] = None
     image = (kw.get("mm_encoder_outputs") or {}).get("image")
     if image is None:

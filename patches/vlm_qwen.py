@@ -25,6 +25,9 @@ class Qwen2VL(VLMFamily):
     def encode(self, model, kw):
         return model.get_image_features(kw["pixel_values"], kw["image_grid_thw"], return_dict=True)
 
+    def encode_videos(self, model, kw):
+        return model.get_video_features(kw["pixel_values_videos"], kw.get("video_grid_thw"), return_dict=True)
+
     def _window_index(self, model, grid_thw: Tensor) -> Tensor | None:
         return None  # Qwen2-VL attends over whole images in every block
 

@@ -471,3 +471,27 @@ def test_jit_trace_of_a_patched_vlm_is_refused_with_a_pointer_to_compile():
     tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"torch\.jit\.trace is not supported.*torch\.compile"):
         torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False)
+
+
+def test_qwen_forward_with_an_image_and_a_video():
+    """A direct forward with pixel_values and pixel_values_videos (a prompt with an image and a video): the
+    adapter encodes the images itself, and Qwen refuses pixel values next to encoder outputs, so the video had
+    to be encoded there too (keep=1.0 raised Qwen's error where the stock model ran). The video's tokens
+    are not pruned (images only): keep=0.5 halves the image's tokens and keeps the video's."""
+    model = tiny_qwen()
+    video = 93
+    model.config.video_token_id = model.model.config.video_token_id = video
+    ids = torch.tensor([[5, 91] + [QWEN_IMAGE] * 16 + [92, 91] + [video] * 32 + [92, 10, 11]])
+    kinds = (ids == QWEN_IMAGE).int() + 2 * (ids == video).int()
+    gen = torch.Generator().manual_seed(2)
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(64, 96, generator=gen),
+                  image_grid_thw=torch.tensor([[1, 8, 8]]), pixel_values_videos=torch.randn(128, 96, generator=gen),
+                  video_grid_thw=torch.tensor([[2, 8, 8]]), mm_token_type_ids=kinds)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+        assert torch.equal(model(**inputs).logits, expected)
+        tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
+        _, lengths = language_model_inputs(model, lambda: model(**inputs))
+    assert tokenprune.last_forward(model).visual_tokens == [8]
+    assert lengths == [ids.shape[1] - 8]
