@@ -111,11 +111,19 @@ def _grid_head_classes() -> tuple[type, ...]:
 
 
 def check_heads(model: nn.Module) -> None:
-    """Raise TypeError if ``model`` holds a head that reads the encoder's tokens as the patch grid."""
+    """Raise TypeError if ``model`` holds a head that reads the encoder's tokens as the patch grid, or is a
+    vision-language model tokenprune does not prune as one (PaliGemma, Gemma 3, ...): its language model takes
+    one image feature per placeholder token, a fixed count that reducing the tower's tokens breaks (an error
+    deep in transformers at the first forward). The VLMs tokenprune prunes are claimed by patches/vlm.py first."""
     for module in model.modules():
         if isinstance(module, _grid_head_classes()):
             raise TypeError(f"tokenprune cannot patch {type(module).__name__}: its decoder reads the encoder's "
                             f"tokens as the patch grid, which token reduction removes; supported: {FAMILY}")
+        if getattr(getattr(module, "config", None), "image_token_id", None) is not None:
+            raise TypeError(f"tokenprune cannot patch the vision tower of {type(module).__name__}: its language "
+                            "model takes one image feature per image placeholder token, a count token reduction "
+                            "changes; VLMs tokenprune prunes: transformers LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, "
+                            "Qwen2.5-VL")
 
 
 # ---------------------------------------------------------------- the attention and the layer

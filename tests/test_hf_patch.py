@@ -210,6 +210,23 @@ def test_masked_image_modeling_heads_are_refused(family):
         assert model(images()).reconstruction.shape == (2, 3, 32, 32)
 
 
+def test_a_vlm_tokenprune_does_not_prune_as_one_is_refused():
+    """PaliGemma holds one SigLIP tower, which the encoder adapter would patch; its language model then found 32
+    image features for 64 placeholders deep in transformers at the first forward. Refused at ``apply``."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    config = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", **TINY),
+        text_config=dict(model_type="gemma", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+        image_token_index=299, projection_dim=32)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    with pytest.raises(TypeError, match="cannot patch the vision tower of PaliGemma.*image placeholder token.*LLaVA"):
+        tokenprune.apply(model, "tome", keep=0.5)
+    assert not tokenprune.is_patched(model)
+    assert not any(type(m).__name__.startswith("TokenPruned") for m in model.modules())
+
+
 def test_copies_pickles_and_reconfigures():
     model, x = tiny_hf("dinov2"), images()
     tokenprune.apply(model, "mctf", keep=0.25)
