@@ -198,11 +198,17 @@ class ReducingLayer(Swapped):
             raise RuntimeError("tokenprune: torch.export is not supported on a patched transformers model (under "
                                "export transformers builds an attention mask even without one, which cannot be "
                                "combined with token reduction); use torch.compile(model), or export a timm model")
-        if not masks_nothing(attention_mask):
+        masked = not masks_nothing(attention_mask)
+        if masked and state.removes_tokens(hidden_states):
             raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
-                             "count changes inside the encoder); call tokenprune.remove(model) first")
+                             "count changes inside the encoder; the mask fits the input's); call "
+                             "tokenprune.remove(model) first")
         if state.reducer.trace_source and not state.token_counts:  # the first layer sees the input tokens
             state.start_source_tracking(hidden_states)
+        if masked:  # nothing is removed (keep=1.0, r=0): the stock layer, with the caller's mask
+            state.enter_block(hidden_states)
+            state.output_tokens = hidden_states.shape[1]
+            return super().forward(hidden_states, attention_mask, **kwargs)
         x = run_block(LayerParts(self, _FAMILY_BY_NAME[self._tokenprune_family_name], kwargs, attention_mask),
                       hidden_states, state)
         state.output_tokens = x.shape[1]

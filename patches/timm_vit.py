@@ -129,9 +129,7 @@ class ReducingViT(Swapped, VisionTransformer):
 
     def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
         refuse_jit_tracing()
-        if attn_mask is not None or is_causal:
-            raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
-                             "(the token count changes inside the encoder); call tokenprune.remove(model) first")
+        masked = attn_mask is not None or is_causal
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             warnings.warn("tokenprune: timm's gradient checkpointing is not applied while reducing tokens (the "
                           "blocks run as they are: the same gradients, the memory of a forward without it)",
@@ -141,10 +139,18 @@ class ReducingViT(Swapped, VisionTransformer):
         num_patches = x.shape[1] - self.num_prefix_tokens
         state = ForwardState(reducer=reducer, num_prefix=self.num_prefix_tokens,
                              schedule=reducer.schedule(num_patches, len(self.blocks), self.num_prefix_tokens))
+        if masked and state.removes_tokens(x):
+            raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction (the token "
+                             "count changes inside the encoder; the mask fits the input's); call "
+                             "tokenprune.remove(model) first")
         if reducer.trace_source:
             state.start_source_tracking(x)
         for block in self.blocks:
-            x = block(x, state=state)
+            if masked:  # nothing is removed (keep=1.0, r=0): the stock blocks, with the caller's mask
+                state.enter_block(x)
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            else:
+                x = block(x, state=state)
         state.output_tokens = x.shape[1]
         self._tokenprune_last = state.report()
         return self.norm(x), state

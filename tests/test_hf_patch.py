@@ -182,6 +182,20 @@ def test_unsupported_attention_and_masks_fail_clearly():
         model(images(), attention_mask=mask)
 
 
+@pytest.mark.parametrize("method", ["tome", "mctf", "zero-tprune", "random"])
+def test_an_attention_mask_at_keep_1_gives_the_stock_model_s_output(method):
+    """Nothing is removed, so the caller's mask still fits every layer: the stock model's answer, not a refusal."""
+    model, x = ViTModel(ViTConfig(**TINY)).eval(), images()
+    mask = torch.ones(2, 65, dtype=torch.long)
+    mask[0, -3:] = 0
+    with torch.inference_mode():
+        stock = model(x, attention_mask=mask).last_hidden_state
+        tokenprune.apply(model, method, keep=1.0)
+        patched = model(x, attention_mask=mask).last_hidden_state
+        assert not torch.equal(stock, model(x).last_hidden_state)  # the mask matters
+    assert torch.equal(stock, patched) and tokenprune.last_forward(model).token_counts == [65] * 4
+
+
 def test_unreachable_keep_and_two_encoders_fail_before_patching():
     model = tiny_hf("vit")
     with pytest.raises(ValueError, match="cannot reduce 64 patch tokens"):

@@ -363,6 +363,20 @@ def test_attn_mask_is_refused_while_reducing():
         model(images(), attn_mask=torch.zeros(1, 1, 65, 65))
 
 
+@pytest.mark.parametrize("method", ["tome", "mctf", "zero-tprune", "random"])
+def test_attn_mask_and_is_causal_at_keep_1_give_the_stock_model_s_output(method):
+    """Nothing is removed, so the caller's mask still fits every block: the stock model's answer, not a refusal."""
+    model, x = tiny_timm(), images()
+    hidden = torch.rand(65, 65, generator=torch.Generator().manual_seed(0)) < 0.3
+    mask = torch.zeros(65, 65).masked_fill(hidden, float("-inf")).fill_diagonal_(0.0)[None, None]
+    with torch.inference_mode():
+        stock = model(x, attn_mask=mask), model(x, is_causal=True), model.forward_features(x, attn_mask=mask)
+        tokenprune.apply(model, method, keep=1.0)
+        patched = model(x, attn_mask=mask), model(x, is_causal=True), model.forward_features(x, attn_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(stock, patched))
+    assert not torch.equal(stock[0], model(x)) and tokenprune.last_forward(model).token_counts == [65] * 4
+
+
 def attention_with_taps(attn, x, bias, keep_probabilities=False):
     """The shared attention step on timm's attention, asking for q/k (and probabilities)."""
     request = AttentionRequest(needs=Needs.PROBABILITIES if keep_probabilities else Needs.QUERIES_KEYS)

@@ -40,10 +40,16 @@ class ForwardState:
         """Index of the block now running (blocks call ``enter_block`` first)."""
         return len(self.token_counts) - 1
 
-    def enter_block(self, x: Tensor) -> int:
-        """Record the tokens entering a block; return how many it must remove."""
+    def removes_tokens(self, x: Tensor) -> bool:
+        """Whether this forward removes any token (the schedule planned from ``x``, the first block's input, when it
+        is not yet): an attention mask the caller gives can only be honoured where none is removed."""
         if self.schedule is None:
             self.schedule = self.reducer.schedule(x.shape[1] - self.num_prefix, self.depth, self.num_prefix)
+        return any(self.schedule)
+
+    def enter_block(self, x: Tensor) -> int:
+        """Record the tokens entering a block; return how many it must remove."""
+        self.removes_tokens(x)  # plans the schedule on the first block
         self.token_counts.append(x.shape[1])
         return self.schedule[self.layer] if self.layer < len(self.schedule) else 0
 
