@@ -315,8 +315,7 @@ def check_labels(labels: list[int], column: str, num_classes: int | None) -> Non
     """Every label indexes one of the model's outputs: a label -1 (``datasets``' unlabeled row: a test
     split) or one past the model's classes (a plain integer column) would count as a miss, or as a skipped
     image, without a word."""
-    accepted = range(num_classes) if num_classes is not None else range(0, 2**63)
-    outside = [v for v in labels if v not in accepted]
+    outside = [v for v in labels if v < 0 or (num_classes is not None and v >= num_classes)]
     if outside:
         values = sorted(set(outside))
         shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")

@@ -138,3 +138,23 @@ def test_bench_names_the_batch_whose_forward_runs_out_of_memory(capsys, monkeypa
     monkeypatch.setattr(bench, "interleaved_medians", another_failure)
     with pytest.raises(RuntimeError, match="a kernel failed"):  # not blamed on the batch size
         bench.benchmark("vit_testbed_fmnist", batch_sizes=(8,), repeats=1)
+
+
+def test_check_inputs_fit_refuses_exactly_the_batches_larger_than_memory(monkeypatch):
+    per_sample = 3 * 8 * 4 * 2  # (3, 8, 4) in bf16: 192 bytes
+    monkeypatch.setattr(bench, "device_memory", lambda device: 2 * per_sample)
+    bench.check_inputs_fit((1, 2), (3, 8, 4), torch.bfloat16, torch.device("cpu"))  # 384 bytes: fits exactly
+    with pytest.raises(ValueError) as refused:
+        bench.check_inputs_fit((1, 2, 3, 4), (3, 8, 4), torch.bfloat16, torch.device("cpu"))
+    assert str(refused.value) == ("batch size 3: its input alone (3 x 3 x 8 x 4 bf16, 5.36e-07 GiB) is more than the "
+                                  "3.58e-07 GiB of memory this cpu device has; give smaller batch sizes")
+    monkeypatch.setattr(bench, "device_memory", lambda device: None)  # the system does not say: nothing refused
+    bench.check_inputs_fit((10**12,), (3, 8, 4), torch.float32, torch.device("cpu"))
+
+
+def test_parse_option_refuses_keep_only():
+    from tokenprune.cli import parse_option
+
+    assert parse_option("fast=True") == ("fast", True) and parse_option("layers=[3, 6]") == ("layers", [3, 6])
+    assert parse_option("keeper=1") == ("keeper", 1) and parse_option("one_step_ahead=exact") == ("one_step_ahead",
+                                                                                                   "exact")

@@ -506,3 +506,18 @@ def test_check_labels_names_the_values_outside_the_model_s_classes():
         check_labels([3, 4, 5, 6, 7], "y", 3)
     with pytest.raises(ValueError, match=r"1 label\(s\) outside labels >= 0 \(-2\)$"):
         check_labels([5, -2], "y", None)
+    with pytest.raises(ValueError, match=r"1 label\(s\) outside labels >= 0 \(-1\); -1 marks an unlabeled row"):
+        check_labels([5, -1], "y", None)
+    with pytest.raises(ValueError, match=r"\(3, 4, 5, 6, 7, \.\.\.\)$"):  # six values: the first five shown
+        check_labels([3, 4, 5, 6, 7, 8], "y", 3)
+
+
+def test_a_class_label_column_may_have_as_many_classes_as_the_model():
+    datasets = pytest.importorskip("datasets")
+    from tokenprune.eval.data import HFImages
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    ds = datasets.Dataset.from_dict({"image": [grey(10)], "label": [9]}, features=features)
+    assert len(HFImages(ds, tensor, (1, 28, 28), "L", num_classes=10)) == 1
+    with pytest.raises(ValueError, match="the dataset has 10 classes but the model has 9"):
+        HFImages(ds, tensor, (1, 28, 28), "L", num_classes=9)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from pathlib import Path
@@ -287,3 +288,14 @@ def test_cli_refuses_a_string_boolean_before_building_a_model(capsys, monkeypatc
     assert cli_main(["flops", "--method", "tome", "-o", "trace_source=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "trace_source must be True or False, got 'false'" in err
+
+
+def test_is_real_bounds_and_what_it_refuses():
+    from tokenprune.registry import is_real
+
+    assert is_real(0.0, 0.0) and is_real(1.0, 0.0, 1.0) and is_real(0.5, 0.0, 1.0) and is_real(-2.5) and is_real(3)
+    assert not is_real(0.0, 0.0, low_open=True) and is_real(1e-300, 0.0, low_open=True)
+    assert not is_real(-1e-9, 0.0) and not is_real(1.0 + 1e-9, 0.0, 1.0)
+    assert not any(is_real(v) for v in (math.inf, -math.inf, math.nan, True, "1", None))
+    with pytest.raises(TypeError):  # low_open is keyword-only: a fourth positional argument is a mistake
+        is_real(0.0, 0.0, 1.0, True)
