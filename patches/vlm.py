@@ -316,12 +316,33 @@ def _selecting_features_of(vlm: nn.Module):
     return functools.update_wrapper(selecting, type(vlm).get_image_features.__get__(vlm))
 
 
+#: what ``_mark_loss`` adds to a call with labels; the *ForConditionalGeneration hands it on to its *Model
+LOSS_MARK = "tokenprune_loss"
+
+
+def _mark_loss(outer: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the *ForConditionalGeneration around a patched *Model: a call with ``labels`` tells
+    the selection hook, which refuses it when the prefill drops tokens (the stock code would pair the logits of
+    the kept positions with the labels of every position: a cross-entropy size error)."""
+    kw = _bind(outer.forward, args, kwargs)
+    if kw.get("labels") is not None:
+        kw[LOSS_MARK] = True
+    return (), kw
+
+
+def _with_loss(model: nn.Module, vlm: nn.Module) -> list[nn.Module]:
+    """The modules in ``model`` that compute a loss from ``vlm``'s outputs (its *ForConditionalGeneration)."""
+    return [m for m in model.modules() if m is not vlm and getattr(m, "model", None) is vlm
+            and "labels" in inspect.signature(m.forward).parameters]
+
+
 def _select(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of the multimodal *Model: at a prefill, turn the per-image choices into the
     sequence positions the language model keeps (a ``Compaction`` among the keyword arguments that
     the *Model hands to its language model)."""
     refuse_jit_tracing()
     kw = _bind(model.forward, args, kwargs)
+    with_labels = kw.pop(LOSS_MARK, False)
     cache = kw.get(_cache_key(kw))
     if cache is not None and cache.get_seq_length() > 0:  # a decode step: the language model's pre-hook fixes the mask
         note = getattr(cache, "tokenprune_prefill", None)
@@ -361,6 +382,10 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
     keep_seq = torch.ones_like(placeholders)
     keep_seq[placeholders] = keep_all.to(placeholders.device)
     if not bool(keep_all.all()):  # nothing dropped (keep=1.0): the language model runs exactly as stock
+        if with_labels:
+            raise ValueError("tokenprune: labels= with a prefill that drops visual tokens: the logits are the kept "
+                             "positions' only, so they cannot be paired with the prompt's labels; compute the loss "
+                             "from the returned logits (one per kept position, rows left-padded) or use keep=1.0")
         kw["tokenprune_compaction"] = Compaction(keep=keep_seq, positions=model.tokenprune_positions)
     model._tokenprune_last = VLMReport(method=model.tokenprune_reducer.name,
                                        placeholders=placeholders.sum(dim=1).tolist(),
@@ -383,6 +408,12 @@ def _compact(language_model: nn.Module, args: tuple, kwargs: dict):
     compaction = kwargs.pop("tokenprune_compaction", None)
     cache = kwargs.get(_cache_key(kwargs))
     if compaction is not None:
+        from transformers import StaticCache
+
+        if isinstance(cache, StaticCache):
+            raise TypeError("tokenprune: a static KV cache (cache_implementation='static'): generate sizes a static "
+                            "cache's masks by the whole prompt, and a pruned prefill is shorter; use the default "
+                            "dynamic cache")
         note = compact(kwargs, compaction)
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache or (use_cache is None and language_model.config.use_cache)):
@@ -469,6 +500,8 @@ class VLMAdapter(Adapter):
         vlm.get_image_features = _selecting_features_of(vlm)
         vlm.register_forward_pre_hook(_select, with_kwargs=True)
         vlm.language_model.register_forward_pre_hook(_compact, with_kwargs=True)
+        for outer in _with_loss(model, vlm):
+            outer.register_forward_pre_hook(_mark_loss, with_kwargs=True)
         self.configure(vlm, reducer)
         vlm.tokenprune_positions = positions or family.default_positions
 
@@ -481,6 +514,8 @@ class VLMAdapter(Adapter):
         del vlm.get_image_features  # the instance attribute; the class's method shows again
         remove_hooks(vlm, _select)
         remove_hooks(vlm.language_model, _compact)
+        for outer in _with_loss(model, vlm):
+            remove_hooks(outer, _mark_loss)
         vlm.__dict__.pop("tokenprune_positions", None)
         self.unconfigure(vlm)
 

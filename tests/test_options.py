@@ -295,6 +295,7 @@ def test_is_real_bounds_and_what_it_refuses():
 
     assert is_real(0.0, 0.0) and is_real(1.0, 0.0, 1.0) and is_real(0.5, 0.0, 1.0) and is_real(-2.5) and is_real(3)
     assert not is_real(0.0, 0.0, low_open=True) and is_real(1e-300, 0.0, low_open=True)
+    assert not is_real(-1.0, 0.0, low_open=True)  # below an open bound too, not only at it
     assert not is_real(-1e-9, 0.0) and not is_real(1.0 + 1e-9, 0.0, 1.0)
     assert not any(is_real(v) for v in (math.inf, -math.inf, math.nan, True, "1", None))
     with pytest.raises(TypeError):  # low_open is keyword-only: a fourth positional argument is a mistake

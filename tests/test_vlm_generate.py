@@ -414,3 +414,59 @@ def test_generate_continuing_a_pruned_cache_is_refused():
     tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
     with pytest.raises(ValueError, match="cache a pruned prefill filled"):
         continued()
+
+
+def qwen_one_prompt():
+    """Qwen2.5-VL, one unpadded prompt with both of the test's images (assisted decoding takes batch 1 only)."""
+    ids = torch.tensor([qwen_prompt(QWEN_GRIDS, 2)])
+    pixels = torch.randn(sum(t * h * w for t, h, w in QWEN_GRIDS), 3 * 2 * 4 * 4,
+                         generator=torch.Generator().manual_seed(5))
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor(QWEN_GRIDS),
+                mm_token_type_ids=(ids == QWEN_IMAGE).int())
+
+
+@pytest.mark.parametrize("build,inputs", [(tiny_llava, llava_two_images), (tiny_qwen, qwen_one_prompt)])
+def test_assisted_decoding_of_a_pruned_model_gives_its_greedy_output(build, inputs):
+    """Prompt-lookup and assistant-model decoding verify several candidate tokens per step against the pruned
+    prefill's cache (decode steps of more than one token); greedy, they must give plain greedy decoding's tokens.
+    The random model repeats itself, so prompt lookup's candidates are accepted in runs."""
+    model, batch = build(), inputs()
+    tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
+    new = dict(max_new_tokens=12, do_sample=False, suppress_tokens=[LLAVA_IMAGE, QWEN_IMAGE, 91, 92])
+    with torch.no_grad():
+        greedy = model.generate(**batch, **new)
+        assert torch.equal(model.generate(**batch, **new, prompt_lookup_num_tokens=3), greedy)
+        assert torch.equal(model.generate(**batch, **new, assistant_model=build(seed=1)), greedy)
+
+
+@pytest.mark.parametrize("case", ["llava-batch", "qwen2.5-batch", "llava-next-two-images"])
+def test_labels_give_the_stock_loss_at_keep_one_and_are_refused_when_tokens_drop(case):
+    """A forward with ``labels``: keep=1.0 gives the stock model's loss; a pruned prefill's logits cover the
+    kept positions only, so the loss is refused with the reason instead of a cross-entropy size error."""
+    model, batch = CASES[case]()
+    labels = batch["input_ids"].masked_fill(torch.isin(batch["input_ids"], torch.tensor([LLAVA_IMAGE, QWEN_IMAGE])),
+                                            -100)
+    with torch.no_grad():
+        expected = model(**batch, labels=labels).loss
+        tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+        assert torch.equal(model(**batch, labels=labels).loss, expected)
+        tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
+        with pytest.raises(ValueError, match="labels= with a prefill that drops visual tokens"):
+            model(**batch, labels=labels)
+        assert model(**batch).loss is None  # the same model without labels runs
+        tokenprune.remove(model)
+        assert not model._forward_pre_hooks  # the labels' hook went with the patch
+        assert torch.equal(model(**batch, labels=labels).loss, expected)
+
+
+def test_a_static_cache_is_refused_by_name_and_works_at_keep_one():
+    model, batch = tiny_llava(), llava_batch()
+    static = dict(max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(**batch, **static)
+        tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+        assert torch.equal(model.generate(**batch, **static), expected)
+        tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
+        with pytest.raises(TypeError, match="static KV cache"):
+            model.generate(**batch, **static)
+        model.generate(**batch, max_new_tokens=3, do_sample=False)  # the default cache still works
