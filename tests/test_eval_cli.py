@@ -70,13 +70,14 @@ def test_hf_dataset_saved_locally(tmp_path):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(1)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
-    ds = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(6)],
-         "label": [0, 1, 2, 0, 1, 2]}, features=features)
+    images = [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(6)]
+    # one corrupt image: one skipped sample, not a failed batch (the column is decoded lazily, per sample)
+    broken = {"bytes": b"\x89PNG\r\n\x1a\n not really a png", "path": None}
+    ds = datasets.Dataset.from_dict({"image": images + [broken], "label": [0, 1, 2, 0, 1, 2, 0]}, features=features)
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "hf"))
     rows = evaluate(["--no-pretrained", "--data", str(tmp_path / "hf"), "--method", "tome", "--keep", "0.5",
                      "--output", str(tmp_path / "hf.jsonl")])
-    assert [r["images"] for r in rows] == [6, 6] and rows[0]["skipped"] == 0
+    assert [r["images"] for r in rows] == [6, 6] and [r["skipped"] for r in rows] == [1, 1]
 
 
 def test_embedded_default_and_bad_input(tmp_path, capsys):
