@@ -19,7 +19,6 @@ How the patch works (docs/design.md has the reasoning and the measurements):
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ from tokenprune.adapters import EncoderAdapter, register_adapter
 from tokenprune.block import attend, run_block
 from tokenprune.registry import EncoderReducer
 from tokenprune.state import ForwardState
+from tokenprune.warn import warn_at_caller
 
 from ._swap import Swapped, refuse_jit_tracing, restore, swap
 
@@ -131,9 +131,9 @@ class ReducingViT(Swapped, VisionTransformer):
         refuse_jit_tracing()
         masked = attn_mask is not None or is_causal
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            warnings.warn("tokenprune: timm's gradient checkpointing is not applied while reducing tokens (the "
-                          "blocks run as they are: the same gradients, the memory of a forward without it)",
-                          RuntimeWarning, stacklevel=3)
+            warn_at_caller("tokenprune: timm's gradient checkpointing is not applied while reducing tokens (the "
+                           "blocks run as they are: the same gradients, the memory of a forward without it)",
+                           RuntimeWarning)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         reducer = self.tokenprune_reducer
         num_patches = x.shape[1] - self.num_prefix_tokens

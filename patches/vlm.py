@@ -331,9 +331,8 @@ def _mark_loss(outer: nn.Module, args: tuple, kwargs: dict):
 
 
 def _with_loss(model: nn.Module, vlm: nn.Module) -> list[nn.Module]:
-    """The modules in ``model`` that compute a loss from ``vlm``'s outputs (its *ForConditionalGeneration)."""
-    return [m for m in model.modules() if m is not vlm and getattr(m, "model", None) is vlm
-            and "labels" in inspect.signature(m.forward).parameters]
+    """The modules in ``model`` around ``vlm`` (its *ForConditionalGeneration, which takes the labels)."""
+    return [m for m in model.modules() if getattr(m, "model", None) is vlm]
 
 
 def _select(model: nn.Module, args: tuple, kwargs: dict):

@@ -918,7 +918,7 @@ def test_a_failed_cuda_build_falls_back_with_one_warning(monkeypatch, capsys):
     try:
         with pytest.warns(RuntimeWarning, match=r"the CUDA extension could not be built \(nvcc: not found\)") as got:
             assert extension.for_tensor(FakeCuda()) is None
-        assert got[0].filename == __file__  # attributed to for_tensor's caller (ops.py in a forward)
+        assert got[0].filename == __file__  # the caller outside tokenprune and torch
         assert capsys.readouterr().err == ""  # the notice of a CPU compile is not this build's
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # only once
@@ -939,9 +939,10 @@ def test_a_failed_cpu_build_falls_back_to_the_pytorch_ops_with_one_warning(monke
     extension._load_or_warn.cache_clear()
     monkeypatch.delenv(extension.ENV, raising=False)
     try:
-        with pytest.warns(RuntimeWarning, match=r"the CPU extension could not be built \(c\+\+: not found\)"):
+        with pytest.warns(RuntimeWarning, match=r"the CPU extension could not be built \(c\+\+: not found\)") as got:
             with torch.no_grad():
                 assert torch.equal(model(x), reference)
+        assert got[0].filename == __file__  # the forward's caller, not a line inside torch or tokenprune
         assert "tokenprune: compiling the CPU kernels (once" in capsys.readouterr().err  # said before the wait
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # only once

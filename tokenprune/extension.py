@@ -35,12 +35,13 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch.autograd import forward_ad
+
+from .warn import warn_at_caller
 
 
 def _sources() -> Path:
@@ -194,9 +195,9 @@ def _load_or_warn(cuda: bool) -> ModuleType | None:
             print("tokenprune: compiling the CPU kernels (once, about 30 s; then cached)", file=sys.stderr)
         return load(cuda=cuda)
     except Exception as error:  # a missing compiler or toolkit: fall back, once, loudly
-        warnings.warn(f"tokenprune: the {build} extension could not be built ({str(error).splitlines()[0]}); "
-                      f"using the PyTorch ops. Set {ENV}=off to silence this, or see docs/design.md.",
-                      RuntimeWarning, stacklevel=3)
+        warn_at_caller(f"tokenprune: the {build} extension could not be built ({str(error).splitlines()[0]}); "
+                       f"using the PyTorch ops. Set {ENV}=off to silence this, or see docs/design.md.",
+                       RuntimeWarning)
         return None
 
 
