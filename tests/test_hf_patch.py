@@ -192,8 +192,9 @@ def test_an_attention_mask_at_keep_1_gives_the_stock_model_s_output(method):
         stock = model(x, attention_mask=mask).last_hidden_state
         tokenprune.apply(model, method, keep=1.0)
         patched = model(x, attention_mask=mask).last_hidden_state
+        report = tokenprune.last_forward(model)
         assert not torch.equal(stock, model(x).last_hidden_state)  # the mask matters
-    assert torch.equal(stock, patched) and tokenprune.last_forward(model).token_counts == [65] * 4
+    assert torch.equal(stock, patched) and report.token_counts == [65] * 4 and report.output_tokens == 65
 
 
 def test_unreachable_keep_and_two_encoders_fail_before_patching():
