@@ -98,8 +98,13 @@ def test_empty_method_is_an_error_and_none_is_the_default():
 @pytest.mark.parametrize("method", ["tome", "random", "mctf"])
 def test_r_above_the_per_block_cap_warns_and_runs_the_clamped_plan(method):
     model = tiny_timm()  # 64 patches, 4 blocks
-    with pytest.warns(UserWarning, match=rf"{method}: r=40 exceeds the per-block cap .*block \d+ \d+ instead of 40"):
+    cap = rf"{method}: r=40 exceeds the per-block cap .*block \d+ \d+ instead of 40"
+    with pytest.warns(UserWarning, match=cap) as got:
         tokenprune.apply(model, method, r=40)
+    assert got[0].filename == __file__  # the apply call's line
+    with pytest.warns(UserWarning, match="exceeds the per-block cap") as got:  # through check_speed's apply too
+        tokenprune.check_speed(model, method, r=40, repeats=1, warmup=0)
+    assert got[0].filename == __file__
     schedule = run_and_check_plan(model)
     left = 64
     for step in schedule:  # every block removes at most half its patch tokens

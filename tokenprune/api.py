@@ -1,7 +1,6 @@
 """The public entry points: ``apply``, ``remove``, ``methods``, ``last_forward``."""
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
@@ -9,6 +8,7 @@ from torch import nn
 from .adapters import adapters, find_adapter
 from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
+from .warn import warn_at_caller
 
 DEFAULT_KEEP = 0.33
 
@@ -62,7 +62,7 @@ def apply(model: nn.Module, method: str | None = None, keep: float | None = None
     with reducer.collecting_notes() as notes:
         adapter.plan(model, reducer, **settings)
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warn_at_caller(note, UserWarning)
     adapter.patch(model, reducer, **settings)
     return model
 
