@@ -267,7 +267,7 @@ def append_result(path: Path, row: dict) -> None:
 
 
 COLUMNS = ["method", "keep", "options", "top1", "top5", "delta_top1", "gflops", "images_per_s", "speedup",
-           "images", "skipped", "skip_reasons"]
+           "images", "skipped", "skip_reasons", "foreign_load"]
 
 
 def with_deltas(rows: list[dict]) -> list[dict]:
@@ -355,7 +355,7 @@ def compiled(model, loader, dtype: torch.dtype, accelerator):
 def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = torch.float32) -> dict:
     from tqdm.auto import tqdm
 
-    from tokenprune.timing import timed
+    from tokenprune.timing import ForeignLoad, timed
 
     device = accelerator.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
@@ -363,24 +363,44 @@ def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = 
     top1 = top5 = images = 0
     skipped = Counter()
     forward_seconds, local_images = 0.0, 0
-    for x, y in tqdm(loader, disable=not accelerator.is_main_process, leave=False, unit="batch"):
-        x = x.to(dtype)
-        with autocast:
-            logits, seconds = timed(lambda: model(x), device)  # CUDA: timed with CUDA events
-        forward_seconds += seconds
-        local_images += x.shape[0]
-        ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        valid = y >= 0  # negative labels: skipped images, by reason
-        hit1 = (ranked[:, 0] == y) & valid
-        hit5 = (ranked == y[:, None]).any(dim=-1) & valid
-        hit1, hit5, y = accelerator.gather_for_metrics((hit1, hit5, y.to(device)))
-        top1, top5, images = top1 + int(hit1.sum()), top5 + int(hit5.sum()), images + int((y >= 0).sum())
-        skipped.update(skip_reason(int(label)) for label in y[y < 0].tolist())
+    with ForeignLoad() as load:  # other processes' CPU share: a busy spell skews images_per_s
+        for x, y in tqdm(loader, disable=not accelerator.is_main_process, leave=False, unit="batch"):
+            x = x.to(dtype)
+            with autocast:
+                logits, seconds = timed(lambda: model(x), device)  # CUDA: timed with CUDA events
+            forward_seconds += seconds
+            local_images += x.shape[0]
+            ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            valid = y >= 0  # negative labels: skipped images, by reason
+            hit1 = (ranked[:, 0] == y) & valid
+            hit5 = (ranked == y[:, None]).any(dim=-1) & valid
+            hit1, hit5, y = accelerator.gather_for_metrics((hit1, hit5, y.to(device)))
+            top1, top5, images = top1 + int(hit1.sum()), top5 + int(hit5.sum()), images + int((y >= 0).sum())
+            skipped.update(skip_reason(int(label)) for label in y[y < 0].tolist())
     if images == 0:
         raise ValueError(f"no readable images in --data ({format_skips(dict(skipped))})")
+    # on a GPU, or with several processes (which count one another as foreign), the CPU share says nothing
+    alone = device.type == "cpu" and accelerator.num_processes == 1
     return dict(top1=100 * top1 / images, top5=100 * top5 / images, images=images, skipped=sum(skipped.values()),
                 skip_reasons=dict(sorted(skipped.items())),
-                images_per_s=accelerator.num_processes * local_images / max(forward_seconds, 1e-9))
+                images_per_s=accelerator.num_processes * local_images / max(forward_seconds, 1e-9),
+                foreign_load=load.value if alone else None)
+
+
+#: other processes' CPU share above which the speedup column of ``tokenprune eval`` is flagged as unreliable
+BUSY = 0.05
+
+
+def busy_note(rows: list[dict]) -> str | None:
+    """A line under the table when other processes used more than ``BUSY`` of the CPUs while a configuration
+    ran: its configurations ran one after another, so a busy spell skews their speedups (a 0.23x seen on a
+    machine running a test suite was 1.2x alone); ``tokenprune bench`` times them interleaved."""
+    loads = [(r.get("foreign_load"), r["method"] or "baseline") for r in rows]
+    busiest = max(((v, name) for v, name in loads if v is not None), default=None)
+    if busiest is None or busiest[0] <= BUSY:
+        return None
+    return (f"note: other processes used up to {busiest[0]:.0%} of the CPUs while this ran ({busiest[1]}): the "
+            "speedup column is unreliable; `tokenprune bench` times configurations interleaved")
 
 
 def format_skips(reasons: dict[str, int]) -> str:
@@ -576,6 +596,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n{args.model} on {data_desc}" + (f", first {args.limit}" if args.limit else "")
               + (f", {args.dtype}" if args.dtype != "fp32" else ""))
         print(format_table(rows))
+        if (note := busy_note(rows)) is not None:
+            print(note)
         if rows[0]["skipped"]:
             print(format_skips(rows[0].get("skip_reasons") or {"(reasons not recorded)": rows[0]["skipped"]}))
         print(f"results: {output} and {output.with_suffix('.csv')}")
