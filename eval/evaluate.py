@@ -391,16 +391,16 @@ def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = 
 BUSY = 0.05
 
 
-def busy_note(rows: list[dict]) -> str | None:
+def busy_note(rows: list[dict], column: str = "speedup", bench: str = "bench") -> str | None:
     """A line under the table when other processes used more than ``BUSY`` of the CPUs while a configuration
-    ran: its configurations ran one after another, so a busy spell skews their speedups (a 0.23x seen on a
-    machine running a test suite was 1.2x alone); ``tokenprune bench`` times them interleaved."""
+    ran: configurations run one after another, so a busy spell skews the timing ``column`` of those it hit (a
+    0.23x seen on a machine running a test suite was 1.2x alone); ``tokenprune <bench>`` interleaves them."""
     loads = [(r.get("foreign_load"), r["method"] or "baseline") for r in rows]
     busiest = max(((v, name) for v, name in loads if v is not None), default=None)
     if busiest is None or busiest[0] <= BUSY:
         return None
     return (f"note: other processes used up to {busiest[0]:.0%} of the CPUs while this ran ({busiest[1]}): the "
-            "speedup column is unreliable; `tokenprune bench` times configurations interleaved")
+            f"{column} column is unreliable; `tokenprune {bench}` times configurations interleaved")
 
 
 def format_skips(reasons: dict[str, int]) -> str:

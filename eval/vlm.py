@@ -65,6 +65,7 @@ from .evaluate import (
     Config,
     add_output_arguments,
     append_result,
+    busy_note,
     configured,
     finished_results,
     format_skips,
@@ -326,17 +327,19 @@ class Prompter:
 
 
 @torch.inference_mode()
-def prefill_cost(model, inputs: dict, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(GFLOPs per sample, ms per batch) of the prefill of ``inputs``: logits for the last position only, as
-    ``generate`` computes them; the time is the median of ``repeats`` after one warm-up."""
-    from tokenprune.timing import timed
+def prefill_cost(model, inputs: dict, repeats: int, device: torch.device) -> tuple[float, float, float | None]:
+    """(GFLOPs per sample, ms per batch, other processes' CPU share or None) of the prefill of ``inputs``: logits
+    for the last position only, as ``generate`` computes them; the time is the median of ``repeats`` after one
+    warm-up; the share is measured on CPU only (``evaluate.busy_note``)."""
+    from tokenprune.timing import ForeignLoad, timed
 
     prefill = {**inputs, "logits_to_keep": 1}
     batch = inputs["input_ids"].shape[0]
     gflops = tokenprune.count_flops(model, inputs=prefill).flops / batch / 1e9
     model(**prefill)
-    times = [timed(lambda: model(**prefill), device)[1] for _ in range(repeats)]
-    return gflops, 1000 * statistics.median(times)
+    with ForeignLoad() as load:
+        times = [timed(lambda: model(**prefill), device)[1] for _ in range(repeats)]
+    return gflops, 1000 * statistics.median(times), load.value if device.type == "cpu" else None
 
 
 @torch.inference_mode()
@@ -372,17 +375,18 @@ def evaluate_vlm_config(model, prompter: Prompter, loader, accelerator, max_new_
     skipped = Counter(skip_reason(int(code)) for code in table[table[:, 3] < 0, 3].tolist())
     if len(read) == 0:
         raise ValueError(f"no readable questions in --data ({format_skips(dict(skipped))})")
-    gflops, prefill_ms = cost if cost is not None else (None, None)
+    gflops, prefill_ms, foreign = cost if cost is not None else (None, None, None)
     return dict(accuracy=100 * float(read[:, 0].mean()), questions=len(read),
                 visual_tokens_per_image=float(read[:, 2].sum() / read[:, 1].sum()) if read[:, 1].sum() else 0.0,
                 prefill_gflops=gflops, prefill_ms=prefill_ms, skipped=sum(skipped.values()),
-                skip_reasons=dict(sorted(skipped.items())))
+                skip_reasons=dict(sorted(skipped.items())),
+                foreign_load=foreign if accelerator.num_processes == 1 else None)
 
 
 # ---------------------------------------------------------------- results
 
 COLUMNS = ["method", "keep", "options", "metric", "accuracy", "retention", "visual_tokens_per_image",
-           "prefill_gflops", "prefill_ms", "questions", "skipped", "skip_reasons"]
+           "prefill_gflops", "prefill_ms", "questions", "skipped", "skip_reasons", "foreign_load"]
 
 
 def with_retention(rows: list[dict]) -> list[dict]:
@@ -529,6 +533,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_csv(output.with_suffix(".csv"), rows, COLUMNS)
         print(f"\n{name} on {data_desc}, metric {metric}" + (f", first {args.limit}" if args.limit else ""))
         print(format_table(rows))
+        if (note := busy_note(rows, "prefill ms", "bench-vlm")) is not None:
+            print(note)
         if rows[0]["skipped"]:
             print(format_skips(rows[0]["skip_reasons"]))
         print(f"results: {output} and {output.with_suffix('.csv')}")
