@@ -44,3 +44,15 @@ def test_tome_counts_its_matching_matmuls():
     # A @ B^T per block, A and B alternating over all tokens (the class token is A's first, masked)
     matching = sum(2 * ((n + 1) // 2) * (n // 2) * head_dim for n in report.token_counts)
     assert count.flops == analytic_vit_flops(report.token_counts, report.output_tokens) + matching
+
+
+def test_default_input_follows_an_in_chans_override():
+    # a grey model built from a 3-channel architecture: timm's data config keeps the pretrained 3 channels,
+    # and a 3-channel zero image does not run the model (nor a FLOPs budget on it)
+    model = tiny_timm(in_chans=1)
+    from tokenprune.flops import default_input_size
+
+    assert default_input_size(model) == (1, 32, 32)
+    assert tokenprune.count_flops(model).flops == analytic_vit_flops([65] * 4, chans=1)
+    tokenprune.apply(model, "random", flops=0.6)
+    assert tokenprune.reducer_of(model).keep < 1

@@ -90,9 +90,9 @@ def create_timm_model(name: str, pretrained: bool = False) -> nn.Module:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) of the model's native input. transformers: from its (vision) config. timm: channels
-    from its data config, H and W from its patch embedding when it has one (the config keeps the
-    pretrained size after an img_size override)."""
+    """(C, H, W) of the model's native input. transformers: from its (vision) config. timm: from its
+    data config, but channels from the model's ``in_chans`` and H and W from its patch embedding when it
+    has them (the config keeps the pretrained values after an in_chans or img_size override)."""
     config = getattr(model, "config", None)
     config = getattr(config, "vision_config", config)
     if config is not None and hasattr(config, "image_size"):
@@ -102,6 +102,7 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     from timm.data import resolve_model_data_config
 
     channels, height, width = resolve_model_data_config(model)["input_size"]
+    channels = getattr(model, "in_chans", None) or channels  # timm's VisionTransformer keeps its in_chans
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         height, width = img_size
