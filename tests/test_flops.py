@@ -56,3 +56,25 @@ def test_default_input_follows_an_in_chans_override():
     assert tokenprune.count_flops(model).flops == analytic_vit_flops([65] * 4, chans=1)
     tokenprune.apply(model, "random", flops=0.6)
     assert tokenprune.reducer_of(model).keep < 1
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_dual_encoder_is_refused_by_the_default_image_in_one_line(kind):
+    # CLIPModel / SiglipModel take text first: a zero image alone went in as input_ids and failed deep in
+    # transformers (AttributeError on None.shape), for count_flops and for a FLOPs budget alike
+    import torch
+    from test_hf_patch import TEXT, TINY
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    model = (CLIPModel(CLIPConfig(text_config=TEXT, vision_config=TINY)) if kind == "clip"
+             else SiglipModel(SiglipConfig(text_config=TEXT, vision_config=TINY))).eval()
+    for count in (lambda: tokenprune.count_flops(model), lambda: tokenprune.apply(model, "tome", flops=0.6)):
+        with pytest.raises(TypeError, match="takes input_ids first.*vision_model") as error:
+            count()
+        assert len(str(error.value).splitlines()) == 1
+    assert not tokenprune.is_patched(model)
+    # what it suggests works: the image tower alone, or the whole model with its inputs
+    assert tokenprune.count_flops(model.vision_model).flops > 0
+    inputs = {"input_ids": torch.tensor([[2, 3, 4]]), "pixel_values": torch.zeros(1, 3, 32, 32)}
+    assert tokenprune.count_flops(model, inputs=inputs).flops > tokenprune.count_flops(model.vision_model).flops

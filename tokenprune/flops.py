@@ -119,6 +119,13 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
     tokens for any input, so a zero image counts exactly.
     """
     if inputs is None:
+        # A transformers model that takes text first (CLIPModel, SiglipModel: input_ids) would get the zero
+        # image as its input_ids and fail deep inside its forward; refuse it here, in one line.
+        first_input = getattr(model, "main_input_name", "pixel_values")
+        if first_input != "pixel_values":
+            raise TypeError(f"count_flops runs the model on a zero image, but {type(model).__name__} takes "
+                            f"{first_input} first: count its image tower (e.g. model.vision_model) or give "
+                            f"inputs= a dict of its keyword inputs")
         size = input_size or default_input_size(model)
         param = next(model.parameters())
         inputs = torch.zeros(batch_size, *size, device=param.device, dtype=param.dtype)
