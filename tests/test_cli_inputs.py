@@ -110,6 +110,16 @@ def test_an_unsupported_model_is_refused_before_its_weights_are_allocated(capsys
                    "Qwen2_5_VisionTransformerPretrainedModel")
 
 
+@pytest.mark.parametrize("command", ["flops", "bench"])
+def test_a_type_whose_vision_config_transformers_cannot_build_alone_is_one_line(capsys, monkeypatch, command):
+    # Qwen2-VL's vision config has no AutoModel class: transformers' ValueError listed every config class
+    # over many lines
+    never_counted(monkeypatch)
+    never_timed(monkeypatch)
+    one_line_error([command, "--model", "hf:qwen2_vl"], capsys, "tokenprune does not support hf:qwen2_vl",
+                   "Qwen2VLVisionConfig", "supported: ")
+
+
 @pytest.mark.parametrize("command", ["flops", "bench", "eval"])
 def test_keep_as_an_option_points_at_the_keep_flag(capsys, command):
     one_line_error([command, "--method", "tome", "-o", "keep=0.5"], capsys, "'keep=0.5': keep is not a method option",

@@ -63,12 +63,19 @@ def random_model(name: str, seed: int = 0) -> nn.Module:
     if name.startswith("hf:"):
         from transformers import AutoConfig, AutoModel
 
-        from tokenprune.adapters import find_adapter
+        from tokenprune.adapters import adapters, find_adapter
 
         config = AutoConfig.for_model(name[3:])
         config = getattr(config, "vision_config", None) or config
         with torch.device("meta"):  # shapes only: Qwen2.5-VL's tower alone has 3B parameters
-            find_adapter(AutoModel.from_config(config))
+            try:
+                model = AutoModel.from_config(config)
+            except ValueError as e:  # no AutoModel class for it (Qwen2-VL's vision config): a page-long list
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                families = "; ".join(a.family for a in adapters())
+                raise TypeError(f"tokenprune does not support {name}: transformers builds no model from its "
+                                f"{type(config).__name__} alone ({reason}); supported: {families}") from e
+            find_adapter(model)
         torch.manual_seed(seed)
         return AutoModel.from_config(config).eval()
     torch.manual_seed(seed)
