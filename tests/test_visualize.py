@@ -175,3 +175,18 @@ def test_role_colours_tint_kept_patches_and_paint_dropped_ones():
     np.testing.assert_allclose(out[:2, :2], np.full((2, 2, 3), 0.5 * tv.DIMMED))
     np.testing.assert_allclose(out[:2, 2:], np.broadcast_to(0.25 + 0.5 * np.array(tv.ROLE_COLOURS[0]), (2, 2, 3)))
     np.testing.assert_allclose(out[2:, 2:], np.broadcast_to(0.25 + 0.5 * np.array(tv.ROLE_COLOURS[2]), (2, 2, 3)))
+
+
+def test_render_draws_the_crop_the_model_saw(tmp_path, monkeypatch):
+    # vit_tiny's eval transform resizes the short side to 248 and centre-crops 224: of a 300x100 image in
+    # blue, red and green thirds the model sees only red, and the patch grid lies on that crop
+    from PIL import Image
+
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[:, :100, 2] = image[:, 100:200, 0] = image[:, 200:, 1] = 255
+    drawn = []
+    show_tokens = tv.show_tokens
+    monkeypatch.setattr(tv, "show_tokens", lambda *a, **k: drawn.append(show_tokens(*a, **k)) or drawn[-1])
+    tv.render("vit_tiny_patch16_224", Image.fromarray(image), methods=("random",), keep=0.5, out_dir=str(tmp_path))
+    picture = np.asarray(drawn[0].axes[0].images[0].get_array())
+    np.testing.assert_allclose(picture, np.broadcast_to([1.0, 0.0, 0.0], picture.shape), atol=0.02)

@@ -215,7 +215,8 @@ def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence
            "random"), keep: float = 0.33, options: Mapping | None = None, out_dir: str = "runs/show") -> list:
     """Write one PNG of the token groups per method and one of the token counts, for ``image`` (a path or
     a PIL image; default: the first Fashion-MNIST test image) through the timm model ``model_name``
-    (the testbed with its trained weights, any other name at random init). Returns the paths."""
+    (the testbed with its trained weights, any other name at random init), drawn as the model saw it (after
+    its eval transform's resize and centre crop). Returns the paths."""
     from pathlib import Path
 
     from PIL import Image
@@ -239,6 +240,11 @@ def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence
         image = read_image(image)
     image = image.convert("L" if config["input_size"][0] == 1 else "RGB")
     x = create_transform(**config)(image).unsqueeze(0)
+    # Draw what the model saw, not the file: the eval transform resizes and centre-crops (crop_pct < 1 cuts a
+    # border, a non-square image loses its sides), and the patch grid lies on that crop. Undo the
+    # normalisation; clamp the resize's overshoot (a value above 1 would read as 0-255 to _as_image).
+    mean, std = (torch.tensor(config[key]).view(-1, 1, 1) for key in ("mean", "std"))
+    seen = (x[0] * std + mean).clamp(0, 1)
     grid = model.patch_embed.grid_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +258,7 @@ def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence
         reports[method] = report = last_forward(model)
         groups = token_groups(report, tuple(grid))[0]
         paths.append(out / f"{method}.png")
-        plt.close(show_tokens(image, groups, title=method, path=paths[-1]))
+        plt.close(show_tokens(seen, groups, title=method, path=paths[-1]))
     paths.append(out / "token_counts.png")
     plt.close(plot_token_counts(reports, path=paths[-1]))
     return paths
