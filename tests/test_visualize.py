@@ -190,3 +190,15 @@ def test_render_draws_the_crop_the_model_saw(tmp_path, monkeypatch):
     tv.render("vit_tiny_patch16_224", Image.fromarray(image), methods=("random",), keep=0.5, out_dir=str(tmp_path))
     picture = np.asarray(drawn[0].axes[0].images[0].get_array())
     np.testing.assert_allclose(picture, np.broadcast_to([1.0, 0.0, 0.0], picture.shape), atol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 4), (1, 3, 32, 32), (2, 32, 32)])
+def test_an_image_of_another_shape_is_refused_in_one_line(shape):
+    # an RGBA array (plt.imread of a PNG) or a batch (the model's input x, not x[0]) failed inside numpy or
+    # matplotlib ("cannot reshape array of size 4096 into shape (8,4,8,4,3)")
+    image = np.random.default_rng(0).random(shape)
+    for draw in (lambda: tv.show_tokens(image, np.arange(64).reshape(8, 8)),
+                 lambda: tv.show_roles(image, np.ones(64, int), (8, 8), ["dropped", "kept"])):
+        with pytest.raises(ValueError, match=r"an image of shape .* give a PIL image, .*\(H, W, 3\)") as error:
+            draw()
+        assert len(str(error.value).splitlines()) == 1

@@ -90,6 +90,9 @@ def _as_image(image) -> np.ndarray:
         array = array[..., None]
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:  # RGBA, a batch: else a numpy / matplotlib shape error later
+        raise ValueError(f"an image of shape {tuple(np.shape(image))}: give a PIL image, a (3, H, W) or (H, W, 3) "
+                         f"tensor or array, or a grey (H, W)")
     if array.max() > 1.0:
         array = array / 255.0
     return (array - array.min()) / max(array.max() - array.min(), 1e-12) if array.min() < 0 else array
