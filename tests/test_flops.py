@@ -78,3 +78,17 @@ def test_a_dual_encoder_is_refused_by_the_default_image_in_one_line(kind):
     assert tokenprune.count_flops(model.vision_model).flops > 0
     inputs = {"input_ids": torch.tensor([[2, 3, 4]]), "pixel_values": torch.zeros(1, 3, 32, 32)}
     assert tokenprune.count_flops(model, inputs=inputs).flops > tokenprune.count_flops(model.vision_model).flops
+
+
+def test_a_processor_s_batch_feature_is_keyword_inputs():
+    # processor(...) returns a BatchFeature, a Mapping but not a dict: it was passed positionally as the pixel
+    # values and the forward failed inside the model
+    import torch
+    from test_hf_patch import tiny_hf
+    from transformers import BatchFeature
+
+    model = tiny_hf("vit")
+    pixels = torch.zeros(2, 3, 32, 32)
+    count = tokenprune.count_flops(model, inputs=BatchFeature({"pixel_values": pixels}))
+    assert count.flops == tokenprune.count_flops(model, inputs={"pixel_values": pixels}).flops
+    assert count.batch_size == 2

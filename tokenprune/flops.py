@@ -11,6 +11,7 @@ register the standard SDPA formula for it once.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -118,9 +119,10 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
 
 @torch.inference_mode()
 def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1,
-                inputs: torch.Tensor | dict | None = None) -> FlopCount:
-    """FLOPs of ``model(inputs)`` (``model(**inputs)`` for a dict of keyword inputs, batch size from its
-    first tensor); by default a zero image of the model's own input size.
+                inputs: torch.Tensor | Mapping | None = None) -> FlopCount:
+    """FLOPs of ``model(inputs)`` (``model(**inputs)`` for a dict of keyword inputs, a processor's
+    ``BatchFeature`` too, batch size from its first tensor); by default a zero image of the model's own
+    input size.
 
     Token-reduction methods that choose tokens by content reduce the same number of
     tokens for any input, so a zero image counts exactly.
@@ -145,7 +147,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
         for p in needs_grad:
             p.requires_grad_(False)
         with counter:
-            if isinstance(inputs, dict):
+            if isinstance(inputs, Mapping):  # a processor's BatchFeature is a Mapping, not a dict
                 model(**inputs)
             else:
                 model(inputs)
