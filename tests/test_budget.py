@@ -161,3 +161,27 @@ def test_a_budget_above_the_whole_model_keeps_everything():
     model = build("vit_base_patch16_224")
     fit = fit_flops_budget(model, "tome", gflops=2 * count_flops(model).flops / 1e9)
     assert fit.keep == 1.0 and fit.final_patches == fit.num_patches
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_dual_encoder_s_budget_is_its_image_tower_s(kind):
+    """CLIPModel and SiglipModel take text first: a zero image cannot run them whole, and the text tower's FLOPs do
+    not change with keep. The budget is the image tower's: the same keep as the tower alone, with the same FLOPs,
+    and `apply` patches the whole model at it."""
+    from test_hf_patch import TINY
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    vision = {**TINY, "image_size": 64}
+    torch.manual_seed(0)
+    model = (CLIPModel(CLIPConfig(text_config=text, vision_config=vision)) if kind == "clip"
+             else SiglipModel(SiglipConfig(text_config=text, vision_config=vision))).eval()
+    tower = copy.deepcopy(model.vision_model)
+    fit = fit_flops_budget(model, "tome", flops=0.6)
+    alone = fit_flops_budget(tower, "tome", flops=0.6)
+    assert (fit.keep, fit.flops, fit.baseline_flops) == (alone.keep, alone.flops, count_flops(tower).flops)
+    assert 0.98 * 0.6 <= fit.fraction <= 0.6
+    tokenprune.apply(model, "tome", flops=0.6)
+    assert tokenprune.reducer_of(model).keep == fit.keep and count_flops(model.vision_model).flops == fit.flops
+    with pytest.raises(ValueError, match="of the image tower's"):  # an unreachable budget says what it counted
+        fit_flops_budget(model, "tome", gflops=1e-6)

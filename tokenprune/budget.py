@@ -4,11 +4,13 @@ The FLOPs are counted on the real forward (``count_flops``: one forward of a zer
 input size, matching and merging included), on a copy of the model patched at each candidate; the
 caller's model is not touched. A method keeps a whole number of patch tokens, so the candidates are the
 final counts 1..N; the FLOPs of a schedule grow with its final count, and a bisection finds the largest
-count whose forward fits the budget (about log2(N) counted forwards: 8 for 196 patches).
+count whose forward fits the budget (about log2(N) counted forwards: 8 for 196 patches). A model that
+takes text first (CLIPModel, SiglipModel) is counted by its image tower, which is all the budget can change.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -60,7 +62,8 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     probe = copy.deepcopy(model)
     if is_patched(probe):
         remove(probe)
-    baseline = count_flops(probe, input_size).flops
+    counted = image_part(probe)
+    baseline = count_flops(counted, input_size).flops
     budget = flops * baseline if flops is not None else gflops * 1e9
     cost: dict[int, int | None] = {}
 
@@ -71,13 +74,13 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # a clamp note once per candidate says nothing here
                     apply(probe, method, keep=final / num_patches, **options)
-                cost[final] = count_flops(probe, input_size).flops
+                cost[final] = count_flops(counted, input_size).flops
             except ValueError:  # too few tokens for the method's schedule (e.g. ToMe's cap of half per block)
                 cost[final] = None
         return cost[final]
 
     apply(probe, method, keep=1.0, **options)
-    full = count_flops(probe, input_size)
+    full = count_flops(counted, input_size)
     report = last_forward(probe)
     num_patches = report.token_counts[0] - report.num_prefix_tokens
     # at keep=1.0 only a schedule given as options reduces anything, in any block: the last block's reduction
@@ -102,10 +105,25 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     best = low - 1
     if best < 1 or flops_at(best, num_patches) is None:
         least = least_reachable(lambda final: flops_at(final, num_patches), num_patches)
-        raise ValueError(f"a FLOPs budget of {budget / 1e9:.3g} GFLOPs ({budget / baseline:.1%} of the model's "
+        whole = "model" if counted is probe else "image tower"
+        raise ValueError(f"a FLOPs budget of {budget / 1e9:.3g} GFLOPs ({budget / baseline:.1%} of the {whole}'s "
                          f"{baseline / 1e9:.3g}) is out of {method or 'the default method'}'s reach on this model: "
                          f"the least it runs is {least / 1e9:.3g} GFLOPs ({least / baseline:.1%})")
     return BudgetFit(best / num_patches, best, num_patches, cost[best], baseline, budget)
+
+
+def image_part(model: nn.Module) -> nn.Module:
+    """What a budget counts: ``model``, or for a model that takes text first (CLIPModel, SiglipModel: a zero
+    image would be its input_ids) the innermost module around its encoder that takes ``pixel_values`` first,
+    its image tower (the text tower's FLOPs do not change with keep, and depend on the text)."""
+    from .adapters import find_adapter
+
+    if getattr(model, "main_input_name", "pixel_values") == "pixel_values":
+        return model
+    encoder = find_adapter(model).anchor(model)
+    towers = [m for m in model.modules() if next(iter(inspect.signature(m.forward).parameters), None) == "pixel_values"
+              and any(sub is encoder for sub in m.modules())]
+    return towers[-1] if towers else model  # modules() lists outer before inner; none: count_flops refuses it
 
 
 def least_reachable(flops_at, num_patches: int) -> int:
