@@ -325,6 +325,27 @@ def test_pipeline_checks_arguments_before_loading(saved_vit):
         tokenprune.pipeline("image-classification", model="no/such-model", keep=2.0)
     with pytest.raises(TypeError, match="unknown option"):
         tokenprune.pipeline("image-classification", model="no/such-model", method="tome", options={"rr": 3})
+    with pytest.raises(ValueError, match=r"flops must be a number in \(0, 1\], got 1.5"):
+        tokenprune.pipeline("image-classification", model="no/such-model", flops=1.5)
+    with pytest.raises(TypeError, match="give keep or a FLOPs budget"):
+        tokenprune.pipeline("image-classification", model="no/such-model", keep=0.5, gflops=1.0)
+    with pytest.raises(TypeError, match="give one FLOPs budget"):
+        tokenprune.pipeline("image-classification", model="no/such-model", flops=0.5, gflops=1.0)
+
+
+@pytest.mark.parametrize("budget", [{"flops": 0.6}, {"gflops": 0.01}])
+def test_a_pipeline_takes_a_flops_budget_as_apply_does(saved_vit, budget):
+    from transformers import AutoModelForImageClassification
+
+    from tokenprune.budget import fit_flops_budget
+
+    pipe = tokenprune.pipeline("image-classification", model=saved_vit, method="mctf", **budget)
+    expected = fit_flops_budget(AutoModelForImageClassification.from_pretrained(saved_vit).eval(), "mctf", **budget)
+    assert tokenprune.reducer_of(pipe.model).keep == expected.keep < 1.0
+    assert tokenprune.count_flops(pipe.model).flops == expected.flops
+    assert sorted(r["label"] for r in pipe(_image())) == ["cat", "dog", "fish"]
+    default = tokenprune.pipeline("image-classification", model=saved_vit)  # no budget: keep 0.33
+    assert tokenprune.reducer_of(default.model).keep == 0.33
 
 
 def test_gradient_checkpointing_is_refused_while_reducing():

@@ -49,14 +49,7 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     if not isinstance(find_adapter(model), EncoderAdapter):
         raise TypeError(f"a FLOPs budget fits image encoders (timm ViTs, transformers encoders), not "
                         f"{type(model).__name__}: give keep")
-    if (flops is None) == (gflops is None):
-        raise TypeError("give one FLOPs budget: flops= (a fraction of the unpatched model's) or gflops= "
-                        "(GFLOPs per image)")
-    for name, value in (("flops", flops), ("gflops", gflops)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= 0 or (name == "flops" and value > 1)):
-            accepted = "a number in (0, 1]" if name == "flops" else "a positive number of GFLOPs per image"
-            raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    check_budget(flops, gflops)
     if "keep" in options:
         raise TypeError("give keep or a FLOPs budget (flops= / gflops=), not both")
     probe = copy.deepcopy(model)
@@ -110,6 +103,18 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
                          f"{baseline / 1e9:.3g}) is out of {method or 'the default method'}'s reach on this model: "
                          f"the least it runs is {least / 1e9:.3g} GFLOPs ({least / baseline:.1%})")
     return BudgetFit(best / num_patches, best, num_patches, cost[best], baseline, budget)
+
+
+def check_budget(flops: float | None, gflops: float | None) -> None:
+    """Exactly one budget, and a valid one: ``flops`` in (0, 1], or ``gflops`` positive (before any model work)."""
+    if (flops is None) == (gflops is None):
+        raise TypeError("give one FLOPs budget: flops= (a fraction of the unpatched model's) or gflops= "
+                        "(GFLOPs per image)")
+    for name, value in (("flops", flops), ("gflops", gflops)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0 or (name == "flops" and value > 1)):
+            accepted = "a number in (0, 1]" if name == "flops" else "a positive number of GFLOPs per image"
+            raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
 def image_part(model: nn.Module) -> nn.Module:
