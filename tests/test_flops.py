@@ -61,7 +61,7 @@ def test_default_input_follows_an_in_chans_override():
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_a_dual_encoder_is_refused_by_the_default_image_in_one_line(kind):
     # CLIPModel / SiglipModel take text first: a zero image alone went in as input_ids and failed deep in
-    # transformers (AttributeError on None.shape), for count_flops and for a FLOPs budget alike
+    # transformers (AttributeError on None.shape); a FLOPs budget counts their image tower (test_budget.py)
     import torch
     from test_hf_patch import TEXT, TINY
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
@@ -69,11 +69,9 @@ def test_a_dual_encoder_is_refused_by_the_default_image_in_one_line(kind):
     torch.manual_seed(0)
     model = (CLIPModel(CLIPConfig(text_config=TEXT, vision_config=TINY)) if kind == "clip"
              else SiglipModel(SiglipConfig(text_config=TEXT, vision_config=TINY))).eval()
-    for count in (lambda: tokenprune.count_flops(model), lambda: tokenprune.apply(model, "tome", flops=0.6)):
-        with pytest.raises(TypeError, match="takes input_ids first.*vision_model") as error:
-            count()
-        assert len(str(error.value).splitlines()) == 1
-    assert not tokenprune.is_patched(model)
+    with pytest.raises(TypeError, match="takes input_ids first.*vision_model") as error:
+        tokenprune.count_flops(model)
+    assert len(str(error.value).splitlines()) == 1
     # what it suggests works: the image tower alone, or the whole model with its inputs
     assert tokenprune.count_flops(model.vision_model).flops > 0
     inputs = {"input_ids": torch.tensor([[2, 3, 4]]), "pixel_values": torch.zeros(1, 3, 32, 32)}
@@ -92,3 +90,14 @@ def test_a_processor_s_batch_feature_is_keyword_inputs():
     count = tokenprune.count_flops(model, inputs=BatchFeature({"pixel_values": pixels}))
     assert count.flops == tokenprune.count_flops(model, inputs={"pixel_values": pixels}).flops
     assert count.batch_size == 2
+
+
+def test_inputs_with_an_input_size_or_a_batch_size_is_refused():
+    """Given inputs fix the size and the batch: an input_size or batch_size beside them was silently ignored."""
+    import torch
+
+    model, x = tiny_timm(), torch.zeros(2, 3, 32, 32)
+    assert tokenprune.count_flops(model, inputs=x).flops == tokenprune.count_flops(model, batch_size=2).flops
+    for extra in ({"input_size": (3, 32, 32)}, {"batch_size": 2}):
+        with pytest.raises(TypeError, match="give inputs, or input_size / batch_size for a zero image, not both"):
+            tokenprune.count_flops(model, inputs=x, **extra)

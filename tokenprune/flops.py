@@ -127,6 +127,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
     Token-reduction methods that choose tokens by content reduce the same number of
     tokens for any input, so a zero image counts exactly.
     """
+    if inputs is not None and (input_size is not None or batch_size != 1):
+        raise TypeError("give inputs, or input_size / batch_size for a zero image, not both (inputs fix both)")
     if inputs is None:
         # A transformers model that takes text first (CLIPModel, SiglipModel: input_ids) would get the zero
         # image as its input_ids and fail deep inside its forward; refuse it here, in one line.
