@@ -57,6 +57,28 @@ def test_a_patched_model_is_compared_with_its_unpatched_self_and_a_budget_is_acc
     assert check.baseline_ms > 0 and check.patched_ms > 0
 
 
+def test_a_dual_encoder_is_timed_by_its_image_tower(monkeypatch):
+    """CLIPModel takes text first (a random image cannot run it whole) and pruning changes its image tower only:
+    the tower is what is timed and counted, patched against unpatched, as a FLOPs budget counts it."""
+    from test_hf_patch import TEXT, TINY
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=TINY)).eval()
+    seen = {}
+
+    def fake_medians(calls, repeats, warmup, device):
+        for name, call in calls.items():
+            seen[name] = call().last_hidden_state.shape[1]  # the tower's output tokens
+        return {"baseline": 0.004, "patched": 0.002}, None
+    monkeypatch.setattr(speed, "interleaved_medians", fake_medians)
+    check = tokenprune.check_speed(model, "tome", keep=0.25)
+    assert seen == {"baseline": 65, "patched": 17} and check.method == "tome" and check.keep == 0.25
+    tower = tokenprune.count_flops(model.vision_model).flops
+    patched = tokenprune.apply(model, "tome", keep=0.25)
+    assert check.flops_ratio == tokenprune.count_flops(patched.vision_model).flops / tower
+
+
 def test_compiled_against_compiled(monkeypatch):
     compiled, warmups = [], []
     monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .budget import image_part
 from .flops import count_flops, default_input_size
 from .timing import interleaved_medians
 
@@ -62,7 +63,8 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     and dtype, at ``batch_size`` and ``input_size`` (default: the model's own); ``options`` may also be a
     FLOPs budget (``flops=`` / ``gflops=``). ``compile``: both run through ``torch.compile`` (compiled
     against compiled; the compile itself, tens of seconds per model on CPU, is in the warm-up, not in the
-    figures). Returns a ``SpeedCheck``; ``print`` it for the verdict."""
+    figures). A model that takes text first (CLIPModel, SiglipModel) is timed by its image tower, all that
+    pruning changes. Returns a ``SpeedCheck``; ``print`` it for the verdict."""
     from .api import apply, is_patched, reducer_of, remove
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -72,7 +74,9 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     baseline = copy.deepcopy(model)
     if is_patched(baseline):
         remove(baseline)
-    patched = apply(copy.deepcopy(baseline), method, keep, **options)
+    patched = patched_whole = apply(copy.deepcopy(baseline), method, keep, **options)
+    # a model that takes text first (CLIPModel, SiglipModel): its image tower, all that pruning changes, is timed
+    baseline, patched = image_part(baseline), image_part(patched)
     size = tuple(input_size or default_input_size(baseline))
     param = next(baseline.parameters())
     x = torch.randn(batch_size, *size, device=param.device, dtype=param.dtype)
@@ -82,7 +86,7 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
         runs = {name: torch.compile(m) for name, m in runs.items()}
     medians, foreign = interleaved_medians({name: (lambda m=m: m(x)) for name, m in runs.items()}, repeats,
                                            max(warmup, 1 if compile else 0), param.device)
-    reducer = reducer_of(patched)
+    reducer = reducer_of(patched_whole)
     return SpeedCheck(method=reducer.name, keep=reducer.keep, batch_size=batch_size, input_size=size,
                       device=str(param.device), compiled=compile, baseline_ms=1000 * medians["baseline"],
                       patched_ms=1000 * medians["patched"], flops_ratio=ratio, repeats=repeats,
