@@ -212,3 +212,22 @@ def test_the_foreign_share_is_measured_on_cpu(tmp_path):
     rows = evaluate(["--no-pretrained", "--method", "tome", "--keep", "0.5", "--data", str(data),
                      "--output", str(tmp_path / "r.jsonl")])
     assert all(isinstance(r["foreign_load"], float) and 0.0 <= r["foreign_load"] <= 1.0 for r in rows)
+
+
+def test_accuracy_and_throughput_are_counted_as_defined(monkeypatch):
+    """evaluate_config against counts made by hand: top-1 and top-5 over the readable images only (a skipped image,
+    negative label, is neither a hit nor a miss), and images/s over every image fed to the forward."""
+    import torch
+    from accelerate import Accelerator
+    from tokenprune.eval.data import SKIPPED, skip_label, skip_reason
+    from tokenprune.eval.evaluate import evaluate_config
+
+    ranking = torch.tensor([6.0, 5, 4, 3, 2, 1, 0])  # class 0 first ... class 6 last
+    batches = [(torch.zeros(2, 3, 4, 4), torch.tensor([0, 3])),  # a top-1 hit; a top-5 hit (4th)
+               (torch.zeros(3, 3, 4, 4), torch.tensor([5, 6, skip_label(EOFError())]))]  # 6th, 7th: misses; skipped
+    monkeypatch.setattr("tokenprune.timing.timed", lambda call, device=None: (call(), 0.25))
+    result = evaluate_config(lambda x: ranking.expand(x.shape[0], -1), batches, Accelerator(cpu=True), amp=False)
+    assert result["images"] == 4 and result["skipped"] == 1
+    assert result["top1"] == 100 * 1 / 4 and result["top5"] == 100 * 2 / 4
+    assert result["images_per_s"] == 5 / (2 * 0.25)  # five images through two timed forwards
+    assert result["skip_reasons"] == {skip_reason(SKIPPED - 2): 1}

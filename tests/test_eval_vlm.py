@@ -318,6 +318,7 @@ def test_two_processes_gather_exactly(tiny_vlm, tmp_path):
     assert len(rows) == 2 and [r["questions"] for r in rows] == [5, 5]
     assert rows[0]["accuracy"] == pytest.approx(60.0)
     assert rows[1]["visual_tokens_per_image"] == 8
+    assert [r["foreign_load"] for r in rows] == [None, None]  # two processes count each other: no figure
 
 
 def test_template_post_prompt_two_image_columns_limit_positions_and_overwrite(tiny_vlm, tmp_path):
