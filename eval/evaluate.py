@@ -500,7 +500,10 @@ def make_accelerator(device):
 
     if device is not None and device.index is not None:  # one process: accelerate's "cuda" is the current device
         torch.cuda.set_device(device)
-    accelerator = Accelerator(cpu=device is not None and device.type == "cpu")
+    # no --device on a machine without an accelerator: cpu=True all the same, which is what makes accelerate join the
+    # processes of a torchrun launch (without it each process ran alone and every one wrote every result)
+    cpu = device.type == "cpu" if device is not None else not torch.accelerator.is_available()
+    accelerator = Accelerator(cpu=cpu)
     if device is not None and device.index is not None and accelerator.num_processes > 1:
         raise ValueError(f"--device {device} picks one GPU; under a multi-process launch each process takes "
                          "its own: pass --device cuda")

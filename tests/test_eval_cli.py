@@ -231,3 +231,25 @@ def test_accuracy_and_throughput_are_counted_as_defined(monkeypatch):
     assert result["top1"] == 100 * 1 / 4 and result["top5"] == 100 * 2 / 4
     assert result["images_per_s"] == 5 / (2 * 0.25)  # five images through two timed forwards
     assert result["skip_reasons"] == {skip_reason(SKIPPED - 2): 1}
+
+
+def test_two_processes_give_the_one_process_results(tmp_path):
+    """Two CPU processes under torchrun, no --device: accelerate joins them (each ran alone before and every one
+    wrote every result); seven images (one process gets a padded shard) count exactly as in one process."""
+    import os
+    import subprocess
+    import sys
+
+    data = make_folder(tmp_path / "val", per_class=2)  # 6 images and a corrupt one
+    argv = ["--no-pretrained", "--data", str(data), "--method", "tome", "--keep", "0.5", "--batch-size", "2"]
+    alone = evaluate(argv + ["--output", str(tmp_path / "one.jsonl")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "tokenprune.eval", *argv, "--output", str(tmp_path / "two.jsonl")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["images"], r["skipped"]) for r in rows] == [(None, 6, 1), ("tome", 6, 1)]
+    assert [r["top1"] for r in rows] == [r["top1"] for r in alone] and [r["top5"] for r in rows] == [
+        r["top5"] for r in alone]
+    assert [r["foreign_load"] for r in rows] == [None, None]  # processes count each other: no figure

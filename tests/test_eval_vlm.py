@@ -294,8 +294,8 @@ def test_missing_model_and_data_are_one_line(tmp_path, capsys):
 
 
 def test_two_processes_gather_exactly(tiny_vlm, tmp_path):
-    """``accelerate launch`` over two CPU processes: five questions (one process gets a padded shard) give
-    the one-process accuracy and counts exactly."""
+    """Two CPU processes (accelerate under torchrun): five questions (one process gets a padded shard) give the
+    one-process accuracy and counts exactly."""
     import os
     import subprocess
     import sys
@@ -307,8 +307,8 @@ def test_two_processes_gather_exactly(tiny_vlm, tmp_path):
                                                answer=refs))
     out = tmp_path / "res.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # torchrun: accelerate's own `launch --cpu --num_processes 2` (accelerate 1.16) starts one process only
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "tokenprune.eval.vlm", "--model", str(tiny_vlm), "--data", str(data),
                              "--method", "hiprune", "--keep", "0.5", "-o", "object_layer=1", "--batch-size", "2",
                              "--max-new-tokens", "4", "--output", str(out), "--timing-repeats", "1"],
