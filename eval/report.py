@@ -3,6 +3,8 @@
     python -m tokenprune.eval.report docs/results/testbed.jsonl [more.jsonl ...] [--plot out.png]
 
 Rows keep the order they were evaluated in; a baseline that appears in several files is shown once.
+Rows of different runs (another model, data, --limit, --dtype, --compile, ...) get a table each, every
+row compared with its own run's baseline.
 """
 from __future__ import annotations
 
@@ -13,22 +15,60 @@ from pathlib import Path
 from .evaluate import plot, with_deltas
 
 
+def run_of(row: dict) -> dict:
+    """The settings a row was evaluated under (model, checkpoint, data, split, limit, dtype, compile, ...): its
+    ``key`` without the configuration (method, keep, options). Rows of one run share a baseline."""
+    run = json.loads(row["key"])
+    for name in ("method", "keep", "options"):
+        run.pop(name, None)
+    return run
+
+
 def read_rows(paths: list[str]) -> list[dict]:
-    rows, seen = [], set()
+    """The rows of ``paths``, each once, grouped by run (in the order the runs first appear), each row's deltas
+    against the baseline of its own run: another model's or dtype's rows are neither dropped as duplicates
+    of this one's nor compared with its baseline."""
+    runs: dict[str, list[dict]] = {}
+    seen = set()
     for path in paths:
         for line in Path(path).read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line torn by an interruption
                 continue
-            ident = (row["method"], row["keep"], json.dumps(row["options"], sort_keys=True), row["images"])
+            run = json.dumps(run_of(row), sort_keys=True, default=str)
+            ident = (run, row["method"], row["keep"], json.dumps(row["options"], sort_keys=True), row["images"])
             if ident not in seen:
                 seen.add(ident)
-                rows.append(row)
-    return with_deltas(rows)
+                runs.setdefault(run, []).append(row)
+    return [row for rows in runs.values() for row in with_deltas(rows)]
+
+
+def split_runs(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """``rows`` (from ``read_rows``) by run, each with a heading that names the model and the settings in which
+    the runs differ (an empty heading when there is one run)."""
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        runs.setdefault(json.dumps(run_of(row), sort_keys=True, default=str), []).append(row)
+    if len(runs) < 2:
+        return [("", rows)]
+    settings = [json.loads(run) for run in runs]
+    differ = sorted({name for s in settings for name in s if len({json.dumps(t.get(name)) for t in settings}) > 1}
+                    - {"model"})
+    out = []
+    for s, group in zip(settings, runs.values()):
+        # a key without dtype / compile is an fp32, eager run (those names were added to keys only when set)
+        shown = ", ".join(f"{name}={s.get(name, {'dtype': 'fp32', 'compile': False}.get(name))}" for name in differ)
+        out.append((f"**{s.get('model')}** on {group[0]['data']}" + (f" ({shown})" if shown else ""), group))
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
+    """A table per run (``split_runs``), under a heading when there are several."""
+    return "\n\n".join((heading + "\n\n" if heading else "") + table(group) for heading, group in split_runs(rows))
+
+
+def table(rows: list[dict]) -> str:
     lines = ["| method | keep | options | top-1 | delta | top-5 | GFLOPs | images |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -47,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
     rows = read_rows(args.results)
+    if args.plot and len(split_runs(rows)) > 1:  # one plot would draw every run's points as one method's line
+        p.error(f"--plot draws the rows of one run; these files hold {len(split_runs(rows))} (other models, data "
+                "or settings): plot them separately")
     print(markdown(rows))
     if args.plot:
         plot(Path(args.plot), rows, args.title)

@@ -109,6 +109,46 @@ def test_report_merges_result_files(tmp_path, capsys):
     assert (tmp_path / "ab.png").stat().st_size > 5000
 
 
+def _result(model, method, top1, images=100, dtype="fp32", limit=None):
+    """A result row as ``tokenprune eval`` writes it (its key holds the run's settings)."""
+    run = dict(model=model, checkpoint=None, pretrained=True, data="fashion-mnist", split="validation",
+               limit=limit, amp=False, seed=None, **({"dtype": dtype} if dtype != "fp32" else {}))
+    keep = None if method is None else 0.5
+    key = json.dumps({**run, "method": method, "keep": keep, "options": {}}, sort_keys=True)
+    return dict(key=key, model=model, data="fmnist", method=method, keep=keep, options={}, dtype=dtype,
+                gflops=1.0 if method is None else 0.6, top1=top1, top5=99.0, images=images, skipped=0,
+                skip_reasons={}, images_per_s=100.0)
+
+
+def test_report_keeps_runs_apart(tmp_path, capsys):
+    """Another model's, dtype's or --limit's rows are neither dropped as duplicates nor compared with the
+    first file's baseline: a table per run, each delta against its own baseline."""
+    from tokenprune.eval.report import main as report
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    a = write("a.jsonl", [_result("A", None, 90.0), _result("A", "tome", 89.0)])
+    b = write("b.jsonl", [_result("B", None, 70.0), _result("B", "tome", 60.0)])
+    half = write("h.jsonl", [_result("A", None, 85.0, dtype="bf16"), _result("A", "tome", 80.0, dtype="bf16")])
+    first = write("l.jsonl", [_result("A", None, 80.0, images=50, limit=50),
+                              _result("A", "tome", 79.0, images=50, limit=50)])
+    report([a, b, half, first, a])
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    body = [(r[0], r[3], r[4]) for r in rows if r[0] != "method" and not r[0].startswith("-")]
+    assert body == [("baseline", "90.00", ""), ("tome", "89.00", "-1.00"),
+                    ("baseline", "70.00", ""), ("tome", "60.00", "-10.00"),
+                    ("baseline", "85.00", ""), ("tome", "80.00", "-5.00"),
+                    ("baseline", "80.00", ""), ("tome", "79.00", "-1.00")]
+    assert "**B** on fmnist" in out and "dtype=bf16" in out and "limit=50" in out
+    with pytest.raises(SystemExit) as exit_:  # one plot would draw all four runs as one line per method
+        report([a, b, "--plot", str(tmp_path / "ab.png")])
+    assert exit_.value.code == 2 and "plot them separately" in capsys.readouterr().err
+    assert not (tmp_path / "ab.png").exists()
+
+
 def test_transformers_classifier_from_a_local_folder(tmp_path):
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
