@@ -108,7 +108,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     patched, ceiling = patched_and_ceiling(baseline, method, keep, options)
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops
-    config = ", ".join([f"keep={keep}"] * (not options) + [f"{k}={v}" for k, v in options.items()])
+    config = config_label(keep, options)
     models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
     kernels = extension.kernels_in_use(device, compiled=compile)
     if compile:
@@ -136,6 +136,19 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             baseline_gmacs=base_flops.gmacs_per_sample, patched_gmacs=patched_flops.gmacs_per_sample,
             foreign_load=foreign, compiled=compile, device=str(device), dtype=DTYPE_NAMES[dtype], kernels=kernels))
     return rows
+
+
+#: native options that, when set, decide the token counts instead of ``keep``: ToMe's and MCTF's ``r``, MCTF's
+#: ``fast`` preset, Zero-TPrune's ``keep_rates``
+KEEP_OVERRIDES = ("r", "fast", "keep_rates")
+
+
+def config_label(keep: float, options: dict) -> str:
+    """``keep=K`` and the options. keep is left out only when an option overrides it (``-o r=13``): any other
+    option (``prop_attn=False``, ``layers=[3,6,9]``, ``seed=1``) leaves the token counts to keep, so two runs
+    that differ in keep alone must not read the same."""
+    overridden = any(options.get(name) is not None and options.get(name) is not False for name in KEEP_OVERRIDES)
+    return ", ".join([f"keep={keep}"] * (not overridden) + [f"{k}={v}" for k, v in options.items()])
 
 
 def device_memory(device: torch.device) -> int | None:

@@ -126,6 +126,22 @@ def test_the_config_label_names_what_differs_from_a_default_run():
     assert bench._config_label(replace(row, dtype="bf16", device="cuda:0")) == "keep=0.5 bf16 cuda:0"
 
 
+
+def test_the_config_names_keep_unless_an_option_overrides_it():
+    """Only r, fast and keep_rates replace keep; with any other option the row (printed and --json) must still
+    say which keep it timed, or a keep 0.5 and a keep 0.33 run read the same."""
+    assert bench.config_label(0.5, {}) == "keep=0.5"
+    assert bench.config_label(0.5, {"prop_attn": False}) == "keep=0.5, prop_attn=False"
+    assert bench.config_label(0.33, {"layers": [3, 6, 9]}) == "keep=0.33, layers=[3, 6, 9]"
+    assert bench.config_label(0.5, {"r": 13}) == "r=13"
+    assert bench.config_label(0.5, {"r": 0}) == "r=0"  # r=0 (no merging) overrides keep too
+    assert bench.config_label(0.5, {"fast": True}) == "fast=True"
+    assert bench.config_label(0.5, {"fast": False}) == "keep=0.5, fast=False"
+    assert bench.config_label(0.5, {"keep_rates": [0.7, 0.7, 0.7]}) == "keep_rates=[0.7, 0.7, 0.7]"
+    [row] = bench.benchmark("vit_testbed_fmnist", "random", keep=0.5, options={"seed": 1}, batch_sizes=(1,),
+                            repeats=1, warmup=1)
+    assert row.config == "keep=0.5, seed=1"
+
 def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
     result, seconds = timing.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
     assert result == 7 and 0.02 <= seconds < 1
