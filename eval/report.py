@@ -14,6 +14,9 @@ from pathlib import Path
 
 from .evaluate import plot, with_deltas
 
+#: what the report reads of a row (every row tokenprune eval writes has them, from its first version on)
+FIELDS = ("key", "method", "keep", "options", "top1", "top5", "gflops", "images", "images_per_s")
+
 
 def run_of(row: dict) -> dict:
     """The settings a row was evaluated under (model, checkpoint, data, split, limit, dtype, compile, ...): its
@@ -31,16 +34,32 @@ def read_rows(paths: list[str]) -> list[dict]:
     runs: dict[str, list[dict]] = {}
     seen = set()
     for path in paths:
-        for line in Path(path).read_text().splitlines():
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e})") from e
+        found = torn = 0
+        for number, line in enumerate(text.splitlines(), 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by an interruption
+            except json.JSONDecodeError:
+                torn += line.startswith('{"')  # a line torn by an interruption (rows are written as {"key": ...)
                 continue
+            if not isinstance(row, dict):
+                continue
+            missing = [name for name in FIELDS if name not in row]
+            if missing:  # e.g. a tokenprune eval-vlm row (accuracy, no top-1)
+                raise ValueError(f"{path}, line {number}: not a tokenprune eval result (no {', '.join(missing)})"
+                                 + ("; tokenprune eval-vlm writes its own table (its CSV)" if "accuracy" in row
+                                    else ""))
+            found += 1
             run = json.dumps(run_of(row), sort_keys=True, default=str)
             ident = (run, row["method"], row["keep"], json.dumps(row["options"], sort_keys=True), row["images"])
             if ident not in seen:
                 seen.add(ident)
                 runs.setdefault(run, []).append(row)
+        if not found and not torn and text.strip():  # a --json of tokenprune bench, a CSV, ...: not silently empty
+            raise ValueError(f"{path} holds no tokenprune eval results (JSON lines, one row per configuration)")
     return [row for rows in runs.values() for row in with_deltas(rows)]
 
 
@@ -86,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", help="also draw top-1 against GFLOPs for all rows")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    rows = read_rows(args.results)
+    try:
+        rows = read_rows(args.results)
+    except ValueError as e:  # bad input: one line, exit 2, not a traceback
+        p.exit(2, f"{p.prog}: error: {e}\n")
     if args.plot and len(split_runs(rows)) > 1:  # one plot would draw every run's points as one method's line
         p.error(f"--plot draws the rows of one run; these files hold {len(split_runs(rows))} (other models, data "
                 "or settings): plot them separately")

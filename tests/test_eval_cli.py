@@ -149,6 +149,29 @@ def test_report_keeps_runs_apart(tmp_path, capsys):
     assert not (tmp_path / "ab.png").exists()
 
 
+
+def test_report_refuses_what_is_not_an_eval_result_in_one_line(tmp_path, capsys):
+    """A missing file, a bench --json, an eval-vlm result: one line, exit 2, neither a traceback nor a silently
+    empty table; a file whose only line was torn by an interruption is no error."""
+    from tokenprune.eval.report import main as report
+
+    bench = tmp_path / "bench.json"  # what `tokenprune bench --json` writes: one JSON array over many lines
+    bench.write_text(json.dumps([{"model": "m", "method": "tome", "measured_speedup": 1.2}], indent=2))
+    vlm = tmp_path / "vlm.jsonl"
+    vlm.write_text(json.dumps({"key": "{}", "model": "m", "method": None, "keep": None, "options": {},
+                               "metric": "exact match", "accuracy": 50.0}) + "\n")
+    for path, said in ((tmp_path / "missing.jsonl", "cannot be read (No such file or directory)"),
+                       (bench, "holds no tokenprune eval results"),
+                       (vlm, "line 1: not a tokenprune eval result (no top1, top5, gflops, images, images_per_s)")):
+        with pytest.raises(SystemExit) as exit_:
+            report([str(path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err and "Traceback" not in err and len(err.splitlines()) == 1
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps(_result("A", None, 90.0))[:40])
+    report([str(torn)])
+    assert capsys.readouterr().out.count("\n") == 2  # the table's head alone
+
 def test_transformers_classifier_from_a_local_folder(tmp_path):
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
