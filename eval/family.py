@@ -161,6 +161,10 @@ def main(argv=None) -> None:
     sections = []
     for model in models:
         rows = run_model(model, args)
+        # each eval call above rewrote the CSV with its own rows (the last: the baseline and one random seed):
+        # the CSV beside the .jsonl holds the whole comparison
+        evaluate.write_csv((Path(args.out) / f"{model}-{args.split}.jsonl").with_suffix(".csv"),
+                           evaluate.with_deltas(rows))
         base = next(r for r in rows if r["method"] is None)
         sections.append(markdown(model, base, summarize(model, rows)))
         plot(Path(args.out) / f"{model}-{args.split}.png", model, rows)

@@ -3,6 +3,7 @@ tiny end-to-end run through the eval CLI."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -70,6 +71,12 @@ def test_end_to_end_on_a_random_init_testbed(tmp_path):
         ("", 0, -1), ("random", 0.4, 0), ("random", 0.4, 1), ("random", 0.6, 0), ("random", 0.6, 1),
         ("tome", 0.5, -1)]
     assert (tmp_path / "vit_testbed_fmnist_gap-test.png").stat().st_size > 0
+    with open(tmp_path / "vit_testbed_fmnist_gap-test.csv") as f:  # the whole comparison, not the last seed's run
+        table = list(csv.DictReader(f))
+    assert sorted((r["method"], r["keep"], r["options"]) for r in table) == sorted(
+        ("baseline" if r["method"] is None else r["method"], "" if r["keep"] is None else str(r["keep"]),
+         json.dumps(r["options"])) for r in rows)
+    assert all(float(r["delta_top1"]) == float(r["top1"]) - float(table[0]["top1"]) for r in table)
     assert "| tome | 0.5 |" in (tmp_path / "summary-test.md").read_text()
     # a second run resumes: nothing is evaluated again
     before = (tmp_path / "vit_testbed_fmnist_gap-test.jsonl").read_text()
