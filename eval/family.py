@@ -20,6 +20,8 @@ import argparse
 from pathlib import Path
 
 from tokenprune import testbed
+from tokenprune.cli import count
+from tokenprune.registry import get_method
 
 from . import evaluate
 from .data import embedded_spec_for
@@ -145,9 +147,10 @@ def main(argv=None) -> None:
     p.add_argument("--keep", nargs="+", type=float, default=list(KEEPS))
     p.add_argument("--random-keep", nargs="+", type=float, default=list(RANDOM_KEEPS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--limit", type=int, help="the first N images only")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    # count(1), as the eval CLI's: a --limit 0 would otherwise be dropped (falsy) and run the full split
+    p.add_argument("--batch-size", type=count(1), default=250)
+    p.add_argument("--limit", type=count(1), help="the first N images only")
+    p.add_argument("--threads", type=count(1), help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="docs/results/family")
     p.add_argument("--weights-dir", help="read <model>.safetensors from this folder instead of the packaged weights")
     args = p.parse_args(argv)
@@ -157,10 +160,19 @@ def main(argv=None) -> None:
     for m in models:
         if m not in testbed.TESTBEDS:
             p.error(f"--models {m}: not a testbed; the family is {', '.join(testbed.TESTBEDS)}")
+    try:  # random's keeps and seeds now: the eval CLI would check them only after the methods' sweep
+        for keep in args.random_keep:
+            for seed in args.seeds:
+                get_method("random")(keep=keep, seed=seed)
+    except (ValueError, TypeError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     sections = []
     for model in models:
-        rows = run_model(model, args)
+        try:
+            rows = run_model(model, args)
+        except (ValueError, TypeError) as e:  # the eval CLI's bad input (a method, keep, seed): one line, exit 2
+            p.exit(2, f"{p.prog}: error: {e}\n")
         # each eval call above rewrote the CSV with its own rows (the last: the baseline and one random seed):
         # the CSV beside the .jsonl holds the whole comparison
         evaluate.write_csv((Path(args.out) / f"{model}-{args.split}.jsonl").with_suffix(".csv"),

@@ -90,6 +90,21 @@ def test_unknown_model_is_one_line(capsys):
     assert e.value.code == 2 and "not a testbed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--keep", "1.5"], "keep must be in (0, 1]"),
+    (["--seeds", "-1"], "seed must be an int"),
+    (["--random-keep", "0.5", "1.5"], "keep must be in (0, 1]"),
+    (["--limit", "0"], "must be an integer >= 1"),  # not dropped as falsy: that ran the whole split
+])
+def test_bad_input_is_one_line_before_any_evaluation(argv, said, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(family.evaluate, "evaluate_config", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(SystemExit) as e:
+        family.main(["--models", "vit_testbed_fmnist", "--limit", "8", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
 def test_diagnosis_foreground_auc_and_report():
     from tokenprune.eval import zero_tprune_diagnose as diag
 
