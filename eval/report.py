@@ -12,7 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .evaluate import plot, with_deltas
+from tokenprune.cli import check_writable
+
+from .evaluate import plot, plot_formats, with_deltas
 
 #: what the report reads of a row (every row tokenprune eval writes has them, from its first version on)
 FIELDS = ("key", "method", "keep", "options", "top1", "top5", "gflops", "images", "images_per_s")
@@ -106,6 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
     try:
+        if args.plot:  # as the eval CLI checks its --plot: a format matplotlib writes, a writable path
+            png = Path(args.plot)
+            if png.suffix[1:].lower() not in plot_formats():
+                what = png.suffix or "a name without an extension"
+                raise ValueError(f"--plot {png}: matplotlib cannot write {what}; give a name ending in one of "
+                                 f".{', .'.join(plot_formats())}")
+            check_writable(png, "--plot")
         rows = read_rows(args.results)
     except ValueError as e:  # bad input: one line, exit 2, not a traceback
         p.exit(2, f"{p.prog}: error: {e}\n")

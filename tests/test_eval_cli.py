@@ -167,6 +167,15 @@ def test_report_refuses_what_is_not_an_eval_result_in_one_line(tmp_path, capsys)
             report([str(path)])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and said in err and "Traceback" not in err and len(err.splitlines()) == 1
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(_result("A", None, 90.0)) + "\n")
+    (tmp_path / "a-file").write_text("")
+    for plot, said in (("ab.xyz", "matplotlib cannot write .xyz"), ("a-file/ab.png", "--plot")):
+        with pytest.raises(SystemExit) as exit_:
+            report([str(good), "--plot", str(tmp_path / plot)])
+        captured = capsys.readouterr()
+        assert exit_.value.code == 2 and said in captured.err and "Traceback" not in captured.err
+        assert captured.out == ""  # refused before the table, not after it
     torn = tmp_path / "torn.jsonl"
     torn.write_text(json.dumps(_result("A", None, 90.0))[:40])
     report([str(torn)])
