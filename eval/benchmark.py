@@ -206,7 +206,11 @@ def check_compiled(compiled, eager, x: torch.Tensor, model_name: str) -> None:
 
 
 def format_rows(rows: list[BenchRow]) -> str:
-    head = (f"{'model':<24} {'method':<7} {'config':<14} {'batch':>5} {'GMACs':>12} {'base ms':>9} "
+    # the text columns fit their longest entry (zero-tprune, a config with options): a longer one would shift
+    # every number after it under the next column's header
+    mw, tw, cw = (max([width, *(len(text) for text in texts)]) for width, texts in (
+        (24, [r.model for r in rows]), (7, [r.method for r in rows]), (14, [_config_label(r) for r in rows])))
+    head = (f"{'model':<{mw}} {'method':<{tw}} {'config':<{cw}} {'batch':>5} {'GMACs':>12} {'base ms':>9} "
             f"{'patched ms':>10} {'img/s':>14} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'ceiling':>7} "
             f"{'overhead':>8} {'foreign':>7}")
     lines = [head, "-" * len(head)]
@@ -214,7 +218,7 @@ def format_rows(rows: list[BenchRow]) -> str:
         base_ips, patched_ips = r.images_per_s
         foreign = "n/a" if r.foreign_load is None else f"{r.foreign_load:.1%}"
         lines.append(
-            f"{r.model:<24} {r.method:<7} {_config_label(r):<14} {r.batch_size:>5} "
+            f"{r.model:<{mw}} {r.method:<{tw}} {_config_label(r):<{cw}} {r.batch_size:>5} "
             f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
             f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
             f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {r.overhead:>8.1%} {foreign:>7}")

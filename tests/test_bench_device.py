@@ -142,6 +142,22 @@ def test_the_config_names_keep_unless_an_option_overrides_it():
                             repeats=1, warmup=1)
     assert row.config == "keep=0.5, seed=1"
 
+
+def test_the_table_s_columns_stay_under_their_headers():
+    """A method or config longer than its column's default width (zero-tprune; keep with options) shifted every
+    number after it under the next header."""
+    from dataclasses import replace
+    row = bench.BenchRow(model="m", method="tome", config="keep=0.5", batch_size=1, threads=2, repeats=1,
+                         baseline_ms=2.0, patched_ms=1.0, measured_speedup=2.0, ideal_speedup=1.5,
+                         fraction_of_ideal=1.333, ceiling_speedup=2.5, overhead=0.1, baseline_gmacs=1.0,
+                         patched_gmacs=0.5, foreign_load=0.01, kernels="CPU build")
+    rows = [row, replace(row, method="zero-tprune", config="keep=0.5, layers=[3, 6, 9], s_fraction=0.5",
+                         measured_speedup=1.25)]
+    head, _, *lines = bench.format_rows(rows).splitlines()
+    end = head.index("speedup") + len("speedup")  # the numbers are right-aligned under their header
+    assert [line[end - 5:end] for line in lines] == ["2.00x", "1.25x"]
+    assert len({len(line) for line in [head, *lines]}) == 1
+
 def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
     result, seconds = timing.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
     assert result == 7 and 0.02 <= seconds < 1
