@@ -275,6 +275,7 @@ def test_a_busy_machine_flags_the_speedup_column(tmp_path, capsys, monkeypatch):
     # the threshold, rows without a figure (a GPU, several processes, files from before), the busiest named
     assert busy_note([{"method": None, "foreign_load": 0.05}, {"method": "tome", "foreign_load": None}]) is None
     assert busy_note([{"method": None}]) is None
+    assert busy_note([{"method": None, "foreign_load": 0.01}]) is None  # under the threshold, not only at it
     assert "up to 6% of the CPUs while this ran (baseline)" in busy_note(
         [{"method": None, "foreign_load": 0.06}, {"method": "mctf", "foreign_load": 0.051}])
 
@@ -296,13 +297,16 @@ def test_accuracy_and_throughput_are_counted_as_defined(monkeypatch):
 
     ranking = torch.tensor([6.0, 5, 4, 3, 2, 1, 0])  # class 0 first ... class 6 last
     batches = [(torch.zeros(2, 3, 4, 4), torch.tensor([0, 3])),  # a top-1 hit; a top-5 hit (4th)
-               (torch.zeros(3, 3, 4, 4), torch.tensor([5, 6, skip_label(EOFError())]))]  # 6th, 7th: misses; skipped
-    monkeypatch.setattr("tokenprune.timing.timed", lambda call, device=None: (call(), 0.25))
-    result = evaluate_config(lambda x: ranking.expand(x.shape[0], -1), batches, Accelerator(cpu=True), amp=False)
-    assert result["images"] == 4 and result["skipped"] == 1
-    assert result["top1"] == 100 * 1 / 4 and result["top5"] == 100 * 2 / 4
-    assert result["images_per_s"] == 5 / (2 * 0.25)  # five images through two timed forwards
+               (torch.zeros(2, 3, 4, 4), torch.tensor([6, skip_label(EOFError())]))]  # 7th: a miss; skipped
+    monkeypatch.setattr("tokenprune.timing.timed", lambda call, device=None: (call(), 0.3))
+    model = lambda x: ranking.expand(x.shape[0], -1)  # noqa: E731
+    result = evaluate_config(model, batches, Accelerator(cpu=True), amp=False)
+    assert result["images"] == 3 and result["skipped"] == 1
+    assert result["top1"] == 100 * 1 / 3 and result["top5"] == 100 * 2 / 3
+    assert result["images_per_s"] == 4 / (2 * 0.3)  # four images through two timed forwards
     assert result["skip_reasons"] == {skip_reason(SKIPPED - 2): 1}
+    monkeypatch.setattr("tokenprune.timing.timed", lambda call, device=None: (call(), 0.0))  # a clock too coarse
+    assert result["images_per_s"] < evaluate_config(model, batches, Accelerator(cpu=True), amp=False)["images_per_s"]
 
 
 def test_two_processes_give_the_one_process_results(tmp_path):
