@@ -185,3 +185,12 @@ def test_a_dual_encoder_s_budget_is_its_image_tower_s(kind):
     assert tokenprune.reducer_of(model).keep == fit.keep and count_flops(model.vision_model).flops == fit.flops
     with pytest.raises(ValueError, match="of the image tower's"):  # an unreachable budget says what it counted
         fit_flops_budget(model, "tome", gflops=1e-6)
+
+
+def test_check_budget_accepts_the_bounds_it_states():
+    from tokenprune.budget import check_budget
+
+    check_budget(1.0, None)  # the whole model is a budget: (0, 1] is closed at 1
+    check_budget(None, 2.5)  # GFLOPs have no upper bound
+    with pytest.raises(ValueError, match=r"flops must be a number in \(0, 1\], got 1.01"):
+        check_budget(1.01, None)
