@@ -101,3 +101,15 @@ def test_inputs_with_an_input_size_or_a_batch_size_is_refused():
     for extra in ({"input_size": (3, 32, 32)}, {"batch_size": 2}):
         with pytest.raises(TypeError, match="give inputs, or input_size / batch_size for a zero image, not both"):
             tokenprune.count_flops(model, inputs=x, **extra)
+
+
+def test_a_parameter_passed_straight_into_a_submodule_is_counted_and_its_gradient_flag_restored():
+    # timm's attention pool ('map') hands its latent Parameter to a submodule: torch's FLOP counter hooks
+    # the backward of every module input that requires grad and fails on a leaf. count_flops switches the
+    # flags off for the count and back on after, also on a frozen part of the model.
+    model = tiny_timm(global_pool="map")
+    model.head.requires_grad_(False)
+    tokenprune.apply(model, "tome", keep=0.5)
+    assert tokenprune.count_flops(model).flops > 0
+    assert all(p.requires_grad for p in model.blocks.parameters())
+    assert not any(p.requires_grad for p in model.head.parameters())
