@@ -183,16 +183,17 @@ def test_render_draws_the_crop_the_model_saw(tmp_path, monkeypatch):
     from PIL import Image
 
     image = np.zeros((100, 300, 3), np.uint8)
-    image[:, :100, 2] = image[:, 100:200, 0] = image[:, 200:, 1] = 255
+    image[:, :100, 2] = image[:, 200:, 1] = 255
+    image[:, 100:200] = (200, 64, 0)  # values between the normalisation's mean and its ends: undone exactly
     drawn = []
     show_tokens = tv.show_tokens
     monkeypatch.setattr(tv, "show_tokens", lambda *a, **k: drawn.append(show_tokens(*a, **k)) or drawn[-1])
     tv.render("vit_tiny_patch16_224", Image.fromarray(image), methods=("random",), keep=0.5, out_dir=str(tmp_path))
     picture = np.asarray(drawn[0].axes[0].images[0].get_array())
-    np.testing.assert_allclose(picture, np.broadcast_to([1.0, 0.0, 0.0], picture.shape), atol=0.02)
+    np.testing.assert_allclose(picture, np.broadcast_to([200 / 255, 64 / 255, 0.0], picture.shape), atol=0.02)
 
 
-@pytest.mark.parametrize("shape", [(32, 32, 4), (1, 3, 32, 32), (2, 32, 32)])
+@pytest.mark.parametrize("shape", [(32, 32, 4), (1, 3, 32, 32), (2, 32, 32), (2, 32, 32, 3)])
 def test_an_image_of_another_shape_is_refused_in_one_line(shape):
     # an RGBA array (plt.imread of a PNG) or a batch (the model's input x, not x[0]) failed inside numpy or
     # matplotlib ("cannot reshape array of size 4096 into shape (8,4,8,4,3)")
@@ -202,3 +203,10 @@ def test_an_image_of_another_shape_is_refused_in_one_line(shape):
         with pytest.raises(ValueError, match=r"an image of shape .* give a PIL image, .*\(H, W, 3\)") as error:
             draw()
         assert len(str(error.value).splitlines()) == 1
+
+
+def test_an_image_with_negative_values_is_stretched_to_the_unit_range():
+    # a normalised tensor (the model's input, not undone): min to 0, max to 1, linearly between
+    image = torch.linspace(-2.0, 2.0, 3 * 8 * 8).reshape(3, 8, 8)
+    array = tv._as_image(image)
+    np.testing.assert_allclose(array, (image.permute(1, 2, 0).numpy() + 2.0) / 4.0, atol=1e-6)
