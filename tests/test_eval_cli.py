@@ -109,10 +109,12 @@ def test_report_merges_result_files(tmp_path, capsys):
     assert (tmp_path / "ab.png").stat().st_size > 5000
 
 
-def _result(model, method, top1, images=100, dtype="fp32", limit=None):
-    """A result row as ``tokenprune eval`` writes it (its key holds the run's settings)."""
+def _result(model, method, top1, images=100, dtype="fp32", limit=None, compiled=False):
+    """A result row as ``tokenprune eval`` writes it (its key holds the run's settings; dtype and compile only
+    where they are not fp32 and eager)."""
     run = dict(model=model, checkpoint=None, pretrained=True, data="fashion-mnist", split="validation",
-               limit=limit, amp=False, seed=None, **({"dtype": dtype} if dtype != "fp32" else {}))
+               limit=limit, amp=False, seed=None, **({"dtype": dtype} if dtype != "fp32" else {}),
+               **({"compile": True} if compiled else {}))
     keep = None if method is None else 0.5
     key = json.dumps({**run, "method": method, "keep": keep, "options": {}}, sort_keys=True)
     return dict(key=key, model=model, data="fmnist", method=method, keep=keep, options={}, dtype=dtype,
@@ -134,15 +136,19 @@ def test_report_keeps_runs_apart(tmp_path, capsys):
     half = write("h.jsonl", [_result("A", None, 85.0, dtype="bf16"), _result("A", "tome", 80.0, dtype="bf16")])
     first = write("l.jsonl", [_result("A", None, 80.0, images=50, limit=50),
                               _result("A", "tome", 79.0, images=50, limit=50)])
-    report([a, b, half, first, a])
+    alone = write("c.jsonl", [_result("C", None, 50.0, compiled=True)])  # a run of its baseline alone
+    report([a, b, half, first, a, alone])
     out = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
     body = [(r[0], r[3], r[4]) for r in rows if r[0] != "method" and not r[0].startswith("-")]
     assert body == [("baseline", "90.00", ""), ("tome", "89.00", "-1.00"),
                     ("baseline", "70.00", ""), ("tome", "60.00", "-10.00"),
                     ("baseline", "85.00", ""), ("tome", "80.00", "-5.00"),
-                    ("baseline", "80.00", ""), ("tome", "79.00", "-1.00")]
+                    ("baseline", "80.00", ""), ("tome", "79.00", "-1.00"), ("baseline", "50.00", "")]
     assert "**B** on fmnist" in out and "dtype=bf16" in out and "limit=50" in out
+    headings = [line for line in out.splitlines() if line.startswith("**")]
+    assert [h.count("compile=False") for h in headings] == [1, 1, 1, 1, 0]
+    assert headings[-1].startswith("**C** on fmnist (") and "compile=True" in headings[-1]
     with pytest.raises(SystemExit) as exit_:  # one plot would draw all four runs as one line per method
         report([a, b, "--plot", str(tmp_path / "ab.png")])
     assert exit_.value.code == 2 and "plot them separately" in capsys.readouterr().err
