@@ -152,11 +152,12 @@ def test_the_table_s_columns_stay_under_their_headers():
                          fraction_of_ideal=1.333, ceiling_speedup=2.5, overhead=0.1, baseline_gmacs=1.0,
                          patched_gmacs=0.5, foreign_load=0.01, kernels="CPU build")
     rows = [row, replace(row, method="zero-tprune", config="keep=0.5, layers=[3, 6, 9], s_fraction=0.5",
-                         measured_speedup=1.25)]
+                         measured_speedup=1.25, foreign_load=None)]
     head, _, *lines = bench.format_rows(rows).splitlines()
     end = head.index("speedup") + len("speedup")  # the numbers are right-aligned under their header
     assert [line[end - 5:end] for line in lines] == ["2.00x", "1.25x"]
     assert len({len(line) for line in [head, *lines]}) == 1
+    assert [line.split()[-1] for line in lines] == ["1.0%", "n/a"]  # the foreign share, or none measured
 
 def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
     result, seconds = timing.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
