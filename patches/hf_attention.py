@@ -225,9 +225,14 @@ def routed_name(base: str) -> str:
     return f"{ATTENTION_NAME}:{base}"
 
 
-def route_attention(attention_modules: list[nn.Module], config) -> None:
+def route_attention(root: nn.Module, attention_modules: list[nn.Module], config) -> None:
     """Point these attention modules (numbered in order, for ``ScoreRequest``) at the scoring attention
-    function, which calls the implementation ``config`` named before."""
+    function, which calls the implementation ``config`` named before.
+
+    transformers reads the implementation's name from ``module.config`` at every forward, and models built from
+    one config object share it: the routed name goes on a copy that only ``root``'s modules see, so another model
+    of that config keeps its own attention (it found a routed name and failed, and ``remove`` of either model
+    could leave the other's name behind)."""
     import copy
 
     from transformers import AttentionInterface
@@ -246,11 +251,17 @@ def route_attention(attention_modules: list[nn.Module], config) -> None:
         attn._tokenprune_base_attention = base
         attn._tokenprune_base_config = base_config
         attn._tokenprune_layer = i
-    config._attn_implementation = name
+    routed = copy.copy(config)
+    routed._attn_implementation = name
+    for module in root.modules():
+        if module.__dict__.get("config") is config:
+            module._tokenprune_shared_config = config
+            module.config = routed
 
 
-def unroute_attention(attention_modules: list[nn.Module], config) -> None:
-    base = attention_modules[0]._tokenprune_base_attention
+def unroute_attention(root: nn.Module, attention_modules: list[nn.Module]) -> None:
     for attn in attention_modules:
         del attn._tokenprune_base_attention, attn._tokenprune_base_config, attn._tokenprune_layer
-    config._attn_implementation = base
+    for module in root.modules():
+        if "_tokenprune_shared_config" in module.__dict__:
+            module.config = module.__dict__.pop("_tokenprune_shared_config")

@@ -493,7 +493,7 @@ class VLMAdapter(Adapter):
         if self.is_patched(model):
             self.unpatch(model)
         if isinstance(reducer, VisualTokenSelector):
-            route_attention(family.attention_modules(vlm), family.vision_config(vlm))
+            route_attention(vlm, family.attention_modules(vlm), family.vision_config(vlm))
         else:
             hf_vision.patch_encoder(vlm.vision_tower, reducer, depth=family.output_layer(vlm, {}) + 1)
         vlm.get_image_features = _selecting_features_of(vlm)
@@ -507,7 +507,7 @@ class VLMAdapter(Adapter):
     def unpatch(self, model):
         family, vlm = _vlm(model)
         if isinstance(vlm.tokenprune_reducer, VisualTokenSelector):
-            unroute_attention(family.attention_modules(vlm), family.vision_config(vlm))
+            unroute_attention(vlm, family.attention_modules(vlm))
         else:
             hf_vision.unpatch_encoder(vlm.vision_tower)
         del vlm.get_image_features  # the instance attribute; the class's method shows again

@@ -268,7 +268,10 @@ def test_routing_keeps_the_implementation_name_for_the_model_to_branch_on(flash)
     config = _tower_config(model)
     config._attn_implementation = FLASH
     tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
-    assert is_flash_attention_requested(config) and config._attn_implementation.startswith("tokenprune:")
+    routed = _tower_config(model)  # the tower's own copy: the user's config object is shared with other models
+    assert routed is not config and config._attn_implementation == FLASH
+    assert is_flash_attention_requested(routed) and routed._attn_implementation.startswith("tokenprune:")
     tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)  # re-applying sees the user's implementation
+    assert is_flash_attention_requested(_tower_config(model))
     tokenprune.remove(model)
-    assert config._attn_implementation == FLASH
+    assert _tower_config(model) is config and config._attn_implementation == FLASH

@@ -113,3 +113,31 @@ def test_a_parameter_passed_straight_into_a_submodule_is_counted_and_its_gradien
     assert tokenprune.count_flops(model).flops > 0
     assert all(p.requires_grad for p in model.blocks.parameters())
     assert not any(p.requires_grad for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("size", [(32, 32), "x", (3, 32.0, 32), [3, True, 32], (3, 0, 32), (1, 3, 32, 32)])
+def test_a_bad_input_size_is_one_line_everywhere_it_is_taken(size):
+    # it failed in torch.zeros or in an unpacking, as a TypeError/ValueError that named neither input_size
+    # nor what is accepted
+    model = tiny_timm()
+    calls = [lambda: tokenprune.count_flops(model, input_size=size),
+             lambda: tokenprune.apply(model, "tome", flops=0.7, input_size=size),
+             lambda: tokenprune.check_speed(model, "tome", keep=0.5, input_size=size, repeats=1)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^input_size must be \(channels, height, width\), three ints >= 1, "
+                                             r"got ") as error:
+            call()
+        assert len(str(error.value).splitlines()) == 1
+    assert not tokenprune.is_patched(model)
+
+
+def test_an_input_size_a_fixed_size_model_does_not_take_is_one_line():
+    model = tiny_timm()  # timm asserts the image size of a model without dynamic_img_size
+    for call in (lambda: tokenprune.count_flops(model, input_size=(3, 36, 32)),
+                 lambda: tokenprune.apply(model, "tome", flops=0.7, input_size=(3, 36, 32))):
+        with pytest.raises(ValueError, match=r"does not run on an input of size \(3, 36, 32\): Input height \(36\)"):
+            call()
+    assert not tokenprune.is_patched(model)
+    import numpy as np
+
+    assert tokenprune.count_flops(model, input_size=np.array([3, 32, 32])) == tokenprune.count_flops(model)

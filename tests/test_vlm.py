@@ -377,6 +377,37 @@ def test_patched_vlm_deep_copies():
     assert tokenprune.is_patched(model) and not tokenprune.is_patched(clone)
 
 
+@pytest.mark.parametrize("method", ["hiprune", "random-select"])
+@pytest.mark.parametrize("build, batch", [(tiny_llava, llava_batch), (tiny_qwen, qwen_batch)])
+def test_models_of_one_config_object_keep_their_own_attention(build, batch, method):
+    """transformers shares the config object among the models built from it, and reads the attention
+    implementation's name from it at every forward: patching one model must not change another (it failed
+    with an AttributeError, a RecursionError once both were patched, and kept a routed name after both were
+    removed)."""
+    first, inputs = build(), batch()
+    torch.manual_seed(1)
+    second = type(first)(first.config).eval()
+    vision = first.config.vision_config
+    options = dict(object_layer=2) if method == "hiprune" else {}
+
+    def pruned(model):  # applied afresh: random-select's draws start again from its seed
+        tokenprune.apply(model, method, keep=0.25, **options)
+        return model(**inputs).logits
+
+    with torch.no_grad():
+        stock = second(**inputs).logits
+        alone = pruned(first)
+        assert torch.equal(second(**inputs).logits, stock)  # the unpatched model of the same config
+        assert pruned(second).shape == alone.shape
+        assert torch.equal(pruned(first), alone)
+        tokenprune.remove(first)
+        tokenprune.remove(second)
+        assert torch.equal(second(**inputs).logits, stock)
+    assert first.config.vision_config is vision and vision._attn_implementation == "sdpa"
+    assert all(m.config is vision for m in second.modules() if getattr(m, "config", None) is not None
+               and type(m.config) is type(vision))
+
+
 # ------------------------------------------------------------------ LLaVA-NeXT (any resolution)
 
 def tiny_llava_next():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .flops import count_flops
+from .flops import check_input_size, count_flops
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
         raise TypeError(f"a FLOPs budget fits image encoders (timm ViTs, transformers encoders), not "
                         f"{type(model).__name__}: give keep")
     check_budget(flops, gflops)
+    input_size = check_input_size(input_size)
     if "keep" in options:
         raise TypeError("give keep or a FLOPs budget (flops= / gflops=), not both")
     probe = copy.deepcopy(model)

@@ -11,6 +11,7 @@ register the standard SDPA formula for it once.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -117,6 +118,16 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     return channels, height, width
 
 
+def check_input_size(input_size) -> tuple[int, int, int] | None:
+    """``input_size``: None (the model's own) or (channels, height, width), three ints >= 1."""
+    if input_size is None:
+        return None
+    if (isinstance(input_size, (str, bytes)) or not hasattr(input_size, "__len__") or len(input_size) != 3
+            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in input_size)):
+        raise ValueError(f"input_size must be (channels, height, width), three ints >= 1, got {input_size!r}")
+    return tuple(int(n) for n in input_size)
+
+
 @torch.inference_mode()
 def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1,
                 inputs: torch.Tensor | Mapping | None = None) -> FlopCount:
@@ -137,7 +148,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
             raise TypeError(f"count_flops runs the model on a zero image, but {type(model).__name__} takes "
                             f"{first_input} first: count its image tower (e.g. model.vision_model) or give "
                             f"inputs= a dict of its keyword inputs")
-        size = input_size or default_input_size(model)
+        size = check_input_size(input_size) or default_input_size(model)
         param = next(model.parameters())
         inputs = torch.zeros(batch_size, *size, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
@@ -152,7 +163,11 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
             if isinstance(inputs, Mapping):  # a processor's BatchFeature is a Mapping, not a dict
                 model(**inputs)
             else:
-                model(inputs)
+                try:
+                    model(inputs)
+                except AssertionError as e:  # timm's fixed-size patch embedding asserts the image's size
+                    raise ValueError(f"{type(model).__name__} does not run on an input of size "
+                                     f"{tuple(inputs.shape[1:])}: {e}") from e
     finally:
         for p in needs_grad:
             p.requires_grad_(True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .budget import image_part
-from .flops import count_flops, default_input_size
+from .flops import check_input_size, count_flops, default_input_size
 from .timing import interleaved_medians
 
 
@@ -71,6 +71,7 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    input_size = check_input_size(input_size)
     baseline = copy.deepcopy(model)
     if is_patched(baseline):
         remove(baseline)
