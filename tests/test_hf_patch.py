@@ -331,6 +331,10 @@ def test_pipeline_checks_arguments_before_loading(saved_vit):
         tokenprune.pipeline("image-classification", model="no/such-model", keep=0.5, gflops=1.0)
     with pytest.raises(TypeError, match="give one FLOPs budget"):
         tokenprune.pipeline("image-classification", model="no/such-model", flops=0.5, gflops=1.0)
+    for selector in ("hiprune", "random-select"):  # VLM methods: refused by apply only after loading (a download)
+        with pytest.raises(TypeError, match=f"^{selector} is a visual-token selector .*: pipelines run image encoders, "
+                                            "which take mctf, random, tome, zero-tprune$"):
+            tokenprune.pipeline("image-classification", model="no/such-model", method=selector)
 
 
 @pytest.mark.parametrize("budget", [{"flops": 0.6}, {"gflops": 0.01}])

@@ -6,7 +6,7 @@ from typing import Any
 
 from .api import DEFAULT_KEEP, apply
 from .budget import check_budget
-from .registry import check_keep, get_method
+from .registry import EncoderReducer, check_keep, get_method, method_names
 
 
 def pipeline(task: str | None = None, model: Any = None, *, method: str | None = None, keep: float | None = None,
@@ -37,7 +37,10 @@ def pipeline(task: str | None = None, model: Any = None, *, method: str | None =
         raise ValueError(f"options {sorted(options)} need an explicit method (e.g. method='tome'): with method=None "
                          "the default depends on the model, known only after loading, and options are per method")
     if method is not None:  # a bad method or option fails before loading (under a budget, at any keep)
-        get_method(method)(keep=DEFAULT_KEEP if keep is None else keep, **options)
+        reducer = get_method(method)(keep=DEFAULT_KEEP if keep is None else keep, **options)
+        if not isinstance(reducer, EncoderReducer):  # the tasks served run image encoders only
+            encoders = ", ".join(m for m in method_names() if issubclass(get_method(m), EncoderReducer))
+            raise TypeError(f"{reducer.name} is {reducer.kind}: pipelines run image encoders, which take {encoders}")
     from transformers import pipeline as hf_pipeline
 
     pipe = hf_pipeline(task, model=model, **pipeline_kwargs)
