@@ -194,3 +194,13 @@ def test_check_budget_accepts_the_bounds_it_states():
     check_budget(None, 2.5)  # GFLOPs have no upper bound
     with pytest.raises(ValueError, match=r"flops must be a number in \(0, 1\], got 1.01"):
         check_budget(1.01, None)
+
+
+@pytest.mark.parametrize("schedule", [{"r": 0}, {"r": []}, {"r": [0, 0, 0, 0]}])
+def test_a_schedule_that_removes_nothing_also_excludes_a_budget(schedule):
+    # keep changes nothing under it: the budget was reported out of reach ("the least it runs is 100%")
+    model = tiny_timm()
+    with pytest.raises(TypeError, match=r"fix the token schedule themselves \(it reduces nothing here\)"):
+        fit_flops_budget(model, "tome", flops=0.6, **schedule)
+    with pytest.raises(ValueError, match="out of tome's reach on this model: the least it runs is"):
+        fit_flops_budget(model, "tome", flops=0.01, trace_source=True)  # options that leave keep in charge

@@ -80,9 +80,8 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     # at keep=1.0 only a schedule given as options reduces anything, in any block: the last block's reduction
     # shows only in the tokens leaving it
     if len(set(report.token_counts + [report.output_tokens])) > 1:
-        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise TypeError(f"{given} fix the token schedule themselves, so a FLOPs budget (which chooses keep) "
-                        "cannot apply: give one or the other")
+        raise TypeError(f"{schedule_given(options)} fix the token schedule themselves, so a FLOPs budget (which "
+                        "chooses keep) cannot apply: give one or the other")
     cost[num_patches] = full.flops
     if full.flops <= budget:
         return BudgetFit(1.0, num_patches, num_patches, full.flops, baseline, budget)
@@ -99,11 +98,19 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     best = low - 1
     if best < 1 or flops_at(best, num_patches) is None:
         least = least_reachable(lambda final: flops_at(final, num_patches), num_patches)
+        # a smaller keep ran and changed nothing: the options' schedule removes nothing (r=0, r=[])
+        if any(spent == full.flops for final, spent in cost.items() if final < num_patches):
+            raise TypeError(f"{schedule_given(options)} fix the token schedule themselves (it reduces nothing here), "
+                            "so a FLOPs budget (which chooses keep) cannot apply: give one or the other")
         whole = "model" if counted is probe else "image tower"
         raise ValueError(f"a FLOPs budget of {budget / 1e9:.3g} GFLOPs ({budget / baseline:.1%} of the {whole}'s "
                          f"{baseline / 1e9:.3g}) is out of {method or 'the default method'}'s reach on this model: "
                          f"the least it runs is {least / 1e9:.3g} GFLOPs ({least / baseline:.1%})")
     return BudgetFit(best / num_patches, best, num_patches, cost[best], baseline, budget)
+
+
+def schedule_given(options: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
 
 
 def check_budget(flops: float | None, gflops: float | None) -> None:
