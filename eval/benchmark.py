@@ -25,7 +25,7 @@ from tokenprune import extension
 from tokenprune.adapters import find_adapter
 from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
-from tokenprune.registry import EncoderReducer, Reduction
+from tokenprune.registry import EncoderReducer, Reduction, config_label
 from tokenprune.timing import interleaved_medians, timed
 
 DTYPE_NAMES = {torch_dtype(name): name for name in DTYPES}
@@ -137,18 +137,6 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             foreign_load=foreign, compiled=compile, device=str(device), dtype=DTYPE_NAMES[dtype], kernels=kernels))
     return rows
 
-
-#: native options that, when set, decide the token counts instead of ``keep``: ToMe's and MCTF's ``r``, MCTF's
-#: ``fast`` preset, Zero-TPrune's ``keep_rates``
-KEEP_OVERRIDES = ("r", "fast", "keep_rates")
-
-
-def config_label(keep: float, options: dict) -> str:
-    """``keep=K`` and the options. keep is left out only when an option overrides it (``-o r=13``): any other
-    option (``prop_attn=False``, ``layers=[3,6,9]``, ``seed=1``) leaves the token counts to keep, so two runs
-    that differ in keep alone must not read the same."""
-    overridden = any(options.get(name) is not None and options.get(name) is not False for name in KEEP_OVERRIDES)
-    return ", ".join([f"keep={keep}"] * (not overridden) + [f"{k}={v}" for k, v in options.items()])
 
 
 def device_memory(device: torch.device) -> int | None:

@@ -49,6 +49,15 @@ def test_a_slower_configuration_is_said_not_to_pay(monkeypatch):
     assert "does NOT pay here" in str(check) and "compile" in str(check)
 
 
+def test_the_verdict_names_the_option_that_decides_the_token_counts(monkeypatch):
+    # with r= the reducer's keep (the default 0.33) decides nothing: the line said "tome keep=0.33"
+    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: ({"baseline": 0.002, "patched": 0.001}, None))
+    assert str(tokenprune.check_speed(tiny_timm(), "tome", r=3)).startswith("tome r=3 at batch 1 on cpu (eager): ")
+    check = tokenprune.check_speed(tiny_timm(), "tome", keep=0.5, prop_attn=False)
+    assert check.config == "keep=0.5, prop_attn=False"
+    assert str(check).startswith("tome keep=0.5, prop_attn=False at batch 1")
+
+
 def test_a_patched_model_is_compared_with_its_unpatched_self_and_a_budget_is_accepted():
     model = tokenprune.apply(tiny_timm(), "random", keep=0.3)
     check = tokenprune.check_speed(model, "tome", flops=0.7, repeats=1, warmup=0)

@@ -40,6 +40,19 @@ def register(cls: type["TokenReducer"]) -> type["TokenReducer"]:
     return cls
 
 
+#: native options that, when set, decide the token counts instead of ``keep``: ToMe's and MCTF's ``r``, MCTF's
+#: ``fast`` preset, Zero-TPrune's ``keep_rates``, a selector's ``tokens``
+KEEP_OVERRIDES = ("r", "fast", "keep_rates", "tokens")
+
+
+def config_label(keep: float, options: dict) -> str:
+    """``keep=K`` and the options. keep is left out only when an option overrides it (``-o r=13``): any other
+    option (``prop_attn=False``, ``layers=[3,6,9]``, ``seed=1``) leaves the token counts to keep, so two runs
+    that differ in keep alone must not read the same."""
+    overridden = any(options.get(name) is not None and options.get(name) is not False for name in KEEP_OVERRIDES)
+    return ", ".join([f"keep={keep}"] * (not overridden) + [f"{k}={v}" for k, v in options.items()])
+
+
 def method_names() -> list[str]:
     return sorted(_METHODS)
 

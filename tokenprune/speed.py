@@ -16,6 +16,7 @@ from torch import nn
 
 from .budget import image_part
 from .flops import check_input_size, count_flops, default_input_size
+from .registry import config_label
 from .timing import interleaved_medians
 
 
@@ -24,7 +25,8 @@ class SpeedCheck:
     """What a configuration measured: medians of ``repeats`` interleaved forwards."""
 
     method: str
-    keep: float
+    keep: float  # the reducer's keep: unused where an option decides the token counts (see config)
+    config: str  # keep and the options, as bench labels them ("keep=0.5", "r=13")
     batch_size: int
     input_size: tuple[int, ...]
     device: str
@@ -50,7 +52,7 @@ class SpeedCheck:
                    "does NOT pay here: the unpatched model is faster (try a larger batch, torch.compile "
                    "(compile=True), or a lower keep)")
         load = "" if self.foreign_load is None else f"; other processes used {self.foreign_load:.0%} of the CPUs"
-        return (f"{self.method} keep={self.keep:g} at batch {self.batch_size} on {self.device} ({mode}): "
+        return (f"{self.method} {self.config} at batch {self.batch_size} on {self.device} ({mode}): "
                 f"{self.baseline_ms:.1f} ms -> {self.patched_ms:.1f} ms, {self.speedup:.2f}x "
                 f"(FLOPs-ideal {1 / self.flops_ratio:.2f}x); {verdict}{load}")
 
@@ -88,7 +90,8 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     medians, foreign = interleaved_medians({name: (lambda m=m: m(x)) for name, m in runs.items()}, repeats,
                                            max(warmup, 1 if compile else 0), param.device)
     reducer = reducer_of(patched_whole)
-    return SpeedCheck(method=reducer.name, keep=reducer.keep, batch_size=batch_size, input_size=size,
+    return SpeedCheck(method=reducer.name, keep=reducer.keep, config=config_label(reducer.keep, options),
+                      batch_size=batch_size, input_size=size,
                       device=str(param.device), compiled=compile, baseline_ms=1000 * medians["baseline"],
                       patched_ms=1000 * medians["patched"], flops_ratio=ratio, repeats=repeats,
                       foreign_load=foreign)
