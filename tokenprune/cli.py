@@ -188,10 +188,11 @@ def _cmd_flops(args) -> int:
     size = tuple(args.input_size) if args.input_size else None
     try:
         base = tokenprune.count_flops(model, size)
-    except (AssertionError, RuntimeError) as e:  # the model's own shape check
+    except (ValueError, RuntimeError) as e:  # the model's own shape check (count_flops words timm's assert)
         if size is None:
             raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = e.__cause__ or e  # the model's own words, not count_flops' wrapping of them
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         native = " ".join(map(str, default_input_size(model)))
         raise ValueError(f"--input-size {' '.join(map(str, size))} does not fit {args.model} ({reason}); its "
                          f"native input is C H W = {native}") from e
