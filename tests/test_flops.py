@@ -115,7 +115,7 @@ def test_a_parameter_passed_straight_into_a_submodule_is_counted_and_its_gradien
     assert not any(p.requires_grad for p in model.head.parameters())
 
 
-@pytest.mark.parametrize("size", [(32, 32), "x", (3, 32.0, 32), [3, True, 32], (3, 0, 32), (1, 3, 32, 32)])
+@pytest.mark.parametrize("size", [(32, 32), "x", 224, (3, 32.0, 32), [3, True, 32], (3, 0, 32), (1, 3, 32, 32)])
 def test_a_bad_input_size_is_one_line_everywhere_it_is_taken(size):
     # it failed in torch.zeros or in an unpacking, as a TypeError/ValueError that named neither input_size
     # nor what is accepted
@@ -141,3 +141,5 @@ def test_an_input_size_a_fixed_size_model_does_not_take_is_one_line():
     import numpy as np
 
     assert tokenprune.count_flops(model, input_size=np.array([3, 32, 32])) == tokenprune.count_flops(model)
+    gray = tiny_timm(in_chans=1)  # one channel is a size (>= 1), as the Fashion-MNIST testbeds take
+    assert tokenprune.count_flops(gray, input_size=(1, 32, 32)) == tokenprune.count_flops(gray)

@@ -305,3 +305,18 @@ def test_is_real_bounds_and_what_it_refuses():
     assert not any(is_real(v) for v in (math.inf, -math.inf, math.nan, True, "1", None))
     with pytest.raises(TypeError):  # low_open is keyword-only: a fourth positional argument is a mistake
         is_real(0.0, 0.0, 1.0, True)
+
+
+@pytest.mark.parametrize("method, options, shown", [
+    ("tome", {}, "ToMe(keep=0.5)"),
+    ("tome", dict(r=3), "ToMe(r=3)"),
+    ("tome", dict(r=0), "ToMe(r=0)"),  # r=0 decides the counts too: nothing removed, whatever keep says
+    ("mctf", dict(fast=True), "MCTF(fast=True)"),
+    ("mctf", dict(layers=[3, 6]), "MCTF(keep=0.5, layers=[3, 6])"),  # layers leaves the counts to keep
+    ("zero-tprune", dict(keep_rates=[0.5]), "ZeroTPrune(keep_rates=[0.5])"),
+    ("hiprune", dict(tokens=64), "HiPrune(tokens=64)"),
+    ("random-select", dict(seed=1), "RandomSelect(keep=0.5, seed=1)"),
+])
+def test_a_reducers_repr_shows_keep_only_where_keep_decides_the_counts(method, options, shown):
+    """The flops command prints the reducer: ToMe(keep=0.33, r=3) read as if keep applied under r."""
+    assert repr(get_method(method)(keep=0.5, **options)) == shown

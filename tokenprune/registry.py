@@ -49,8 +49,12 @@ def config_label(keep: float, options: dict) -> str:
     """``keep=K`` and the options. keep is left out only when an option overrides it (``-o r=13``): any other
     option (``prop_attn=False``, ``layers=[3,6,9]``, ``seed=1``) leaves the token counts to keep, so two runs
     that differ in keep alone must not read the same."""
-    overridden = any(options.get(name) is not None and options.get(name) is not False for name in KEEP_OVERRIDES)
-    return ", ".join([f"keep={keep}"] * (not overridden) + [f"{k}={v}" for k, v in options.items()])
+    return ", ".join([f"keep={keep}"] * (not keep_overridden(options)) + [f"{k}={v}" for k, v in options.items()])
+
+
+def keep_overridden(options: dict) -> bool:
+    """Whether an option set here (``r=0`` included) decides the token counts instead of keep."""
+    return any(options.get(name) is not None and options.get(name) is not False for name in KEEP_OVERRIDES)
 
 
 def method_names() -> list[str]:
@@ -175,8 +179,10 @@ class TokenReducer:
             self._notes = None
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != self.defaults[k])
-        return f"{type(self).__name__}(keep={self.keep}{', ' + opts if opts else ''})"
+        # keep is left out where an option decides the counts instead: ToMe(r=3), not ToMe(keep=0.33, r=3)
+        shown = [f"keep={self.keep}"] * (not keep_overridden(self.options))
+        shown += [f"{k}={v!r}" for k, v in self.options.items() if v != self.defaults[k]]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 class Stage(enum.Enum):
