@@ -33,6 +33,7 @@ from tokenprune.cli import (
     check_model_name,
     check_writable,
     count,
+    options_by_method,
     torch_dtype,
 )
 
@@ -429,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", nargs="+", default=[],
                    help="methods to sweep (default: every registered encoder method)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.5], help="keep values to sweep")
-    add_option_argument(p)  # applies to every method of the sweep
+    add_option_argument(p)  # each method of the sweep gets the options it declares
     p.add_argument("--batch-size", type=count(1), default=128)
     p.add_argument("--workers", type=count(0), default=0)
     add_device_arguments(p, auto=True)
@@ -537,10 +538,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     encoder = [m for m in method_names() if issubclass(tokenprune.registry.get_method(m), EncoderReducer)]
     methods = args.method or encoder
     for m in methods:  # fail on a bad method, keep or option before any work
-        tokenprune.registry.get_method(m)(keep=args.keep[0], **dict(args.option))
+        tokenprune.registry.get_method(m)  # an unknown method is named before its options
         if m not in encoder:
             raise ValueError(f"--method {m} reduces the visual tokens of a vision-language model; an image "
                              f"classifier takes: {', '.join(encoder)}")
+    options = options_by_method(methods, args.option)
+    for m in methods:
+        tokenprune.registry.get_method(m)(keep=args.keep[0], **options[m])
     for k in args.keep:
         tokenprune.registry.check_keep(k)
     device = None if args.device == "auto" else check_device(args.device)
@@ -578,7 +582,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run["dtype"] = args.dtype
     if args.compile:  # the same accuracy is expected, but other timings: kept apart for --resume
         run["compile"] = True
-    configs = [Config(None, None)] + [Config(m, k, dict(args.option)) for m in methods for k in args.keep]
+    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in methods for k in args.keep]
     for config in configs[1:]:  # what only this model can refuse (layers past its depth, ...): before any image
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **config.options))
     rows = []

@@ -49,6 +49,7 @@ from tokenprune.cli import (
     add_option_argument,
     check_device,
     count,
+    options_by_method,
     torch_dtype,
 )
 
@@ -414,13 +415,6 @@ def format_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- the command
 
 
-def own_options(method: str, options: dict) -> dict:
-    """The options of a sweep that ``method`` declares: ``-o object_layer=9`` goes to hiprune, not to tome."""
-    from tokenprune.registry import get_method
-
-    return {k: v for k, v in options.items() if k in get_method(method).native_options}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="tokenprune eval-vlm", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -472,10 +466,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     keeps = [check_keep(k) for k in args.keep or ([] if args.tokens else DEFAULT_KEEPS)]
-    options = {m: own_options(m, dict(args.option)) for m in args.method}
-    unused = set(dict(args.option)) - {k for own in options.values() for k in own}
-    if unused:
-        raise ValueError(f"-o {sorted(unused)[0]}: no method of the sweep ({', '.join(args.method)}) takes it")
+    options = options_by_method(args.method, args.option)
     for m in args.method:  # a bad method or option value fails before any model loads
         get_method(m)(keep=1.0, **options[m])
     device = None if args.device == "auto" else check_device(args.device)

@@ -521,3 +521,19 @@ def test_a_class_label_column_may_have_as_many_classes_as_the_model():
     assert len(HFImages(ds, tensor, (1, 28, 28), "L", num_classes=10)) == 1
     with pytest.raises(ValueError, match="the dataset has 10 classes but the model has 9"):
         HFImages(ds, tensor, (1, 28, 28), "L", num_classes=9)
+
+
+def test_each_method_of_a_sweep_gets_the_options_it_declares(tmp_path, capsys, monkeypatch):
+    """-o went to every method of the sweep: `-o r=2` failed on zero-tprune's unknown option under the default
+    sweep. Now each method gets its own options; an option no method takes is one line, before any image."""
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "r.jsonl"
+    code, _, err = run_cli(["eval", "--no-pretrained", "--data", str(data), "--method", "tome", "zero-tprune",
+                            "--keep", "0.5", "-o", "r=2", "-o", "eir=False", "--output", str(out)], capsys)
+    assert code == 0, err[-2000:]
+    options = {row["method"]: row["options"] for row in map(json.loads, out.read_text().splitlines())}
+    assert options == {None: {}, "tome": {"r": 2}, "zero-tprune": {"eir": False}}
+    never_evaluated(monkeypatch)
+    one_line_error(["eval", "--no-pretrained", "--data", str(data), "--method", "tome", "random", "-o", "eir=False",
+                    "--output", str(tmp_path / "s.jsonl")], capsys,
+                   "-o eir: no method of the sweep (tome, random) takes it")

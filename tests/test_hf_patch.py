@@ -332,9 +332,40 @@ def test_pipeline_checks_arguments_before_loading(saved_vit):
     with pytest.raises(TypeError, match="give one FLOPs budget"):
         tokenprune.pipeline("image-classification", model="no/such-model", flops=0.5, gflops=1.0)
     for selector in ("hiprune", "random-select"):  # VLM methods: refused by apply only after loading (a download)
-        with pytest.raises(TypeError, match=f"^{selector} is a visual-token selector .*: pipelines run image encoders, "
-                                            "which take mctf, random, tome, zero-tprune$"):
+        with pytest.raises(TypeError, match=f"^{selector} is a visual-token selector .*: the image-classification "
+                                            "pipeline takes mctf, random, tome, zero-tprune$"):
             tokenprune.pipeline("image-classification", model="no/such-model", method=selector)
+    with pytest.raises(TypeError, match="^tome is a vision-encoder method .*: the image-text-to-text pipeline takes "
+                                        "hiprune, random-select$"):
+        tokenprune.pipeline("image-text-to-text", model="no/such-model", method="tome")
+    with pytest.raises(TypeError, match="^a FLOPs budget fits image encoders: the image-text-to-text pipeline"):
+        tokenprune.pipeline("image-text-to-text", model="no/such-model", flops=0.5)
+    with pytest.raises(TypeError, match="^positions applies to vision-language models .*, not to image-classif"):
+        tokenprune.pipeline("image-classification", model="no/such-model", positions="original")
+    with pytest.raises(ValueError, match="^tokenprune.pipeline serves the tasks image-classification, "
+                                         ".*image-text-to-text; got 'depth-estimation'$"):
+        tokenprune.pipeline("depth-estimation", model="no/such-model")
+    # apply's keywords given to pipeline went on to transformers.pipeline, which refused them after loading
+    with pytest.raises(TypeError, match=r"^r given to tokenprune.pipeline, .*: method options go in options=\{...\}$"):
+        tokenprune.pipeline("image-classification", model="no/such-model", method="tome", r=2)
+    with pytest.raises(TypeError, match="^input_size, prop_attn given .*; a budget is counted at the model's own "):
+        tokenprune.pipeline("image-classification", model="no/such-model", flops=0.5, input_size=(3, 32, 32),
+                            prop_attn=False)
+
+
+def test_a_task_inferred_from_the_model_is_checked_after_loading(saved_vit, monkeypatch):
+    """task=None: transformers asks the hub for the model's task (stood in for here), so the task is known only
+    after loading; a task tokenprune does not serve, or a method of the other kind, is refused then."""
+    import transformers.pipelines
+
+    monkeypatch.setattr(transformers.pipelines, "get_task", lambda model, token=None, **kwargs: "depth-estimation")
+    with pytest.raises(ValueError, match="^tokenprune.pipeline serves the tasks .*; ViTForImageClassification runs "
+                                         "'depth-estimation'$"):
+        tokenprune.pipeline(model=saved_vit)
+    monkeypatch.setattr(transformers.pipelines, "get_task", lambda model, token=None, **kwargs: "image-classification")
+    with pytest.raises(TypeError, match="^hiprune is a visual-token selector .*: the image-classification pipeline"):
+        tokenprune.pipeline(model=saved_vit, method="hiprune")
+    assert tokenprune.is_patched(tokenprune.pipeline(model=saved_vit, method="tome").model)
 
 
 @pytest.mark.parametrize("budget", [{"flops": 0.6}, {"gflops": 0.01}])
@@ -366,3 +397,54 @@ def test_gradient_checkpointing_is_refused_while_reducing():
         model(pixel_values=x)
     model.gradient_checkpointing_disable()
     model(pixel_values=x).logits.sum().backward()
+
+
+def test_an_image_text_to_text_pipeline_prunes_the_visual_tokens(monkeypatch):
+    """The VLM task takes the visual-token selectors: keep=1.0 answers as the stock pipeline does, a keep gives
+    the language model that share of the image's tokens, and positions reaches apply."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+    from transformers import pipeline as hf_pipeline
+
+    from tokenprune import vlm_testbed
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(vlm_testbed.vlm_testbed_config()).eval()
+    processor = vlm_testbed.vlm_testbed_processor()
+    image = Image.fromarray((np.random.default_rng(0).random((56, 56, 3)) * 255).astype("uint8"))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]
+
+    def answer(pipe):
+        return pipe(text=messages, generate_kwargs={"max_new_tokens": 4, "do_sample": False})[0]["generated_text"]
+
+    stock = answer(hf_pipeline("image-text-to-text", model=model, processor=processor))
+    for method in ("hiprune", "random-select"):
+        pipe = tokenprune.pipeline("image-text-to-text", model=model, processor=processor, method=method, keep=1.0)
+        assert answer(pipe) == stock
+        tokenprune.remove(pipe.model)
+    from tokenprune import pipelines
+
+    applied = []
+    monkeypatch.setattr(pipelines, "apply", lambda *args, **kwargs: applied.append(kwargs)
+                        or tokenprune.apply(*args, **kwargs))
+    pipe = tokenprune.pipeline("image-text-to-text", model=model, processor=processor, keep=0.25,
+                               positions="original")
+    answer(pipe)
+    assert applied == [{"keep": 0.25, "positions": "original"}]
+    assert repr(tokenprune.reducer_of(pipe.model)) == "HiPrune(keep=0.25)"  # the family's default method
+    assert tokenprune.last_forward(pipe.model).visual_tokens == [49]  # round(0.25 * 196)
+    tokenprune.remove(pipe.model)
+
+
+def test_a_pipeline_given_where_a_model_goes_is_pointed_to_its_model(saved_vit):
+    """is_patched(pipe) said False although pipe.model was patched; apply, remove, last_forward, reducer_of and
+    is_patched now refuse what is not an nn.Module alike, and point a pipeline to its .model."""
+    pipe = tokenprune.pipeline("image-classification", model=saved_vit, method="tome", keep=0.5)
+    for call in (tokenprune.is_patched, tokenprune.remove, tokenprune.last_forward, tokenprune.reducer_of,
+                 lambda p: tokenprune.apply(p, "tome")):
+        with pytest.raises(TypeError, match="^tokenprune patches torch.nn.Module models, got "
+                                            "ImageClassificationPipeline: pass its .model$"):
+            call(pipe)
+    with pytest.raises(TypeError, match="^tokenprune patches torch.nn.Module models, got str$"):
+        tokenprune.is_patched("vit")
+    assert tokenprune.is_patched(pipe.model)

@@ -102,10 +102,16 @@ def adapters() -> tuple[Adapter, ...]:
     return tuple(_ADAPTERS)
 
 
+def check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        inner = isinstance(getattr(model, "model", None), nn.Module)  # a transformers Pipeline holds its model
+        raise TypeError(f"tokenprune patches torch.nn.Module models, got {type(model).__name__}"
+                        + (": pass its .model" if inner else ""))
+
+
 def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``, its parts checked; TypeError naming the class and the supported families."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"tokenprune patches torch.nn.Module models, got {type(model).__name__}")
+    check_module(model)
     for adapter in _ADAPTERS:
         if adapter.handles(model):
             adapter.check(model)

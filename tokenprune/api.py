@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import adapters, find_adapter
+from .adapters import adapters, check_module, find_adapter
 from .registry import check_keep, get_method, method_names
 from .state import ForwardReport
 from .warn import warn_at_caller
@@ -77,6 +77,9 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether tokenprune patched ``model``: False for a model it does not support; TypeError for an object
+    that is not an ``nn.Module`` (a pipeline: ask of ``pipe.model``), as ``apply`` and ``remove`` give."""
+    check_module(model)
     try:
         return find_adapter(model).is_patched(model)
     except TypeError:

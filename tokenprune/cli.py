@@ -1,4 +1,5 @@
-"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``, ``show``, ``demo``, ``eval``, ``build-ext``."""
+"""The ``tokenprune`` command line: ``methods``, ``flops``, ``bench``, ``bench-vlm``, ``show``, ``demo``, ``eval``,
+``eval-vlm``, ``build-ext``."""
 from __future__ import annotations
 
 import argparse
@@ -145,7 +146,22 @@ def add_option_argument(p: argparse.ArgumentParser) -> None:
     """``--option/-o KEY=VALUE`` (repeatable), read by ``parse_option``; shared with the eval CLI."""
     p.add_argument("--option", "-o", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a native method option, VALUE a Python literal: -o r=13 (overrides --keep), "
-                   "-o prop_attn=False; repeatable. `tokenprune methods` lists what each option accepts")
+                   "-o prop_attn=False; repeatable; in a sweep, each method gets the options it declares. "
+                   "`tokenprune methods` lists what each option accepts")
+
+
+def options_by_method(methods: list[str], options: list[tuple[str, object]]) -> dict[str, dict]:
+    """Each method of a sweep gets the ``-o`` options it declares (``-o r=13`` goes to tome and mctf, not to
+    zero-tprune); an option no method of the sweep declares is an error. Values are checked by the callers."""
+    from tokenprune.registry import get_method
+
+    given = dict(options)
+    own = {m: {k: v for k, v in given.items() if k in get_method(m).native_options} for m in methods}
+    unused = set(given) - {k for chosen in own.values() for k in chosen}
+    if unused:
+        raise ValueError(f"-o {sorted(unused)[0]}: no method of the sweep ({', '.join(methods)}) takes it; "
+                         "`tokenprune methods` lists each method's options")
+    return own
 
 
 def add_device_arguments(p: argparse.ArgumentParser, auto: bool = False) -> None:

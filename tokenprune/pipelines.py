@@ -1,28 +1,47 @@
 """``tokenprune.pipeline``: a standard transformers ``Pipeline`` whose model is patched."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from .api import DEFAULT_KEEP, apply
 from .budget import check_budget
-from .registry import EncoderReducer, check_keep, get_method, method_names
+from .registry import EncoderReducer, TokenReducer, VisualTokenSelector, check_keep, get_method, method_names
+
+#: the tasks served, and the kind of method each one's model takes
+TASKS: dict[str, type[TokenReducer]] = {
+    "image-classification": EncoderReducer,
+    "zero-shot-image-classification": EncoderReducer,
+    "image-feature-extraction": EncoderReducer,
+    "image-text-to-text": VisualTokenSelector,
+}
 
 
 def pipeline(task: str | None = None, model: Any = None, *, method: str | None = None, keep: float | None = None,
-             flops: float | None = None, gflops: float | None = None, options: dict[str, Any] | None = None,
-             **pipeline_kwargs: Any):
+             flops: float | None = None, gflops: float | None = None, positions: str | None = None,
+             options: dict[str, Any] | None = None, **pipeline_kwargs: Any):
     """``transformers.pipeline(task, model=model, **pipeline_kwargs)`` with ``tokenprune.apply(pipe.model,
     method, keep, **options)``; returns the pipeline, whose outputs keep their standard format. ``keep``
-    defaults to 0.33; or a FLOPs budget instead, ``flops`` or ``gflops``, as ``tokenprune.apply`` takes it
-    (a zero-shot model's: its image tower's).
+    defaults to 0.33; or a FLOPs budget instead (image encoders), ``flops`` or ``gflops``, as ``tokenprune.apply``
+    takes it, counted at the model's own input size (the size its image processor feeds; a zero-shot model's
+    budget is its image tower's).
 
-    Tasks served: image-classification, zero-shot-image-classification (CLIP, SigLIP: only the
-    vision tower is reduced) and image-feature-extraction (the features have the reduced token
-    count). ``method``, ``keep`` and ``options`` are checked before the model is loaded. Native
-    ``options`` need an explicit ``method``: with ``method=None`` the default is the model family's,
+    Tasks served: image-classification, zero-shot-image-classification (CLIP, SigLIP: only the vision tower
+    is reduced) and image-feature-extraction (the features have the reduced token count), which take the
+    image-encoder methods; image-text-to-text (LLaVA, LLaVA-NeXT, Qwen2(.5)-VL), which takes the visual-token
+    selectors, and ``positions`` as ``apply`` does. The task, ``method``, ``keep``, the budget and ``options``
+    are checked before the model is loaded (against a task inferred from the model, ``task=None``, after).
+    Native ``options`` need an explicit ``method``: with ``method=None`` the default is the model family's,
     known only once the model is loaded, and options are method-specific.
     """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"tokenprune.pipeline serves the tasks {', '.join(TASKS)}; got {task!r}")
+    misplaced = sorted(set(pipeline_kwargs) & _apply_arguments())
+    if misplaced:
+        sizes = "; a budget is counted at the model's own input size" * ("input_size" in misplaced)
+        raise TypeError(f"{', '.join(misplaced)} given to tokenprune.pipeline, whose other keywords go to "
+                        f"transformers.pipeline: method options go in options={{...}}{sizes}")
     budget = {name: value for name, value in (("flops", flops), ("gflops", gflops)) if value is not None}
     if budget:
         if keep is not None:
@@ -36,13 +55,37 @@ def pipeline(task: str | None = None, model: Any = None, *, method: str | None =
     if method is None and options:
         raise ValueError(f"options {sorted(options)} need an explicit method (e.g. method='tome'): with method=None "
                          "the default depends on the model, known only after loading, and options are per method")
+    reducer = None
     if method is not None:  # a bad method or option fails before loading (under a budget, at any keep)
         reducer = get_method(method)(keep=DEFAULT_KEEP if keep is None else keep, **options)
-        if not isinstance(reducer, EncoderReducer):  # the tasks served run image encoders only
-            encoders = ", ".join(m for m in method_names() if issubclass(get_method(m), EncoderReducer))
-            raise TypeError(f"{reducer.name} is {reducer.kind}: pipelines run image encoders, which take {encoders}")
+    if task is not None:
+        _check_task(task, reducer, budget, positions)
     from transformers import pipeline as hf_pipeline
 
     pipe = hf_pipeline(task, model=model, **pipeline_kwargs)
-    apply(pipe.model, method, keep=keep, **budget, **options)
+    if pipe.task not in TASKS:  # inferred from the model
+        raise ValueError(f"tokenprune.pipeline serves the tasks {', '.join(TASKS)}; {type(pipe.model).__name__} "
+                         f"runs {pipe.task!r}")
+    _check_task(pipe.task, reducer, budget, positions)
+    apply(pipe.model, method, keep=keep, **budget, positions=positions, **options)
     return pipe
+
+
+def _check_task(task: str, reducer: TokenReducer | None, budget: dict, positions: str | None) -> None:
+    kind = TASKS[task]
+    if reducer is not None and not isinstance(reducer, kind):
+        takers = ", ".join(m for m in method_names() if issubclass(get_method(m), kind))
+        raise TypeError(f"{reducer.name} is {reducer.kind}: the {task} pipeline takes {takers}")
+    if kind is VisualTokenSelector and budget:
+        raise TypeError(f"a FLOPs budget fits image encoders: the {task} pipeline takes keep")
+    if kind is EncoderReducer and positions is not None:
+        raise TypeError(f"positions applies to vision-language models (the image-text-to-text pipeline), not to {task}")
+
+
+def _apply_arguments() -> set[str]:
+    """``apply``'s keywords and every method's native options: given to ``pipeline`` directly, they would reach
+    ``transformers.pipeline`` after the model loads and fail there (``r=2``: an unexpected keyword argument)."""
+    names = {name for name in inspect.signature(apply).parameters if name not in ("model", "options")}
+    for method in method_names():
+        names |= set(get_method(method).native_options)
+    return names - set(inspect.signature(pipeline).parameters)

@@ -107,8 +107,9 @@ def test_what_cannot_be_served_right_is_refused():
 
     from tokenprune.vllm.llava import refuse_unservable
 
-    def config(tower="clip_vision_model", strategy="default"):
-        return SimpleNamespace(vision_config=SimpleNamespace(model_type=tower), vision_feature_select_strategy=strategy)
+    def config(tower="clip_vision_model", strategy="default", layer=-2):
+        return SimpleNamespace(vision_config=SimpleNamespace(model_type=tower), vision_feature_select_strategy=strategy,
+                               vision_feature_layer=layer)
 
     def engine(tp=1, pp=1):
         return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp))
@@ -122,3 +123,20 @@ def test_what_cannot_be_served_right_is_refused():
         refuse_unservable(config("siglip_vision_model"), engine())
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
         refuse_unservable(config(strategy="full"), engine())
+    # several feature layers (concatenated): tokenprune.apply refuses them in transformers, so here too
+    with pytest.raises(ValueError, match=r"one vision_feature_layer \(an int\), as LLaVA-1.5; got \[-2, -5\]"):
+        refuse_unservable(config(layer=[-2, -5]), engine())
+
+
+@pytest.mark.parametrize("value, registers", [("0", False), ("off", False), (" False", False), ("no", False),
+                                              ("1", True), ("", True)])
+def test_tokenprune_vllm_off_keeps_the_plugin_from_registering(monkeypatch, value, registers):
+    import vllm
+
+    import tokenprune.vllm
+
+    registered = []
+    monkeypatch.setattr(vllm.ModelRegistry, "register_model", lambda name, target: registered.append(name))
+    monkeypatch.setenv("TOKENPRUNE_VLLM", value)
+    tokenprune.vllm.register()
+    assert registered == (list(tokenprune.vllm.ARCHITECTURES) if registers else [])

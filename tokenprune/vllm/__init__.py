@@ -6,8 +6,9 @@ processes).
     from vllm import LLM
     llm = LLM("llava-hf/llava-1.5-7b-hf", hf_overrides={"tokenprune": {"method": "hiprune", "keep": 1 / 3}})
 
-Without ``hf_overrides["tokenprune"]`` the model is vLLM's own, untouched; ``TOKENPRUNE_VLLM=0`` keeps the
-plugin from registering at all. How it works, what is refused and why: ``docs/vllm.md``.
+Without ``hf_overrides["tokenprune"]`` the model is vLLM's own, untouched; ``TOKENPRUNE_VLLM=0`` (or
+``false``, ``off``, ``no``) keeps the plugin from registering at all. How it works, what is refused and why:
+``docs/vllm.md``.
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import os
 ARCHITECTURES = {"LlavaForConditionalGeneration": "tokenprune.vllm.llava:TokenpruneLlava",
                  "Qwen2_5_VLForConditionalGeneration": "tokenprune.vllm.qwen:TokenpruneQwen25VL"}
 
+#: the values of TOKENPRUNE_VLLM that keep the plugin from registering
+DISABLED = ("0", "false", "off", "no")
+
 
 def register() -> None:
     """The entry point: replace the served architectures by subclasses that prune when configured."""
-    if os.environ.get("TOKENPRUNE_VLLM", "1") == "0":
+    if os.environ.get("TOKENPRUNE_VLLM", "1").strip().lower() in DISABLED:
         return
     from vllm import ModelRegistry
 

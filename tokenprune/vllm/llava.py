@@ -56,6 +56,9 @@ def refuse_unservable(config, vllm_config) -> None:
     if config.vision_config.model_type != "clip_vision_model":  # the hooks are tested on vLLM's CLIP only
         raise ValueError(f"tokenprune serves LLaVA with a CLIP vision tower in vLLM, not "
                          f"{config.vision_config.model_type!r}")
+    if not isinstance(config.vision_feature_layer, int):  # as tokenprune.apply refuses it in transformers
+        raise ValueError(f"tokenprune needs one vision_feature_layer (an int), as LLaVA-1.5; got "
+                         f"{config.vision_feature_layer!r}: features of several layers are not scored by one")
     if config.vision_feature_select_strategy != "default":
         raise ValueError("tokenprune needs vision_feature_select_strategy='default' (the features without the "
                          "class token), as LLaVA-1.5")
