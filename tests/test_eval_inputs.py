@@ -534,6 +534,6 @@ def test_each_method_of_a_sweep_gets_the_options_it_declares(tmp_path, capsys, m
     options = {row["method"]: row["options"] for row in map(json.loads, out.read_text().splitlines())}
     assert options == {None: {}, "tome": {"r": 2}, "zero-tprune": {"eir": False}}
     never_evaluated(monkeypatch)
-    one_line_error(["eval", "--no-pretrained", "--data", str(data), "--method", "tome", "random", "-o", "eir=False",
-                    "--output", str(tmp_path / "s.jsonl")], capsys,
-                   "-o eir: no method of the sweep (tome, random) takes it")
+    one_line_error(["eval", "--no-pretrained", "--data", str(data), "--method", "tome", "random", "-o", "vhf=False",
+                    "-o", "eir=False", "--output", str(tmp_path / "s.jsonl")], capsys,
+                   "-o eir: no method of the sweep (tome, random) takes it")  # the first of them, sorted
