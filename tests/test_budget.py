@@ -155,6 +155,21 @@ def test_an_unreachable_budget_names_the_least_the_method_runs():
     least, percent = re.search(r"the least it runs is ([\d.e+-]+) GFLOPs \(([\d.]+)%\)", str(error.value)).groups()
     assert float(least) == pytest.approx(reachable[0] / 1e9, rel=5e-3)
     assert float(percent) == pytest.approx(100 * reachable[0] / baseline, abs=0.05)
+    asked, share, whole = re.search(r"a FLOPs budget of ([\d.e+-]+) GFLOPs \(([\d.]+)% of the model's ([\d.e+-]+)\)",
+                                    str(error.value)).groups()
+    assert float(asked) == pytest.approx(0.01 * baseline / 1e9, rel=5e-3)
+    assert float(share) == pytest.approx(1.0)
+    assert float(whole) == pytest.approx(baseline / 1e9, rel=5e-3)
+
+
+def test_a_budget_that_only_one_patch_token_meets_is_met():
+    """The least count is one patch token (Zero-TPrune drops down to it): a budget of its FLOPs is met there,
+    not refused as out of reach."""
+    model = tiny_timm("vit_base_patch16_224")
+    least = flops_with(model, "zero-tprune", 1 / 64)
+    assert least < flops_with(model, "zero-tprune", 2 / 64)
+    fit = fit_flops_budget(model, "zero-tprune", gflops=(least + 0.5) / 1e9)
+    assert (fit.final_patches, fit.flops) == (1, least)
 
 
 def test_a_budget_above_the_whole_model_keeps_everything():
