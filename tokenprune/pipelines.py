@@ -63,10 +63,11 @@ def pipeline(task: str | None = None, model: Any = None, *, method: str | None =
     from transformers import pipeline as hf_pipeline
 
     pipe = hf_pipeline(task, model=model, **pipeline_kwargs)
-    if pipe.task not in TASKS:  # inferred from the model
-        raise ValueError(f"tokenprune.pipeline serves the tasks {', '.join(TASKS)}; {type(pipe.model).__name__} "
-                         f"runs {pipe.task!r}")
-    _check_task(pipe.task, reducer, budget, positions)
+    if task is None:  # inferred from the model: checked now, as a given task was before loading
+        if pipe.task not in TASKS:
+            raise ValueError(f"tokenprune.pipeline serves the tasks {', '.join(TASKS)}; {type(pipe.model).__name__} "
+                             f"runs {pipe.task!r}")
+        _check_task(pipe.task, reducer, budget, positions)
     apply(pipe.model, method, keep=keep, **budget, positions=positions, **options)
     return pipe
 
