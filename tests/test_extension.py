@@ -766,6 +766,9 @@ def test_dispatch_rules(monkeypatch):
     assert extension.for_tensor(cpu.double(), floating=True, cpu_kernel_pays=True) is None
     assert extension.for_tensor(torch.empty(2, device="meta"), cpu_kernel_pays=True) is None  # neither build's
     assert extension.for_tensor(FakeCuda()) == "cuda build"
+    # a kernel measured slower than the PyTorch ops on a GPU (the attention received) is not used by default ...
+    assert extension.for_tensor(FakeCuda(), cuda_kernel_pays=False) is None
+    assert extension.for_tensor(cpu, cuda_kernel_pays=False, cpu_kernel_pays=True) == "cpu build"  # (on a GPU)
     for off in ("off", "0", "OFF"):
         monkeypatch.setenv(extension.ENV, off)
         assert extension.for_tensor(FakeCuda()) is None
@@ -774,6 +777,7 @@ def test_dispatch_rules(monkeypatch):
     assert extension.for_tensor(cpu) == "cpu build"
     assert extension.for_tensor(torch.empty(2, device="meta")) is None
     assert extension.for_tensor(FakeCuda()) == "cuda build"
+    assert extension.for_tensor(FakeCuda(), cuda_kernel_pays=False) == "cuda build"  # ... but `all` runs it
     grad = torch.zeros(2, requires_grad=True)
     assert extension.for_tensor(grad) is None  # the kernels have no backward
     assert extension.for_tensor(cpu, None, grad) is None  # ... for any input the output depends on
@@ -796,7 +800,7 @@ def test_kernels_in_use_names_the_build_each_device_would_run(monkeypatch):
     assert extension.kernels_in_use("cuda") == "pytorch ops (the CUDA build failed)"
     assert extension.kernels_in_use("cpu") == "pytorch ops (the CPU build failed)"
     builds_that_load.update({True, False})
-    assert extension.kernels_in_use("cuda:0") == "CUDA build"
+    assert extension.kernels_in_use("cuda:0") == "CUDA build: the merge, the gather"  # not the attention received
     assert extension.kernels_in_use(torch.device("cpu")) == ("CPU build: ToMe's, MCTF's and Zero-TPrune's steps, "
                                                              "the merge, the gather, the top-k")
     assert extension.kernels_in_use("meta") == "pytorch ops"
@@ -895,6 +899,17 @@ def test_inputs_a_kernel_does_not_take_keep_the_pytorch_ops(monkeypatch, cpu_bui
     monkeypatch.setenv(extension.ENV, "all")
     ops.received_attention(q, k, 0.5)
     assert counting.calls == {"received_attention": 1}
+
+
+def test_on_a_gpu_the_attention_received_keeps_the_pytorch_ops_by_default(monkeypatch):
+    """Its CUDA kernel measured 13-56x slower than the products and softmax on an H200 (docs/performance.md): the
+    op asks for the extension saying so, which keeps CUDA tensors on the PyTorch ops under `auto`."""
+    asked = []
+    real = extension.for_tensor
+    monkeypatch.setattr(extension, "for_tensor", lambda t, *a, **kw: asked.append(kw) or real(t, *a, **kw))
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    ops.received_attention(q, k, 0.5)
+    assert [kw.get("cuda_kernel_pays", True) for kw in asked] == [False]
 
 
 def test_no_extension_under_torch_compile(monkeypatch):

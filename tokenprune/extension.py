@@ -76,13 +76,16 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = False,
-               cpu_kernel_pays: bool = False, in_compiled_graphs: bool = False) -> ModuleType | None:
+               cpu_kernel_pays: bool = False, cuda_kernel_pays: bool = True,
+               in_compiled_graphs: bool = False) -> ModuleType | None:
     """The extension module that should handle ``t``, or None for the PyTorch reference. ``inputs``: the op's
     other tensors that its output depends on differentiably (a merge's weights, token sizes; None skipped): a
     gradient asked of any of them keeps the reference, as one asked of ``t`` does. ``floating``:
     the op computes (merge, attention), so only the dtypes its kernels take (float64 stays in PyTorch);
     a gather copies, so any dtype. ``cpu_kernel_pays``: the op's CPU kernel is measurably faster than the
     PyTorch ops (one call for many small ones), so ``auto`` uses the CPU build for CPU tensors too.
+    ``cuda_kernel_pays=False``: the op's CUDA kernel measured slower than the PyTorch ops on a GPU, so ``auto``
+    keeps the PyTorch ops for CUDA tensors (``all`` still runs the kernel, which the tests hold to the reference).
     ``in_compiled_graphs``: the op is one of ``COMPILED``'s, which a graph compiled for CPU calls too (returned
     instead of the module under ``torch.compile``; what it holds has the module's signatures)."""
     if floating and t.dtype not in KERNEL_DTYPES:
@@ -94,7 +97,9 @@ def for_tensor(t: torch.Tensor, *inputs: torch.Tensor | None, floating: bool = F
     if setting == "off" or differentiated(t, *inputs):
         return None
     if t.is_cuda:
-        return load(cuda=True) if setting == "all" else _load_or_warn(cuda=True)
+        if setting == "all":
+            return load(cuda=True)
+        return _load_or_warn(cuda=True) if cuda_kernel_pays else None
     if t.device.type == "cpu":
         if setting == "all":
             return load(cuda=False)
@@ -184,7 +189,8 @@ def kernels_in_use(device: torch.device | str, compiled: bool = False) -> str:
         return f"{build}, every kernel"
     if _load_or_warn(cuda=cuda) is None:
         return f"pytorch ops (the {build} failed)"
-    return build if cuda else "CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k"
+    return "CUDA build: the merge, the gather" if cuda else ("CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the "
+                                                            "merge, the gather, the top-k")
 
 
 @functools.cache

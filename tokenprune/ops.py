@@ -418,7 +418,9 @@ def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None =
     """Attention each key receives, averaged over heads and queries: ``(B, N_k)`` from q ``(B, H, N_q, D)``
     and k ``(B, H, N_k, D)``. Queries go in chunks, so memory is O(chunk * N_k) per head, never N_q * N_k."""
     same_heads = k.dtype == q.dtype and k.shape[:2] == q.shape[:2]  # the kernel's; the ops below promote, broadcast
-    kernels = extension.for_tensor(q, floating=True) if same_heads else None
+    # on a GPU the kernel (one thread per key column, each re-reading every query) measured 13-56x slower than
+    # the products and softmax below (H200, bf16, DeiT-S to CLIP-L/336 shapes; docs/performance.md): not by default
+    kernels = extension.for_tensor(q, floating=True, cuda_kernel_pays=False) if same_heads else None
     if kernels is not None:  # no map at all: row statistics, then each key's column
         return kernels.received_attention(q, k, scale, bias)
     # half-precision q and k: the scores in float32, as the kernel computes them (they only rank tokens)

@@ -1,0 +1,54 @@
+"""tokenprune.eval.op_count: the operations a forward launches (what bounds an eager forward on a GPU at small
+batches; docs/performance.md)."""
+import os
+
+import pytest
+import torch
+from conftest import images, tiny_timm
+from tokenprune.eval import op_count
+
+import tokenprune
+
+
+def test_the_counter_counts_kernels_not_views():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    with op_count.OpCounter() as counter:
+        c = (a + b).view(4, 3).t()
+        torch.mm(c, a.t())
+    assert counter.counts["add"] == 1 and counter.counts["mm"] == 1 and counter.counts["view"] == 1
+    assert counter.launching == 2  # the view and the transpose launch nothing
+
+
+@pytest.mark.parametrize("setting", [None, "all"])
+def test_count_ops_counts_the_pytorch_ops_and_restores_the_setting(monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv("TOKENPRUNE_EXT", raising=False)
+    else:
+        monkeypatch.setenv("TOKENPRUNE_EXT", setting)
+    seen = []
+    model = tokenprune.apply(tiny_timm(), "tome", keep=0.5)
+    model.register_forward_pre_hook(lambda *_: seen.append(os.environ.get("TOKENPRUNE_EXT")))
+    counter = op_count.count_ops(model, images(1))
+    assert seen == ["off", "off"]  # a warm-up forward, then the counted one, both on the reference path
+    assert os.environ.get("TOKENPRUNE_EXT") == setting
+    assert counter.counts["index_add"] > 0  # ToMe's merge as PyTorch ops (the CPU build would be one call)
+
+
+def test_rows_on_the_testbed():
+    rows = {r.method: r for r in op_count.op_rows("vit_testbed_fmnist", ["tome", "random"], keep=0.5)}
+    tome, random = rows["tome"], rows["random"]
+    assert tome.unpatched == random.unpatched and tome.blocks == 12
+    assert tome.ceiling == tome.unpatched and random.ceiling == random.unpatched  # the truncation costs nothing
+    # random drops with one gather where ToMe matches and merges
+    assert 0 < random.added_per_block < tome.added_per_block
+    assert tome.added_per_block == (tome.patched - tome.unpatched) / 12
+    table = op_count.format_rows(list(rows.values()))
+    assert f"| vit_testbed_fmnist | tome | 0.5 | {tome.unpatched} | {tome.patched} | {tome.ceiling} |" in table
+
+
+def test_main_prints_the_table_and_refuses_a_bad_model_in_one_line(capsys):
+    assert op_count.main(["--model", "vit_testbed_fmnist", "--method", "random"]) == 0
+    assert "| vit_testbed_fmnist | random | 0.5 |" in capsys.readouterr().out
+    assert op_count.main(["--model", "no_such_model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("op_count: error:") and "no_such_model" in err and err.count("\n") == 1
