@@ -80,6 +80,7 @@ class OpRow:
     model: str
     method: str
     keep: float
+    batch: int
     blocks: int
     unpatched: int
     patched: int
@@ -90,7 +91,7 @@ class OpRow:
         return (self.patched - self.unpatched) / self.blocks
 
 
-def op_rows(model_name: str, methods, keep: float = 0.5, batch: int = 1, seed: int = 0) -> list[OpRow]:
+def op_rows(model_name: str, methods, keep: float, batch: int, seed: int = 0) -> list[OpRow]:
     baseline = random_model(model_name, seed)
     x = torch.randn(batch, *default_input_size(baseline))
     unpatched = count_ops(baseline, x).launching
@@ -98,15 +99,15 @@ def op_rows(model_name: str, methods, keep: float = 0.5, batch: int = 1, seed: i
     rows = []
     for method in methods:
         patched, ceiling = patched_and_ceiling(baseline, method, keep, {})
-        rows.append(OpRow(model_name, method, keep, blocks, unpatched, count_ops(patched, x).launching,
+        rows.append(OpRow(model_name, method, keep, batch, blocks, unpatched, count_ops(patched, x).launching,
                           count_ops(ceiling, x).launching))
     return rows
 
 
 def format_rows(rows: list[OpRow]) -> str:
-    lines = ["| model | method | keep | ops unpatched | ops patched | ops, zero-cost truncation | added per block |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r.model} | {r.method} | {r.keep:g} | {r.unpatched} | {r.patched} | {r.ceiling} | "
+    lines = ["| model | method | keep | batch | ops unpatched | ops patched | ops, zero-cost truncation | added per block |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r.model} | {r.method} | {r.keep:g} | {r.batch} | {r.unpatched} | {r.patched} | {r.ceiling} | "
               f"{r.added_per_block:.1f} |" for r in rows]
     return "\n".join(lines)
 

@@ -15,8 +15,10 @@ def test_the_counter_counts_kernels_not_views():
     with op_count.OpCounter() as counter:
         c = (a + b).view(4, 3).t()
         torch.mm(c, a.t())
+        wide = torch.ones(2, dtype=torch.float64)  # an operation's keyword arguments reach it
     assert counter.counts["add"] == 1 and counter.counts["mm"] == 1 and counter.counts["view"] == 1
-    assert counter.launching == 2  # the view and the transpose launch nothing
+    assert counter.launching == 3  # the views and the transposes launch nothing
+    assert wide.dtype == torch.float64
 
 
 @pytest.mark.parametrize("setting", [None, "all"])
@@ -27,15 +29,17 @@ def test_count_ops_counts_the_pytorch_ops_and_restores_the_setting(monkeypatch, 
         monkeypatch.setenv("TOKENPRUNE_EXT", setting)
     seen = []
     model = tokenprune.apply(tiny_timm(), "tome", keep=0.5)
-    model.register_forward_pre_hook(lambda *_: seen.append(os.environ.get("TOKENPRUNE_EXT")))
+    model.register_forward_pre_hook(lambda *_: seen.append((os.environ.get("TOKENPRUNE_EXT"),
+                                                            torch.is_grad_enabled())))
     counter = op_count.count_ops(model, images(1))
-    assert seen == ["off", "off"]  # a warm-up forward, then the counted one, both on the reference path
+    # a warm-up forward, then the counted one, both on the reference path and without autograd's recording
+    assert seen == [("off", False), ("off", False)]
     assert os.environ.get("TOKENPRUNE_EXT") == setting
     assert counter.counts["index_add"] > 0  # ToMe's merge as PyTorch ops (the CPU build would be one call)
 
 
 def test_rows_on_the_testbed():
-    rows = {r.method: r for r in op_count.op_rows("vit_testbed_fmnist", ["tome", "random"], keep=0.5)}
+    rows = {r.method: r for r in op_count.op_rows("vit_testbed_fmnist", ["tome", "random"], keep=0.5, batch=2)}
     tome, random = rows["tome"], rows["random"]
     assert tome.unpatched == random.unpatched and tome.blocks == 12
     assert tome.ceiling == tome.unpatched and random.ceiling == random.unpatched  # the truncation costs nothing
@@ -43,12 +47,13 @@ def test_rows_on_the_testbed():
     assert 0 < random.added_per_block < tome.added_per_block
     assert tome.added_per_block == (tome.patched - tome.unpatched) / 12
     table = op_count.format_rows(list(rows.values()))
-    assert f"| vit_testbed_fmnist | tome | 0.5 | {tome.unpatched} | {tome.patched} | {tome.ceiling} |" in table
+    assert f"| vit_testbed_fmnist | tome | 0.5 | 2 | {tome.unpatched} | {tome.patched} | {tome.ceiling} |" in table
+    assert op_count.OpRow("m", "x", 0.5, 1, blocks=4, unpatched=10, patched=15, ceiling=10).added_per_block == 1.25
 
 
 def test_main_prints_the_table_and_refuses_a_bad_model_in_one_line(capsys):
     assert op_count.main(["--model", "vit_testbed_fmnist", "--method", "random"]) == 0
-    assert "| vit_testbed_fmnist | random | 0.5 |" in capsys.readouterr().out
+    assert "| vit_testbed_fmnist | random | 0.5 | 1 |" in capsys.readouterr().out  # keep 0.5 and batch 1 by default
     assert op_count.main(["--model", "no_such_model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("op_count: error:") and "no_such_model" in err and err.count("\n") == 1
