@@ -105,7 +105,8 @@ def op_rows(model_name: str, methods, keep: float, batch: int, seed: int = 0) ->
 
 
 def format_rows(rows: list[OpRow]) -> str:
-    lines = ["| model | method | keep | batch | ops unpatched | ops patched | ops, zero-cost truncation | added per block |",
+    lines = ["| model | method | keep | batch | ops unpatched | ops patched | ops, zero-cost truncation "
+             "| added per block |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r.model} | {r.method} | {r.keep:g} | {r.batch} | {r.unpatched} | {r.patched} | {r.ceiling} | "
               f"{r.added_per_block:.1f} |" for r in rows]
