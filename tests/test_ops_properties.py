@@ -321,6 +321,32 @@ def test_head_products_are_alpha_a_b_plus_add_into_out(operands, into_buffer):
     assert out is None or got.data_ptr() == out.data_ptr()
 
 
+@given(head_operands(), st.booleans())
+def test_head_products_off_the_cpu_are_one_batched_product(operands, into_buffer):
+    """Off the CPU (a GPU) the operands that do not fold into (B*H, ...) views are copied into one product, not
+    multiplied sample by sample (a kernel launch per sample): the same result."""
+    a, b, add, alpha = operands
+    expected = alpha * (a @ b) + (0 if add is None else add)
+    out = torch.full((a.shape[0], a.shape[1], a.shape[2], b.shape[-1]), float("nan"), dtype=torch.float64) \
+        if into_buffer else None
+    with mock.patch.object(ops, "_per_sample_products_pay", lambda device: False):
+        got = ops.head_products(a, b, alpha=alpha, add=add, out=out)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert out is None or got.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("device,products", [("cpu", 4), ("meta", 1)])
+def test_head_products_count_per_device(device, products):
+    """q and k as a qkv projection leaves them (batch 4): four products on the CPU, one elsewhere (meta stands for
+    a GPU: what is not the CPU)."""
+    from tokenprune.eval.op_count import OpCounter
+
+    qkv = torch.randn(4, 5, 3, 2, 8, device=device).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), heads between tokens
+    with OpCounter() as counter:
+        ops.head_products(qkv[0], qkv[1].transpose(-2, -1), alpha=0.5)
+    assert counter.counts["baddbmm"] == products
+
+
 @pytest.mark.parametrize("learns", ["a", "b", "add", "all"])
 def test_head_products_follow_autograd(learns):
     """Under autograd (no ``out=``), whichever operand requires grad: the gradient of alpha * a @ b + add."""

@@ -447,17 +447,26 @@ def _heads_as_batch(t: Tensor) -> Tensor | None:
     return None
 
 
+def _per_sample_products_pay(device: torch.device) -> bool:
+    """Whether ``head_products`` multiplies sample by sample where (B, H) does not fold into a view: on the CPU
+    (BLAS takes each sample's heads as they lie, sparing a copy). Elsewhere one batched product of copies: a
+    product per sample is a kernel launch per sample, and launches bound a forward on a GPU (MCTF at batch 256 on
+    an H200 spent some 110 of its 150 ms in them; docs/performance.md)."""
+    return device.type == "cpu"
+
+
 def head_products(a: Tensor, b: Tensor, alpha: float = 1.0, add: Tensor | None = None,
                   out: Tensor | None = None) -> Tensor:
     """``alpha * a @ b + add`` per head: ``a`` (B, H, n, m), ``b`` (B, H, m, p), ``add`` 4-D broadcastable to
     (B, H, n, p) (an additive attention bias) or None; written into ``out`` (B, H, n, p, contiguous) where given.
 
-    For attention logits, ``q k^T``: one product over B*H where ``a`` and ``b`` are views of that, else one per
-    sample. q and k as a qkv projection leaves them (heads between tokens) are what BLAS takes as they are for
-    one sample's heads, where one product over B*H first copies them; and ``alpha`` and ``add`` ride in the
-    product. At DeiT-S batch 32 a block's explicit probabilities took 21 ms instead of 29-32 (scaled q, k copied,
-    a separate add); the logits into a buffer 4.7 ms instead of 5.3. (For probabilities @ v the per-sample
-    products measured slower than matmul's copy: not used there.) Under autograd, forward-mode AD or a
+    For attention logits, ``q k^T``: one product over B*H where ``a`` and ``b`` are views of that, else on the CPU
+    one per sample (elsewhere one over B*H of copies: ``_per_sample_products_pay``). q and k as a qkv projection
+    leaves them (heads between tokens) are what BLAS takes as they are for one sample's heads, where one product
+    over B*H first copies them; and ``alpha`` and ``add`` ride in the product. At DeiT-S batch 32 a block's explicit
+    probabilities took 21 ms instead of 29-32 (scaled q, k copied, a separate add); the logits into a buffer 4.7 ms
+    instead of 5.3. (For probabilities @ v the per-sample products measured slower than matmul's copy: not used
+    there.) Under autograd, forward-mode AD or a
     ``torch.func`` transform (``out=`` takes no part in them): ``torch.matmul``."""
     batch, heads, n = a.shape[:3]
     p = b.shape[-1]
@@ -469,6 +478,8 @@ def head_products(a: Tensor, b: Tensor, alpha: float = 1.0, add: Tensor | None =
     if add is not None:  # its rows stay broadcast (one bias row for every query: no (B, H, n, p) copy)
         add = add.to(out.dtype).expand(batch, heads, add.shape[2], p)
     flat = _heads_as_batch(a), _heads_as_batch(b), out.view(batch * heads, n, p)
+    if (flat[0] is None or flat[1] is None) and not _per_sample_products_pay(a.device):
+        flat = a.reshape(batch * heads, n, a.shape[-1]), b.reshape(batch * heads, *b.shape[2:]), flat[2]
     if flat[0] is not None and flat[1] is not None:
         pieces = [(*flat, None if add is None else add.reshape(batch * heads, add.shape[2], p))]
     else:
