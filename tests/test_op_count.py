@@ -57,3 +57,12 @@ def test_main_prints_the_table_and_refuses_a_bad_model_in_one_line(capsys):
     assert op_count.main(["--model", "no_such_model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("op_count: error:") and "no_such_model" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method", ["tome", "mctf", "zero-tprune", "random"])
+def test_off_the_cpu_no_method_launches_more_operations_for_a_larger_batch(method):
+    """On a GPU an eager forward's time follows its launches: none may grow with the batch (a product per sample
+    did: MCTF at batch 256 on an H200). The meta device stands for a GPU (what is not the CPU), and runs no data."""
+    model = tokenprune.apply(tiny_timm(), method, keep=0.5).to("meta")
+    counts = [op_count.count_ops(model, torch.randn(batch, 3, 32, 32, device="meta")).launching for batch in (2, 5)]
+    assert counts[0] == counts[1]
