@@ -336,14 +336,17 @@ def test_head_products_off_the_cpu_are_one_batched_product(operands, into_buffer
 
 
 @pytest.mark.parametrize("device,products", [("cpu", 4), ("meta", 1)])
-def test_head_products_count_per_device(device, products):
-    """q and k as a qkv projection leaves them (batch 4): four products on the CPU, one elsewhere (meta stands for
-    a GPU: what is not the CPU)."""
+@pytest.mark.parametrize("unfolded", ["q and k", "q", "k"])
+def test_head_products_count_per_device(device, products, unfolded):
+    """q and k as a qkv projection leaves them (batch 4; either or both): four products on the CPU, one elsewhere
+    (meta stands for a GPU: what is not the CPU)."""
     from tokenprune.eval.op_count import OpCounter
 
     qkv = torch.randn(4, 5, 3, 2, 8, device=device).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), heads between tokens
+    q = qkv[0] if "q" in unfolded else qkv[0].contiguous()
+    k = qkv[1] if "k" in unfolded else qkv[1].contiguous()
     with OpCounter() as counter:
-        ops.head_products(qkv[0], qkv[1].transpose(-2, -1), alpha=0.5)
+        ops.head_products(q, k.transpose(-2, -1), alpha=0.5)
     assert counter.counts["baddbmm"] == products
 
 
