@@ -16,7 +16,6 @@ End-to-end throughput of each method is ``tokenprune bench`` (with ``--device cu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -76,9 +75,7 @@ def bench_kernels(shapes=tuple(SHAPES), batch_sizes=(1, 32), dtype: str = "fp32"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch here")
-    previous = os.environ.get(extension.ENV)
-    os.environ[extension.ENV] = "off"  # the reference calls must not dispatch to the kernels
-    try:
+    with extension.pytorch_ops_only():  # the reference calls must not dispatch to the kernels
         rows = []
         for name in shapes:
             tokens, width, heads = SHAPES[name]
@@ -88,11 +85,6 @@ def bench_kernels(shapes=tuple(SHAPES), batch_sizes=(1, 32), dtype: str = "fp32"
                     medians, _ = interleaved_medians({"torch": reference, "kernel": kernel}, repeats, device=dev)
                     rows.append(KernelRow(op, name, batch, dtype, device, 1000 * medians["torch"],
                                           1000 * medians["kernel"], medians["torch"] / medians["kernel"], diff))
-    finally:
-        if previous is None:
-            os.environ.pop(extension.ENV, None)
-        else:
-            os.environ[extension.ENV] = previous
     return rows
 
 

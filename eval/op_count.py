@@ -3,7 +3,7 @@
 ``python -m tokenprune.eval.op_count --model deit_small_patch16_224 --method tome mctf zero-tprune random``
 
 On a GPU at small batches an eager forward is bound by the host, which issues one kernel per operation: on the
-H200 measured on 2026-12-04 (docs/performance.md) DeiT-S at batch 1 took 31-45 us per operation counted here,
+H200 measured on 2026-12-04 (docs/performance.md) DeiT-S at batch 1 took 32-47 us per operation counted here,
 unpatched and under every method alike, so a method that adds operations is slower there whatever it saves in
 FLOPs. The count needs no GPU: every ATen operation the forward dispatches is seen (``TorchDispatchMode``), and
 those that only describe memory (views, transposes, slices, size queries) are left out, since they launch nothing.
@@ -13,16 +13,15 @@ and the merge, a few operations fewer per step).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tokenprune.eval.benchmark import patched_and_ceiling
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tokenprune import extension
 from tokenprune.flops import default_input_size, random_model
 
 #: ATen operations that make a view or answer a question about a tensor's layout: no kernel runs
@@ -51,24 +50,11 @@ class OpCounter(TorchDispatchMode):
         return sum(n for name, n in self.counts.items() if name not in METADATA)
 
 
-@contextmanager
-def _pytorch_ops():
-    before = os.environ.get("TOKENPRUNE_EXT")
-    os.environ["TOKENPRUNE_EXT"] = "off"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TOKENPRUNE_EXT"]
-        else:
-            os.environ["TOKENPRUNE_EXT"] = before
-
-
 @torch.no_grad()  # not inference_mode, under which composite ops (linear, dropout) reach the mode undecomposed
 def count_ops(model: torch.nn.Module, x: torch.Tensor) -> OpCounter:
     """The operations one forward of ``model`` on ``x`` dispatches (after one forward that is not counted, so
     that what a first call caches is not counted)."""
-    with _pytorch_ops():
+    with extension.pytorch_ops_only():
         model(x)
         with OpCounter() as counter:
             model(x)

@@ -28,6 +28,7 @@ atomic scatter-adds) measured slower than the CPU build (docs/performance.md).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -70,6 +71,21 @@ def mode() -> str:
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r} is not understood; accepted: auto, off (or 0), all")
     return value
+
+
+@contextlib.contextmanager
+def pytorch_ops_only():
+    """``TOKENPRUNE_EXT=off`` while it lasts (the PyTorch reference everywhere), the caller's setting restored
+    after (only that variable: a build started inside may set its own)."""
+    previous = os.environ.get(ENV)
+    os.environ[ENV] = "off"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
