@@ -470,6 +470,71 @@ def test_mctf_plan_is_the_reference_with_nonfinite_features_and_ties(request, pa
             assert torch.equal(dest, expected[0]) and n_out == expected[1], (bidirectional, build.with_cuda)
 
 
+def sorts_in(call) -> int:
+    """How many ATen sorts ``call()`` dispatches (C++ calls included: a dispatch mode sees them)."""
+    from tokenprune.eval.op_count import OpCounter
+
+    with OpCounter() as counter:
+        call()
+    return counter.counts["sort"]
+
+
+@pytest.mark.parametrize("case, remove, prefix, sorts", [
+    ("untied", 8, 1, 0),
+    ("prefix ties", 8, 5, 0),  # three A and two B prefix tokens tie at -inf, past every position read
+    ("top two tied, inside the sources", 8, 1, 0),  # r1 = 4: the tie is not at the sources' boundary
+    ("top two tied, at the boundary", 3, 1, 1),  # r1 = 1: which of the two is the source is argsort's choice
+    ("ties everywhere", 8, 1, 2),
+])
+def test_mctf_plan_ranks_by_itself_unless_a_tie_it_reads_asks_for_argsort(request, case, remove, prefix, sorts):
+    """The kernel ranks the scores itself (no ATen sort) where no two equal scores are ordered by what it reads (which
+    r1 A tokens come first; the order of the B tokens after the r2 sources, up to the prefix ones), and calls the
+    reference's argsort where a tie is read: the slots are the reference's in every case."""
+    from tokenprune.methods import mctf
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, prefix + 30, 16, generator=g)
+    if case.startswith("top two"):  # two A tokens (even positions) equal to a B token: their best scores tie at the top
+        x[:, [2, 4]] = x[:, 7:8]
+    if case == "ties everywhere":
+        x[:, prefix:] = x[:, prefix + torch.arange(30) % 3]
+    received, size = torch.rand(x.shape[:2], generator=g) + 0.01, torch.ones(x.shape[:2])
+    criteria = (True, False, False)  # similarity alone: equal tokens score equal
+    expected = mctf.bidirectional_assignment(mctf.pair_scores(x, received, size, (1.0, 20.0, 40.0), criteria, prefix),
+                                             remove, prefix)
+    for build in builds(request):
+        found = []
+        call = lambda: found.append(build.mctf_plan(x, received, size, [1.0, 20.0, 40.0], list(criteria), prefix,  # noqa: E731
+                                                    remove, True))
+        assert sorts_in(call) == sorts, case
+        assert torch.equal(found[0][0], expected[0]) and found[0][1] == expected[1], case
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(2, 40), st.integers(0, 2 ** 31), st.lists(st.integers(0, 39), min_size=2, max_size=6), st.data())
+def test_mctf_plan_is_the_reference_where_a_few_tokens_tie(request, patches, seed, copies, draw):
+    """A few tokens made equal (their scores tie wherever they rank: inside a set the kernel reads as a set, at its
+    boundary, or in the order it reads) give the reference's slots, in both directions."""
+    from tokenprune.methods import mctf
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1 + patches, 8, generator=g)
+    copies = [1 + c % patches for c in copies]
+    x[:, copies[1:]] = x[:, copies[:1]]
+    received = torch.rand(x.shape[:2], generator=g) + 0.01
+    received[:, copies[1:]] = received[:, copies[:1]]
+    size = torch.ones(x.shape[:2])
+    criteria = tuple(draw.draw(st.lists(st.booleans(), min_size=3, max_size=3)))
+    remove = draw.draw(st.integers(1, patches // 2))
+    for bidirectional in (True, False):
+        expected = mctf.bidirectional_assignment(
+            mctf.pair_scores(x, received, size, (1.0, 20.0, 40.0), criteria, 1), remove, 1, bidirectional)
+        for build in builds(request):
+            dest, n_out = build.mctf_plan(x, received, size, [1.0, 20.0, 40.0], list(criteria), 1, remove,
+                                          bidirectional)
+            assert torch.equal(dest, expected[0]) and n_out == expected[1], bidirectional
+
+
 def test_mctf_plan_leaves_float64_to_the_pytorch_ops(monkeypatch, cpu_build):
     """The kernel scores in float32: features, attention received or sizes in float64 (any one of them) keep the
     PyTorch ops, with their output; all three in float32 take the kernel."""

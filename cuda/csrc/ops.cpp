@@ -608,25 +608,44 @@ torch::Tensor similarity_prune(torch::Tensor probs, torch::Tensor k, int64_t num
 
 namespace {
 
-// log(v^-1 / max over the sequence of v^-1) / tau per token, (B, N): MCTF's informativeness and size terms, op for
-// op the reference's (the reciprocal, the max and the division correctly rounded in loops; the log in ATen).
-torch::Tensor log_relative_inverse(const torch::Tensor& v, double tau) {
-  const int64_t B = v.size(0), N = v.size(1);
-  auto out = torch::empty({B, N}, v.options());
-  const float* vp = v.data_ptr<float>();
+// log(v^-1 / max over the sequence of v^-1) / tau per token, (B, N), for each (v, tau) of `terms`, stacked (K, B, N):
+// MCTF's informativeness and size terms, op for op the reference's (the reciprocal, the max and the division
+// correctly rounded in loops; the log in ATen, a call per term: ATen's log takes its scalar path for a tensor's
+// last few elements, so one call over the stack could round some of them otherwise than the reference's).
+torch::Tensor log_relative_inverses(const std::vector<std::pair<torch::Tensor, double>>& terms, int64_t B, int64_t N) {
+  auto out = torch::empty({static_cast<int64_t>(terms.size()), B, N}, torch::dtype(torch::kFloat));
   float* op = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < N; ++t) {
-      op[b * N + t] = 1.0f / vp[b * N + t];
-      top = (std::isnan(op[b * N + t]) || op[b * N + t] > top) ? op[b * N + t] : top;
+  for (const auto& [v, tau] : terms) {
+    const auto vc = v.contiguous();
+    const float* vp = vc.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b, vp += N, op += N) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < N; ++t) {
+        op[t] = 1.0f / vp[t];
+        top = (std::isnan(op[t]) || op[t] > top) ? op[t] : top;
+      }
+      for (int64_t t = 0; t < N; ++t) op[t] /= top;
     }
-    for (int64_t t = 0; t < N; ++t) op[b * N + t] /= top;
   }
-  out.log_();
-  const float t = static_cast<float>(tau);
-  for (int64_t e = 0; e < B * N; ++e) op[e] /= t;
+  for (int64_t k = 0; k < out.size(0); ++k) out[k].log_();
+  op = out.data_ptr<float>();
+  for (const auto& term : terms) {
+    const float t = static_cast<float>(term.second);
+    for (int64_t e = 0; e < B * N; ++e, ++op) *op /= t;
+  }
   return out;
+}
+
+// The n entries of v ranked by descending value into `rank` (std::sort; v without NaN). It stands for the
+// reference's argsort, which may order equal values either way, only where its caller reads no order among
+// equal values: true when the value at each ranked position in [lo, hi] is strictly above the next one's.
+// The caller then falls back to ATen's argsort (a call of some 15 us against 1-2 for this at 100 tokens).
+bool rank_descending(const float* v, int64_t n, int64_t* rank, int64_t lo, int64_t hi) {
+  std::iota(rank, rank + n, int64_t{0});
+  std::sort(rank, rank + n, [v](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+  for (int64_t i = std::max<int64_t>(lo, 0); i <= hi && i + 1 < n; ++i)
+    if (!(v[rank[i]] > v[rank[i + 1]])) return false;
+  return true;
 }
 
 }  // namespace
@@ -664,29 +683,29 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
   torch::Tensor log_w;
   if (use_sim) {
     const auto unit = xf / at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true);
-    log_w = at::matmul(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
+    // at::matmul's batched product is this bmm on these very views (its wrapper's reshapes cost a few us)
+    log_w = at::bmm(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
     float* wp = log_w.data_ptr<float>();
     at::parallel_for(0, log_w.numel(), kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) wp[e] = std::max((wp[e] + 1.0f) / 2.0f, 1e-12f);  // NaN stays
     });
-    log_w.log_();
-    const float t = static_cast<float>(tau[0]);
-    at::parallel_for(0, log_w.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) wp[e] /= t;
-    });
+    log_w.log_();  // divided by tau_sim in the row loop below
   } else {
     log_w = torch::zeros({B, n_a, n_b}, xf.options());
   }
-  const auto info = use_info ? log_relative_inverse(received.contiguous(), tau[1]) : torch::Tensor();
-  const auto small = use_size ? log_relative_inverse(size.contiguous(), tau[2]) : torch::Tensor();
+  std::vector<std::pair<torch::Tensor, double>> terms;
+  if (use_info) terms.emplace_back(received, tau[1]);
+  if (use_size) terms.emplace_back(size, tau[2]);
+  const auto logs = log_relative_inverses(terms, B, N);
+  const float t_sim = use_sim ? static_cast<float>(tau[0]) : 1.0f;
   auto best = torch::empty({B, n_a}, xf.options());
   std::vector<int64_t> best_b(B * n_a);
   std::vector<char> has_nan(B, 0);  // a NaN score (NaN or infinite features) takes the scalar scans below
   {
     float* wp = log_w.data_ptr<float>();
     float* bp = best.data_ptr<float>();
-    const float* ip = use_info ? info.data_ptr<float>() : nullptr;
-    const float* sp = use_size ? small.data_ptr<float>() : nullptr;
+    const float* ip = use_info ? logs.data_ptr<float>() : nullptr;
+    const float* sp = use_size ? logs.data_ptr<float>() + (use_info ? B * N : 0) : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> info_b(n_b), size_b(n_b);  // the B tokens' terms, contiguous: the row loop vectorises
       for (int64_t b = begin; b < end; ++b) {
@@ -697,7 +716,9 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
         bool nan = false;
         for (int64_t i = 0; i < n_a; ++i) {
           float* row = wp + (b * n_a + i) * n_b;
-          // the reference's additions in its order: (log_w + a_i) + b_j per criterion
+          // the reference's steps in its order: log_w / tau_sim, then (log_w + a_i) + b_j per criterion
+          if (use_sim)
+            for (int64_t j = 0; j < n_b; ++j) row[j] /= t_sim;
           if (ip) {
             const float a = ip[b * N + 2 * i];
             for (int64_t j = 0; j < n_b; ++j) row[j] = (row[j] + a) + info_b[j];
@@ -716,7 +737,24 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
       }
     });
   }
-  const auto order = best.argsort(-1, /*descending=*/true).contiguous();  // A tokens, best match first
+  // Each sample's values (B, n) ranked by descending value, as the reference's argsort ranks them: by
+  // rank_descending where the positions the caller reads, [lo, hi + 1], hold no tie (nor a NaN) in any sample, else
+  // by that argsort itself, whose order among equal values is its own.
+  const auto rank_rows = [&](const torch::Tensor& values, int64_t lo, int64_t hi) {
+    const int64_t n = values.size(1);
+    auto ranked = torch::empty({B, n}, values.options().dtype(torch::kLong));
+    const float* vp = values.data_ptr<float>();
+    int64_t* rp = ranked.data_ptr<int64_t>();
+    std::vector<char> untied(B, 0);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        untied[b] = !has_nan[b] && rank_descending(vp + b * n, n, rp + b * n, lo, hi);
+    });
+    const bool exact = std::all_of(untied.begin(), untied.end(), [](char u) { return u != 0; });
+    return exact ? ranked : values.argsort(-1, /*descending=*/true).contiguous();
+  };
+  // A tokens, best match first: only which r1 of them come first is read
+  const auto order = rank_rows(best, r1 - 1, r1 - 1);
   const int64_t n_kept_a = n_a - in_a - r1;
   auto best2 = torch::empty({B, n_b}, xf.options());
   std::vector<int64_t> kept_a(B * (n_a - r1)), best_a(B * n_b);
@@ -757,7 +795,8 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     });
   }
   torch::Tensor order2;
-  if (bidirectional) order2 = best2.argsort(-1, /*descending=*/true).contiguous();
+  // B tokens: which r2 come first, and the order of the rest up to the prefix B tokens (-inf, last)
+  if (bidirectional) order2 = rank_rows(best2, r2 - 1, n_b - in_b - 1);
   auto dest = torch::empty({B, N}, xf.options().dtype(torch::kLong));
   {
     const int64_t* op = order.data_ptr<int64_t>();
