@@ -282,8 +282,12 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
     # head_dim a multiple of 64 in a qkv-style layout), else calls ATen's mean: both sides of that line are drawn
     heads, head_dim = draw.draw(st.sampled_from(((1, 4), (2, 4), (3, 4), (6, 64), (8, 4), (12, 128), (16, 64))))
     keys = torch.randn(x.shape[0], heads, x.shape[1], head_dim, generator=g).to(draw.draw(st.sampled_from(DTYPES)))
-    if draw.draw(st.booleans()):  # tied scores: every patch token's key is one of three (a flat background)
+    ties = draw.draw(st.sampled_from(("none", "background", "a few")))
+    if ties == "background":  # tied scores: every patch token's key is one of three (a flat background)
         keys[:, :, prefix:] = keys[:, :, prefix + torch.arange(patches) % 3].clone()
+    if ties == "a few":  # a few equal tokens: ties wherever they rank (read as an order, as a set, or not at all)
+        copies = prefix + torch.tensor(draw.draw(st.lists(st.integers(0, patches - 1), min_size=2, max_size=5)))
+        keys[:, :, copies[1:]] = keys[:, :, copies[:1]]
     if draw.draw(st.booleans()):
         keys = keys.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as a qkv projection's view is
     size = torch.randint(1, 6, (x.shape[0], x.shape[1], 1), generator=g).float() if draw.draw(st.booleans()) else None
@@ -293,6 +297,33 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
         merged, merged_size = build.bipartite_merge(keys, x, size, r, prefix)
         assert merged.dtype == x.dtype and merged_size.dtype == torch.float32
         assert torch.equal(merged, reference[0]) and torch.equal(merged_size, reference[1])
+
+
+@pytest.mark.parametrize("case, prefix, r, sorts", [
+    ("untied", 1, 6, 0),
+    ("prefix ties", 5, 6, 0),  # three prefix A tokens tie at -inf, past the r sources
+    ("two tied past the sources", 1, 1, 0),  # the tie is read as a set (the unmerged A tokens), not as an order
+    ("two tied among the sources", 1, 6, 1),  # which of them adds first into a shared destination is read
+    ("ties everywhere", 1, 6, 1),
+])
+def test_bipartite_merge_ranks_by_itself_unless_a_tie_it_reads_asks_for_argsort(request, case, prefix, r, sorts):
+    """ToMe's step ranks the A tokens itself (no ATen sort) unless two equal scores sit where their order is read
+    (the r sources, in the order they add, and the first token after them), and equals the reference either way."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, prefix + 30, 8, generator=g)
+    x = torch.randn(2, prefix + 30, 16, generator=g)
+    a = list(range(prefix + prefix % 2, prefix + 30, 2))  # A tokens: even positions
+    if case.startswith("two tied"):  # two A tokens equal to each other; at the top with a B token equal to them
+        keys[:, :, a[3]] = keys[:, :, a[7]]
+        if case.endswith("among the sources"):
+            keys[:, :, a[3] + 1] = keys[:, :, a[7]]
+    if case == "ties everywhere":
+        keys[:, :, prefix:] = keys[:, :, prefix + torch.arange(30) % 3]
+    reference = ops.merge_mean(x, None, ops.bipartite_soft_matching(ops.head_mean(keys), r, prefix), prefix)
+    for build in builds(request):
+        found = []
+        assert sorts_in(lambda: found.append(build.bipartite_merge(keys, x, None, r, prefix))) == sorts, case
+        assert torch.equal(found[0][0], reference[0]) and torch.equal(found[0][1], reference[1]), case
 
 
 def slow_s_stage_keep(attn: torch.Tensor, keys: torch.Tensor, prefix: int, remove: int, emphasize: int | None,

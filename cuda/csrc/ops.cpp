@@ -174,6 +174,34 @@ void running_max_no_nan(const float* row, float* top, int32_t* arg, int64_t n, i
   }
 }
 
+// The n entries of v ranked by descending value into `rank` (std::sort; v without NaN). It stands for the
+// reference's argsort, which may order equal values either way, only where its caller reads no order among
+// equal values: true when the value at each ranked position in [lo, hi] is strictly above the next one's.
+// The caller then falls back to ATen's argsort (a call of some 15 us against 1-2 for this at 100 tokens).
+bool rank_descending(const float* v, int64_t n, int64_t* rank, int64_t lo, int64_t hi) {
+  std::iota(rank, rank + n, int64_t{0});
+  std::sort(rank, rank + n, [v](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+  for (int64_t i = std::max<int64_t>(lo, 0); i <= hi && i + 1 < n; ++i)
+    if (!(v[rank[i]] > v[rank[i + 1]])) return false;
+  return true;
+}
+
+// Each sample's values (B, n) ranked by descending value, as the references' ATen argsort ranks them: by
+// rank_descending where the ranked positions the caller reads, [lo, hi + 1], hold no tie in any sample (nor a NaN
+// anywhere: `has_nan` per sample), else by that argsort itself, whose order among equal values is its own.
+torch::Tensor rank_rows(const torch::Tensor& values, const std::vector<char>& has_nan, int64_t lo, int64_t hi) {
+  const int64_t B = values.size(0), n = values.size(1);
+  auto ranked = torch::empty({B, n}, values.options().dtype(torch::kLong));
+  const float* vp = values.data_ptr<float>();
+  int64_t* rp = ranked.data_ptr<int64_t>();
+  std::vector<char> untied(B, 0);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) untied[b] = !has_nan[b] && rank_descending(vp + b * n, n, rp + b * n, lo, hi);
+  });
+  const bool exact = std::all_of(untied.begin(), untied.end(), [](char u) { return u != 0; });
+  return exact ? ranked : values.argsort(-1, /*descending=*/true).contiguous();
+}
+
 #ifdef TOKENPRUNE_WITH_CUDA
 void* stream_of(const torch::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "tokenprune CUDA kernel: ", error); }
@@ -445,12 +473,31 @@ std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch:
   // the matching, op for op the reference's (so that near-ties rank alike)
   const auto metric = k.mean({1}, /*keepdim=*/false, torch::kFloat);
   const auto unit = metric / at::linalg_vector_norm(metric, 2, {-1}, /*keepdim=*/true);
-  auto scores = at::matmul(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2));
-  scores.slice(1, 0, in_a).fill_(-std::numeric_limits<float>::infinity());
-  scores.slice(2, 0, in_b).fill_(-std::numeric_limits<float>::infinity());
-  const auto best = scores.max(-1);
-  const auto best_dst = std::get<1>(best).contiguous();
-  const auto order = std::get<0>(best).argsort(-1, /*descending=*/true).contiguous();
+  // at::matmul's batched product is this bmm on these very views
+  const auto scores = at::bmm(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
+  // pairs that touch a prefix token never merge; each A token's best B token: the first of equal maxima, NaN first,
+  // as ATen's max (loops: three ATen calls cost more than these at batch 1)
+  auto best = torch::empty({B, n_a}, scores.options());
+  auto best_dst = torch::empty({B, n_a}, scores.options().dtype(torch::kLong));
+  std::vector<char> has_nan(B, 0);
+  {
+    float* wp = scores.data_ptr<float>();
+    float* bp = best.data_ptr<float>();
+    int64_t* dp = best_dst.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < n_a; ++i) {
+          float* row = wp + (b * n_a + i) * n_b;
+          std::fill(row, row + (i < in_a ? n_b : in_b), -std::numeric_limits<float>::infinity());
+          const bool nan = any_nan(row, n_b);
+          has_nan[b] |= nan;
+          (nan ? first_max : first_max_no_nan)(row, n_b, bp + b * n_a + i, dp + b * n_a + i);
+        }
+      }
+    });
+  }
+  // A tokens, best match first: the first r are the sources, added in this order (read up to position r)
+  const auto order = rank_rows(best, has_nan, 0, r - 1);
   const auto xf = x.to(torch::kFloat).contiguous();
   auto merged = torch::empty({B, n_out, C}, xf.options());
   auto merged_size = torch::empty({B, n_out, 1}, xf.options());
@@ -636,18 +683,6 @@ torch::Tensor log_relative_inverses(const std::vector<std::pair<torch::Tensor, d
   return out;
 }
 
-// The n entries of v ranked by descending value into `rank` (std::sort; v without NaN). It stands for the
-// reference's argsort, which may order equal values either way, only where its caller reads no order among
-// equal values: true when the value at each ranked position in [lo, hi] is strictly above the next one's.
-// The caller then falls back to ATen's argsort (a call of some 15 us against 1-2 for this at 100 tokens).
-bool rank_descending(const float* v, int64_t n, int64_t* rank, int64_t lo, int64_t hi) {
-  std::iota(rank, rank + n, int64_t{0});
-  std::sort(rank, rank + n, [v](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
-  for (int64_t i = std::max<int64_t>(lo, 0); i <= hi && i + 1 < n; ++i)
-    if (!(v[rank[i]] > v[rank[i + 1]])) return false;
-  return true;
-}
-
 }  // namespace
 
 // MCTF's matching at one merging block, in one call, for CPU tensors: each token's slot (B, N) and the number of
@@ -737,24 +772,8 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
       }
     });
   }
-  // Each sample's values (B, n) ranked by descending value, as the reference's argsort ranks them: by
-  // rank_descending where the positions the caller reads, [lo, hi + 1], hold no tie (nor a NaN) in any sample, else
-  // by that argsort itself, whose order among equal values is its own.
-  const auto rank_rows = [&](const torch::Tensor& values, int64_t lo, int64_t hi) {
-    const int64_t n = values.size(1);
-    auto ranked = torch::empty({B, n}, values.options().dtype(torch::kLong));
-    const float* vp = values.data_ptr<float>();
-    int64_t* rp = ranked.data_ptr<int64_t>();
-    std::vector<char> untied(B, 0);
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        untied[b] = !has_nan[b] && rank_descending(vp + b * n, n, rp + b * n, lo, hi);
-    });
-    const bool exact = std::all_of(untied.begin(), untied.end(), [](char u) { return u != 0; });
-    return exact ? ranked : values.argsort(-1, /*descending=*/true).contiguous();
-  };
   // A tokens, best match first: only which r1 of them come first is read
-  const auto order = rank_rows(best, r1 - 1, r1 - 1);
+  const auto order = rank_rows(best, has_nan, r1 - 1, r1 - 1);
   const int64_t n_kept_a = n_a - in_a - r1;
   auto best2 = torch::empty({B, n_b}, xf.options());
   std::vector<int64_t> kept_a(B * (n_a - r1)), best_a(B * n_b);
@@ -796,7 +815,7 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
   }
   torch::Tensor order2;
   // B tokens: which r2 come first, and the order of the rest up to the prefix B tokens (-inf, last)
-  if (bidirectional) order2 = rank_rows(best2, r2 - 1, n_b - in_b - 1);
+  if (bidirectional) order2 = rank_rows(best2, has_nan, r2 - 1, n_b - in_b - 1);
   auto dest = torch::empty({B, N}, xf.options().dtype(torch::kLong));
   {
     const int64_t* op = order.data_ptr<int64_t>();
