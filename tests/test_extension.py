@@ -278,8 +278,8 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
     patches = x.shape[1] - prefix
     if patches < 2:
         return
-    # the kernel adds the heads in a loop where ATen's mean adds them one after the other (H <= 3; H < 16 with
-    # head_dim a multiple of 64 in a qkv-style layout), else calls ATen's mean: both sides of that line are drawn
+    # head counts and dims on both sides of where ATen's mean changes how it adds the heads (one after the other for
+    # H <= 3, or H < 16 with head_dim a multiple of 64 in a qkv-style layout): the kernel calls that mean too
     heads, head_dim = draw.draw(st.sampled_from(((1, 4), (2, 4), (3, 4), (6, 64), (8, 4), (12, 128), (16, 64))))
     keys = torch.randn(x.shape[0], heads, x.shape[1], head_dim, generator=g).to(draw.draw(st.sampled_from(DTYPES)))
     ties = draw.draw(st.sampled_from(("none", "background", "a few")))
