@@ -293,6 +293,21 @@ def test_the_foreign_share_is_measured_on_cpu(tmp_path):
     assert all(isinstance(r["foreign_load"], float) and 0.0 <= r["foreign_load"] <= 1.0 for r in rows)
 
 
+@pytest.mark.parametrize("foreign_ticks, share", [(3, 1.0), (0.5, 0.25), (-1, 0.0)])
+def test_the_foreign_share_is_a_fraction_of_the_cpus_however_coarse_the_clock(monkeypatch, foreign_ticks, share):
+    """Other processes' share of all CPUs, from clocks counting 10 ms ticks: over a short block a tick or two more
+    (or fewer) than was used is a ratio above 1 (or below 0); the share is clamped to [0, 1], exact in between."""
+    from tokenprune import timing
+
+    cpus = 2
+    samples = iter([(0.0, 0.0, 0.0), (0.01 * foreign_ticks + 0.005, 0.005, 0.01)])  # (busy, own, wall) seconds
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(timing.ForeignLoad, "_sample", staticmethod(lambda: next(samples)))
+    with timing.ForeignLoad() as load:
+        pass
+    assert load.value == pytest.approx(share)
+
+
 def test_accuracy_and_throughput_are_counted_as_defined(monkeypatch):
     """evaluate_config against counts made by hand: top-1 and top-5 over the readable images only (a skipped image,
     negative label, is neither a hit nor a miss), and images/s over every image fed to the forward."""

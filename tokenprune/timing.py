@@ -15,7 +15,11 @@ import torch
 
 
 class ForeignLoad:
-    """Fraction of all CPUs that other processes used while the block ran (Linux only)."""
+    """Fraction of all CPUs that other processes used while the block ran (Linux only), in [0, 1].
+
+    Both clocks it reads (``/proc/stat`` and ``os.times``) count in ticks of 10 ms, so over a block of a few
+    tens of milliseconds the difference is a tick or two either way: the raw ratio then reached 1.32 (a 7 ms
+    prefill timed thrice, two CPUs). A share of all CPUs is never above 1, nor below 0: it is clamped there."""
 
     def __enter__(self):
         self.value = None
@@ -28,7 +32,7 @@ class ForeignLoad:
             busy = end[0] - self._start[0]
             own = end[1] - self._start[1]
             wall = end[2] - self._start[2]
-            self.value = max(0.0, (busy - own) / (wall * os.cpu_count()))
+            self.value = min(1.0, max(0.0, (busy - own) / (wall * os.cpu_count())))
 
     @staticmethod
     def _sample():
