@@ -117,8 +117,9 @@ def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, floa
 
     On CPU the extension's CPU build does it in one call (the default: some fifty small ops, about a third of
     a merging block at batch 1, become one; docs/performance.md), with bit-identical slots: it takes these steps
-    in this order, with the same ATen calls where rounding could differ (norms, the cosine product, logarithms)
-    and for both argsorts, so exact ties (a flat background's identical tokens) order as here.
+    in this order, with the same ATen calls where rounding could differ (norms, the cosine product, logarithms),
+    and ranks by itself unless two tied scores sit where the order is read: then it calls the same argsort, so
+    exact ties (a flat background's identical tokens) order as here.
     """
     if not x.is_cuda and received.dtype == torch.float32 and size.dtype == torch.float32:
         kernels = extension.for_tensor(x, floating=True, cpu_kernel_pays=True, in_compiled_graphs=True)
