@@ -140,3 +140,46 @@ def test_tokenprune_vllm_off_keeps_the_plugin_from_registering(monkeypatch, valu
     monkeypatch.setenv("TOKENPRUNE_VLLM", value)
     tokenprune.vllm.register()
     assert registered == (list(tokenprune.vllm.ARCHITECTURES) if registers else [])
+
+
+def test_settings_for_an_architecture_the_plugin_does_not_serve_are_refused(monkeypatch):
+    """vLLM's architecture lookup, as register() leaves it: the settings pass where vLLM serves one of our
+    architectures, and are refused (not ignored) where it resolves another; without settings nothing changes."""
+    from types import SimpleNamespace
+
+    import vllm
+
+    import tokenprune.vllm
+
+    monkeypatch.setattr(vllm.ModelRegistry, "register_model", lambda name, target: None)
+    def vllms_lookup(architectures, config):
+        return "info", architectures[0]
+
+    monkeypatch.setattr(vllm.ModelRegistry, "inspect_model_cls", vllms_lookup)
+    tokenprune.vllm.register()
+    tokenprune.vllm.register()  # vLLM loads its plugins in every process, and may call this twice: wrapped once
+    lookup = vllm.ModelRegistry.inspect_model_cls
+    assert lookup.__wrapped__ is vllms_lookup
+    settings = SimpleNamespace(hf_config=SimpleNamespace(tokenprune={"method": "hiprune", "keep": 0.5}))
+    for served in tokenprune.vllm.ARCHITECTURES:
+        assert lookup([served], settings) == ("info", served)
+    with pytest.raises(ValueError, match=r"serves this model as LlavaNextForConditionalGeneration, which the plugin "
+                                         r"does not prune .* it would answer unpruned"):
+        lookup(["LlavaNextForConditionalGeneration"], settings)
+    assert lookup(["LlavaNextForConditionalGeneration"], SimpleNamespace(hf_config=SimpleNamespace())) == (
+        "info", "LlavaNextForConditionalGeneration")
+
+
+def test_a_model_config_that_would_ignore_the_settings_is_refused(model):
+    """The real ModelConfig: LLaVA through vLLM's own implementation takes the settings; through the transformers
+    backend (``model_impl="transformers"``, another architecture, not ours) it is refused before any weight loads."""
+    from vllm.config import ModelConfig
+
+    import tokenprune.vllm
+
+    tokenprune.vllm.register()
+    overrides = {"tokenprune": {"method": "hiprune", "keep": 0.5}}
+    assert ModelConfig(model=str(model), hf_overrides=overrides).architecture == "LlavaForConditionalGeneration"
+    with pytest.raises(ValueError, match="which the plugin does not prune"):
+        ModelConfig(model=str(model), hf_overrides=overrides, model_impl="transformers")
+    assert ModelConfig(model=str(model), model_impl="transformers").architecture != "LlavaForConditionalGeneration"

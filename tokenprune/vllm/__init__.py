@@ -12,6 +12,7 @@ Without ``hf_overrides["tokenprune"]`` the model is vLLM's own, untouched; ``TOK
 """
 from __future__ import annotations
 
+import functools
 import os
 
 #: the architectures the plugin serves: vLLM's registry name -> our subclass ("module:Class", imported lazily
@@ -24,10 +25,35 @@ DISABLED = ("0", "false", "off", "no")
 
 
 def register() -> None:
-    """The entry point: replace the served architectures by subclasses that prune when configured."""
+    """The entry point: replace the served architectures by subclasses that prune when configured, and refuse
+    the settings where vLLM resolves another architecture (``refusing_unserved``)."""
     if os.environ.get("TOKENPRUNE_VLLM", "1").strip().lower() in DISABLED:
         return
     from vllm import ModelRegistry
 
     for architecture, target in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, target)
+    if not getattr(ModelRegistry.inspect_model_cls, "refuses_unserved", False):
+        ModelRegistry.inspect_model_cls = refusing_unserved(ModelRegistry.inspect_model_cls)
+
+
+def refusing_unserved(inspect_model_cls):
+    """vLLM's architecture lookup (``ModelRegistry.inspect_model_cls(architectures, model_config)``, which
+    ``ModelConfig`` calls once ``hf_overrides`` are in ``model_config.hf_config``), raising ValueError where
+    ``hf_overrides["tokenprune"]`` is set and the architecture vLLM resolved is none of ours (LLaVA-NeXT, Qwen2-VL, a
+    text model, or LLaVA with ``model_impl="transformers"``): that model would serve every visual token, unpruned,
+    whatever the settings said."""
+
+    @functools.wraps(inspect_model_cls)
+    def inspect(architectures, model_config):
+        info, architecture = inspect_model_cls(architectures, model_config)
+        settings = getattr(getattr(model_config, "hf_config", None), "tokenprune", None)
+        if settings is not None and architecture not in ARCHITECTURES:
+            raise ValueError(f"tokenprune: hf_overrides['tokenprune'] is set, but vLLM serves this model as "
+                             f"{architecture}, which the plugin does not prune (it prunes "
+                             f"{' and '.join(ARCHITECTURES)}, vLLM's own implementations): it would answer "
+                             "unpruned. Drop the setting, or prune with transformers (tokenprune.apply)")
+        return info, architecture
+
+    inspect.refuses_unserved = True
+    return inspect
