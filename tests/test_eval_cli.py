@@ -299,13 +299,19 @@ def test_the_foreign_share_is_a_fraction_of_the_cpus_however_coarse_the_clock(mo
     (or fewer) than was used is a ratio above 1 (or below 0); the share is clamped to [0, 1], exact in between."""
     from tokenprune import timing
 
-    cpus = 2
-    samples = iter([(0.0, 0.0, 0.0), (0.01 * foreign_ticks + 0.005, 0.005, 0.01)])  # (busy, own, wall) seconds
+    cpus, start = 2, (812.34, 56.78, 4021.5)  # (busy, own, wall) seconds: the clocks' readings, not zero
+    end = (start[0] + 0.01 * foreign_ticks + 0.005, start[1] + 0.005, start[2] + 0.01)
+    samples = iter([start, end])
     monkeypatch.setattr(timing.os, "cpu_count", lambda: cpus)
     monkeypatch.setattr(timing.ForeignLoad, "_sample", staticmethod(lambda: next(samples)))
     with timing.ForeignLoad() as load:
         pass
     assert load.value == pytest.approx(share)
+    for unreadable in ([None, end], [start, None]):  # /proc/stat unreadable (not Linux): no figure, no error
+        samples = iter(unreadable)
+        with timing.ForeignLoad() as load:
+            pass
+        assert load.value is None
 
 
 def test_accuracy_and_throughput_are_counted_as_defined(monkeypatch):
