@@ -174,6 +174,16 @@ void running_max_no_nan(const float* row, float* top, int32_t* arg, int64_t n, i
   }
 }
 
+// A row of pair scores (n entries) of an A token: its first `masked` entries (pairs that touch a prefix token) set
+// to -inf, then its best entry and where it is, as ATen's max finds them (the first of equal maxima, NaN first).
+// Returns whether the row holds a NaN.
+bool masked_row_max(float* row, int64_t n, int64_t masked, float* best, int64_t* arg) {
+  std::fill(row, row + masked, -std::numeric_limits<float>::infinity());
+  const bool nan = any_nan(row, n);
+  (nan ? first_max : first_max_no_nan)(row, n, best, arg);
+  return nan;
+}
+
 // The n entries of v ranked by descending value into `rank` (std::sort; v without NaN). It stands for the
 // reference's argsort, which may order equal values either way, only where its caller reads no order among
 // equal values: true when the value at each ranked position in [lo, hi] is strictly above the next one's.
@@ -487,11 +497,8 @@ std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch:
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t i = 0; i < n_a; ++i) {
-          float* row = wp + (b * n_a + i) * n_b;
-          std::fill(row, row + (i < in_a ? n_b : in_b), -std::numeric_limits<float>::infinity());
-          const bool nan = any_nan(row, n_b);
-          has_nan[b] |= nan;
-          (nan ? first_max : first_max_no_nan)(row, n_b, bp + b * n_a + i, dp + b * n_a + i);
+          has_nan[b] |= masked_row_max(wp + (b * n_a + i) * n_b, n_b, i < in_a ? n_b : in_b, bp + b * n_a + i,
+                                       dp + b * n_a + i);
         }
       }
     });
@@ -655,31 +662,24 @@ torch::Tensor similarity_prune(torch::Tensor probs, torch::Tensor k, int64_t num
 
 namespace {
 
-// log(v^-1 / max over the sequence of v^-1) / tau per token, (B, N), for each (v, tau) of `terms`, stacked (K, B, N):
-// MCTF's informativeness and size terms, op for op the reference's (the reciprocal, the max and the division
-// correctly rounded in loops; the log in ATen, a call per term: ATen's log takes its scalar path for a tensor's
-// last few elements, so one call over the stack could round some of them otherwise than the reference's).
-torch::Tensor log_relative_inverses(const std::vector<std::pair<torch::Tensor, double>>& terms, int64_t B, int64_t N) {
-  auto out = torch::empty({static_cast<int64_t>(terms.size()), B, N}, torch::dtype(torch::kFloat));
+// log(v^-1 / max over the sequence of v^-1) / tau per token, (B, N): MCTF's informativeness and size terms, op for
+// op the reference's (the reciprocal, the max and the division correctly rounded in loops; the log in ATen).
+torch::Tensor log_relative_inverse(const torch::Tensor& v, double tau) {
+  const int64_t B = v.size(0), N = v.size(1);
+  auto out = torch::empty({B, N}, v.options());
+  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (const auto& [v, tau] : terms) {
-    const auto vc = v.contiguous();
-    const float* vp = vc.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b, vp += N, op += N) {
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < N; ++t) {
-        op[t] = 1.0f / vp[t];
-        top = (std::isnan(op[t]) || op[t] > top) ? op[t] : top;
-      }
-      for (int64_t t = 0; t < N; ++t) op[t] /= top;
+  for (int64_t b = 0; b < B; ++b) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < N; ++t) {
+      op[b * N + t] = 1.0f / vp[b * N + t];
+      top = (std::isnan(op[b * N + t]) || op[b * N + t] > top) ? op[b * N + t] : top;
     }
+    for (int64_t t = 0; t < N; ++t) op[b * N + t] /= top;
   }
-  for (int64_t k = 0; k < out.size(0); ++k) out[k].log_();
-  op = out.data_ptr<float>();
-  for (const auto& term : terms) {
-    const float t = static_cast<float>(term.second);
-    for (int64_t e = 0; e < B * N; ++e, ++op) *op /= t;
-  }
+  out.log_();
+  const float t = static_cast<float>(tau);
+  for (int64_t e = 0; e < B * N; ++e) op[e] /= t;
   return out;
 }
 
@@ -728,19 +728,17 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
   } else {
     log_w = torch::zeros({B, n_a, n_b}, xf.options());
   }
-  std::vector<std::pair<torch::Tensor, double>> terms;
-  if (use_info) terms.emplace_back(received, tau[1]);
-  if (use_size) terms.emplace_back(size, tau[2]);
-  const auto logs = log_relative_inverses(terms, B, N);
-  const float t_sim = use_sim ? static_cast<float>(tau[0]) : 1.0f;
+  const auto info = use_info ? log_relative_inverse(received.contiguous(), tau[1]) : torch::Tensor();
+  const auto small = use_size ? log_relative_inverse(size.contiguous(), tau[2]) : torch::Tensor();
+  const float t_sim = static_cast<float>(tau[0]);
   auto best = torch::empty({B, n_a}, xf.options());
   std::vector<int64_t> best_b(B * n_a);
   std::vector<char> has_nan(B, 0);  // a NaN score (NaN or infinite features) takes the scalar scans below
   {
     float* wp = log_w.data_ptr<float>();
     float* bp = best.data_ptr<float>();
-    const float* ip = use_info ? logs.data_ptr<float>() : nullptr;
-    const float* sp = use_size ? logs.data_ptr<float>() + (use_info ? B * N : 0) : nullptr;
+    const float* ip = use_info ? info.data_ptr<float>() : nullptr;
+    const float* sp = use_size ? small.data_ptr<float>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> info_b(n_b), size_b(n_b);  // the B tokens' terms, contiguous: the row loop vectorises
       for (int64_t b = begin; b < end; ++b) {
@@ -763,10 +761,7 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
             for (int64_t j = 0; j < n_b; ++j) row[j] = (row[j] + a) + size_b[j];
           }
           // pairs that touch a prefix token never merge
-          std::fill(row, row + (i < in_a ? n_b : in_b), kMinusInf);
-          const bool row_nan = any_nan(row, n_b);
-          nan |= row_nan;
-          (row_nan ? first_max : first_max_no_nan)(row, n_b, bp + b * n_a + i, &best_b[b * n_a + i]);
+          nan |= masked_row_max(row, n_b, i < in_a ? n_b : in_b, bp + b * n_a + i, &best_b[b * n_a + i]);
         }
         has_nan[b] = nan;
       }
