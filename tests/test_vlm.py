@@ -360,6 +360,25 @@ def test_clear_errors():
         model.generate(**inputs, **GREEDY)
 
 
+def test_an_object_layer_past_the_built_tower_says_those_layers_are_not_built():
+    """vLLM builds LLaVA's tower only up to the feature layer (``VisionTower.unbuilt_layers``): the refusal says so
+    where the layer lies past the built ones, and only there (transformers builds every layer: no such clause)."""
+    from tokenprune.methods.hiprune import HiPrune
+    from tokenprune.registry import VisionTower
+
+    def refusal(layer, unbuilt):
+        tower = VisionTower(family="LLaVA", depth=23, output_layer=22, object_layer=9, unbuilt_layers=unbuilt)
+        with pytest.raises(ValueError) as error:
+            HiPrune(keep=0.5, object_layer=layer).check(tower)
+        return str(error.value)
+
+    assert refusal(24, 1) == ("hiprune: object_layer=24 is outside the 23-layer vision tower of LLaVA (1-based); "
+                              "the 1 layer(s) after the one whose features the language model receives are not "
+                              "built here")
+    assert refusal(24, 0) == "hiprune: object_layer=24 is outside the 23-layer vision tower of LLaVA (1-based)"
+    HiPrune(keep=0.5, object_layer=23).check(VisionTower("LLaVA", 23, 22, 9, unbuilt_layers=1))
+
+
 def test_qwen_budget_under_one_token_fails_at_the_image():
     model, inputs = tiny_qwen(), qwen_batch()
     tokenprune.apply(model, "hiprune", keep=0.02, object_layer=2)

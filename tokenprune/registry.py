@@ -268,6 +268,7 @@ class VisionTower:
     output_layer: int  # the layer whose features the language model receives
     object_layer: int  # the family's middle layer for object-level scores (HiPrune's papers: LLaVA 9, Qwen 16; 1-based)
     full_attention_layers: tuple[int, ...] | None = None  # None: every layer attends over the whole image
+    unbuilt_layers: int = 0  # layers past the output layer that the engine does not build (vLLM's LLaVA)
 
 
 #: a selector's native budget: visual tokens per image (or per crop), overriding keep

@@ -108,8 +108,8 @@ def test_what_cannot_be_served_right_is_refused():
     from tokenprune.vllm.llava import refuse_unservable
 
     def config(tower="clip_vision_model", strategy="default", layer=-2):
-        return SimpleNamespace(vision_config=SimpleNamespace(model_type=tower), vision_feature_select_strategy=strategy,
-                               vision_feature_layer=layer)
+        return SimpleNamespace(vision_config=SimpleNamespace(model_type=tower, num_hidden_layers=24),
+                               vision_feature_select_strategy=strategy, vision_feature_layer=layer)
 
     def engine(tp=1, pp=1):
         return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp))
@@ -148,6 +148,7 @@ def test_settings_for_an_architecture_the_plugin_does_not_serve_are_refused(monk
     from types import SimpleNamespace
 
     import vllm
+    from transformers import LlavaConfig, Qwen2_5_VLConfig
 
     import tokenprune.vllm
 
@@ -160,9 +161,10 @@ def test_settings_for_an_architecture_the_plugin_does_not_serve_are_refused(monk
     tokenprune.vllm.register()  # vLLM loads its plugins in every process, and may call this twice: wrapped once
     lookup = vllm.ModelRegistry.inspect_model_cls
     assert lookup.__wrapped__ is vllms_lookup
-    settings = SimpleNamespace(hf_config=SimpleNamespace(tokenprune={"method": "hiprune", "keep": 0.5}))
-    for served in tokenprune.vllm.ARCHITECTURES:
-        assert lookup([served], settings) == ("info", served)
+    settings = SimpleNamespace(hf_config=LlavaConfig(tokenprune={"method": "hiprune", "keep": 0.5}))
+    assert lookup(["LlavaForConditionalGeneration"], settings) == ("info", "LlavaForConditionalGeneration")
+    settings.hf_config = Qwen2_5_VLConfig(tokenprune={"method": "hiprune", "keep": 0.5})
+    assert lookup(["Qwen2_5_VLForConditionalGeneration"], settings) == ("info", "Qwen2_5_VLForConditionalGeneration")
     with pytest.raises(ValueError, match=r"serves this model as LlavaNextForConditionalGeneration, which the plugin "
                                          r"does not prune .* it would answer unpruned"):
         lookup(["LlavaNextForConditionalGeneration"], settings)
@@ -183,3 +185,63 @@ def test_a_model_config_that_would_ignore_the_settings_is_refused(model):
     with pytest.raises(ValueError, match="which the plugin does not prune"):
         ModelConfig(model=str(model), hf_overrides=overrides, model_impl="transformers")
     assert ModelConfig(model=str(model), model_impl="transformers").architecture != "LlavaForConditionalGeneration"
+
+
+def test_the_towers_are_vllms_and_the_settings_are_checked_against_them_in_the_api_process(monkeypatch):
+    """The towers as vLLM builds them, from the config alone: LLaVA's up to its feature layer (-2 of 24: 23 layers,
+    one unbuilt; a positive index counts the layers), Qwen2.5-VL's every block with its full-attention ones. The
+    lookup vLLM calls in the API process refuses an object layer outside the built layers, or a windowed one, with
+    the reason (a worker's refusal would reach the caller as "Engine core initialization failed")."""
+    import vllm
+    from transformers import LlavaConfig, Qwen2_5_VLConfig
+
+    import tokenprune.vllm
+    from tokenprune.vllm.towers import TOWERS, llava_tower, qwen_tower
+
+    assert set(TOWERS) == set(tokenprune.vllm.ARCHITECTURES)
+    tower = llava_tower(LlavaConfig())
+    assert (tower.depth, tower.output_layer, tower.unbuilt_layers, tower.object_layer) == (23, 22, 1, 9)
+    tower = llava_tower(LlavaConfig(vision_feature_layer=5))
+    assert (tower.depth, tower.output_layer, tower.unbuilt_layers) == (5, 4, 19)
+    tower = qwen_tower(Qwen2_5_VLConfig())
+    assert (tower.depth, tower.output_layer, tower.full_attention_layers, tower.object_layer) == (
+        32, 31, (7, 15, 23, 31), 16)
+
+    monkeypatch.setattr(vllm.ModelRegistry, "register_model", lambda name, target: None)
+    monkeypatch.setattr(vllm.ModelRegistry, "inspect_model_cls", lambda names, config: ("info", names[0]))
+    tokenprune.vllm.register()
+    lookup = vllm.ModelRegistry.inspect_model_cls
+
+    def model_config(hf_config):
+        return type("ModelConfig", (), {"hf_config": hf_config})()
+
+    llava = LlavaConfig(tokenprune={"method": "hiprune", "keep": 0.5, "object_layer": 23})
+    assert lookup(["LlavaForConditionalGeneration"], model_config(llava))[1] == "LlavaForConditionalGeneration"
+    llava.tokenprune["object_layer"] = 24
+    with pytest.raises(ValueError, match=r"object_layer=24 is outside the 23-layer vision tower of LLaVA \(1-based\); "
+                                         r"the 1 layer\(s\) after the one whose features the language model receives "
+                                         r"are not built here"):
+        lookup(["LlavaForConditionalGeneration"], model_config(llava))
+    llava.tokenprune = {"method": "hiprune", "keep": 0.5, "colour": 1}
+    with pytest.raises(TypeError, match="unknown option"):
+        lookup(["LlavaForConditionalGeneration"], model_config(llava))
+    qwen = Qwen2_5_VLConfig(tokenprune={"method": "hiprune", "keep": 0.5, "object_layer": 2})
+    with pytest.raises(ValueError, match="object_layer=2 of Qwen2.5-VL attends within windows"):
+        lookup(["Qwen2_5_VLForConditionalGeneration"], model_config(qwen))
+    qwen.tokenprune["object_layer"] = 8
+    assert lookup(["Qwen2_5_VLForConditionalGeneration"], model_config(qwen))[1] == "Qwen2_5_VLForConditionalGeneration"
+
+
+def test_a_model_config_with_an_object_layer_vllm_does_not_build_is_refused(model):
+    """The real ModelConfig on the testbed (a 12-layer CLIP tower, features of layer -2: vLLM builds 11): refused
+    at the config, with the reason, before any engine starts."""
+    from vllm.config import ModelConfig
+
+    import tokenprune.vllm
+
+    tokenprune.vllm.register()
+    settings = {"method": "hiprune", "keep": 1 / 3, "object_layer": 12}
+    with pytest.raises(ValueError, match=r"outside the 11-layer vision tower of LLaVA .* not built here"):
+        ModelConfig(model=str(model), hf_overrides={"tokenprune": settings})
+    settings["object_layer"] = 11
+    ModelConfig(model=str(model), hf_overrides={"tokenprune": settings})

@@ -94,8 +94,10 @@ class HiPrune(VisualTokenSelector):
     def check(self, tower: VisionTower) -> None:
         layer = self.options["object_layer"] or tower.object_layer
         if not 1 <= layer <= tower.depth:
+            unbuilt = (f"; the {tower.unbuilt_layers} layer(s) after the one whose features the language model "
+                       "receives are not built here" if tower.unbuilt_layers and layer > tower.depth else "")
             raise ValueError(f"hiprune: object_layer={layer} is outside the {tower.depth}-layer vision tower of "
-                             f"{tower.family} (1-based)")
+                             f"{tower.family} (1-based){unbuilt}")
         full = tower.full_attention_layers
         if full is not None and layer - 1 not in full:
             raise ValueError(f"hiprune: object_layer={layer} of {tower.family} attends within windows; scores need a "

@@ -42,17 +42,23 @@ def refusing_unserved(inspect_model_cls):
     ``ModelConfig`` calls once ``hf_overrides`` are in ``model_config.hf_config``), raising ValueError where
     ``hf_overrides["tokenprune"]`` is set and the architecture vLLM resolved is none of ours (LLaVA-NeXT, Qwen2-VL, a
     text model, or LLaVA with ``model_impl="transformers"``): that model would serve every visual token, unpruned,
-    whatever the settings said."""
+    whatever the settings said. Where it serves one, the settings are checked against its vision tower here too
+    (``towers.check_settings``): a worker's ValueError reaches the caller only as "Engine core initialization
+    failed"."""
 
     @functools.wraps(inspect_model_cls)
     def inspect(architectures, model_config):
         info, architecture = inspect_model_cls(architectures, model_config)
-        settings = getattr(getattr(model_config, "hf_config", None), "tokenprune", None)
-        if settings is not None and architecture not in ARCHITECTURES:
-            raise ValueError(f"tokenprune: hf_overrides['tokenprune'] is set, but vLLM serves this model as "
-                             f"{architecture}, which the plugin does not prune (it prunes "
-                             f"{' and '.join(ARCHITECTURES)}, vLLM's own implementations): it would answer "
-                             "unpruned. Drop the setting, or prune with transformers (tokenprune.apply)")
+        hf_config = getattr(model_config, "hf_config", None)
+        if getattr(hf_config, "tokenprune", None) is not None:
+            if architecture not in ARCHITECTURES:
+                raise ValueError(f"tokenprune: hf_overrides['tokenprune'] is set, but vLLM serves this model as "
+                                 f"{architecture}, which the plugin does not prune (it prunes "
+                                 f"{' and '.join(ARCHITECTURES)}, vLLM's own implementations): it would answer "
+                                 "unpruned. Drop the setting, or prune with transformers (tokenprune.apply)")
+            from .towers import check_settings
+
+            check_settings(architecture, hf_config)  # here, where the caller sees the reason, not only a worker
         return info, architecture
 
     inspect.refuses_unserved = True

@@ -27,9 +27,8 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..patches.vlm_llava import Llava
-from ..registry import VisionTower
 from .selection import AttentionScores, refuse_parallelism, select_exactly, selector_from
+from .towers import built_as_expected, check_settings, llava_tower
 
 
 class TokenpruneLlavaInfo(LlavaProcessingInfo):
@@ -53,15 +52,7 @@ def _info(ctx):
 def refuse_unservable(config, vllm_config) -> None:
     """Raise ValueError for what the plugin cannot serve right, before any weight is loaded."""
     refuse_parallelism(vllm_config)
-    if config.vision_config.model_type != "clip_vision_model":  # the hooks are tested on vLLM's CLIP only
-        raise ValueError(f"tokenprune serves LLaVA with a CLIP vision tower in vLLM, not "
-                         f"{config.vision_config.model_type!r}")
-    if not isinstance(config.vision_feature_layer, int):  # as tokenprune.apply refuses it in transformers
-        raise ValueError(f"tokenprune needs one vision_feature_layer (an int), as LLaVA-1.5; got "
-                         f"{config.vision_feature_layer!r}: features of several layers are not scored by one")
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError("tokenprune needs vision_feature_select_strategy='default' (the features without the "
-                         "class token), as LLaVA-1.5")
+    llava_tower(config)
 
 
 @MULTIMODAL_REGISTRY.register_processor(_build_llava_or_pixtral_hf_processor, info=_info,
@@ -83,11 +74,8 @@ class TokenpruneLlava(LlavaForConditionalGeneration):
             return
         refuse_unservable(self.config, vllm_config)
         layers = self.vision_tower.vision_model.encoder.layers
-        # vLLM builds the tower only up to the feature layer, whose output it takes: the last layer built
-        self.tokenprune_tower = tower = VisionTower(family=Llava.name, depth=len(layers),
-                                                    output_layer=len(layers) - 1,
-                                                    object_layer=Llava.default_object_layer)
-        selector.check(tower)
+        tower = check_settings("LlavaForConditionalGeneration", self.config)
+        built_as_expected(tower, len(layers))
         self.tokenprune_layers = selector.score_layers(tower)
         self.tokenprune_scores = AttentionScores({i: layers[i].self_attn.attn for i in set(self.tokenprune_layers)})
         vision = self.config.vision_config

@@ -29,9 +29,8 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from ..patches.vlm_qwen import Qwen25VL
-from ..registry import VisionTower
 from .selection import AttentionScores, refuse_parallelism, select_exactly, selector_from
+from .towers import built_as_expected, check_settings
 
 #: the channels a selected feature carries after its embedding: its row and column on the image's token grid
 OFFSET_CHANNELS = 2
@@ -108,10 +107,8 @@ class TokenpruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
             return
         refuse_unservable(vllm_config)
         blocks = self.visual.blocks
-        tower = VisionTower(family=Qwen25VL.name, depth=len(blocks), output_layer=len(blocks) - 1,
-                            object_layer=Qwen25VL.default_object_layer,
-                            full_attention_layers=tuple(self.visual.fullatt_block_indexes))
-        selector.check(tower)  # refuses a windowed score layer
+        tower = check_settings("Qwen2_5_VLForConditionalGeneration", self.config)  # refuses a windowed score layer
+        built_as_expected(tower, len(blocks))
         self.tokenprune_layers = selector.score_layers(tower)
         self.tokenprune_scores = AttentionScores({i: blocks[i].attn.attn for i in set(self.tokenprune_layers)})
 
