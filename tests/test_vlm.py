@@ -377,6 +377,21 @@ def test_an_object_layer_past_the_built_tower_says_those_layers_are_not_built():
                               "built here")
     assert refusal(24, 0) == "hiprune: object_layer=24 is outside the 23-layer vision tower of LLaVA (1-based)"
     HiPrune(keep=0.5, object_layer=23).check(VisionTower("LLaVA", 23, 22, 9, unbuilt_layers=1))
+    with pytest.raises(ValueError, match=r"object_layer=0 is outside the 4-layer vision tower of X \(1-based\)$"):
+        HiPrune(keep=0.5).check(VisionTower("X", 4, 3, object_layer=0))  # a family's default is checked too
+
+
+def test_a_windowed_object_layer_is_refused_naming_the_full_attention_ones():
+    from tokenprune.methods.hiprune import HiPrune
+    from tokenprune.registry import VisionTower
+
+    tower = VisionTower("Qwen", 4, 3, object_layer=2, full_attention_layers=(1, 3))  # 0-based: 2nd and 4th
+    HiPrune(keep=0.5).check(tower)
+    HiPrune(keep=0.5, object_layer=4).check(tower)
+    with pytest.raises(ValueError) as error:
+        HiPrune(keep=0.5, object_layer=3).check(tower)
+    assert str(error.value) == ("hiprune: object_layer=3 of Qwen attends within windows; scores need a full-attention "
+                                "block: one of [2, 4] (1-based)")
 
 
 def test_qwen_budget_under_one_token_fails_at_the_image():
