@@ -119,10 +119,12 @@ def test_what_cannot_be_served_right_is_refused():
         refuse_unservable(config(), engine(tp=2))
     with pytest.raises(ValueError, match="pipeline_parallel_size=1"):
         refuse_unservable(config(), engine(pp=2))
-    with pytest.raises(ValueError, match="CLIP vision tower.*siglip"):
-        refuse_unservable(config("siglip_vision_model"), engine())
-    with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
-        refuse_unservable(config(strategy="full"), engine())
+    for tower in ("siglip_vision_model", "blip_vision_model"):  # names either side of CLIP's
+        with pytest.raises(ValueError, match=f"CLIP vision tower.*{tower}"):
+            refuse_unservable(config(tower), engine())
+    for strategy in ("full", "cls"):
+        with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+            refuse_unservable(config(strategy=strategy), engine())
     # several feature layers (concatenated): tokenprune.apply refuses them in transformers, so here too
     with pytest.raises(ValueError, match=r"one vision_feature_layer \(an int\), as LLaVA-1.5; got \[-2, -5\]"):
         refuse_unservable(config(layer=[-2, -5]), engine())
@@ -196,13 +198,19 @@ def test_the_towers_are_vllms_and_the_settings_are_checked_against_them_in_the_a
     from transformers import LlavaConfig, Qwen2_5_VLConfig
 
     import tokenprune.vllm
-    from tokenprune.vllm.towers import TOWERS, llava_tower, qwen_tower
+    from tokenprune.vllm.towers import TOWERS, built_as_expected, llava_tower, qwen_tower
 
     assert set(TOWERS) == set(tokenprune.vllm.ARCHITECTURES)
     tower = llava_tower(LlavaConfig())
     assert (tower.depth, tower.output_layer, tower.unbuilt_layers, tower.object_layer) == (23, 22, 1, 9)
     tower = llava_tower(LlavaConfig(vision_feature_layer=5))
     assert (tower.depth, tower.output_layer, tower.unbuilt_layers) == (5, 4, 19)
+    assert [llava_tower(LlavaConfig(vision_feature_layer=i)).depth for i in (-1, 0, -24)] == [24, 0, 1]
+    built_as_expected(llava_tower(LlavaConfig()), 23)  # what the workers check against the layers vLLM built
+    for built in (22, 24):
+        with pytest.raises(RuntimeError, match=f"vLLM built {built} layers of LLaVA's vision tower where the plugin "
+                                               "expects 23"):
+            built_as_expected(llava_tower(LlavaConfig()), built)
     tower = qwen_tower(Qwen2_5_VLConfig())
     assert (tower.depth, tower.output_layer, tower.full_attention_layers, tower.object_layer) == (
         32, 31, (7, 15, 23, 31), 16)
