@@ -43,7 +43,7 @@ def refusing_unserved(inspect_model_cls):
     ``hf_overrides["tokenprune"]`` is set and the architecture vLLM resolved is none of ours (LLaVA-NeXT, Qwen2-VL, a
     text model, or LLaVA with ``model_impl="transformers"``): that model would serve every visual token, unpruned,
     whatever the settings said. Where it serves one, the settings are checked against its vision tower here too
-    (``towers.check_settings``): a worker's ValueError reaches the caller only as "Engine core initialization
+    (``towers.TOWERS``): a worker's ValueError reaches the caller only as "Engine core initialization
     failed"."""
 
     @functools.wraps(inspect_model_cls)
@@ -56,9 +56,11 @@ def refusing_unserved(inspect_model_cls):
                                  f"{architecture}, which the plugin does not prune (it prunes "
                                  f"{' and '.join(ARCHITECTURES)}, vLLM's own implementations): it would answer "
                                  "unpruned. Drop the setting, or prune with transformers (tokenprune.apply)")
-            from .towers import check_settings
+            from .selection import selector_from
+            from .towers import TOWERS
 
-            check_settings(architecture, hf_config)  # here, where the caller sees the reason, not only a worker
+            # here, where the caller sees the reason, not only a worker
+            selector_from(hf_config).check(TOWERS[architecture](hf_config))
         return info, architecture
 
     inspect.refuses_unserved = True

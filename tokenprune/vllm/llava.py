@@ -28,7 +28,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .selection import AttentionScores, refuse_parallelism, select_exactly, selector_from
-from .towers import built_as_expected, check_settings, llava_tower
+from .towers import built_as_expected, llava_tower
 
 
 class TokenpruneLlavaInfo(LlavaProcessingInfo):
@@ -74,7 +74,8 @@ class TokenpruneLlava(LlavaForConditionalGeneration):
             return
         refuse_unservable(self.config, vllm_config)
         layers = self.vision_tower.vision_model.encoder.layers
-        tower = check_settings("LlavaForConditionalGeneration", self.config)
+        tower = llava_tower(self.config)
+        selector.check(tower)
         built_as_expected(tower, len(layers))
         self.tokenprune_layers = selector.score_layers(tower)
         self.tokenprune_scores = AttentionScores({i: layers[i].self_attn.attn for i in set(self.tokenprune_layers)})

@@ -30,7 +30,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from .selection import AttentionScores, refuse_parallelism, select_exactly, selector_from
-from .towers import built_as_expected, check_settings
+from .towers import built_as_expected, qwen_tower
 
 #: the channels a selected feature carries after its embedding: its row and column on the image's token grid
 OFFSET_CHANNELS = 2
@@ -107,7 +107,8 @@ class TokenpruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
             return
         refuse_unservable(vllm_config)
         blocks = self.visual.blocks
-        tower = check_settings("Qwen2_5_VLForConditionalGeneration", self.config)  # refuses a windowed score layer
+        tower = qwen_tower(self.config)
+        selector.check(tower)  # refuses a windowed score layer
         built_as_expected(tower, len(blocks))
         self.tokenprune_layers = selector.score_layers(tower)
         self.tokenprune_scores = AttentionScores({i: blocks[i].attn.attn for i in set(self.tokenprune_layers)})

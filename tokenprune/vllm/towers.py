@@ -10,7 +10,6 @@ from __future__ import annotations
 from ..patches.vlm_llava import Llava
 from ..patches.vlm_qwen import Qwen25VL
 from ..registry import VisionTower
-from .selection import selector_from
 
 
 def llava_tower(hf_config) -> VisionTower:
@@ -44,17 +43,6 @@ def qwen_tower(hf_config) -> VisionTower:
 
 #: vLLM's registry name of each architecture the plugin serves -> its tower (tokenprune.vllm.ARCHITECTURES)
 TOWERS = {"LlavaForConditionalGeneration": llava_tower, "Qwen2_5_VLForConditionalGeneration": qwen_tower}
-
-
-def check_settings(architecture: str, hf_config) -> VisionTower | None:
-    """The served architecture's tower, with the settings checked against it (ValueError: an object layer outside
-    the layers vLLM builds, or a windowed one); None where no settings are given."""
-    selector = selector_from(hf_config)
-    if selector is None:
-        return None
-    tower = TOWERS[architecture](hf_config)
-    selector.check(tower)
-    return tower
 
 
 def built_as_expected(tower: VisionTower, built: int) -> None:
