@@ -66,7 +66,7 @@ class BenchRow:
     baseline_gmacs: float
     patched_gmacs: float
     foreign_load: float | None  # CPU share used by other processes during the timing (0..1)
-    compiled: bool = False  # all three models run through torch.compile (compiled against compiled)
+    compiled: bool = False  # all three models run through tokenprune.compiled (compiled against compiled)
     device: str = "cpu"
     dtype: str = "fp32"
     kernels: str = "pytorch ops"  # the extension's part (extension.kernels_in_use)
@@ -91,10 +91,9 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
               dtype: torch.dtype = torch.float32) -> list[BenchRow]:
     """Time ``model_name`` (a timm name or ``hf:<model_type>``; random init) with and without ``method``,
     on ``device`` with weights and inputs in ``dtype``. ``compile``: the unpatched, patched and truncated
-    models all run through
-    ``torch.compile`` (a fair ratio: compiled against compiled); the compiled patched model must give the
-    eager patched model's output first, and the compile time (the first call per batch size) is
-    printed, not timed."""
+    models all run through ``tokenprune.compiled`` (``torch.compile``; on CPU with inductor's C++ wrapper), a
+    fair ratio: compiled against compiled; the compiled patched model must give the eager patched model's
+    output first, and the compile time (the first call per batch size) is printed, not timed."""
     options = options or {}
     for what, values in (("batch_sizes", list(batch_sizes)), ("repeats", [repeats]), ("threads", [threads])):
         if not values or any(type(v) is not int or v < 1 for v in values):
@@ -112,7 +111,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
     kernels = extension.kernels_in_use(device, compiled=compile)
     if compile:
-        models = {name: torch.compile(m) for name, m in models.items()}
+        models = {name: tokenprune.compiled(m) for name, m in models.items()}
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, *input_size).to(device=device, dtype=dtype)

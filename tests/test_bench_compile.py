@@ -18,9 +18,14 @@ def test_check_compiled_refuses_a_compiled_model_that_changes_the_output(capsys)
         check_compiled(lambda t: eager(t) + 1e-3, eager, x, "linear")
 
 
-def test_bench_compile_times_compiled_models(capsys):
+def test_bench_compile_times_compiled_models(capsys, monkeypatch):
+    import tokenprune
+
+    real, calls = tokenprune.compiled, []
+    monkeypatch.setattr(tokenprune, "compiled", lambda m: calls.append(m) or real(m))
     rows = benchmark("vit_testbed_fmnist", "random", keep=0.5, batch_sizes=(1,), repeats=1, warmup=1,
                      compile=True)
+    assert len(calls) == 3  # the unpatched, patched and truncated models, all through tokenprune.compiled
     # inductor traces the PyTorch ops; compiled CPU graphs may call the CPU build's MCTF ops (a method-blind label)
     assert [(r.compiled, r.kernels) for r in rows] == [(True, extension.kernels_in_use("cpu", compiled=True))]
     assert rows[0].kernels in ("CPU build: MCTF's matching and merges", "pytorch ops (the CPU build failed)")

@@ -242,7 +242,8 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
 
     real_compile, compiled_calls = torch.compile, []
 
-    def compile_eager(model):
+    def compile_eager(model, **kwargs):
+        assert kwargs == {"options": {"cpp_wrapper": True}}  # tokenprune.compiled's, for a CPU model
         compiled_calls.append(model)
         return real_compile(model, backend="eager")
     monkeypatch.setattr(torch, "compile", compile_eager)

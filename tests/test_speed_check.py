@@ -5,6 +5,8 @@ asked for, that the caller's model is left alone, and that the verdict follows t
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from conftest import images, tiny_timm
@@ -90,12 +92,13 @@ def test_a_dual_encoder_is_timed_by_its_image_tower(monkeypatch):
 
 def test_compiled_against_compiled(monkeypatch):
     compiled, warmups = [], []
-    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: compiled.append(kwargs) or m)
     real = speed.interleaved_medians
     monkeypatch.setattr(speed, "interleaved_medians", lambda calls, repeats, warmup, device:
                         warmups.append(warmup) or real(calls, repeats, warmup, device))
     check = tokenprune.check_speed(tiny_timm(), "tome", keep=0.5, compile=True, repeats=1, warmup=0)
-    assert len(compiled) == 2 and check.compiled and "(compiled)" in str(check)
+    # both through tokenprune.compiled: on CPU with inductor's C++ wrapper
+    assert compiled == [{"options": {"cpp_wrapper": True}}] * 2 and check.compiled and "(compiled)" in str(check)
     assert warmups == [1]  # compiled: at least one untimed call, which compiles
 
 
@@ -199,3 +202,26 @@ def test_block_profile_hooks_totals_defaults_and_table(monkeypatch, capsys):
     assert block_profile.main(["--model", "vit_base_patch16_224", "--method", "mctf", "--hooks", "--repeats", "2",
                                "--threads", str(threads), "-o", "prop_attn=False"]) == 0
     assert "mctf keep=0.5 {'prop_attn': False}, batch 1" in capsys.readouterr().out
+
+
+def test_compiled_is_torch_compile_with_the_cpp_wrapper_on_cpu(monkeypatch):
+    """tokenprune.compiled: inductor's C++ wrapper for a CPU model (or one without parameters); the caller's
+    options win; with a ``mode`` (torch.compile takes no options beside one) or off the CPU, torch's defaults."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: calls.append(kwargs) or m)
+    cpu, meta = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")
+    assert tokenprune.compiled(cpu) is cpu and calls.pop() == {"options": {"cpp_wrapper": True}}
+    tokenprune.compiled(torch.nn.ReLU())
+    assert calls.pop() == {"options": {"cpp_wrapper": True}}
+    tokenprune.compiled(cpu, dynamic=False, options={"cpp_wrapper": False, "max_autotune": True})
+    assert calls.pop() == {"dynamic": False, "options": {"cpp_wrapper": False, "max_autotune": True}}
+    tokenprune.compiled(cpu, mode="reduce-overhead")
+    assert calls.pop() == {"mode": "reduce-overhead"}
+    tokenprune.compiled(meta, fullgraph=True)
+    assert calls.pop() == {"fullgraph": True}
+
+    class OnCuda(torch.nn.Module):  # what a CUDA model's parameters say, without a GPU
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+    tokenprune.compiled(OnCuda())
+    assert calls.pop() == {}

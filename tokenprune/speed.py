@@ -20,6 +20,20 @@ from .registry import config_label
 from .timing import interleaved_medians
 
 
+def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile(model, **compile_kwargs)`` as tokenprune times it (``check_speed``, ``tokenprune bench`` and
+    ``tokenprune eval --compile``): for a model on the CPU with inductor's C++ wrapper (``cpp_wrapper``), which
+    calls the graph's kernels from C++ instead of from Python. A forward calls 600-1000 of them, and at batch 1 on
+    a small model those Python calls cost more than pruning saves (docs/performance.md, ninth round). Compiling
+    takes as long. Elsewhere (CUDA), or with a ``mode`` (which torch.compile takes without options): inductor's
+    defaults. ``compile_kwargs["options"]`` wins over this one."""
+    kwargs = dict(compile_kwargs)
+    param = next(model.parameters(), None)
+    if "mode" not in kwargs and (param is None or param.device.type == "cpu"):
+        kwargs["options"] = {"cpp_wrapper": True, **kwargs.get("options", {})}
+    return torch.compile(model, **kwargs)
+
+
 @dataclass(frozen=True)
 class SpeedCheck:
     """What a configuration measured: medians of ``repeats`` interleaved forwards."""
@@ -63,7 +77,7 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
                 compile: bool = False, **options) -> SpeedCheck:
     """Time ``apply(copy, method, keep, **options)`` against the unpatched model, on the model's device
     and dtype, at ``batch_size`` and ``input_size`` (default: the model's own); ``options`` may also be a
-    FLOPs budget (``flops=`` / ``gflops=``). ``compile``: both run through ``torch.compile`` (compiled
+    FLOPs budget (``flops=`` / ``gflops=``). ``compile``: both run through ``compiled`` (``torch.compile``; compiled
     against compiled; the compile itself, tens of seconds per model on CPU, is in the warm-up, not in the
     figures). A model that takes text first (CLIPModel, SiglipModel) is timed by its image tower, all that
     pruning changes. Returns a ``SpeedCheck``; ``print`` it for the verdict."""
@@ -86,7 +100,7 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     ratio = count_flops(patched, size).flops / count_flops(baseline, size).flops
     runs = {"baseline": baseline, "patched": patched}
     if compile:
-        runs = {name: torch.compile(m) for name, m in runs.items()}
+        runs = {name: compiled(m) for name, m in runs.items()}
     medians, foreign = interleaved_medians({name: (lambda m=m: m(x)) for name, m in runs.items()}, repeats,
                                            max(warmup, 1 if compile else 0), param.device)
     reducer = reducer_of(patched_whole)
