@@ -438,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="autocast an fp32 model (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="run each configuration (the baseline too) through torch.compile (tokenprune.compiled: on CPU "
-                   "with inductor's C++ wrapper): compiled against "
-                   "compiled; compiling costs tens of seconds per configuration on CPU, printed, not timed")
+                   "with inductor's C++ wrapper): compiled against compiled; compiling costs tens of seconds per "
+                   "configuration on CPU, printed, not timed")
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (--no-pretrained)")
     p.add_argument("--limit", type=count(1), help="evaluate the first N images only (N >= 1)")
     p.add_argument("--threads", type=count(1), help="torch CPU threads")

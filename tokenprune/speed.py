@@ -27,11 +27,10 @@ def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
     a small model those Python calls cost more than pruning saves (docs/performance.md, ninth round). Compiling
     takes as long. Elsewhere (CUDA), or with a ``mode`` (which torch.compile takes without options): inductor's
     defaults. ``compile_kwargs["options"]`` wins over this one."""
-    kwargs = dict(compile_kwargs)
     param = next(model.parameters(), None)
-    if "mode" not in kwargs and (param is None or param.device.type == "cpu"):
-        kwargs["options"] = {"cpp_wrapper": True, **kwargs.get("options", {})}
-    return torch.compile(model, **kwargs)
+    if "mode" not in compile_kwargs and (param is None or param.device.type == "cpu"):
+        compile_kwargs["options"] = {"cpp_wrapper": True, **compile_kwargs.get("options", {})}
+    return torch.compile(model, **compile_kwargs)
 
 
 @dataclass(frozen=True)
