@@ -196,7 +196,7 @@ def test_weighted_merge_splits_channels_over_threads_bit_for_bit(cpu_build, dtyp
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for batch, n, channels in ((1, 301, 100), (2, 301, 100), (1, 40, 37), (5, 40, 37)):
+        for batch, n, channels in ((1, 577, 1000), (2, 577, 1000), (1, 40, 37), (5, 40, 37)):
             x = torch.randn(batch, n, channels, generator=g).to(dtype)
             weight = torch.rand(batch, n, generator=g) * 5
             dest = torch.randint(0, n // 2, (batch, n), generator=g)
@@ -1177,6 +1177,44 @@ def test_the_cuda_build_points_torch_at_the_toolkit_even_after_torch_guessed(mon
     assert seen["home"] == "/the/toolkit"
     assert seen["name"] == extension.build_name(cuda=True) and "-DTOKENPRUNE_WITH_CUDA" in seen["extra_cflags"]
     assert [p.rsplit("/", 1)[-1] for p in seen["sources"]] == ["ops.cpp", "kernels.cu"]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("platform, torch_openmp, flagged", [("linux", True, True), ("linux", False, False),
+                                                              ("darwin", True, False)])
+def test_the_builds_compile_their_parallel_loops_with_openmp_where_torch_does(monkeypatch, cuda, platform,
+                                                                               torch_openmp, flagged):
+    """``at::parallel_for`` is a header template: the kernels' loops reach torch's threads only when compiled and
+    linked with ``-fopenmp`` (torch's Linux builds run on OpenMP); not where torch has no OpenMP, nor on macOS."""
+    from torch.utils import cpp_extension
+
+    seen = {}
+    monkeypatch.setenv("CUDA_HOME", "/the/toolkit")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: torch_openmp)
+    monkeypatch.setattr(sys, "platform", platform)
+    extension.load.__wrapped__(cuda=cuda)
+    assert ("-fopenmp" in seen["extra_cflags"]) == flagged
+    assert seen["extra_ldflags"] == (["-fopenmp"] if flagged else [])
+    assert "-fopenmp" not in seen["extra_cuda_cflags"]  # nvcc's host compiler is not asked for it
+
+
+@pytest.mark.skipif(not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")),
+                    reason="torch without OpenMP, or not Linux: the build's loops are serial by design")
+def test_the_cpu_build_calls_openmp(cpu_build):
+    """The built library forks OpenMP threads (its loops run in parallel), and shares torch's runtime: it needs
+    GOMP's entry point, and the process holds one libgomp."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) to read the library's symbols")
+    import subprocess
+
+    undefined = subprocess.run([nm, "-D", "--undefined-only", cpu_build.__file__], capture_output=True, text=True,
+                               check=True).stdout
+    assert "GOMP_parallel" in undefined
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_without_the_pip_cuda_headers_no_extra_include(monkeypatch):

@@ -270,15 +270,24 @@ def load(cuda: bool, verbose: bool = False) -> ModuleType:
     csrc = _sources()
     sources = [csrc / "ops.cpp"] + ([csrc / "kernels.cu"] if cuda else [])
     # no fused multiply-adds: the kernels round as the PyTorch reference does (bit-identical outputs, tested)
-    cflags = ["-O3", "-ffp-contract=off"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else [])
+    cflags = ["-O3", "-ffp-contract=off"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else []) + openmp_flags()
     return cpp_extension.load(
         name=build_name(cuda),
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
+        extra_ldflags=openmp_flags(),
         extra_cuda_cflags=["-O3"],
         extra_include_paths=[str(csrc)] + _pip_cuda_includes(),
         verbose=verbose,
     )
+
+
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch runs its CPU threads on OpenMP (its Linux builds): ``at::parallel_for`` is a header
+    template, so without the flag every loop of ``ops.cpp`` runs on one thread, whatever torch's thread count. The
+    build links the ``libgomp.so.1`` that torch has already loaded (one runtime, one pool of threads). Elsewhere
+    (macOS's clang takes no plain ``-fopenmp``; torch without OpenMP) none: the loops run serially there."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
 
 
 def _cuda_build_environment() -> None:

@@ -23,8 +23,14 @@
 namespace tokenprune {
 namespace {
 
-constexpr int64_t kGrain = 2048;  // elements per parallel task on the CPU
-constexpr int64_t kGrainBytes = 16384;  // bytes per parallel task of a copy
+// Parallel tasks on the CPU (at::parallel_for: OpenMP threads, the build passing -fopenmp as torch's own does). A
+// parallel region costs a few microseconds, about what a whole sample's merge or copy takes at ViT-Ti/S widths at
+// batch 1 (measured: splitting one such sample over two threads made weighted_merge 1.5-2x slower), so a loop
+// forks only with work of this order per task.
+constexpr int64_t kGrain = 2048;  // elements per task of a loop that does tens of operations per element
+constexpr int64_t kGrainElementwise = 65536;  // elements per task of a loop of one or two operations per element
+constexpr int64_t kGrainBytes = 131072;  // bytes per task of a copy
+constexpr int64_t kMinSplitElements = 131072;  // one sample's tokens x channels per task, to split a sample
 
 void check_floating(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kHalf ||
@@ -344,13 +350,14 @@ std::tuple<torch::Tensor, torch::Tensor> weighted_merge(torch::Tensor x, torch::
   // Whole rows, in token order: each slot adds its members' weight x row as they come (the per-element loop the
   // CUDA build runs, each element walking its slot's members, was 3-10x slower than the PyTorch ops on CPU).
   // The same sums in the same order as merge_element's and the reference's index_add: bit-identical. Tasks are
-  // (sample, block of channels), so one sample still spreads over the threads; float32 sums go straight into the
-  // output, which is then divided in place.
+  // (sample, block of channels), so one sample large enough to pay for a parallel region still spreads over the
+  // threads; float32 sums go straight into the output, which is then divided in place.
   const auto dc = dest.contiguous();
-  // channels per task: whole rows when the samples alone fill the threads, else each thread a block of them
+  // channels per task: whole rows when the samples alone fill the threads or a sample is too little work to split,
+  // else each thread a block of them
   const int64_t threads = at::get_num_threads();
-  const int64_t channels_per_task =
-      B >= threads ? C : std::min(C, ((C + threads - 1) / threads + 15) / 16 * 16);
+  const int64_t split = B >= threads ? 1 : std::clamp<int64_t>(N * C / kMinSplitElements, 1, threads);
+  const int64_t channels_per_task = split == 1 ? C : std::min(C, ((C + split - 1) / split + 15) / 16 * 16);
   const int64_t blocks = (C + channels_per_task - 1) / channels_per_task;
   const int64_t grain = std::max<int64_t>(1, kGrain * 16 / std::max<int64_t>(N * channels_per_task, 1));
   dispatch_floating(x, [&](auto tag) {
@@ -721,7 +728,7 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
     // at::matmul's batched product is this bmm on these very views (its wrapper's reshapes cost a few us)
     log_w = at::bmm(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
     float* wp = log_w.data_ptr<float>();
-    at::parallel_for(0, log_w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, log_w.numel(), kGrainElementwise, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) wp[e] = std::max((wp[e] + 1.0f) / 2.0f, 1e-12f);  // NaN stays
     });
     log_w.log_();  // divided by tau_sim in the row loop below
