@@ -270,12 +270,13 @@ def load(cuda: bool, verbose: bool = False) -> ModuleType:
     csrc = _sources()
     sources = [csrc / "ops.cpp"] + ([csrc / "kernels.cu"] if cuda else [])
     # no fused multiply-adds: the kernels round as the PyTorch reference does (bit-identical outputs, tested)
-    cflags = ["-O3", "-ffp-contract=off"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else []) + openmp_flags()
+    openmp = openmp_flags()
+    cflags = ["-O3", "-ffp-contract=off"] + (["-DTOKENPRUNE_WITH_CUDA"] if cuda else []) + openmp
     return cpp_extension.load(
         name=build_name(cuda),
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
-        extra_ldflags=openmp_flags(),
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3"],
         extra_include_paths=[str(csrc)] + _pip_cuda_includes(),
         verbose=verbose,
