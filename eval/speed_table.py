@@ -1,0 +1,233 @@
+"""The CPU speed tables of the README and docs/performance.md, and the speed bar they are held to, in one command.
+
+    python -m tokenprune.eval.speed_table --output runs/speed/eager.jsonl            # 3 models x 4 methods, 3 runs
+    python -m tokenprune.eval.speed_table --output runs/speed/compiled.jsonl --compile --batch-sizes 1
+    python -m tokenprune.eval.speed_table --report runs/speed/eager.jsonl             # the tables again, no timing
+
+Each run of a configuration is one ``tokenprune bench`` (``benchmark``: the unpatched model, the patched one and the
+zero-cost truncation timed in turn, medians of interleaved repeats) at every batch size; the runs are the outer loop,
+so a cell's runs are spread over the session rather than taken back to back. Each configuration's rows are appended
+to ``--output`` (JSON lines, one row per batch size, with its run number) as soon as it finishes: an interrupted
+table loses nothing finished, and ``--resume`` goes on where it stopped (a line torn by the interruption is dropped).
+
+The report gives each cell the median of its runs, then the runs, and checks the speed bar (issue 17): every cell at
+least as fast as the unpatched model; on ``deit_small_patch16_224``, batch 32 (eager) at least 0.98 of the FLOPs-ideal
+speedup and batch 1 at least 0.97 of the zero-cost truncation's. It says which cells miss it, and which runs were
+taken on a busy machine (more than 5% of the CPUs used by other processes meanwhile: their ratios are not evidence).
+A whole table (3 models x 4 methods x 3 runs at batch 1, 32 and 256) takes about an hour on two cores, eager.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from tokenprune.cli import check_writable
+
+#: the issue's models and methods: the testbed, ViT-Ti and ViT-S widths
+MODELS = ("vit_testbed_fmnist", "deit_tiny_patch16_224", "deit_small_patch16_224")
+METHODS = ("tome", "mctf", "zero-tprune", "random")
+#: the speed bar: the model its ratios are asked of, and the ratios
+BAR_MODEL = "deit_small_patch16_224"
+BAR_B32_OF_IDEAL = 0.98  # eager only: compiled graphs are not what the FLOPs count describes
+BAR_B1_OF_CEILING = 0.97
+BUSY = 0.05  # foreign load above which a run's ratios say more about the machine than the method
+
+
+def cell_key(row: dict) -> tuple:
+    """What a table cell is: the runs of one model, method, configuration, compile setting and batch size."""
+    return row["model"], row["method"], row["config"], row["compiled"], row["batch_size"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a speed-table file; a last line torn by an interruption is dropped (the configuration it was
+    part of runs again on ``--resume``), any other line that is not a row is an error."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e})") from e
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not JSON; is this a speed-table file?") from None
+        if not isinstance(row, dict) or not {"run", "measured_speedup", "ceiling_speedup"} <= row.keys():
+            raise ValueError(f"{path}, line {number}: not a speed-table row (written by python -m "
+                             "tokenprune.eval.speed_table)")
+        rows.append(row)
+    return rows
+
+
+def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: float, repeats: int, compile: bool,
+              resume: bool = False, benchmark=None) -> list[dict]:
+    """Time every model x method ``runs`` times (runs outermost), appending each configuration's rows to ``output``
+    as it finishes; with ``resume``, the runs already in ``output`` are not taken again. Returns every row."""
+    if benchmark is None:
+        from tokenprune.eval.benchmark import benchmark
+    rows = read_rows(output) if resume and output.exists() else []
+    # a torn last line is gone from the rows: write the file back without it before appending
+    output.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = {(row["run"], row["model"], row["method"], row["compiled"], row["batch_size"]) for row in rows}
+    for run in range(1, runs + 1):
+        for model in models:
+            for method in methods:
+                if all((run, model, method, compile, b) in done for b in batch_sizes):
+                    continue
+                new = [dict(asdict(r), run=run) for r in benchmark(model, method, keep=keep, batch_sizes=batch_sizes,
+                                                                  repeats=repeats, compile=compile)]
+                with output.open("a") as f:  # one write per configuration, on disk before the next starts
+                    f.write("".join(json.dumps(row) + "\n" for row in new))
+                    f.flush()
+                    os.fsync(f.fileno())
+                rows += new
+                print(f"run {run}/{runs} {model} {method}: "
+                      + ", ".join(f"b{r['batch_size']} {r['measured_speedup']:.2f}x" for r in new), flush=True)
+    return rows
+
+
+def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Each cell's runs, in run order (a run measured twice, as after a ``--resume`` of a torn line: the last)."""
+    by_cell: dict[tuple, dict[int, dict]] = {}
+    for row in rows:
+        by_cell.setdefault(cell_key(row), {})[row["run"]] = row
+    return {key: [runs[n] for n in sorted(runs)] for key, runs in by_cell.items()}
+
+
+def _median(runs: list[dict], value) -> float:
+    return statistics.median(value(r) for r in runs)
+
+
+def _of_ceiling(row: dict) -> float:
+    return row["measured_speedup"] / row["ceiling_speedup"]
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table row per model, method and configuration (compiled ones apart): each batch size's median speedup
+    (bold below 1) with its runs, the FLOPs-ideal speedup, the ceilings' range, batch 1 of the ceiling and batch
+    32 of the ideal (medians of the runs), and the largest foreign load of any run."""
+    by_cell = cells(rows)
+    batches = sorted({key[-1] for key in by_cell})
+    head = (["model", "method", "config"] + [f"batch {b}" for b in batches]
+            + ["FLOPs-ideal", "ceilings", "b1 of ceiling", "b32 of ideal", "foreign max"])
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * (len(head) - 3)]
+    configs = list(dict.fromkeys(key[:-1] for key in by_cell))
+    for model, method, config, compiled in configs:
+        runs_of = {b: by_cell.get((model, method, config, compiled, b), []) for b in batches}
+        every = [r for runs in runs_of.values() for r in runs]
+        cols = []
+        for b in batches:
+            runs = runs_of[b]
+            if not runs:
+                cols.append("")
+                continue
+            speedup = _median(runs, lambda r: r["measured_speedup"])
+            shown = f"{speedup:.2f}x" if speedup >= 1 else f"**{speedup:.2f}x**"
+            cols.append(shown + " (" + " / ".join(f"{r['measured_speedup']:.2f}" for r in runs) + ")")
+        ceilings = sorted(r["ceiling_speedup"] for r in every)
+        b1, b32 = runs_of.get(1), runs_of.get(32)
+        foreign = [r["foreign_load"] for r in every if r["foreign_load"] is not None]
+        cols += [f"{_median(every, lambda r: r['ideal_speedup']):.2f}x",
+                 f"{ceilings[0]:.2f}-{ceilings[-1]:.2f}x",
+                 f"{_median(b1, _of_ceiling):.3f}" if b1 else "",
+                 f"{_median(b32, lambda r: r['fraction_of_ideal']):.3f}" if b32 and not compiled else "",
+                 f"{max(foreign):.1%}" if foreign else "n/a"]
+        label = config + " compiled" * compiled
+        lines.append(f"| {model} | {method} | {label} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def bar_misses(rows: list[dict]) -> list[str]:
+    """The cells that miss the speed bar, in words (empty: every cell measured meets it)."""
+    misses = []
+    for (model, method, config, compiled, batch), runs in cells(rows).items():
+        where = f"{model} {method} {config}{' compiled' * compiled} batch {batch}"
+        speedup = _median(runs, lambda r: r["measured_speedup"])
+        if speedup < 1:
+            misses.append(f"{where}: {speedup:.3f}x, slower than the unpatched model")
+        if model != BAR_MODEL:
+            continue
+        if batch == 32 and not compiled and _median(runs, lambda r: r["fraction_of_ideal"]) < BAR_B32_OF_IDEAL:
+            misses.append(f"{where}: {_median(runs, lambda r: r['fraction_of_ideal']):.3f} of the FLOPs-ideal "
+                          f"speedup (the bar: {BAR_B32_OF_IDEAL})")
+        if batch == 1 and _median(runs, _of_ceiling) < BAR_B1_OF_CEILING:
+            misses.append(f"{where}: {_median(runs, _of_ceiling):.3f} of the zero-cost truncation's speedup (the "
+                          f"bar: {BAR_B1_OF_CEILING})")
+    return misses
+
+
+def report(rows: list[dict]) -> str:
+    """The table, the cells that miss the speed bar, and the runs taken on a busy machine."""
+    out = [markdown(rows), ""]
+    misses = bar_misses(rows)
+    out.append("Speed bar: " + ("every cell measured meets it" if not misses else f"{len(misses)} misses"))
+    out += [f"- {m}" for m in misses]
+    busy = sorted({f"{r['model']} {r['method']} run {r['run']} ({r['foreign_load']:.0%})" for r in rows
+                   if r["foreign_load"] is not None and r["foreign_load"] > BUSY})
+    if busy:
+        out += ["", f"Taken on a busy machine (foreign load above {BUSY:.0%}; re-run them): " + "; ".join(busy)]
+    counts = {len(runs) for runs in cells(rows).values()}
+    if counts and min(counts) < 3:
+        out += ["", f"Some cells have fewer than 3 runs ({min(counts)}): their medians are not the bar's"]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--output", help="time the table, appending its rows here (JSON lines)")
+    what.add_argument("--report", nargs="+", help="only print the tables of these files")
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32, 256])
+    p.add_argument("--runs", type=int, default=3, help="runs of each configuration (the bar takes medians of 3)")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per run (tokenprune bench's)")
+    p.add_argument("--compile", action="store_true", help="compiled against compiled (tokenprune.compiled)")
+    p.add_argument("--markdown", help="also write the report here")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="go on with the runs --output does not hold yet")
+    existing.add_argument("--overwrite", action="store_true", help="start --output afresh")
+    args = p.parse_args(argv)
+    try:
+        if args.markdown:
+            check_writable(Path(args.markdown), "--markdown")
+        if args.report:
+            rows = [row for path in args.report for row in read_rows(Path(path))]
+            if not rows:
+                raise ValueError(f"{', '.join(args.report)}: no rows")
+        else:
+            rows = _time(args)
+    except ValueError as e:  # bad input: one line, exit 2, not a traceback
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    text = report(rows)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+
+
+def _time(args) -> list[dict]:
+    from tokenprune.cli import _check_method, check_model_name
+
+    output = Path(args.output)
+    check_writable(output, "--output")
+    if output.exists() and output.stat().st_size and not (args.resume or args.overwrite):
+        raise ValueError(f"--output {output} already holds rows: pass --resume to go on with them, or --overwrite")
+    if args.runs < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
+        raise ValueError(f"--runs, --repeats and --batch-sizes take integers >= 1; got --runs {args.runs}, --repeats "
+                         f"{args.repeats}, --batch-sizes {' '.join(map(str, args.batch_sizes))}")
+    for model in args.models:  # before an hour of timing, not in the middle of it
+        check_model_name(model)
+    for method in args.methods:
+        _check_method("bench", method, args.keep, [])
+    return run_table(output, models=args.models, methods=args.methods, batch_sizes=tuple(args.batch_sizes),
+                     runs=args.runs, keep=args.keep, repeats=args.repeats, compile=args.compile, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

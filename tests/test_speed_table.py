@@ -1,0 +1,256 @@
+"""The speed-table command (tokenprune.eval.speed_table): runs outermost, rows on disk per configuration, resume,
+medians of the runs, and the speed bar's checks."""
+import json
+
+import pytest
+from tokenprune.eval import speed_table as st
+from tokenprune.eval.benchmark import BenchRow
+
+
+def bench_row(model="vit_testbed_fmnist", method="tome", batch=1, speedup=1.2, ceiling=1.3, ideal=1.4,
+              compiled=False, foreign=0.01):
+    return BenchRow(model=model, method=method, config="keep=0.5", batch_size=batch, threads=2, repeats=5,
+                    baseline_ms=10.0, patched_ms=10.0 / speedup, measured_speedup=speedup, ideal_speedup=ideal,
+                    fraction_of_ideal=speedup / ideal, ceiling_speedup=ceiling, overhead=0.1, baseline_gmacs=1.0,
+                    patched_gmacs=0.7, foreign_load=foreign, compiled=compiled)
+
+
+def row(run, **kw):
+    from dataclasses import asdict
+
+    return dict(asdict(bench_row(**kw)), run=run)
+
+
+class FakeBench:
+    """Stands for benchmark: records its calls; each gives one row per batch size; may stop after ``stop_after``."""
+
+    def __init__(self, stop_after=None):
+        self.calls, self.stop_after = [], stop_after
+
+    def __call__(self, model, method, keep, batch_sizes, repeats, compile):
+        if self.stop_after is not None and len(self.calls) == self.stop_after:
+            raise KeyboardInterrupt
+        self.calls.append((model, method))
+        return [bench_row(model, method, b, compiled=compile) for b in batch_sizes]
+
+
+def table(out, benchmark, **settings):
+    """run_table with the settings the tests do not vary."""
+    settings = {"batch_sizes": (1,), "runs": 1, "keep": 0.5, "repeats": 5, "compile": False, **settings}
+    return st.run_table(out, benchmark=benchmark, **settings)
+
+
+def test_runs_are_the_outer_loop_and_every_configuration_lands_on_disk(tmp_path):
+    out, bench = tmp_path / "t.jsonl", FakeBench()
+    rows = table(out, bench, models=("m1", "m2"), methods=("tome", "mctf"), batch_sizes=(1, 32), runs=2)
+    assert bench.calls == [("m1", "tome"), ("m1", "mctf"), ("m2", "tome"), ("m2", "mctf")] * 2
+    on_disk = st.read_rows(out)
+    assert on_disk == rows and len(rows) == 16
+    assert [r["run"] for r in on_disk] == [1] * 8 + [2] * 8
+
+
+def test_an_interrupted_table_keeps_what_finished_and_resume_runs_only_the_rest(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        table(out, FakeBench(stop_after=4), models=("m1",), methods=("tome", "mctf", "random"), runs=2)
+    assert [(r["run"], r["method"]) for r in st.read_rows(out)] == [(1, "tome"), (1, "mctf"), (1, "random"),
+                                                                    (2, "tome")]
+    with out.open("a") as f:  # the interruption tore the next configuration's line
+        f.write('{"model": "m1", "meth')
+    bench = FakeBench()
+    rows = table(out, bench, models=("m1",), methods=("tome", "mctf", "random"), runs=2, resume=True)
+    assert bench.calls == [("m1", "mctf"), ("m1", "random")]
+    assert len(rows) == 6 and st.read_rows(out) == rows  # the torn line is gone from the file
+    assert all(json.loads(line) for line in out.read_text().splitlines())
+
+
+def test_without_resume_the_file_starts_afresh(tmp_path):
+    out = tmp_path / "t.jsonl"
+    table(out, FakeBench(), models=("m1",), methods=("tome",))
+    bench = FakeBench()
+    table(out, bench, models=("m1",), methods=("tome",))
+    assert bench.calls == [("m1", "tome")] and len(st.read_rows(out)) == 1
+
+
+def test_a_bad_line_before_the_last_is_an_error(tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text("not json\n" + json.dumps(row(1)) + "\n")
+    with pytest.raises(ValueError, match="line 1: not JSON"):
+        st.read_rows(out)
+    out.write_text(json.dumps({"top1": 80.0}) + "\n")
+    with pytest.raises(ValueError, match="not a speed-table row"):
+        st.read_rows(out)
+
+
+def test_cells_take_the_median_of_their_runs_and_bold_what_is_slower():
+    rows = [row(1, speedup=0.90), row(2, speedup=1.10), row(3, speedup=1.20),
+            row(1, method="mctf", speedup=0.90), row(2, method="mctf", speedup=0.95),
+            row(3, method="mctf", speedup=1.2)]
+    table = st.markdown(rows)
+    assert "| tome | keep=0.5 | 1.10x (0.90 / 1.10 / 1.20) |" in table
+    assert "| mctf | keep=0.5 | **0.95x** (0.90 / 0.95 / 1.20) |" in table
+    assert st.bar_misses(rows) == ["vit_testbed_fmnist mctf keep=0.5 batch 1: 0.950x, slower than the unpatched "
+                                   "model"]
+
+
+def test_batch_1_of_the_ceiling_and_batch_32_of_the_ideal_are_medians_of_ratios():
+    rows = [row(n, batch=1, speedup=s, ceiling=c) for n, s, c in ((1, 1.2, 1.25), (2, 1.1, 1.2), (3, 1.3, 1.3))]
+    rows += [row(n, batch=32, speedup=s, ideal=1.4) for n, s in ((1, 1.40), (2, 1.33), (3, 1.26))]
+    line = st.markdown(rows).splitlines()[2].split(" | ")
+    assert line[-4:-1] == ["1.20-1.30x", f"{1.2 / 1.25:.3f}", f"{1.33 / 1.4:.3f}"]
+
+
+def test_the_bar_on_deit_small(monkeypatch):
+    s = st.BAR_MODEL
+    at_bar = [row(n, model=s, batch=1, speedup=1.2 * st.BAR_B1_OF_CEILING, ceiling=1.2) for n in (1, 2, 3)]
+    at_bar += [row(n, model=s, batch=32, speedup=1.4 * st.BAR_B32_OF_IDEAL + 1e-9, ideal=1.4) for n in (1, 2, 3)]
+    assert st.bar_misses(at_bar) == []
+    below = [row(n, model=s, batch=1, speedup=1.15, ceiling=1.2) for n in (1, 2, 3)]
+    below += [row(n, model=s, batch=32, speedup=1.35, ideal=1.4) for n in (1, 2, 3)]
+    assert st.bar_misses(below) == [
+        f"{s} tome keep=0.5 batch 1: {1.15 / 1.2:.3f} of the zero-cost truncation's speedup (the bar: 0.97)",
+        f"{s} tome keep=0.5 batch 32: {1.35 / 1.4:.3f} of the FLOPs-ideal speedup (the bar: 0.98)"]
+    # compiled: batch 32 is not held to the FLOPs-ideal speedup (nor shown against it); other models to neither
+    compiled = [row(n, model=s, batch=32, speedup=1.35, ideal=1.4, compiled=True) for n in (1, 2, 3)]
+    assert st.bar_misses(compiled) == [] and st.markdown(compiled).splitlines()[2].split(" | ")[-2] == ""
+    other = [row(n, batch=1, speedup=1.05, ceiling=1.2) for n in (1, 2, 3)]
+    assert st.bar_misses(other) == []
+
+
+def test_the_report_names_busy_runs_and_short_cells():
+    text = st.report([row(1, foreign=0.2), row(2, foreign=0.01)])
+    assert "vit_testbed_fmnist tome run 1 (20%)" in text and "run 2" not in text.split("busy machine")[1]
+    assert "fewer than 3 runs (2)" in text
+    assert "Speed bar: every cell measured meets it" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--methods", "hiprune"], "runs image encoders"),
+    (["--models", "deit_smal"], "unknown model 'deit_smal'"),
+    (["--runs", "0"], "--runs, --repeats and --batch-sizes take integers >= 1"),
+    (["--batch-sizes", "0"], "--runs, --repeats and --batch-sizes take integers >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        st.main(["--output", str(tmp_path / "t.jsonl"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_existing_rows_are_neither_appended_to_nor_lost_without_being_asked(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    out.write_text(json.dumps(row(1)) + "\n")
+    with pytest.raises(SystemExit) as e:
+        st.main(["--output", str(out)])
+    assert e.value.code == 2 and "pass --resume" in capsys.readouterr().err
+    assert st.read_rows(out) == [row(1)]
+
+
+def test_report_prints_the_tables_of_files_without_timing(tmp_path, capsys):
+    out, md = tmp_path / "t.jsonl", tmp_path / "t.md"
+    out.write_text("".join(json.dumps(row(n)) + "\n" for n in (1, 2, 3)))
+    st.main(["--report", str(out), "--markdown", str(md)])
+    printed = capsys.readouterr().out
+    assert "1.20x (1.20 / 1.20 / 1.20)" in printed and md.read_text() == printed
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as e:
+        st.main(["--report", str(empty)])
+    assert e.value.code == 2
+
+
+def test_a_real_run_of_the_smallest_table(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    st.main(["--output", str(out), "--models", "vit_testbed_fmnist", "--methods", "random", "--batch-sizes", "1",
+             "--runs", "1", "--repeats", "1"])
+    [r] = st.read_rows(out)
+    assert (r["model"], r["method"], r["batch_size"], r["run"], r["compiled"]) == ("vit_testbed_fmnist", "random",
+                                                                                    1, 1, False)
+    assert r["measured_speedup"] > 0 and "| vit_testbed_fmnist | random | keep=0.5 |" in capsys.readouterr().out
+
+
+def test_the_command_line_defaults_are_the_issues_table(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(st, "run_table", lambda output, **settings: seen.update(settings) or [row(1)])
+    st.main(["--output", str(tmp_path / "t.jsonl")])
+    assert seen == {"models": list(st.MODELS), "methods": list(st.METHODS), "batch_sizes": (1, 32, 256), "runs": 3,
+                    "keep": 0.5, "repeats": 5, "compile": False, "resume": False}
+    assert st.MODELS == ("vit_testbed_fmnist", "deit_tiny_patch16_224", "deit_small_patch16_224")
+    assert st.METHODS == ("tome", "mctf", "zero-tprune", "random")
+    st.main(["--output", str(tmp_path / "t.jsonl"), "--batch-sizes", "8", "1", "--runs", "1", "--repeats", "1",
+             "--compile"])
+    assert (seen["batch_sizes"], seen["runs"], seen["repeats"], seen["compile"]) == ((8, 1), 1, 1, True)
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_resume_or_overwrite_lets_a_file_with_rows_be_used(tmp_path, monkeypatch, flag):
+    out = tmp_path / "t.jsonl"
+    out.write_text(json.dumps(row(1)) + "\n")
+    seen = {}
+    monkeypatch.setattr(st, "run_table", lambda output, **settings: seen.update(settings) or [row(1)])
+    st.main(["--output", str(out), flag])
+    assert seen["resume"] is (flag == "--resume")
+
+
+def test_one_of_output_and_report_is_required(capsys):
+    with pytest.raises(SystemExit) as e:
+        st.main([])
+    assert e.value.code == 2
+
+
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="No such file"):
+        st.read_rows(tmp_path / "missing.jsonl")
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="cannot be read"):
+        st.read_rows(binary)
+
+
+def test_a_row_needs_only_what_the_report_reads(tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text(json.dumps({"run": 1, "measured_speedup": 1.0, "ceiling_speedup": 1.1}) + "\n")
+    assert len(st.read_rows(out)) == 1
+
+
+def test_every_table_line_has_the_headers_columns_even_with_a_cell_missing():
+    rows = [row(1, batch=1), row(1, batch=32), row(1, method="mctf", batch=32)]  # mctf has no batch-1 run
+    lines = st.markdown(rows).splitlines()
+    assert len({line.count("|") for line in lines}) == 1
+    assert lines[3].split(" | ")[3] == ""
+
+
+def test_at_the_bar_is_not_a_miss_and_above_it_neither():
+    s = st.BAR_MODEL
+    exactly = [row(n, model=s, batch=1, speedup=1.94, ceiling=2.0) for n in (1, 2, 3)]  # 0.97 exactly
+    assert st._of_ceiling(exactly[0]) == st.BAR_B1_OF_CEILING
+    b32 = [dict(row(n, model=s, batch=32, speedup=1.5, ideal=1.5), fraction_of_ideal=st.BAR_B32_OF_IDEAL)
+           for n in (1, 2, 3)]
+    level = [row(n, batch=1, speedup=1.0) for n in (1, 2, 3)]  # as fast as the unpatched model
+    above = [row(n, model=s, batch=1, speedup=1.3, ceiling=1.3, method="mctf") for n in (1, 2, 3)]
+    assert st.bar_misses(exactly + b32 + level + above) == []
+    assert "| 1.00x (1.00 / 1.00 / 1.00) |" in st.markdown(level)
+
+
+def test_the_ratios_are_asked_of_their_batch_sizes_and_of_deit_small_only():
+    s = st.BAR_MODEL
+    # batch 256 below both ratios: neither is asked of it; nor of deit_base (sorts before deit_small) or vit_*
+    low = [row(n, model=s, batch=256, speedup=1.05, ceiling=1.3, ideal=1.4) for n in (1, 2, 3)]
+    low += [row(n, model=m, batch=b, speedup=1.05, ceiling=1.3, ideal=1.4) for n in (1, 2, 3)
+            for m in ("deit_base_patch16_224", "vit_small_patch16_224") for b in (1, 32)]
+    assert st.bar_misses(low) == []
+
+
+def test_busy_is_above_five_percent_and_the_foreign_column_shows_the_largest():
+    rows = [row(1, foreign=st.BUSY), row(2, foreign=0.02), row(3, foreign=None)]
+    text = st.report(rows)
+    assert "busy machine" not in text and "| 5.0% |" in text
+    assert st.markdown([row(1, foreign=None)]).endswith("| n/a |")
+
+
+def test_three_runs_or_more_are_what_the_bar_takes():
+    assert "fewer than 3 runs" not in st.report([row(n) for n in (1, 2, 3)])
+    assert "fewer than 3 runs" not in st.report([row(n) for n in (1, 2, 3, 4)])
+    assert "Speed bar: every cell measured meets it" in st.report([])
