@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tokenprune.cli import check_writable
+from tokenprune.registry import config_label
 
 #: the issue's models and methods: the testbed, ViT-Ti and ViT-S widths
 MODELS = ("vit_testbed_fmnist", "deit_tiny_patch16_224", "deit_small_patch16_224")
@@ -67,17 +68,19 @@ def read_rows(path: Path) -> list[dict]:
 def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: float, repeats: int, compile: bool,
               resume: bool = False, benchmark=None) -> list[dict]:
     """Time every model x method ``runs`` times (runs outermost), appending each configuration's rows to ``output``
-    as it finishes; with ``resume``, the runs already in ``output`` are not taken again. Returns every row."""
+    as it finishes. With ``resume``, the runs ``output`` already holds at these settings (keep, compile) are not
+    taken again, and its other rows are kept; without, ``output`` starts afresh. Returns every row."""
     if benchmark is None:
         from tokenprune.eval.benchmark import benchmark
     rows = read_rows(output) if resume and output.exists() else []
     # a torn last line is gone from the rows: write the file back without it before appending
     output.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    done = {(row["run"], row["model"], row["method"], row["compiled"], row["batch_size"]) for row in rows}
+    done = {(row["run"], *cell_key(row)) for row in rows}
+    config = config_label(keep, {})
     for run in range(1, runs + 1):
         for model in models:
             for method in methods:
-                if all((run, model, method, compile, b) in done for b in batch_sizes):
+                if all((run, model, method, config, compile, b) in done for b in batch_sizes):
                     continue
                 new = [dict(asdict(r), run=run) for r in benchmark(model, method, keep=keep, batch_sizes=batch_sizes,
                                                                   repeats=repeats, compile=compile)]

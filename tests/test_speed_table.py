@@ -8,8 +8,8 @@ from tokenprune.eval.benchmark import BenchRow
 
 
 def bench_row(model="vit_testbed_fmnist", method="tome", batch=1, speedup=1.2, ceiling=1.3, ideal=1.4,
-              compiled=False, foreign=0.01):
-    return BenchRow(model=model, method=method, config="keep=0.5", batch_size=batch, threads=2, repeats=5,
+              compiled=False, foreign=0.01, keep=0.5):
+    return BenchRow(model=model, method=method, config=f"keep={keep}", batch_size=batch, threads=2, repeats=5,
                     baseline_ms=10.0, patched_ms=10.0 / speedup, measured_speedup=speedup, ideal_speedup=ideal,
                     fraction_of_ideal=speedup / ideal, ceiling_speedup=ceiling, overhead=0.1, baseline_gmacs=1.0,
                     patched_gmacs=0.7, foreign_load=foreign, compiled=compiled)
@@ -31,7 +31,7 @@ class FakeBench:
         if self.stop_after is not None and len(self.calls) == self.stop_after:
             raise KeyboardInterrupt
         self.calls.append((model, method))
-        return [bench_row(model, method, b, compiled=compile) for b in batch_sizes]
+        return [bench_row(model, method, b, compiled=compile, keep=keep) for b in batch_sizes]
 
 
 def table(out, benchmark, **settings):
@@ -254,3 +254,14 @@ def test_three_runs_or_more_are_what_the_bar_takes():
     assert "fewer than 3 runs" not in st.report([row(n) for n in (1, 2, 3)])
     assert "fewer than 3 runs" not in st.report([row(n) for n in (1, 2, 3, 4)])
     assert "Speed bar: every cell measured meets it" in st.report([])
+
+
+def test_resume_takes_again_what_was_timed_at_other_settings(tmp_path):
+    out = tmp_path / "t.jsonl"
+    table(out, FakeBench(), models=("m1",), methods=("tome",))
+    bench = FakeBench()
+    rows = table(out, bench, models=("m1",), methods=("tome",), compile=True, resume=True)
+    assert bench.calls == [("m1", "tome")] and [r["compiled"] for r in rows] == [False, True]
+    bench = FakeBench()
+    table(out, bench, models=("m1",), methods=("tome",), keep=0.7, resume=True)
+    assert bench.calls == [("m1", "tome")]
