@@ -129,6 +129,7 @@ def test_the_report_names_busy_runs_and_short_cells():
     (["--methods", "hiprune"], "runs image encoders"),
     (["--models", "deit_smal"], "unknown model 'deit_smal'"),
     (["--runs", "0"], "--runs, --repeats and --batch-sizes take integers >= 1"),
+    (["--repeats", "0"], "--runs, --repeats and --batch-sizes take integers >= 1"),
     (["--batch-sizes", "0"], "--runs, --repeats and --batch-sizes take integers >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
@@ -179,9 +180,9 @@ def test_the_command_line_defaults_are_the_issues_table(tmp_path, monkeypatch):
                     "keep": 0.5, "repeats": 5, "compile": False, "resume": False}
     assert st.MODELS == ("vit_testbed_fmnist", "deit_tiny_patch16_224", "deit_small_patch16_224")
     assert st.METHODS == ("tome", "mctf", "zero-tprune", "random")
-    st.main(["--output", str(tmp_path / "t.jsonl"), "--batch-sizes", "8", "1", "--runs", "1", "--repeats", "1",
+    st.main(["--output", str(tmp_path / "t.jsonl"), "--batch-sizes", "8", "2", "--runs", "1", "--repeats", "1",
              "--compile"])
-    assert (seen["batch_sizes"], seen["runs"], seen["repeats"], seen["compile"]) == ((8, 1), 1, 1, True)
+    assert (seen["batch_sizes"], seen["runs"], seen["repeats"], seen["compile"]) == ((8, 2), 1, 1, True)
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
@@ -205,8 +206,9 @@ def test_a_file_that_cannot_be_read_is_one_line(tmp_path):
         st.read_rows(tmp_path / "missing.jsonl")
     binary = tmp_path / "b.jsonl"
     binary.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="cannot be read") as e:
         st.read_rows(binary)
+    assert "can't decode" in str(e.value)
 
 
 def test_a_row_needs_only_what_the_report_reads(tmp_path):
