@@ -111,6 +111,10 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
     kernels = extension.kernels_in_use(device, compiled=compile)
     if compile:
+        # a fresh dynamo: every patched model runs the same patched forward, so a process that benchmarks several
+        # configurations (python -m tokenprune.eval.speed_table) would otherwise reach dynamo's recompile limit
+        # after a few, and dynamo then runs the forward eagerly, without a word: eager times labelled compiled
+        torch._dynamo.reset()
         models = {name: tokenprune.compiled(m) for name, m in models.items()}
     rows = []
     for batch in batch_sizes:
@@ -119,9 +123,10 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             check_compiled(models["patched"], patched, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
-        try:
-            medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
-                                                   n, warmup, device)
+        try:  # should a compiled model still reach the recompile limit (many batch sizes): an error, not eager times
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
+                                                       n, warmup, device)
         except RuntimeError as e:  # the input fit, the forward's activations did not
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate" not in str(e):
                 raise

@@ -34,6 +34,25 @@ def test_bench_compile_times_compiled_models(capsys, monkeypatch):
     assert "keep=0.5 compiled " in format_rows(rows)  # not marked no-ext: compiled runs never use it
 
 
+def test_each_compiled_benchmark_starts_a_fresh_dynamo_and_never_times_eager_fallbacks(monkeypatch):
+    """Several compiled benchmarks in one process (the speed table) compile one patched forward again and again:
+    without a reset, dynamo's recompile limit was reached after a few configurations and the rest timed eager
+    forwards as compiled ones. Each benchmark resets dynamo, and times with a hit of the limit made an error."""
+    import tokenprune.eval.benchmark as bench
+
+    resets, flags = [], []
+    real_reset, real_medians = torch._dynamo.reset, bench.interleaved_medians
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
+    monkeypatch.setattr(bench, "interleaved_medians", lambda *a: flags.append(
+        torch._dynamo.config.fail_on_recompile_limit_hit) or real_medians(*a))
+    for method in ("random", "tome"):
+        benchmark("vit_testbed_fmnist", method, keep=0.5, batch_sizes=(1,), repeats=1, warmup=1, compile=True)
+    assert resets == [1, 1] and flags == [True, True]
+    assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # the caller's setting, after
+    benchmark("vit_testbed_fmnist", "random", keep=0.5, batch_sizes=(1,), repeats=1, warmup=1)
+    assert resets == [1, 1]  # eager: nothing of dynamo's is touched
+
+
 def test_the_cli_flag_reaches_the_benchmark(monkeypatch, capsys):
     import tokenprune.eval.benchmark as bench
 
