@@ -26,6 +26,7 @@ from tokenprune.adapters import find_adapter
 from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
 from tokenprune.registry import EncoderReducer, Reduction, config_label
+from tokenprune.speed import never_eager_fallback
 from tokenprune.timing import interleaved_medians, timed
 
 DTYPE_NAMES = {torch_dtype(name): name for name in DTYPES}
@@ -124,7 +125,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
         try:  # should a compiled model still reach the recompile limit (many batch sizes): an error, not eager times
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            with never_eager_fallback():
                 medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
                                                        n, warmup, device)
         except RuntimeError as e:  # the input fit, the forward's activations did not

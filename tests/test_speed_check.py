@@ -94,9 +94,13 @@ def test_compiled_against_compiled(monkeypatch):
     compiled, warmups = [], []
     monkeypatch.setattr(torch, "compile", lambda m, **kwargs: compiled.append(kwargs) or m)
     real = speed.interleaved_medians
+    flags = []
     monkeypatch.setattr(speed, "interleaved_medians", lambda calls, repeats, warmup, device:
-                        warmups.append(warmup) or real(calls, repeats, warmup, device))
+                        warmups.append(warmup) or flags.append(torch._dynamo.config.fail_on_recompile_limit_hit)
+                        or real(calls, repeats, warmup, device))
     check = tokenprune.check_speed(tiny_timm(), "tome", keep=0.5, compile=True, repeats=1, warmup=0)
+    # a forward recompiled past dynamo's limit would run eagerly without a word: timed so that it raises instead
+    assert flags == [True] and torch._dynamo.config.fail_on_recompile_limit_hit is False
     # both through tokenprune.compiled: on CPU with inductor's C++ wrapper
     assert compiled == [{"options": {"cpp_wrapper": True}}] * 2 and check.compiled and "(compiled)" in str(check)
     assert warmups == [1]  # compiled: at least one untimed call, which compiles

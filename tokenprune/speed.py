@@ -20,6 +20,13 @@ from .registry import config_label
 from .timing import interleaved_medians
 
 
+def never_eager_fallback():
+    """A context in which a compiled forward that reaches dynamo's recompile limit raises, where dynamo would run it
+    eagerly without a word: every patched model runs the same patched forward, so a process that compiles several
+    configurations reaches the limit (8) after a few, and eager times would be reported as compiled ones."""
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
 def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
     """``torch.compile(model, **compile_kwargs)`` as tokenprune times it (``check_speed``, ``tokenprune bench`` and
     ``tokenprune eval --compile``): for a model on the CPU with inductor's C++ wrapper (``cpp_wrapper``), which
@@ -100,8 +107,9 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     runs = {"baseline": baseline, "patched": patched}
     if compile:
         runs = {name: compiled(m) for name, m in runs.items()}
-    medians, foreign = interleaved_medians({name: (lambda m=m: m(x)) for name, m in runs.items()}, repeats,
-                                           max(warmup, 1 if compile else 0), param.device)
+    with never_eager_fallback():  # a reached limit is an error, not eager times (torch._dynamo.reset() clears it)
+        medians, foreign = interleaved_medians({name: (lambda m=m: m(x)) for name, m in runs.items()}, repeats,
+                                               max(warmup, 1 if compile else 0), param.device)
     reducer = reducer_of(patched_whole)
     return SpeedCheck(method=reducer.name, keep=reducer.keep, config=config_label(reducer.keep, options),
                       batch_size=batch_size, input_size=size,
