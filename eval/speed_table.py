@@ -4,11 +4,12 @@
     python -m tokenprune.eval.speed_table --output runs/speed/compiled.jsonl --compile --batch-sizes 1
     python -m tokenprune.eval.speed_table --report runs/speed/eager.jsonl             # the tables again, no timing
 
-Each run of a configuration is one ``tokenprune bench`` (``benchmark``: the unpatched model, the patched one and the
-zero-cost truncation timed in turn, medians of interleaved repeats) at every batch size; the runs are the outer loop,
-so a cell's runs are spread over the session rather than taken back to back. Each configuration's rows are appended
-to ``--output`` (JSON lines, one row per batch size, with its run number) as soon as it finishes: an interrupted
-table loses nothing finished, and ``--resume`` goes on where it stopped (a line torn by the interruption is dropped).
+Each run of a cell is one ``tokenprune bench`` (``benchmark``: the unpatched model, the patched one and the zero-cost
+truncation timed in turn, medians of interleaved repeats) at one batch size; the runs are the outer loop, so a cell's
+runs are spread over the session rather than taken back to back. Each row is appended to ``--output`` (JSON lines,
+with its run number) as soon as it is timed: an interrupted table loses nothing finished, and ``--resume`` goes on
+where it stopped (a line torn by the interruption is dropped). With ``--compile``, a cell whose compiled model fails
+the compile check (its output is not the eager one's) is recorded as refused, and the table goes on.
 
 The report gives each cell the median of its runs, then the runs, and checks the speed bar (issue 17): every cell at
 least as fast as the unpatched model; on ``deit_small_patch16_224``, batch 32 (eager) at least 0.98 of the FLOPs-ideal
@@ -58,7 +59,8 @@ def read_rows(path: Path) -> list[dict]:
             if number == len(lines):
                 break
             raise ValueError(f"{path}, line {number}: not JSON; is this a speed-table file?") from None
-        if not isinstance(row, dict) or not {"run", "measured_speedup", "ceiling_speedup"} <= row.keys():
+        if not isinstance(row, dict) or "run" not in row or not (
+                "refused" in row or {"measured_speedup", "ceiling_speedup"} <= row.keys()):
             raise ValueError(f"{path}, line {number}: not a speed-table row (written by python -m "
                              "tokenprune.eval.speed_table)")
         rows.append(row)
@@ -67,9 +69,13 @@ def read_rows(path: Path) -> list[dict]:
 
 def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: float, repeats: int, compile: bool,
               resume: bool = False, benchmark=None) -> list[dict]:
-    """Time every model x method ``runs`` times (runs outermost), appending each configuration's rows to ``output``
-    as it finishes. With ``resume``, the runs ``output`` already holds at these settings (keep, compile) are not
-    taken again, and its other rows are kept; without, ``output`` starts afresh. Returns every row."""
+    """Time every model x method x batch size ``runs`` times (runs outermost), appending each one's row to ``output``
+    as it finishes. A compiled configuration the compile check refuses (``CompiledOutputChanged``) is recorded as a
+    row with ``refused`` (the check's message), and the table goes on. With ``resume``, the runs ``output`` already
+    holds at these settings (keep, compile) are not taken again, and its other rows are kept; without, ``output``
+    starts afresh. Returns every row."""
+    from tokenprune.eval.benchmark import CompiledOutputChanged
+
     if benchmark is None:
         from tokenprune.eval.benchmark import benchmark
     rows = read_rows(output) if resume and output.exists() else []
@@ -82,17 +88,26 @@ def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: fl
     for run in range(1, runs + 1):
         for model in models:
             for method in methods:
-                if all((run, model, method, config, compile, b) in done for b in batch_sizes):
-                    continue
-                new = [dict(asdict(r), run=run) for r in benchmark(model, method, keep=keep, batch_sizes=batch_sizes,
-                                                                  repeats=repeats, compile=compile)]
-                with output.open("a") as f:  # one write per configuration, on disk before the next starts
-                    f.write("".join(json.dumps(row) + "\n" for row in new))
-                    f.flush()
-                    os.fsync(f.fileno())
-                rows += new
-                print(f"run {run}/{runs} {model} {method}: "
-                      + ", ".join(f"b{r['batch_size']} {r['measured_speedup']:.2f}x" for r in new), flush=True)
+                # one benchmark per batch size: a compiled one compiles per batch size anyway, a refusal costs no
+                # other batch size its figures, and an interruption loses at most one batch size's timing
+                for batch in batch_sizes:
+                    if (run, model, method, config, compile, batch) in done:
+                        continue
+                    try:
+                        [new] = benchmark(model, method, keep=keep, batch_sizes=(batch,), repeats=repeats,
+                                          compile=compile)
+                        new = dict(asdict(new), run=run)
+                        said = f"{new['measured_speedup']:.2f}x"
+                    except CompiledOutputChanged as e:
+                        new = dict(model=model, method=method, config=config, compiled=compile, batch_size=batch,
+                                   run=run, refused=str(e))
+                        said = "refused by the compile check"
+                    with output.open("a") as f:  # on disk before the next is timed
+                        f.write(json.dumps(new) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                    rows.append(new)
+                    print(f"run {run}/{runs} {model} {method} batch {batch}: {said}", flush=True)
     return rows
 
 
@@ -102,6 +117,11 @@ def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
     for row in rows:
         by_cell.setdefault(cell_key(row), {})[row["run"]] = row
     return {key: [runs[n] for n in sorted(runs)] for key, runs in by_cell.items()}
+
+
+def _timed(runs: list[dict]) -> list[dict]:
+    """The runs that were timed (not refused by the compile check)."""
+    return [r for r in runs if "refused" not in r]
 
 
 def _median(runs: list[dict], value) -> float:
@@ -124,34 +144,43 @@ def markdown(rows: list[dict]) -> str:
     configs = list(dict.fromkeys(key[:-1] for key in by_cell))
     for model, method, config, compiled in configs:
         runs_of = {b: by_cell.get((model, method, config, compiled, b), []) for b in batches}
-        every = [r for runs in runs_of.values() for r in runs]
+        timed_of = {b: _timed(runs) for b, runs in runs_of.items()}
+        every = [r for runs in timed_of.values() for r in runs]
         cols = []
         for b in batches:
-            runs = runs_of[b]
+            runs, timed = runs_of[b], timed_of[b]
             if not runs:
                 cols.append("")
                 continue
-            speedup = _median(runs, lambda r: r["measured_speedup"])
-            shown = f"{speedup:.2f}x" if speedup >= 1 else f"**{speedup:.2f}x**"
-            cols.append(shown + " (" + " / ".join(f"{r['measured_speedup']:.2f}" for r in runs) + ")")
+            speedup = _median(timed, lambda r: r["measured_speedup"]) if timed else None
+            shown = "**refused**" if speedup is None else f"{speedup:.2f}x" if speedup >= 1 else f"**{speedup:.2f}x**"
+            cols.append(shown + " (" + " / ".join("refused" if "refused" in r else f"{r['measured_speedup']:.2f}"
+                                                  for r in runs) + ")")
         ceilings = sorted(r["ceiling_speedup"] for r in every)
-        b1, b32 = runs_of.get(1), runs_of.get(32)
+        b1, b32 = timed_of.get(1), timed_of.get(32)
         foreign = [r["foreign_load"] for r in every if r["foreign_load"] is not None]
         cols += [f"{_median(every, lambda r: r['ideal_speedup']):.2f}x",
                  f"{ceilings[0]:.2f}-{ceilings[-1]:.2f}x",
                  f"{_median(b1, _of_ceiling):.3f}" if b1 else "",
                  f"{_median(b32, lambda r: r['fraction_of_ideal']):.3f}" if b32 and not compiled else "",
-                 f"{max(foreign):.1%}" if foreign else "n/a"]
+                 f"{max(foreign):.1%}" if foreign else "n/a"] if every else [""] * 5  # every run refused
         label = config + " compiled" * compiled
         lines.append(f"| {model} | {method} | {label} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
 def bar_misses(rows: list[dict]) -> list[str]:
-    """The cells that miss the speed bar, in words (empty: every cell measured meets it)."""
+    """The cells that miss the speed bar, in words (empty: every cell measured meets it); a refused run is a miss."""
     misses = []
     for (model, method, config, compiled, batch), runs in cells(rows).items():
         where = f"{model} {method} {config}{' compiled' * compiled} batch {batch}"
+        refused = [r for r in runs if "refused" in r]
+        if refused:  # not timed: the bar is not shown to hold
+            misses.append(f"{where}: the compile check refused {len(refused)} of {len(runs)} runs "
+                          f"({refused[-1]['refused']})")
+            runs = _timed(runs)
+            if not runs:
+                continue
         speedup = _median(runs, lambda r: r["measured_speedup"])
         if speedup < 1:
             misses.append(f"{where}: {speedup:.3f}x, slower than the unpatched model")
@@ -173,7 +202,7 @@ def report(rows: list[dict]) -> str:
     out.append("Speed bar: " + ("every cell measured meets it" if not misses else f"{len(misses)} misses"))
     out += [f"- {m}" for m in misses]
     busy = sorted({f"{r['model']} {r['method']} run {r['run']} ({r['foreign_load']:.0%})" for r in rows
-                   if r["foreign_load"] is not None and r["foreign_load"] > BUSY})
+                   if r.get("foreign_load") is not None and r["foreign_load"] > BUSY})
     if busy:
         out += ["", f"Taken on a busy machine (foreign load above {BUSY:.0%}; re-run them): " + "; ".join(busy)]
     counts = {len(runs) for runs in cells(rows).values()}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from tokenprune.eval import speed_table as st
-from tokenprune.eval.benchmark import BenchRow
+from tokenprune.eval.benchmark import BenchRow, CompiledOutputChanged
 
 
 def bench_row(model="vit_testbed_fmnist", method="tome", batch=1, speedup=1.2, ceiling=1.3, ideal=1.4,
@@ -22,15 +22,19 @@ def row(run, **kw):
 
 
 class FakeBench:
-    """Stands for benchmark: records its calls; each gives one row per batch size; may stop after ``stop_after``."""
+    """Stands for benchmark: records its calls; each gives one row per batch size; may stop after ``stop_after``
+    calls; refuses (as the compile check does) the (model, method, batch size)s in ``refuse``."""
 
-    def __init__(self, stop_after=None):
-        self.calls, self.stop_after = [], stop_after
+    def __init__(self, stop_after=None, refuse=()):
+        self.calls, self.stop_after, self.refuse, self.batches = [], stop_after, refuse, []
 
     def __call__(self, model, method, keep, batch_sizes, repeats, compile):
         if self.stop_after is not None and len(self.calls) == self.stop_after:
             raise KeyboardInterrupt
         self.calls.append((model, method))
+        self.batches.append(batch_sizes)
+        if any((model, method, b) in self.refuse for b in batch_sizes):
+            raise CompiledOutputChanged(f"torch.compile changed the patched {model}'s output")
         return [bench_row(model, method, b, compiled=compile, keep=keep) for b in batch_sizes]
 
 
@@ -43,7 +47,9 @@ def table(out, benchmark, **settings):
 def test_runs_are_the_outer_loop_and_every_configuration_lands_on_disk(tmp_path):
     out, bench = tmp_path / "t.jsonl", FakeBench()
     rows = table(out, bench, models=("m1", "m2"), methods=("tome", "mctf"), batch_sizes=(1, 32), runs=2)
-    assert bench.calls == [("m1", "tome"), ("m1", "mctf"), ("m2", "tome"), ("m2", "mctf")] * 2
+    # one benchmark per batch size, batch sizes innermost
+    assert bench.calls == [(m, t) for m in ("m1", "m2") for t in ("tome", "mctf") for b in (1, 32)] * 2
+    assert bench.batches == [(1,), (32,)] * 8
     on_disk = st.read_rows(out)
     assert on_disk == rows and len(rows) == 16
     assert [r["run"] for r in on_disk] == [1] * 8 + [2] * 8
@@ -267,3 +273,50 @@ def test_resume_takes_again_what_was_timed_at_other_settings(tmp_path):
     bench = FakeBench()
     table(out, bench, models=("m1",), methods=("tome",), keep=0.7, resume=True)
     assert bench.calls == [("m1", "tome")]
+
+
+def test_a_refused_compiled_cell_is_recorded_and_the_table_goes_on(tmp_path, capsys):
+    """The compile check refusing one configuration stopped a whole --compile table: it is now a row marked refused
+    (with the check's message), shown as refused, counted as a miss of the bar, and not taken again on --resume."""
+    out = tmp_path / "t.jsonl"
+    bench = FakeBench(refuse={("m1", "mctf", 1)})
+    rows = table(out, bench, models=("m1",), methods=("mctf", "tome"), batch_sizes=(1, 32), compile=True)
+    assert bench.calls == [("m1", "mctf")] * 2 + [("m1", "tome")] * 2  # went on after the refusal
+    assert st.read_rows(out) == rows and len(rows) == 4
+    refused = rows[0]
+    assert (refused["batch_size"], refused["compiled"], refused["run"]) == (1, True, 1)
+    assert refused["refused"] == "torch.compile changed the patched m1's output"
+    assert "run 1/1 m1 mctf batch 1: refused by the compile check" in capsys.readouterr().out
+    [mctf] = [line for line in st.markdown(rows).splitlines() if "| mctf |" in line]
+    assert "| **refused** (refused) | 1.20x (1.20) |" in mctf and mctf.endswith("| 1.40x | 1.30-1.30x |  |  | 1.0% |")
+    assert st.bar_misses(rows) == ["m1 mctf keep=0.5 compiled batch 1: the compile check refused 1 of 1 runs "
+                                   "(torch.compile changed the patched m1's output)"]
+    bench = FakeBench()
+    table(out, bench, models=("m1",), methods=("mctf", "tome"), batch_sizes=(1, 32), compile=True, resume=True)
+    assert bench.calls == []  # a refusal is a finished run: --overwrite takes it again
+
+
+def test_a_cell_with_refused_and_timed_runs_takes_the_timed_ones():
+    s = st.BAR_MODEL
+    refused = dict(model=s, method="mctf", config="keep=0.5", compiled=True, batch_size=1, run=2, refused="changed")
+    rows = [row(1, model=s, method="mctf", batch=1, speedup=0.9, ceiling=1.0, compiled=True), refused,
+            row(3, model=s, method="mctf", batch=1, speedup=0.94, ceiling=1.0, compiled=True)]
+    assert "| **0.92x** (0.90 / refused / 0.94) |" in st.markdown(rows)  # the median of the timed runs
+    where = f"{s} mctf keep=0.5 compiled batch 1"
+    assert st.bar_misses(rows) == [f"{where}: the compile check refused 1 of 3 runs (changed)",
+                                   f"{where}: 0.920x, slower than the unpatched model",
+                                   f"{where}: 0.920 of the zero-cost truncation's speedup (the bar: 0.97)"]
+    only = [refused]
+    line = st.markdown(only).splitlines()[-1]
+    assert line == f"| {s} | mctf | keep=0.5 compiled | **refused** (refused) |  |  |  |  |  |"
+    assert "busy machine" not in st.report(only)  # a refused row has no foreign load
+
+
+def test_a_refused_row_is_a_row(tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text(json.dumps({"run": 1, "model": "m", "method": "tome", "config": "keep=0.5", "compiled": True,
+                               "batch_size": 1, "refused": "changed"}) + "\n")
+    assert len(st.read_rows(out)) == 1
+    out.write_text(json.dumps({"model": "m", "refused": "changed"}) + "\n")
+    with pytest.raises(ValueError, match="not a speed-table row"):
+        st.read_rows(out)
