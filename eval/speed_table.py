@@ -9,7 +9,8 @@ truncation timed in turn, medians of interleaved repeats) at one batch size; the
 runs are spread over the session rather than taken back to back. Each row is appended to ``--output`` (JSON lines,
 with its run number) as soon as it is timed: an interrupted table loses nothing finished, and ``--resume`` goes on
 where it stopped (a line torn by the interruption is dropped). With ``--compile``, a cell whose compiled model fails
-the compile check (its output is not the eager one's) is recorded as refused, and the table goes on.
+the compile check (its output is not the eager one's) is recorded as refused, its later runs are skipped (they would
+be refused alike), and the table goes on; ``--resume`` tries a refused cell again.
 
 The report gives each cell the median of its runs, then the runs, and checks the speed bar (issue 17): every cell at
 least as fast as the unpatched model; on ``deit_small_patch16_224``, batch 32 (eager) at least 0.98 of the FLOPs-ideal
@@ -44,9 +45,14 @@ def cell_key(row: dict) -> tuple:
     return row["model"], row["method"], row["config"], row["compiled"], row["batch_size"]
 
 
+#: what every row holds (its cell and run), and what a timed one adds (a refused one has ``refused`` instead)
+CELL_FIELDS = {"run", "model", "method", "config", "compiled", "batch_size"}
+TIMED_FIELDS = {"measured_speedup", "ceiling_speedup", "ideal_speedup", "fraction_of_ideal", "foreign_load"}
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a speed-table file; a last line torn by an interruption is dropped (the configuration it was
-    part of runs again on ``--resume``), any other line that is not a row is an error."""
+    """The rows of a speed-table file; a last line torn by an interruption is dropped (that run of that cell is
+    taken again on ``--resume``), any other line that is not a row is an error."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -59,8 +65,8 @@ def read_rows(path: Path) -> list[dict]:
             if number == len(lines):
                 break
             raise ValueError(f"{path}, line {number}: not JSON; is this a speed-table file?") from None
-        if not isinstance(row, dict) or "run" not in row or not (
-                "refused" in row or {"measured_speedup", "ceiling_speedup"} <= row.keys()):
+        if not isinstance(row, dict) or not CELL_FIELDS <= row.keys() or not (
+                "refused" in row or TIMED_FIELDS <= row.keys()):
             raise ValueError(f"{path}, line {number}: not a speed-table row (written by python -m "
                              "tokenprune.eval.speed_table)")
         rows.append(row)
@@ -70,10 +76,11 @@ def read_rows(path: Path) -> list[dict]:
 def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: float, repeats: int, compile: bool,
               resume: bool = False, benchmark=None) -> list[dict]:
     """Time every model x method x batch size ``runs`` times (runs outermost), appending each one's row to ``output``
-    as it finishes. A compiled configuration the compile check refuses (``CompiledOutputChanged``) is recorded as a
-    row with ``refused`` (the check's message), and the table goes on. With ``resume``, the runs ``output`` already
-    holds at these settings (keep, compile) are not taken again, and its other rows are kept; without, ``output``
-    starts afresh. Returns every row."""
+    as it is timed. A compiled cell the compile check refuses (``CompiledOutputChanged``) is recorded as a row with
+    ``refused`` (the check's message), and the table goes on without its later runs (each would compile the same
+    model to be refused the same way). With ``resume``, the runs ``output`` already holds at these settings (keep,
+    compile) are not taken again, except refused ones, and its other rows are kept; without, ``output`` starts
+    afresh. Returns every row."""
     from tokenprune.eval.benchmark import CompiledOutputChanged
 
     if benchmark is None:
@@ -83,30 +90,33 @@ def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: fl
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tmp.replace(output)
-    done = {(row["run"], *cell_key(row)) for row in rows}
+    done = {(row["run"], *cell_key(row)) for row in rows if "refused" not in row}
+    refused = set()  # cells refused in this call
     config = config_label(keep, {})
     for run in range(1, runs + 1):
         for model in models:
             for method in methods:
-                # one benchmark per batch size: a compiled one compiles per batch size anyway, a refusal costs no
-                # other batch size its figures, and an interruption loses at most one batch size's timing
+                # one benchmark per batch size: a refusal costs no other batch size its figures, and an interruption
+                # loses at most one batch size's timing (compiled, each batch size gets its own static graphs)
                 for batch in batch_sizes:
-                    if (run, model, method, config, compile, batch) in done:
+                    cell = (model, method, config, compile, batch)
+                    if (run, *cell) in done or cell in refused:
                         continue
                     try:
-                        [new] = benchmark(model, method, keep=keep, batch_sizes=(batch,), repeats=repeats,
-                                          compile=compile)
-                        new = dict(asdict(new), run=run)
-                        said = f"{new['measured_speedup']:.2f}x"
+                        [timed] = benchmark(model, method, keep=keep, batch_sizes=(batch,), repeats=repeats,
+                                            compile=compile)
+                        row = dict(asdict(timed), run=run)
+                        said = f"{row['measured_speedup']:.2f}x"
                     except CompiledOutputChanged as e:
-                        new = dict(model=model, method=method, config=config, compiled=compile, batch_size=batch,
-                                   run=run, refused=str(e))
-                        said = "refused by the compile check"
+                        row = dict(zip(("model", "method", "config", "compiled", "batch_size"), cell), run=run,
+                                   refused=str(e))
+                        refused.add(cell)
+                        said = f"refused by the compile check: {e}"
                     with output.open("a") as f:  # on disk before the next is timed
-                        f.write(json.dumps(new) + "\n")
+                        f.write(json.dumps(row) + "\n")
                         f.flush()
                         os.fsync(f.fileno())
-                    rows.append(new)
+                    rows.append(row)
                     print(f"run {run}/{runs} {model} {method} batch {batch}: {said}", flush=True)
     return rows
 
@@ -152,18 +162,24 @@ def markdown(rows: list[dict]) -> str:
             if not runs:
                 cols.append("")
                 continue
-            speedup = _median(timed, lambda r: r["measured_speedup"]) if timed else None
-            shown = "**refused**" if speedup is None else f"{speedup:.2f}x" if speedup >= 1 else f"**{speedup:.2f}x**"
+            if timed:
+                speedup = _median(timed, lambda r: r["measured_speedup"])
+                shown = f"{speedup:.2f}x" if speedup >= 1 else f"**{speedup:.2f}x**"
+            else:
+                shown = "**refused**"
             cols.append(shown + " (" + " / ".join("refused" if "refused" in r else f"{r['measured_speedup']:.2f}"
                                                   for r in runs) + ")")
-        ceilings = sorted(r["ceiling_speedup"] for r in every)
-        b1, b32 = timed_of.get(1), timed_of.get(32)
-        foreign = [r["foreign_load"] for r in every if r["foreign_load"] is not None]
-        cols += [f"{_median(every, lambda r: r['ideal_speedup']):.2f}x",
-                 f"{ceilings[0]:.2f}-{ceilings[-1]:.2f}x",
-                 f"{_median(b1, _of_ceiling):.3f}" if b1 else "",
-                 f"{_median(b32, lambda r: r['fraction_of_ideal']):.3f}" if b32 and not compiled else "",
-                 f"{max(foreign):.1%}" if foreign else "n/a"] if every else [""] * 5  # every run refused
+        if every:
+            ceilings = sorted(r["ceiling_speedup"] for r in every)
+            b1, b32 = timed_of.get(1), timed_of.get(32)
+            foreign = [r["foreign_load"] for r in every if r["foreign_load"] is not None]
+            cols += [f"{_median(every, lambda r: r['ideal_speedup']):.2f}x",
+                     f"{ceilings[0]:.2f}-{ceilings[-1]:.2f}x",
+                     f"{_median(b1, _of_ceiling):.3f}" if b1 else "",
+                     f"{_median(b32, lambda r: r['fraction_of_ideal']):.3f}" if b32 and not compiled else "",
+                     f"{max(foreign):.1%}" if foreign else "n/a"]
+        else:  # every run refused by the compile check: nothing measured to summarise
+            cols += [""] * 5
         label = config + " compiled" * compiled
         lines.append(f"| {model} | {method} | {label} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
@@ -172,15 +188,13 @@ def markdown(rows: list[dict]) -> str:
 def bar_misses(rows: list[dict]) -> list[str]:
     """The cells that miss the speed bar, in words (empty: every cell measured meets it); a refused run is a miss."""
     misses = []
-    for (model, method, config, compiled, batch), runs in cells(rows).items():
+    for (model, method, config, compiled, batch), every_run in cells(rows).items():
         where = f"{model} {method} {config}{' compiled' * compiled} batch {batch}"
-        refused = [r for r in runs if "refused" in r]
+        refused, runs = [r for r in every_run if "refused" in r], _timed(every_run)
         if refused:  # not timed: the bar is not shown to hold
-            misses.append(f"{where}: the compile check refused {len(refused)} of {len(runs)} runs "
-                          f"({refused[-1]['refused']})")
-            runs = _timed(runs)
-            if not runs:
-                continue
+            misses.append(f"{where}: refused by the compile check ({refused[-1]['refused']})")
+        if not runs:
+            continue
         speedup = _median(runs, lambda r: r["measured_speedup"])
         if speedup < 1:
             misses.append(f"{where}: {speedup:.3f}x, slower than the unpatched model")
@@ -205,7 +219,7 @@ def report(rows: list[dict]) -> str:
                    if r.get("foreign_load") is not None and r["foreign_load"] > BUSY})
     if busy:
         out += ["", f"Taken on a busy machine (foreign load above {BUSY:.0%}; re-run them): " + "; ".join(busy)]
-    counts = {len(runs) for runs in cells(rows).values()}
+    counts = {len(_timed(runs)) for runs in cells(rows).values() if _timed(runs)}
     if counts and min(counts) < 3:
         out += ["", f"Some cells have fewer than 3 runs ({min(counts)}): their medians are not the bar's"]
     return "\n".join(out)

@@ -116,3 +116,15 @@ def test_small_batches_are_checked_on_eight_samples_so_one_near_tie_flip_is_allo
     with pytest.raises(CompiledOutputChanged, match="in 2 of 8 samples"):  # two of eight: more than an eighth
         check_compiled(lambda t: calls.append(t) or eager(t) + (5e-4 if len(calls) <= 2 else 0.0), eager,
                        torch.randn(1, 3), "linear")
+
+
+def test_the_probe_batches_are_seeded_and_of_the_inputs_dtype():
+    eager = torch.nn.Linear(3, 4).to(torch.bfloat16)
+    seen = []
+    x = torch.randn(2, 3).to(torch.bfloat16)
+    for _ in range(2):
+        check_compiled(lambda t: seen.append(t) or eager(t), eager, x, "linear")
+    assert len(seen) == 8 and all(t.dtype == torch.bfloat16 and t.shape == (2, 3) for t in seen)
+    assert all(torch.equal(a, b) for a, b in zip(seen[:4], seen[4:]))  # the same probes each time
+    torch.manual_seed(0)  # a caller's usual seed: its first batch is not a probe
+    assert not torch.equal(torch.randn(2, 3).to(torch.bfloat16), seen[1])

@@ -1,4 +1,4 @@
-"""The speed-table command (tokenprune.eval.speed_table): runs outermost, rows on disk per configuration, resume,
+"""The speed-table command (tokenprune.eval.speed_table): runs outermost, each row on disk as it is timed, resume,
 medians of the runs, and the speed bar's checks."""
 import json
 
@@ -61,7 +61,7 @@ def test_an_interrupted_table_keeps_what_finished_and_resume_runs_only_the_rest(
         table(out, FakeBench(stop_after=4), models=("m1",), methods=("tome", "mctf", "random"), runs=2)
     assert [(r["run"], r["method"]) for r in st.read_rows(out)] == [(1, "tome"), (1, "mctf"), (1, "random"),
                                                                     (2, "tome")]
-    with out.open("a") as f:  # the interruption tore the next configuration's line
+    with out.open("a") as f:  # the interruption tore the next row's line
         f.write('{"model": "m1", "meth')
     bench = FakeBench()
     rows = table(out, bench, models=("m1",), methods=("tome", "mctf", "random"), runs=2, resume=True)
@@ -217,12 +217,6 @@ def test_a_file_that_cannot_be_read_is_one_line(tmp_path):
     assert "can't decode" in str(e.value)
 
 
-def test_a_row_needs_only_what_the_report_reads(tmp_path):
-    out = tmp_path / "t.jsonl"
-    out.write_text(json.dumps({"run": 1, "measured_speedup": 1.0, "ceiling_speedup": 1.1}) + "\n")
-    assert len(st.read_rows(out)) == 1
-
-
 def test_every_table_line_has_the_headers_columns_even_with_a_cell_missing():
     rows = [row(1, batch=1), row(1, batch=32), row(1, method="mctf", batch=32)]  # mctf has no batch-1 run
     lines = st.markdown(rows).splitlines()
@@ -277,23 +271,51 @@ def test_resume_takes_again_what_was_timed_at_other_settings(tmp_path):
 
 def test_a_refused_compiled_cell_is_recorded_and_the_table_goes_on(tmp_path, capsys):
     """The compile check refusing one configuration stopped a whole --compile table: it is now a row marked refused
-    (with the check's message), shown as refused, counted as a miss of the bar, and not taken again on --resume."""
+    (with the check's message), shown as refused and counted as a miss of the bar; its later runs are skipped (they
+    would compile the same model to be refused alike), and --resume tries it again."""
     out = tmp_path / "t.jsonl"
     bench = FakeBench(refuse={("m1", "mctf", 1)})
-    rows = table(out, bench, models=("m1",), methods=("mctf", "tome"), batch_sizes=(1, 32), compile=True)
-    assert bench.calls == [("m1", "mctf")] * 2 + [("m1", "tome")] * 2  # went on after the refusal
-    assert st.read_rows(out) == rows and len(rows) == 4
+    rows = table(out, bench, models=("m1",), methods=("mctf", "tome"), batch_sizes=(1, 32), compile=True, runs=2)
+    # run 2 skips the refused cell and nothing else
+    assert bench.batches == [(1,), (32,), (1,), (32,), (32,), (1,), (32,)]
+    assert st.read_rows(out) == rows and len(rows) == 7
     refused = rows[0]
+    assert (refused["model"], refused["method"], refused["config"]) == ("m1", "mctf", "keep=0.5")
     assert (refused["batch_size"], refused["compiled"], refused["run"]) == (1, True, 1)
     assert refused["refused"] == "torch.compile changed the patched m1's output"
-    assert "run 1/1 m1 mctf batch 1: refused by the compile check" in capsys.readouterr().out
+    said = "run 1/2 m1 mctf batch 1: refused by the compile check: torch.compile changed the patched m1's output"
+    assert said in capsys.readouterr().out
     [mctf] = [line for line in st.markdown(rows).splitlines() if "| mctf |" in line]
-    assert "| **refused** (refused) | 1.20x (1.20) |" in mctf and mctf.endswith("| 1.40x | 1.30-1.30x |  |  | 1.0% |")
-    assert st.bar_misses(rows) == ["m1 mctf keep=0.5 compiled batch 1: the compile check refused 1 of 1 runs "
-                                   "(torch.compile changed the patched m1's output)"]
+    assert "| **refused** (refused) | 1.20x (1.20 / 1.20) |" in mctf
+    assert mctf.endswith("| 1.40x | 1.30-1.30x |  |  | 1.0% |")
+    miss = ("m1 mctf keep=0.5 compiled batch 1: refused by the compile check (torch.compile changed the patched m1's "
+            "output)")
+    assert st.bar_misses(rows) == [miss]
+    text = st.report(rows)
+    assert "Speed bar: 1 misses" in text and f"- {miss}" in text and "fewer than 3 runs (2)" in text
+    bench = FakeBench()  # fixed since: --resume times the refused cell, and nothing else
+    rows = table(out, bench, models=("m1",), methods=("mctf", "tome"), batch_sizes=(1, 32), compile=True, runs=2,
+                 resume=True)
+    assert bench.calls == [("m1", "mctf")] * 2 and bench.batches == [(1,), (1,)]
+    assert st.bar_misses(rows) == []  # the timed run 1 replaces the refused one in the report
+    assert "| 1.20x (1.20 / 1.20) |" in st.markdown(rows)
+
+
+def test_only_the_compile_checks_refusal_is_recorded_other_errors_stop_the_table(tmp_path):
+    def recompiled(*args, **kwargs):  # e.g. dynamo's recompile limit under never_eager_fallback
+        raise RuntimeError("recompile limit reached")
+    with pytest.raises(RuntimeError, match="recompile limit"):
+        table(tmp_path / "t.jsonl", recompiled, models=("m1",), methods=("tome",), compile=True)
+    assert st.read_rows(tmp_path / "t.jsonl") == []
+
+
+def test_an_interruption_between_batch_sizes_resumes_with_the_rest(tmp_path):
+    out = tmp_path / "t.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        table(out, FakeBench(stop_after=1), models=("m1",), methods=("tome",), batch_sizes=(1, 32, 256))
     bench = FakeBench()
-    table(out, bench, models=("m1",), methods=("mctf", "tome"), batch_sizes=(1, 32), compile=True, resume=True)
-    assert bench.calls == []  # a refusal is a finished run: --overwrite takes it again
+    rows = table(out, bench, models=("m1",), methods=("tome",), batch_sizes=(1, 32, 256), resume=True)
+    assert bench.batches == [(32,), (256,)] and [r["batch_size"] for r in rows] == [1, 32, 256]
 
 
 def test_a_cell_with_refused_and_timed_runs_takes_the_timed_ones():
@@ -303,20 +325,29 @@ def test_a_cell_with_refused_and_timed_runs_takes_the_timed_ones():
             row(3, model=s, method="mctf", batch=1, speedup=0.94, ceiling=1.0, compiled=True)]
     assert "| **0.92x** (0.90 / refused / 0.94) |" in st.markdown(rows)  # the median of the timed runs
     where = f"{s} mctf keep=0.5 compiled batch 1"
-    assert st.bar_misses(rows) == [f"{where}: the compile check refused 1 of 3 runs (changed)",
+    assert st.bar_misses(rows) == [f"{where}: refused by the compile check (changed)",
                                    f"{where}: 0.920x, slower than the unpatched model",
                                    f"{where}: 0.920 of the zero-cost truncation's speedup (the bar: 0.97)"]
+    assert "fewer than 3 runs (2)" in st.report(rows)  # two were timed
     only = [refused]
     line = st.markdown(only).splitlines()[-1]
     assert line == f"| {s} | mctf | keep=0.5 compiled | **refused** (refused) |  |  |  |  |  |"
     assert "busy machine" not in st.report(only)  # a refused row has no foreign load
+    assert st.bar_misses(only) == [f"{where}: refused by the compile check (changed)"]
 
 
-def test_a_refused_row_is_a_row(tmp_path):
+def test_a_row_holds_its_cell_and_either_its_timing_or_its_refusal(tmp_path):
     out = tmp_path / "t.jsonl"
-    out.write_text(json.dumps({"run": 1, "model": "m", "method": "tome", "config": "keep=0.5", "compiled": True,
-                               "batch_size": 1, "refused": "changed"}) + "\n")
-    assert len(st.read_rows(out)) == 1
-    out.write_text(json.dumps({"model": "m", "refused": "changed"}) + "\n")
-    with pytest.raises(ValueError, match="not a speed-table row"):
-        st.read_rows(out)
+    cell = {"run": 1, "model": "m", "method": "tome", "config": "keep=0.5", "compiled": True, "batch_size": 1}
+    timed = {key: row(1)[key] for key in st.TIMED_FIELDS}
+    for good in (dict(cell, refused="changed"), dict(cell, **timed), row(1)):
+        out.write_text(json.dumps(good) + "\n")
+        assert st.read_rows(out) == [good]
+    for field in sorted(st.CELL_FIELDS):  # a row without one of them would crash the report: refused when read
+        out.write_text(json.dumps({k: v for k, v in dict(cell, refused="changed").items() if k != field}) + "\n")
+        with pytest.raises(ValueError, match="line 1: not a speed-table row"):
+            st.read_rows(out)
+    for field in sorted(st.TIMED_FIELDS):
+        out.write_text(json.dumps({k: v for k, v in dict(cell, **timed).items() if k != field}) + "\n")
+        with pytest.raises(ValueError, match="line 1: not a speed-table row"):
+            st.read_rows(out)
