@@ -109,7 +109,9 @@ def test_small_batches_are_checked_on_eight_samples_so_one_near_tie_flip_is_allo
         assert len(calls) == calls_made and calls[0] is x and all(t.shape == x.shape for t in calls)
         assert len({t.sum().item() for t in calls}) == calls_made  # each a different batch
         samples = batch * calls_made
-        assert f"output equals eager on {samples} samples (1 sample(s) within 5.0e-04" in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert f"for batch {batch} in " in said
+        assert f"output equals eager on {samples} samples (1 sample(s) within 5.0e-04" in said
     calls.clear()
     with pytest.raises(CompiledOutputChanged, match="in 8 of 8 samples"):  # every probe moved: refused
         check_compiled(lambda t: eager(t) + 5e-4, eager, torch.randn(1, 3), "linear")
@@ -128,3 +130,29 @@ def test_the_probe_batches_are_seeded_and_of_the_inputs_dtype():
     assert all(torch.equal(a, b) for a, b in zip(seen[:4], seen[4:]))  # the same probes each time
     torch.manual_seed(0)  # a caller's usual seed: its first batch is not a probe
     assert not torch.equal(torch.randn(2, 3).to(torch.bfloat16), seen[1])
+
+
+def test_the_tolerance_scales_with_the_output_and_its_limits_are_inclusive():
+    """1e-4 of the output's largest magnitude, never less than 1e-4 (outputs below 1), the dtype's own (float64: the
+    float32 figure); a move of exactly the tolerance is within it, and a near tie exactly 100 times it is allowed."""
+    def check(scale, moves, dtype=torch.float32):  # eager: every output entry `scale`; moves: each sample's move
+        moves = torch.tensor(moves, dtype=dtype)
+        eager = lambda t: torch.full((len(t), 4), scale, dtype=dtype)  # noqa: E731
+        check_compiled(lambda t: eager(t) + moves[:, None], eager, torch.zeros(len(moves), 3, dtype=dtype), "m")
+
+    check(100.0, [5e-3] * 8)  # within 1e-4 x 100
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        check(100.0, [2e-2] * 8)
+    check(0.01, [5e-5] * 8)  # outputs below 1: the tolerance is 1e-4, not 1e-6
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        check(0.01, [1.5e-4] * 8)
+    check(0.0, [1e-4] * 8)  # exactly the tolerance: not a move
+    check(0.0, [1e-2] + [0.0] * 7)  # one near tie, exactly 100x the tolerance: allowed
+    with pytest.raises(CompiledOutputChanged, match="in 1 of 8"):
+        check(0.0, [1.005e-2] + [0.0] * 7)  # beyond 100x
+    check(0.0, [5e-5] * 8, torch.float64)
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        check(0.0, [2e-4] * 8, torch.float64)
+    check(0.0, [5e-4] + [0.0] * 13)  # 1 of 14: an eighth is one sample
+    with pytest.raises(CompiledOutputChanged, match="in 2 of 14"):
+        check(0.0, [5e-4] * 2 + [0.0] * 12)

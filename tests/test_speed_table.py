@@ -351,3 +351,12 @@ def test_a_row_holds_its_cell_and_either_its_timing_or_its_refusal(tmp_path):
         out.write_text(json.dumps({k: v for k, v in dict(cell, **timed).items() if k != field}) + "\n")
         with pytest.raises(ValueError, match="line 1: not a speed-table row"):
             st.read_rows(out)
+
+
+def test_every_cell_is_checked_after_a_wholly_refused_one_and_the_latest_refusal_is_named():
+    def refused(run, message, method="mctf"):
+        return dict(model="m", method=method, config="keep=0.5", compiled=True, batch_size=1, run=run,
+                    refused=message)
+    rows = [refused(1, "first"), refused(2, "latest"), row(1, model="m", method="tome", batch=1, speedup=0.9)]
+    assert st.bar_misses(rows) == ["m mctf keep=0.5 compiled batch 1: refused by the compile check (latest)",
+                                   "m tome keep=0.5 batch 1: 0.900x, slower than the unpatched model"]
