@@ -109,18 +109,20 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops
     config = config_label(keep, options)
-    models = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
+    eager = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
     kernels = extension.kernels_in_use(device, compiled=compile)
-    if compile:
-        # a fresh dynamo: every patched model runs the same patched forward, so a process that benchmarks several
-        # configurations (python -m tokenprune.eval.speed_table) would otherwise reach dynamo's recompile limit
-        # after a few, and dynamo then runs the forward eagerly, without a word: eager times labelled compiled
-        torch._dynamo.reset()
-        models = {name: tokenprune.compiled(m) for name, m in models.items()}
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, *input_size).to(device=device, dtype=dtype)
+        models = eager
         if compile:
+            # a fresh dynamo for each batch size. Every patched model runs the same patched forward, so a process that
+            # benchmarks several configurations (python -m tokenprune.eval.speed_table) would otherwise reach dynamo's
+            # recompile limit after a few, and dynamo then runs the forward eagerly, without a word: eager times
+            # labelled compiled. And a second batch size would be compiled as a dynamic-shape graph: static graphs
+            # for each, as a deployment with a fixed batch size compiles them
+            torch._dynamo.reset()
+            models = {name: tokenprune.compiled(m) for name, m in eager.items()}
             check_compiled(models["patched"], patched, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)

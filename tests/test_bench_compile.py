@@ -54,6 +54,25 @@ def test_each_compiled_benchmark_starts_a_fresh_dynamo_and_never_times_eager_fal
     assert resets == [1, 1]  # eager: nothing of dynamo's is touched
 
 
+def test_each_batch_size_is_compiled_afresh_as_static_graphs(monkeypatch):
+    """One compiled model timed at a second batch size is recompiled by dynamo as a dynamic-shape graph, another kind
+    of graph than the first's (and than the speed table's, one batch size per benchmark): each batch size gets a fresh
+    dynamo and freshly compiled models, so `bench --compile --batch-sizes 1 32` times static graphs at both."""
+    import tokenprune
+
+    resets, compiled = [], []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
+    # the models as they are: what is asked here is when compiling happens (compiling itself: the tests above)
+    monkeypatch.setattr(tokenprune, "compiled", lambda m: compiled.append((len(resets), m)) or m)
+    rows = benchmark("vit_testbed_fmnist", "random", keep=0.5, batch_sizes=(1, 2), repeats=1, warmup=1,
+                     compile=True)
+    assert [r.batch_size for r in rows] == [1, 2] and len(resets) == 2
+    # the same three eager models, compiled after each batch size's reset
+    assert [n for n, _ in compiled] == [1, 1, 1, 2, 2, 2]
+    assert [m for _, m in compiled[:3]] == [m for _, m in compiled[3:]]
+
+
 def test_the_cli_flag_reaches_the_benchmark(monkeypatch, capsys):
     import tokenprune.eval.benchmark as bench
 
