@@ -126,7 +126,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             check_compiled(models["patched"], patched, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all.
         n = min(max(repeats, repeats * 32 // batch), 60)
-        try:  # should a compiled model still reach the recompile limit (many batch sizes): an error, not eager times
+        try:  # should a compiled model still reach the recompile limit (many recompiles in one batch size): an error
             with never_eager_fallback():
                 medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
                                                        n, warmup, device)

@@ -40,14 +40,16 @@ BAR_B1_OF_CEILING = 0.97
 BUSY = 0.05  # foreign load above which a run's ratios say more about the machine than the method
 
 
-def cell_key(row: dict) -> tuple:
-    """What a table cell is: the runs of one model, method, configuration, compile setting and batch size."""
-    return row["model"], row["method"], row["config"], row["compiled"], row["batch_size"]
-
-
+#: what a table cell is: the runs of one model, method, configuration, compile setting and batch size
+CELL = ("model", "method", "config", "compiled", "batch_size")
 #: what every row holds (its cell and run), and what a timed one adds (a refused one has ``refused`` instead)
-CELL_FIELDS = {"run", "model", "method", "config", "compiled", "batch_size"}
+CELL_FIELDS = {"run", *CELL}
 TIMED_FIELDS = {"measured_speedup", "ceiling_speedup", "ideal_speedup", "fraction_of_ideal", "foreign_load"}
+
+
+def cell_key(row: dict) -> tuple:
+    """The cell a row belongs to (``CELL``)."""
+    return tuple(row[field] for field in CELL)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -108,8 +110,7 @@ def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: fl
                         row = dict(asdict(timed), run=run)
                         said = f"{row['measured_speedup']:.2f}x"
                     except CompiledOutputChanged as e:
-                        row = dict(zip(("model", "method", "config", "compiled", "batch_size"), cell), run=run,
-                                   refused=str(e))
+                        row = dict(zip(CELL, cell), run=run, refused=str(e))
                         refused.add(cell)
                         said = f"refused by the compile check: {e}"
                     with output.open("a") as f:  # on disk before the next is timed
@@ -219,7 +220,7 @@ def report(rows: list[dict]) -> str:
                    if r.get("foreign_load") is not None and r["foreign_load"] > BUSY})
     if busy:
         out += ["", f"Taken on a busy machine (foreign load above {BUSY:.0%}; re-run them): " + "; ".join(busy)]
-    counts = {len(_timed(runs)) for runs in cells(rows).values() if _timed(runs)}
+    counts = {len(_timed(runs)) for runs in cells(rows).values()} - {0}  # a wholly refused cell has no runs to count
     if counts and min(counts) < 3:
         out += ["", f"Some cells have fewer than 3 runs ({min(counts)}): their medians are not the bar's"]
     return "\n".join(out)
