@@ -26,8 +26,8 @@ from tokenprune.adapters import find_adapter
 from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
 from tokenprune.registry import EncoderReducer, Reduction, config_label
-from tokenprune.speed import never_eager_fallback
-from tokenprune.timing import interleaved_medians, timed
+from tokenprune.speed import never_eager_fallback, verify_compiled
+from tokenprune.timing import interleaved_medians
 
 DTYPE_NAMES = {torch_dtype(name): name for name in DTYPES}
 
@@ -171,51 +171,9 @@ def check_inputs_fit(batch_sizes, input_size: tuple[int, ...], dtype: torch.dtyp
                              f"batch sizes")
 
 
-def _output_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-#: how far a compiled model's output may be from eager's: fused kernels round differently
-COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-#: the fewest samples the compile check compares: with an eighth of them allowed to move, at least one
-CHECK_SAMPLES = 8
-#: the probe batches' seed (a constant unlike the usual 0, so a probe is not the caller's own input again)
-CHECK_SEED = 20_241_205
-
-
-class CompiledOutputChanged(RuntimeError):
-    """The compiled patched model does not give the eager one's output: it is not timed."""
-
-
 def check_compiled(compiled, eager, x: torch.Tensor, model_name: str) -> None:
-    """The compiled patched model gives the eager one's output (to the dtype's rounding), or a clear error
-    (``CompiledOutputChanged``); prints how long compiling took (the first call).
-
-    Inductor reorders float sums, so a score that was a near-tie (common in random-init models) can pick the
-    other token in a sample: that sample's output moves by about the rounding of a merge, not more. Up to
-    an eighth of the samples may do so, within 100 times the tolerance; the count is printed. At least
-    ``CHECK_SAMPLES`` samples are compared: ``x``, then as many further random batches of its shape and dtype as
-    that takes (seeded with ``CHECK_SEED``; the caller's random stream untouched), through the same compiled graph."""
-    first, seconds = timed(lambda: _output_tensor(compiled(x)).clone(), x.device)  # clone: a later call may reuse it
-    generator = torch.Generator(x.device).manual_seed(CHECK_SEED)
-    inputs = [x] + [torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
-                    for _ in range(math.ceil(CHECK_SAMPLES / len(x)) - 1)]
-    got = torch.cat([first] + [_output_tensor(compiled(t)).clone() for t in inputs[1:]])
-    expected = torch.cat([_output_tensor(eager(t)) for t in inputs])
-    tolerance = COMPILE_TOLERANCE.get(x.dtype, 1e-4) * max(1.0, expected.abs().max().item())
-    per_sample = (got - expected).abs().flatten(1).amax(dim=1)
-    moved = int((per_sample > tolerance).sum())
-    if moved > len(per_sample) // 8 or per_sample.max() > 100 * tolerance:  # an eighth, within 100x
-        raise CompiledOutputChanged(f"torch.compile changed the patched {model_name}'s output (max difference "
-                                    f"{per_sample.max().item():.2e} in {moved} of {len(per_sample)} samples); "
-                                    "not timing it")
-    note = f" ({moved} sample(s) within {per_sample.max().item():.1e}: a near-tie token choice)" if moved else ""
-    print(f"compiled {model_name} (patched) for batch {x.shape[0]} in {seconds:.1f} s; output equals eager on "
-          f"{len(per_sample)} samples{note}")
+    """``tokenprune.speed.verify_compiled`` for the patched model, its verdict printed (with the compile's time)."""
+    print(verify_compiled(compiled, eager, x, f"the patched {model_name}"))
 
 
 def format_rows(rows: list[BenchRow]) -> str:

@@ -83,7 +83,7 @@ def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: fl
     model to be refused the same way). With ``resume``, the runs ``output`` already holds at these settings (keep,
     compile) are not taken again, except refused ones, and its other rows are kept; without, ``output`` starts
     afresh. Returns every row."""
-    from tokenprune.eval.benchmark import CompiledOutputChanged
+    from tokenprune.speed import CompiledOutputChanged
 
     if benchmark is None:
         from tokenprune.eval.benchmark import benchmark

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenprune.eval.benchmark import CHECK_SAMPLES, CompiledOutputChanged, benchmark, check_compiled, format_rows
+from tokenprune.eval.benchmark import benchmark, check_compiled, format_rows
 
 from tokenprune import extension
+from tokenprune.speed import CHECK_SAMPLES, CompiledOutputChanged
 
 
 def test_check_compiled_refuses_a_compiled_model_that_changes_the_output(capsys):

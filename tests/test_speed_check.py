@@ -5,6 +5,7 @@ asked for, that the caller's model is left alone, and that the verdict follows t
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -48,7 +49,10 @@ def test_a_slower_configuration_is_said_not_to_pay(monkeypatch):
     monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: ({"baseline": 0.002, "patched": 0.003}, None))
     check = tokenprune.check_speed(tiny_timm(), "mctf", keep=0.5)
     assert not check.pays and check.speedup == pytest.approx(2 / 3)
-    assert "does NOT pay here" in str(check) and "compile" in str(check)
+    assert "does NOT pay here" in str(check) and "torch.compile (compile=True)" in str(check)
+    compiled = dataclasses.replace(check, compiled=True)  # already compiled: compiling is not offered as the remedy
+    assert "does NOT pay here" in str(compiled) and "(try a larger batch or a lower keep)" in str(compiled)
+    assert "torch.compile" not in str(compiled)
 
 
 def test_the_verdict_names_the_option_that_decides_the_token_counts(monkeypatch):
@@ -104,6 +108,38 @@ def test_compiled_against_compiled(monkeypatch):
     # both through tokenprune.compiled: on CPU with inductor's C++ wrapper
     assert compiled == [{"options": {"cpp_wrapper": True}}] * 2 and check.compiled and "(compiled)" in str(check)
     assert warmups == [1]  # compiled: at least one untimed call, which compiles
+
+
+def test_compiled_is_checked_against_eager_before_it_is_timed(monkeypatch):
+    """compile=True: the compiled patched model must give the eager one's output (``speed.verify_compiled``, under
+    the recompile guard, on the patched model and the very input timed), or nothing is timed."""
+    checked = []
+    real_verify = speed.verify_compiled
+
+    def verify(compiled, eager, x, what):
+        checked.append((compiled, eager, x, what, torch._dynamo.config.fail_on_recompile_limit_hit))
+        return real_verify(compiled, eager, x, what)
+    monkeypatch.setattr(speed, "verify_compiled", verify)
+    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: m)
+    timed = []
+    real = speed.interleaved_medians
+    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: timed.append(calls) or real(calls, *a))
+    model = tiny_timm()
+    tokenprune.check_speed(model, "tome", keep=0.5, compile=True, batch_size=2, repeats=1)
+    (compiled, eager, x, what, guarded), = checked
+    assert guarded and what == "the patched model (tome)" and x.shape[0] == 2
+    assert tokenprune.is_patched(eager) and compiled is eager  # torch.compile is the identity here
+    assert not tokenprune.is_patched(model)
+
+    # a compile that changes the output: refused, never timed
+    checked.clear(), timed.clear()
+    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: (lambda t: m(t) + 1.0))
+    with pytest.raises(speed.CompiledOutputChanged, match=r"torch.compile changed the patched model \(tome\)'s "
+                                                           r"output .* in 8 of 8 samples"):
+        tokenprune.check_speed(model, "tome", keep=0.5, compile=True, repeats=1)
+    assert len(checked) == 1 and timed == []
+    tokenprune.check_speed(model, "tome", keep=0.5, repeats=1)  # eager: nothing to verify
+    assert len(checked) == 1 and len(timed) == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(batch_size=0), "batch_size must be an int >= 1"),

@@ -4,7 +4,9 @@ import json
 
 import pytest
 from tokenprune.eval import speed_table as st
-from tokenprune.eval.benchmark import BenchRow, CompiledOutputChanged
+from tokenprune.eval.benchmark import BenchRow
+
+from tokenprune.speed import CompiledOutputChanged
 
 
 def bench_row(model="vit_testbed_fmnist", method="tome", batch=1, speedup=1.2, ceiling=1.3, ideal=1.4,

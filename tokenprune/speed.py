@@ -9,6 +9,7 @@ the configuration at hand, before it is used.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .budget import image_part
 from .flops import check_input_size, count_flops, default_input_size
 from .registry import config_label
-from .timing import interleaved_medians
+from .timing import interleaved_medians, timed
 
 
 def never_eager_fallback():
@@ -38,6 +39,52 @@ def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
     if "mode" not in compile_kwargs and (param is None or param.device.type == "cpu"):
         compile_kwargs["options"] = {"cpp_wrapper": True, **compile_kwargs.get("options", {})}
     return torch.compile(model, **compile_kwargs)
+
+
+#: how far a compiled model's output may be from eager's: fused kernels round differently
+COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+#: the fewest samples the compile check compares: with an eighth of them allowed to move, at least one
+CHECK_SAMPLES = 8
+#: the probe batches' seed (a constant unlike the usual 0, so a probe is not the caller's own input again)
+CHECK_SEED = 20_241_205
+
+
+class CompiledOutputChanged(RuntimeError):
+    """The compiled patched model does not give the eager one's output: it is not timed."""
+
+
+def _output_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def verify_compiled(compiled, eager, x: torch.Tensor, what: str) -> str:
+    """That ``compiled`` gives ``eager``'s output (to the dtype's rounding), or a clear error
+    (``CompiledOutputChanged``); returns one line saying so, and how long compiling took (the first call).
+
+    Inductor reorders float sums, so a score that was a near-tie (common in random-init models) can pick the
+    other token in a sample: that sample's output moves by about the rounding of a merge, not more. Up to
+    an eighth of the samples may do so, within 100 times the tolerance; the line gives the count. At least
+    ``CHECK_SAMPLES`` samples are compared: ``x``, then as many further random batches of its shape and dtype as
+    that takes (seeded with ``CHECK_SEED``; the caller's random stream untouched), through the same compiled graph.
+    ``what`` names the model in the messages ("the patched deit_tiny_patch16_224")."""
+    first, seconds = timed(lambda: _output_tensor(compiled(x)).clone(), x.device)  # clone: a later call may reuse it
+    generator = torch.Generator(x.device).manual_seed(CHECK_SEED)
+    inputs = [x] + [torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
+                    for _ in range(math.ceil(CHECK_SAMPLES / len(x)) - 1)]
+    got = torch.cat([first] + [_output_tensor(compiled(t)).clone() for t in inputs[1:]])
+    expected = torch.cat([_output_tensor(eager(t)) for t in inputs])
+    tolerance = COMPILE_TOLERANCE.get(x.dtype, 1e-4) * max(1.0, expected.abs().max().item())
+    per_sample = (got - expected).abs().flatten(1).amax(dim=1)
+    moved = int((per_sample > tolerance).sum())
+    if moved > len(per_sample) // 8 or per_sample.max() > 100 * tolerance:  # an eighth, within 100x
+        raise CompiledOutputChanged(f"torch.compile changed {what}'s output (max difference "
+                                    f"{per_sample.max().item():.2e} in {moved} of {len(per_sample)} samples); "
+                                    "not timing it")
+    note = f" ({moved} sample(s) within {per_sample.max().item():.1e}: a near-tie token choice)" if moved else ""
+    return (f"compiled {what} for batch {x.shape[0]} in {seconds:.1f} s; output equals eager on "
+            f"{len(per_sample)} samples{note}")
 
 
 @dataclass(frozen=True)
@@ -68,9 +115,9 @@ class SpeedCheck:
 
     def __str__(self) -> str:
         mode = "compiled" if self.compiled else "eager"
-        verdict = ("pays" if self.pays else
-                   "does NOT pay here: the unpatched model is faster (try a larger batch, torch.compile "
-                   "(compile=True), or a lower keep)")
+        remedies = "a larger batch or a lower keep" if self.compiled else \
+            "a larger batch, torch.compile (compile=True), or a lower keep"
+        verdict = "pays" if self.pays else f"does NOT pay here: the unpatched model is faster (try {remedies})"
         load = "" if self.foreign_load is None else f"; other processes used {self.foreign_load:.0%} of the CPUs"
         return (f"{self.method} {self.config} at batch {self.batch_size} on {self.device} ({mode}): "
                 f"{self.baseline_ms:.1f} ms -> {self.patched_ms:.1f} ms, {self.speedup:.2f}x "
@@ -85,8 +132,9 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     and dtype, at ``batch_size`` and ``input_size`` (default: the model's own); ``options`` may also be a
     FLOPs budget (``flops=`` / ``gflops=``). ``compile``: both run through ``compiled`` (``torch.compile``; compiled
     against compiled; the compile itself, tens of seconds per model on CPU, is in the warm-up, not in the
-    figures). A model that takes text first (CLIPModel, SiglipModel) is timed by its image tower, all that
-    pruning changes. Returns a ``SpeedCheck``; ``print`` it for the verdict."""
+    figures), after ``verify_compiled`` found the compiled patched model's output equal to eager's
+    (``CompiledOutputChanged`` where not). A model that takes text first (CLIPModel, SiglipModel) is timed by its
+    image tower, all that pruning changes. Returns a ``SpeedCheck``; ``print`` it for the verdict."""
     from .api import apply, is_patched, reducer_of, remove
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -98,6 +146,7 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     if is_patched(baseline):
         remove(baseline)
     patched = patched_whole = apply(copy.deepcopy(baseline), method, keep, **options)
+    reducer = reducer_of(patched_whole)
     # a model that takes text first (CLIPModel, SiglipModel): its image tower, all that pruning changes, is timed
     baseline, patched = image_part(baseline), image_part(patched)
     size = tuple(input_size or default_input_size(baseline))
@@ -105,12 +154,12 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     x = torch.randn(batch_size, *size, device=param.device, dtype=param.dtype)
     ratio = count_flops(patched, size).flops / count_flops(baseline, size).flops
     runs = {"baseline": baseline, "patched": patched}
-    if compile:
-        runs = {name: compiled(m) for name, m in runs.items()}
     with never_eager_fallback():  # a reached limit is an error, not eager times (torch._dynamo.reset() clears it)
+        if compile:
+            runs = {name: compiled(m) for name, m in runs.items()}
+            verify_compiled(runs["patched"], patched, x, f"the patched model ({reducer.name})")  # compiles it, too
         medians, foreign = interleaved_medians({name: (lambda m=m: m(x)) for name, m in runs.items()}, repeats,
                                                max(warmup, 1 if compile else 0), param.device)
-    reducer = reducer_of(patched_whole)
     return SpeedCheck(method=reducer.name, keep=reducer.keep, config=config_label(reducer.keep, options),
                       batch_size=batch_size, input_size=size,
                       device=str(param.device), compiled=compile, baseline_ms=1000 * medians["baseline"],
