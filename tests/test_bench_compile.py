@@ -173,6 +173,26 @@ def test_the_tolerance_scales_with_the_output_and_its_limits_are_inclusive():
     check(0.0, [5e-5] * 8, torch.float64)
     with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
         check(0.0, [2e-4] * 8, torch.float64)
+    check(0.0, [5e-3] * 8, torch.float16)  # half precision: 1e-2
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        check(0.0, [2e-2] * 8, torch.float16)
+    check(0.0, [3e-2] * 8, torch.bfloat16)  # bfloat16: 5e-2
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        check(0.0, [1e-1] * 8, torch.bfloat16)
     check(0.0, [5e-4] + [0.0] * 13)  # 1 of 14: an eighth is one sample
     with pytest.raises(CompiledOutputChanged, match="in 2 of 14"):
         check(0.0, [5e-4] * 2 + [0.0] * 12)
+
+
+def test_model_outputs_are_compared_by_their_logits_or_else_their_last_hidden_state():
+    """Hugging Face models return an output object: a classifier's logits, else an encoder's last hidden state."""
+    from types import SimpleNamespace as Output
+
+    eager = torch.nn.Linear(3, 4)
+    x = torch.randn(8, 3)
+    check_compiled(lambda t: Output(logits=eager(t)), eager, x, "classifier")
+    with pytest.raises(CompiledOutputChanged):
+        check_compiled(lambda t: Output(logits=eager(t) + 1.0, last_hidden_state=eager(t)), eager, x, "classifier")
+    check_compiled(lambda t: Output(logits=None, last_hidden_state=eager(t)), eager, x, "encoder")
+    with pytest.raises(CompiledOutputChanged):
+        check_compiled(lambda t: Output(last_hidden_state=eager(t) + 1.0), eager, x, "encoder")

@@ -145,6 +145,8 @@ def test_compiled_is_checked_against_eager_before_it_is_timed(monkeypatch):
 @pytest.mark.parametrize("kwargs,match", [(dict(batch_size=0), "batch_size must be an int >= 1"),
                                           (dict(batch_size=True), "batch_size"),
                                           (dict(repeats=0), "repeats must be an int >= 1"),
+                                          (dict(warmup=-1), "warmup must be an int >= 0, got -1"),
+                                          (dict(warmup=1.5), "warmup must be an int >= 0"),
                                           (dict(keep=2.0), r"keep must be in \(0, 1\]")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

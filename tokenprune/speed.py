@@ -141,6 +141,8 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     input_size = check_input_size(input_size)
     baseline = copy.deepcopy(model)
     if is_patched(baseline):
