@@ -267,3 +267,25 @@ def test_compiled_is_torch_compile_with_the_cpp_wrapper_on_cpu(monkeypatch):
             yield types.SimpleNamespace(device=torch.device("cuda", 0))
     tokenprune.compiled(OnCuda())
     assert calls.pop() == {}
+
+
+def test_a_reached_recompile_limit_is_a_clear_error_not_eager_times():
+    """Under ``never_eager_fallback`` (check_speed's and the benchmark's timings) a forward past dynamo's recompile
+    limit raises ``RecompileLimitReached``, a ``RuntimeError`` saying what happened and what to do, instead of
+    dynamo's "Hard failure due to fail_on_recompile_limit_hit" (a setting the caller never chose)."""
+    torch._dynamo.reset()
+    double = torch.compile(lambda t: t * 2, backend="eager", dynamic=False)  # each new shape: a recompile
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            double(torch.ones(2))
+            with pytest.raises(speed.RecompileLimitReached, match=r"recompile limit \(torch._dynamo.config."
+                                                                  r"recompile_limit = 1\).*torch._dynamo.reset\(\)"):
+                with speed.never_eager_fallback():
+                    double(torch.ones(3))
+            assert issubclass(speed.RecompileLimitReached, RuntimeError)
+            assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))  # outside it: dynamo's own way, eager
+            with speed.never_eager_fallback():  # other errors pass through as they are
+                with pytest.raises(ValueError, match="not dynamo's"):
+                    raise ValueError("not dynamo's")
+    finally:
+        torch._dynamo.reset()

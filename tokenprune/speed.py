@@ -8,6 +8,7 @@ the configuration at hand, before it is used.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -21,11 +22,25 @@ from .registry import config_label
 from .timing import interleaved_medians, timed
 
 
+class RecompileLimitReached(RuntimeError):
+    """A compiled forward reached dynamo's recompile limit while being timed: from there dynamo runs it eagerly."""
+
+
+@contextlib.contextmanager
 def never_eager_fallback():
-    """A context in which a compiled forward that reaches dynamo's recompile limit raises, where dynamo would run it
-    eagerly without a word: every patched model runs the same patched forward, so a process that compiles several
-    configurations reaches the limit (8) after a few, and eager times would be reported as compiled ones."""
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    """A context in which a compiled forward that reaches dynamo's recompile limit raises ``RecompileLimitReached``,
+    where dynamo would run it eagerly without a word: every patched model runs the same patched forward, so a
+    process that compiles several configurations reaches the limit (8) after a few, and eager times would be
+    reported as compiled ones."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:  # dynamo's own words name a setting we chose
+            raise RecompileLimitReached(
+                "torch.compile reached dynamo's recompile limit (torch._dynamo.config.recompile_limit = "
+                f"{torch._dynamo.config.recompile_limit}) in this process, after compiling other models or "
+                "configurations, and would run this forward eagerly: not timing it. Call torch._dynamo.reset() "
+                "(which discards this process's compiled graphs) or raise the limit, then measure again") from e
 
 
 def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
