@@ -120,16 +120,20 @@ def test_compiled_is_checked_against_eager_before_it_is_timed(monkeypatch):
         checked.append((compiled, eager, x, what, torch._dynamo.config.fail_on_recompile_limit_hit))
         return real_verify(compiled, eager, x, what)
     monkeypatch.setattr(speed, "verify_compiled", verify)
-    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: m)
-    timed = []
+    seen = []  # every input a "compiled" model got: torch.compile returns the model, recording its inputs
+    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: (lambda t: seen.append(t) or m(t)))
+    timed = []  # how many inputs had been seen when the timing began
     real = speed.interleaved_medians
-    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: timed.append(calls) or real(calls, *a))
+    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: timed.append(len(seen)) or real(calls, *a))
     model = tiny_timm()
     tokenprune.check_speed(model, "tome", keep=0.5, compile=True, batch_size=2, repeats=1)
     (compiled, eager, x, what, guarded), = checked
     assert guarded and what == "the patched model (tome)" and x.shape[0] == 2
-    assert tokenprune.is_patched(eager) and compiled is eager  # torch.compile is the identity here
-    assert not tokenprune.is_patched(model)
+    assert tokenprune.is_patched(eager) and not tokenprune.is_patched(model)
+    with torch.inference_mode():  # the compiled patched model, checked against its own eager self
+        assert torch.equal(compiled(x), eager(x))
+    start, = timed  # after the check (x and three seeded probes of batch 2), the timed calls: on x itself
+    assert start == 4 and seen[0] is x and len(seen) > start + 2 and all(t is x for t in seen[start:-1])
 
     # a compile that changes the output: refused, never timed
     checked.clear(), timed.clear()
@@ -278,14 +282,16 @@ def test_a_reached_recompile_limit_is_a_clear_error_not_eager_times():
     try:
         with torch._dynamo.config.patch(recompile_limit=1):
             double(torch.ones(2))
-            with pytest.raises(speed.RecompileLimitReached, match=r"recompile limit \(torch._dynamo.config."
-                                                                  r"recompile_limit = 1\).*torch._dynamo.reset\(\)"):
+            with pytest.raises(speed.RecompileLimitReached, match=r"recompile limits \(torch._dynamo.config."
+                                                                  r"recompile_limit = 1, .*torch._dynamo.reset\(\)"
+                               ) as raised:
                 with speed.never_eager_fallback():
                     double(torch.ones(3))
+            assert isinstance(raised.value.__cause__, torch._dynamo.exc.FailOnRecompileLimitHit)
             assert issubclass(speed.RecompileLimitReached, RuntimeError)
             assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))  # outside it: dynamo's own way, eager
-            with speed.never_eager_fallback():  # other errors pass through as they are
-                with pytest.raises(ValueError, match="not dynamo's"):
+            with pytest.raises(ValueError, match="not dynamo's"):  # other errors pass through as they are
+                with speed.never_eager_fallback():
                     raise ValueError("not dynamo's")
     finally:
         torch._dynamo.reset()

@@ -6,7 +6,7 @@ import pytest
 from tokenprune.eval import speed_table as st
 from tokenprune.eval.benchmark import BenchRow
 
-from tokenprune.speed import CompiledOutputChanged
+from tokenprune.speed import CompiledOutputChanged, RecompileLimitReached
 
 
 def bench_row(model="vit_testbed_fmnist", method="tome", batch=1, speedup=1.2, ceiling=1.3, ideal=1.4,
@@ -304,9 +304,9 @@ def test_a_refused_compiled_cell_is_recorded_and_the_table_goes_on(tmp_path, cap
 
 
 def test_only_the_compile_checks_refusal_is_recorded_other_errors_stop_the_table(tmp_path):
-    def recompiled(*args, **kwargs):  # e.g. dynamo's recompile limit under never_eager_fallback
-        raise RuntimeError("recompile limit reached")
-    with pytest.raises(RuntimeError, match="recompile limit"):
+    def recompiled(*args, **kwargs):  # dynamo's recompile limit under never_eager_fallback
+        raise RecompileLimitReached("torch.compile reached one of dynamo's recompile limits")
+    with pytest.raises(RecompileLimitReached, match="recompile limits"):
         table(tmp_path / "t.jsonl", recompiled, models=("m1",), methods=("tome",), compile=True)
     assert st.read_rows(tmp_path / "t.jsonl") == []
 

@@ -36,11 +36,13 @@ def never_eager_fallback():
         try:
             yield
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:  # dynamo's own words name a setting we chose
+            config = torch._dynamo.config
             raise RecompileLimitReached(
-                "torch.compile reached dynamo's recompile limit (torch._dynamo.config.recompile_limit = "
-                f"{torch._dynamo.config.recompile_limit}) in this process, after compiling other models or "
-                "configurations, and would run this forward eagerly: not timing it. Call torch._dynamo.reset() "
-                "(which discards this process's compiled graphs) or raise the limit, then measure again") from e
+                "torch.compile reached one of dynamo's recompile limits (torch._dynamo.config.recompile_limit = "
+                f"{config.recompile_limit}, accumulated_recompile_limit = {config.accumulated_recompile_limit}): "
+                "this forward was compiled again for more shapes, models or configurations in this process than "
+                "that, and from here dynamo would run it eagerly: not timing it. torch._dynamo.reset() discards "
+                "this process's compiled graphs and starts afresh; or raise the limit, and measure again") from e
 
 
 def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
