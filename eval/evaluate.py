@@ -16,7 +16,6 @@ import contextlib
 import csv
 import json
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from tokenprune.cli import (
     options_by_method,
     torch_dtype,
 )
+from tokenprune.speed import never_eager_fallback, verify_compiled
 
 from .data import EMBEDDED, EMBEDDED_SPECS, build_dataset, embedded_spec_for, looks_like_path, skip_reason
 
@@ -340,16 +340,17 @@ def plot(path: Path, rows: list[dict], title: str, x: str = "gflops", y: str = "
 
 
 @torch.inference_mode()
-def compiled(model, loader, dtype: torch.dtype, accelerator):
-    """``tokenprune.compiled(model)`` (``torch.compile``; on CPU with inductor's C++ wrapper), compiled by one
-    forward of the first batch before anything is timed (the compile time is printed, not counted; a smaller
-    last batch compiles once more, inside the timing)."""
+def compiled(model, loader, dtype: torch.dtype, accelerator, label: str):
+    """``tokenprune.compiled(model)`` (``torch.compile``; on CPU with inductor's C++ wrapper), compiled by its
+    first forward, on the first batch, before anything is timed (the compile time is printed, not counted; a
+    smaller last batch compiles once more, inside the timing). That forward is ``tokenprune.speed.verify_compiled``:
+    the compiled model must give the eager model's output on the first batch, or the evaluation stops with
+    ``CompiledOutputChanged`` (an accuracy measured on a compiled model that is not the configuration's would be
+    reported under its name)."""
     torch._dynamo.reset()  # each configuration patches the same model: a fresh compile, not a recompile
     runner = tokenprune.compiled(model)
     x = next(iter(loader))[0].to(dtype)
-    start = time.perf_counter()
-    runner(x)
-    accelerator.print(f"  compiled in {time.perf_counter() - start:.0f} s")
+    accelerator.print("  " + verify_compiled(runner, model, x, f"the model ({label})"))
     return runner
 
 
@@ -591,10 +592,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for config, key in configured(model, configs, run, finished, rows, accelerator):
         flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))
         accelerator.print(f"{config.label}: {flops.gflops_per_sample:.4f} GFLOPs/image")
-        runner = compiled(model, loader, dtype, accelerator) if args.compile else model
-        row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
-                   options=config.options, gflops=flops.gflops_per_sample, dtype=args.dtype,
-                   **evaluate_config(runner, loader, accelerator, args.amp, dtype))
+        # compiled: a reached recompile limit is an error, not eager timings reported as compiled ones
+        with never_eager_fallback() if args.compile else contextlib.nullcontext():
+            runner = compiled(model, loader, dtype, accelerator, config.label) if args.compile else model
+            row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
+                       options=config.options, gflops=flops.gflops_per_sample, dtype=args.dtype,
+                       **evaluate_config(runner, loader, accelerator, args.amp, dtype))
         if accelerator.is_main_process:
             append_result(output, row)
             write_csv(output.with_suffix(".csv"), with_deltas(rows + [row]))

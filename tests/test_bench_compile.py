@@ -7,7 +7,7 @@ import torch
 from tokenprune.eval.benchmark import benchmark, check_compiled, format_rows
 
 from tokenprune import extension
-from tokenprune.speed import CHECK_SAMPLES, CompiledOutputChanged
+from tokenprune.speed import CHECK_SAMPLES, CompiledOutputChanged, RecompileLimitReached
 
 
 def test_check_compiled_refuses_a_compiled_model_that_changes_the_output(capsys):
@@ -84,6 +84,20 @@ def test_the_cli_flag_reaches_the_benchmark(monkeypatch, capsys):
     for flags in ([], ["--compile"]):
         assert main(["bench", "--model", "vit_testbed_fmnist", "--batch-sizes", "1", *flags]) == 0
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("error", [CompiledOutputChanged, RecompileLimitReached])
+def test_the_cli_says_why_it_refused_a_compiled_measurement_in_one_line(error, monkeypatch, capsys):
+    """What --compile refuses to report (a changed output, dynamo's eager fallback) is one line and exit 1."""
+    import tokenprune.eval.benchmark as bench
+
+    from tokenprune.cli import main
+
+    def refuse(*args, **kwargs):
+        raise error("what was refused, and why")
+    monkeypatch.setattr(bench, "benchmark", refuse)
+    assert main(["bench", "--model", "vit_testbed_fmnist", "--batch-sizes", "1", "--compile"]) == 1
+    assert capsys.readouterr().err == "tokenprune: what was refused, and why\n"
 
 
 def test_a_near_tie_flip_in_a_few_samples_is_allowed_and_reported(capsys):

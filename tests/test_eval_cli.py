@@ -10,6 +10,7 @@ from PIL import Image
 from tokenprune.eval.evaluate import format_table, load_model
 from tokenprune.eval.evaluate import main as evaluate
 
+import tokenprune
 from tokenprune.cli import main as cli
 
 CLASSES = ["bag", "boot", "coat"]
@@ -250,11 +251,48 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
     data = make_folder(tmp_path / "val", corrupt=False)
     out = tmp_path / "run.jsonl"
     eager = evaluate(COMMON + ["--data", str(data), "--output", str(out)])
+    capsys.readouterr()
     compiled = evaluate(COMMON + ["--data", str(data), "--output", str(out), "--resume", "--compile"])
-    assert "[resume]" not in capsys.readouterr().out  # compiled results are not the eager ones
+    printed = capsys.readouterr().out
+    assert "[resume]" not in printed  # compiled results are not the eager ones
     assert len(compiled_calls) == len(eager)  # every configuration, the baseline too
+    # each compiled configuration was checked against eager on its first batch (and a probe batch: 8 samples)
+    for label in ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]:
+        assert f"compiled the model ({label}) for batch 4 in " in printed
+    assert printed.count("output equals eager on 8 samples") == len(eager)
     assert [r["top1"] for r in compiled] == [r["top1"] for r in eager]
     assert [r["gflops"] for r in compiled] == [r["gflops"] for r in eager]
+
+
+def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, capsys, monkeypatch):
+    """A compiled configuration whose output is not the eager model's is not evaluated under its name: the CLI says
+    so in one line and exits 1, the configurations finished before it are kept, and --resume goes on from there."""
+    import torch
+
+    real_compile = torch.compile
+    patched_models = []
+
+    def compile_wrong_when_patched(model, **kwargs):  # the eager backend; a patched model's logits moved by 1
+        graph = real_compile(model, backend="eager")
+        if not tokenprune.is_patched(model):
+            return graph
+        patched_models.append(model)
+        return lambda x: graph(x) + 1.0
+    monkeypatch.setattr(torch, "compile", compile_wrong_when_patched)
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "run.jsonl"
+    args = ["eval"] + COMMON + ["--data", str(data), "--output", str(out), "--compile"]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's
+    assert err.startswith("tokenprune eval: torch.compile changed the model (tome keep=0.5)'s output") \
+        and err.endswith("in 8 of 8 samples); not using it"), err
+    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]  # the baseline kept
+    assert len(patched_models) == 1  # stopped at the first wrong configuration, nothing after it compiled
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    assert cli(args + ["--resume"]) == 0
+    assert len(out.read_text().splitlines()) == 5
 
 
 def test_a_busy_machine_flags_the_speedup_column(tmp_path, capsys, monkeypatch):

@@ -364,23 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["eval"], ["eval-vlm"]):  # their own parsers: `tokenprune eval --help`
-        import importlib
+    from .speed import CompiledOutputChanged, RecompileLimitReached
 
-        module = importlib.import_module("tokenprune.eval." + {"eval": "evaluate", "eval-vlm": "vlm"}[argv[0]])
-        try:
+    argv = sys.argv[1:] if argv is None else argv
+    own_parser = argv[:1] in (["eval"], ["eval-vlm"])  # `tokenprune eval --help`: the module's own parser
+    prog = f"tokenprune {argv[0]}" if own_parser else "tokenprune"
+    try:
+        if own_parser:
+            import importlib
+
+            module = importlib.import_module("tokenprune.eval." + {"eval": "evaluate", "eval-vlm": "vlm"}[argv[0]])
             module.main(argv[1:])
             return 0
-        except (ValueError, TypeError) as e:
-            print(f"tokenprune {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
-    try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, TypeError) as e:  # bad input: one clear line, not a traceback
-        print(f"tokenprune: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except (CompiledOutputChanged, RecompileLimitReached) as e:  # --compile refused to report what it measured
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def never_eager_fallback():
                 "torch.compile reached one of dynamo's recompile limits (torch._dynamo.config.recompile_limit = "
                 f"{config.recompile_limit}, accumulated_recompile_limit = {config.accumulated_recompile_limit}): "
                 "this forward was compiled again for more shapes, models or configurations in this process than "
-                "that, and from here dynamo would run it eagerly: not timing it. torch._dynamo.reset() discards "
+                "that, and from here dynamo would run it eagerly: stopped here. torch._dynamo.reset() discards "
                 "this process's compiled graphs and starts afresh; or raise the limit, and measure again") from e
 
 
@@ -67,7 +67,7 @@ CHECK_SEED = 20_241_205
 
 
 class CompiledOutputChanged(RuntimeError):
-    """The compiled patched model does not give the eager one's output: it is not timed."""
+    """The compiled patched model does not give the eager one's output: it is neither timed nor evaluated."""
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -98,7 +98,7 @@ def verify_compiled(compiled, eager, x: torch.Tensor, what: str) -> str:
     if moved > len(per_sample) // 8 or per_sample.max() > 100 * tolerance:  # an eighth, within 100x
         raise CompiledOutputChanged(f"torch.compile changed {what}'s output (max difference "
                                     f"{per_sample.max().item():.2e} in {moved} of {len(per_sample)} samples); "
-                                    "not timing it")
+                                    "not using it")
     note = f" ({moved} sample(s) within {per_sample.max().item():.1e}: a near-tie token choice)" if moved else ""
     return (f"compiled {what} for batch {x.shape[0]} in {seconds:.1f} s; output equals eager on "
             f"{len(per_sample)} samples{note}")
