@@ -295,6 +295,25 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
     assert len(out.read_text().splitlines()) == 5
 
 
+def test_compile_stops_where_dynamo_would_go_on_eagerly(tmp_path, capsys, monkeypatch):
+    """A compiled evaluation whose recompile reaches dynamo's limit (here: a limit of 1, and a smaller last batch that
+    compiles once more) is an error, not eager timings reported as compiled ones: one line, exit 1."""
+    import torch
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    data = make_folder(tmp_path / "val", corrupt=False)  # 9 images: batches of 4, 4 and 1
+    out = tmp_path / "run.jsonl"
+    assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5",
+                "--data", str(data), "--output", str(out), "--compile"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1].startswith(
+        "tokenprune eval: torch.compile reached one of dynamo's recompile limits")
+    assert not out.exists() or out.read_text() == ""  # the baseline's last batch already reached it
+
+
 def test_a_busy_machine_flags_the_speedup_column(tmp_path, capsys, monkeypatch):
     """Configurations run one after another: another process's busy spell skews their speedups, so the share of
     the CPUs other processes used is recorded per configuration and a line under the table says when it passed
