@@ -98,6 +98,10 @@ def test_the_cli_says_why_it_refused_a_compiled_measurement_in_one_line(error, m
     monkeypatch.setattr(bench, "benchmark", refuse)
     assert main(["bench", "--model", "vit_testbed_fmnist", "--batch-sizes", "1", "--compile"]) == 1
     assert capsys.readouterr().err == "tokenprune: what was refused, and why\n"
+    # the console script's way in: the arguments after the program's name
+    monkeypatch.setattr("sys.argv", ["tokenprune", "bench", "--model", "vit_testbed_fmnist", "--compile"])
+    assert main() == 1
+    assert capsys.readouterr().err == "tokenprune: what was refused, and why\n"
 
 
 def test_a_near_tie_flip_in_a_few_samples_is_allowed_and_reported(capsys):
