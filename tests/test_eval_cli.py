@@ -302,11 +302,11 @@ def test_compile_stops_where_dynamo_would_go_on_eagerly(tmp_path, capsys, monkey
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     data = make_folder(tmp_path / "val", corrupt=False)  # 9 images: batches of 4, 4 and 1
     out = tmp_path / "run.jsonl"
-    assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5",
-                "--data", str(data), "--output", str(out), "--compile"]) == 1
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch's undo would delete dynamo's setting)
+        assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5",
+                    "--data", str(data), "--output", str(out), "--compile"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.replace("\r", "\n").strip().splitlines()[-1].startswith(
