@@ -35,7 +35,7 @@ from tokenprune.cli import (
     options_by_method,
     torch_dtype,
 )
-from tokenprune.speed import never_eager_fallback, verify_compiled
+from tokenprune.speed import CompiledOutputChanged, never_eager_fallback, verify_compiled
 
 from .data import EMBEDDED, EMBEDDED_SPECS, build_dataset, embedded_spec_for, looks_like_path, skip_reason
 
@@ -339,18 +339,41 @@ def plot(path: Path, rows: list[dict], title: str, x: str = "gflops", y: str = "
     plt.close(fig)
 
 
+def amp_context(device: torch.device, amp: bool):
+    """``--amp``'s autocast (bfloat16 on CPU, float16 elsewhere), or a context that does nothing."""
+    return (torch.autocast(device.type, dtype=amp_dtype(device)) if amp else contextlib.nullcontext())
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
 @torch.inference_mode()
-def compiled(model, loader, dtype: torch.dtype, accelerator, label: str):
+def compiled(model, loader, dtype: torch.dtype, accelerator, amp: bool, what: str):
     """``tokenprune.compiled(model)`` (``torch.compile``; on CPU with inductor's C++ wrapper), compiled by its
-    first forward, on the first batch, before anything is timed (the compile time is printed, not counted; a
-    smaller last batch compiles once more, inside the timing). That forward is ``tokenprune.speed.verify_compiled``:
-    the compiled model must give the eager model's output on the first batch, or the evaluation stops with
-    ``CompiledOutputChanged`` (an accuracy measured on a compiled model that is not the configuration's would be
-    reported under its name)."""
+    first forward, on the first batch, before anything is timed (the compile time is printed, not counted).
+
+    That forward is ``tokenprune.speed.verify_compiled``, under ``--amp``'s autocast when it is on (the graph the
+    evaluation runs): the compiled model must give the eager model's output on the first batch, or the evaluation
+    stops with ``CompiledOutputChanged`` (an accuracy measured on a compiled model that is not the configuration's
+    would be reported under its name). Every process checks its own first batch, and all stop if one fails. Only
+    the first batch's shape is checked: a smaller last batch compiles once more (dynamic shapes), inside the timing."""
     torch._dynamo.reset()  # each configuration patches the same model: a fresh compile, not a recompile
     runner = tokenprune.compiled(model)
     x = next(iter(loader))[0].to(dtype)
-    accelerator.print("  " + verify_compiled(runner, model, x, f"the model ({label})"))
+    line, failure = None, None
+    with amp_context(accelerator.device, amp):
+        try:
+            line = verify_compiled(runner, model, x, what, amp_dtype(accelerator.device) if amp else None)
+        except CompiledOutputChanged as e:
+            failure = e
+    # one verdict for all processes: a process that stopped alone would leave the others waiting in a gather
+    failed = accelerator.gather(torch.tensor([int(failure is not None)], device=accelerator.device))
+    if failure is not None:
+        raise failure
+    if failed.any():
+        raise CompiledOutputChanged(f"torch.compile changed {what}'s output in another process; not using it")
+    accelerator.print("  " + line)
     return runner
 
 
@@ -361,8 +384,7 @@ def evaluate_config(model, loader, accelerator, amp: bool, dtype: torch.dtype = 
     from tokenprune.timing import ForeignLoad, timed
 
     device = accelerator.device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-                if amp else contextlib.nullcontext())
+    autocast = amp_context(device, amp)
     top1 = top5 = images = 0
     skipped = Counter()
     forward_seconds, local_images = 0.0, 0
@@ -592,9 +614,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for config, key in configured(model, configs, run, finished, rows, accelerator):
         flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))
         accelerator.print(f"{config.label}: {flops.gflops_per_sample:.4f} GFLOPs/image")
-        # compiled: a reached recompile limit is an error, not eager timings reported as compiled ones
+        # compiled: a reached recompile limit is an error, not an eager run reported as the compiled one
         with never_eager_fallback() if args.compile else contextlib.nullcontext():
-            runner = compiled(model, loader, dtype, accelerator, config.label) if args.compile else model
+            runner = (compiled(model, loader, dtype, accelerator, args.amp, f"{args.model} ({config.label})")
+                      if args.compile else model)
             row = dict(key=key, model=args.model, data=data_desc, method=config.method, keep=config.keep,
                        options=config.options, gflops=flops.gflops_per_sample, dtype=args.dtype,
                        **evaluate_config(runner, loader, accelerator, args.amp, dtype))

@@ -258,7 +258,7 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
     assert len(compiled_calls) == len(eager)  # every configuration, the baseline too
     # each compiled configuration was checked against eager on its first batch (and a probe batch: 8 samples)
     for label in ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]:
-        assert f"compiled the model ({label}) for batch 4 in " in printed
+        assert f"compiled vit_testbed_fmnist ({label}) for batch 4 in " in printed
     assert printed.count("output equals eager on 8 samples") == len(eager)
     assert [r["top1"] for r in compiled] == [r["top1"] for r in eager]
     assert [r["gflops"] for r in compiled] == [r["gflops"] for r in eager]
@@ -286,7 +286,7 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
     err = capsys.readouterr().err
     assert "Traceback" not in err
     err = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's
-    assert err.startswith("tokenprune eval: torch.compile changed the model (tome keep=0.5)'s output") \
+    assert err.startswith("tokenprune eval: torch.compile changed vit_testbed_fmnist (tome keep=0.5)'s output") \
         and err.endswith("in 8 of 8 samples); not using it"), err
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]  # the baseline kept
     assert len(patched_models) == 1  # stopped at the first wrong configuration, nothing after it compiled
@@ -312,6 +312,21 @@ def test_compile_stops_where_dynamo_would_go_on_eagerly(tmp_path, capsys, monkey
     assert err.replace("\r", "\n").strip().splitlines()[-1].startswith(
         "tokenprune eval: torch.compile reached one of dynamo's recompile limits")
     assert not out.exists() or out.read_text() == ""  # the baseline's last batch already reached it
+
+
+def test_compile_with_amp_checks_the_graph_it_evaluates(tmp_path, capsys, monkeypatch):
+    """Under --amp the evaluation runs the model under autocast, which dynamo compiles as another graph: the check runs
+    under the same autocast, so the graph it checked is the one evaluated (no second compile: with a recompile limit
+    of 1 and batches of one size, a graph compiled outside autocast would reach it at the first batch)."""
+    import torch
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    data = make_folder(tmp_path / "val", per_class=4, corrupt=False)  # 12 images: three batches of 4
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--amp",
+                    "--data", str(data), "--output", str(tmp_path / "run.jsonl"), "--compile"]) == 0
+    assert capsys.readouterr().out.count("output equals eager on 8 samples") == 2
 
 
 def test_a_busy_machine_flags_the_speedup_column(tmp_path, capsys, monkeypatch):
@@ -392,6 +407,36 @@ def test_accuracy_and_throughput_are_counted_as_defined(monkeypatch):
     assert result["skip_reasons"] == {skip_reason(SKIPPED - 2): 1}
     monkeypatch.setattr("tokenprune.timing.timed", lambda call, device=None: (call(), 0.0))  # a clock too coarse
     assert result["images_per_s"] < evaluate_config(model, batches, Accelerator(cpu=True), amp=False)["images_per_s"]
+
+
+def test_a_compiled_output_changed_in_one_process_stops_every_process(tmp_path):
+    """Two CPU processes under torchrun with --compile, and the second process's compiled model wrong: both stop with
+    one line (the first names the other process), none waits in a gather for the one that stopped."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run_eval.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from tokenprune.cli import main\n"
+        "real_compile = torch.compile\n"
+        "def compile_eager(model, **kwargs):  # the eager backend; the second process's logits moved by 1\n"
+        "    graph = real_compile(model, backend='eager')\n"
+        "    return (lambda x: graph(x) + 1.0) if os.environ['RANK'] == '1' else graph\n"
+        "torch.compile = compile_eager\n"
+        "sys.exit(main(['eval'] + sys.argv[1:]))\n")
+    data = make_folder(tmp_path / "val", per_class=2, corrupt=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), "--no-pretrained", "--data", str(data), "--method", "tome", "--keep", "0.5",
+                             "--batch-size", "2", "--compile", "--output", str(tmp_path / "two.jsonl")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "tokenprune eval: torch.compile changed vit_testbed_fmnist (baseline)'s output in another process; " \
+           "not using it" in result.stderr, result.stderr[-2000:]
+    assert "tokenprune eval: torch.compile changed vit_testbed_fmnist (baseline)'s output (max difference" \
+           in result.stderr  # (torchrun's own traceback follows: a process exited 1)
 
 
 def test_two_processes_give_the_one_process_results(tmp_path):

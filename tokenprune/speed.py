@@ -23,7 +23,8 @@ from .timing import interleaved_medians, timed
 
 
 class RecompileLimitReached(RuntimeError):
-    """A compiled forward reached dynamo's recompile limit while being timed: from there dynamo runs it eagerly."""
+    """A compiled forward reached dynamo's recompile limit while being timed or evaluated: from there dynamo would run
+    it eagerly."""
 
 
 @contextlib.contextmanager
@@ -76,7 +77,7 @@ def _output_tensor(out) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def verify_compiled(compiled, eager, x: torch.Tensor, what: str) -> str:
+def verify_compiled(compiled, eager, x: torch.Tensor, what: str, compute_dtype: torch.dtype | None = None) -> str:
     """That ``compiled`` gives ``eager``'s output (to the dtype's rounding), or a clear error
     (``CompiledOutputChanged``); returns one line saying so, and how long compiling took (the first call).
 
@@ -85,14 +86,15 @@ def verify_compiled(compiled, eager, x: torch.Tensor, what: str) -> str:
     an eighth of the samples may do so, within 100 times the tolerance; the line gives the count. At least
     ``CHECK_SAMPLES`` samples are compared: ``x``, then as many further random batches of its shape and dtype as
     that takes (seeded with ``CHECK_SEED``; the caller's random stream untouched), through the same compiled graph.
-    ``what`` names the model in the messages ("the patched deit_tiny_patch16_224")."""
+    ``what`` names the model in the messages ("the patched deit_tiny_patch16_224"). ``compute_dtype``: the dtype the
+    forward computes in, where it is not ``x``'s (under autocast: the autocast dtype), for the tolerance."""
     first, seconds = timed(lambda: _output_tensor(compiled(x)).clone(), x.device)  # clone: a later call may reuse it
     generator = torch.Generator(x.device).manual_seed(CHECK_SEED)
     inputs = [x] + [torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
                     for _ in range(math.ceil(CHECK_SAMPLES / len(x)) - 1)]
     got = torch.cat([first] + [_output_tensor(compiled(t)).clone() for t in inputs[1:]])
     expected = torch.cat([_output_tensor(eager(t)) for t in inputs])
-    tolerance = COMPILE_TOLERANCE.get(x.dtype, 1e-4) * max(1.0, expected.abs().max().item())
+    tolerance = COMPILE_TOLERANCE.get(compute_dtype or x.dtype, 1e-4) * max(1.0, expected.abs().max().item())
     per_sample = (got - expected).abs().flatten(1).amax(dim=1)
     moved = int((per_sample > tolerance).sum())
     if moved > len(per_sample) // 8 or per_sample.max() > 100 * tolerance:  # an eighth, within 100x
