@@ -7,7 +7,7 @@ import torch
 from tokenprune.eval.benchmark import benchmark, check_compiled, format_rows
 
 from tokenprune import extension
-from tokenprune.speed import CHECK_SAMPLES, CompiledOutputChanged, RecompileLimitReached
+from tokenprune.speed import CHECK_SAMPLES, CompiledOutputChanged, RecompileLimitReached, verify_compiled
 
 
 def test_check_compiled_refuses_a_compiled_model_that_changes_the_output(capsys):
@@ -200,6 +200,13 @@ def test_the_tolerance_scales_with_the_output_and_its_limits_are_inclusive():
     check(0.0, [5e-4] + [0.0] * 13)  # 1 of 14: an eighth is one sample
     with pytest.raises(CompiledOutputChanged, match="in 2 of 14"):
         check(0.0, [5e-4] * 2 + [0.0] * 12)
+    # float32 inputs to a forward computing in bfloat16 (autocast): the tolerance of the dtype it computes in
+    eager = lambda t: torch.zeros(len(t), 4)  # noqa: E731
+    verify_compiled(lambda t: eager(t) + 3e-2, eager, torch.zeros(8, 3), "m", compute_dtype=torch.bfloat16)
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        verify_compiled(lambda t: eager(t) + 1e-1, eager, torch.zeros(8, 3), "m", compute_dtype=torch.bfloat16)
+    with pytest.raises(CompiledOutputChanged, match="in 8 of 8"):
+        verify_compiled(lambda t: eager(t) + 3e-2, eager, torch.zeros(8, 3), "m")
 
 
 def test_model_outputs_are_compared_by_their_logits_or_else_their_last_hidden_state():
