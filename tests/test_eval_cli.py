@@ -329,6 +329,52 @@ def test_compile_with_amp_checks_the_graph_it_evaluates(tmp_path, capsys, monkey
     assert capsys.readouterr().out.count("output equals eager on 8 samples") == 2
 
 
+def test_amp_runs_every_forward_under_the_devices_autocast(tmp_path, monkeypatch):
+    """--amp: bfloat16 autocast on CPU (float16 elsewhere) around the evaluated forwards; without it, none."""
+    import torch
+    from tokenprune.eval.evaluate import amp_context, amp_dtype
+
+    assert amp_dtype(torch.device("cpu")) == torch.bfloat16 and amp_dtype(torch.device("cuda")) == torch.float16
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        if isinstance(module, torch.nn.Linear) else None)
+    try:
+        for amp in (True, False):
+            seen.clear()
+            with amp_context(torch.device("cpu"), amp):
+                torch.nn.Linear(2, 2)(torch.zeros(1, 2))
+            assert seen == [(amp, torch.bfloat16)]
+        data = make_folder(tmp_path / "val", per_class=1, corrupt=False)
+        seen.clear()
+        evaluate(["--no-pretrained", "--method", "tome", "--keep", "0.5", "--amp", "--data", str(data),
+                  "--output", str(tmp_path / "amp.jsonl")])
+        # the evaluated forwards (the FLOPs count and the model's loading run outside): the baseline's and ToMe's, at
+        # least the 4 linears (qkv, proj, fc1, fc2) of each of the testbed's 12 blocks, and the last one
+        assert seen.count((True, torch.bfloat16)) >= 2 * 12 * 4 and seen[-1] == (True, torch.bfloat16)
+    finally:
+        hook.remove()
+
+
+def test_compile_with_amp_allows_the_autocast_dtypes_rounding(tmp_path, capsys, monkeypatch):
+    """Under --amp the compiled output is compared with bfloat16's tolerance (the dtype the forward computes in): a
+    compiled model off by 1e-2 passes there, and is refused in float32 (1e-4 of the logits' scale)."""
+    import torch
+
+    real_compile = torch.compile
+
+    def compile_off_a_little(model, **kwargs):
+        graph = real_compile(model, backend="eager")
+        return lambda x: graph(x) + 1e-2
+    monkeypatch.setattr(torch, "compile", compile_off_a_little)
+    data = make_folder(tmp_path / "val", per_class=4, corrupt=False)
+    args = ["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--data", str(data),
+            "--compile"]
+    assert cli(args + ["--amp", "--output", str(tmp_path / "amp.jsonl")]) == 0
+    assert cli(args + ["--output", str(tmp_path / "fp32.jsonl")]) == 1
+    assert "vit_testbed_fmnist (baseline)'s output" in capsys.readouterr().err
+
+
 def test_a_busy_machine_flags_the_speedup_column(tmp_path, capsys, monkeypatch):
     """Configurations run one after another: another process's busy spell skews their speedups, so the share of
     the CPUs other processes used is recorded per configuration and a line under the table says when it passed
