@@ -341,7 +341,7 @@ def plot(path: Path, rows: list[dict], title: str, x: str = "gflops", y: str = "
 
 def amp_context(device: torch.device, amp: bool):
     """``--amp``'s autocast (bfloat16 on CPU, float16 elsewhere), or a context that does nothing."""
-    return (torch.autocast(device.type, dtype=amp_dtype(device)) if amp else contextlib.nullcontext())
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if amp else contextlib.nullcontext()
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tokenprune.eval.evaluate import format_table, load_model
 from tokenprune.eval.evaluate import main as evaluate
@@ -15,6 +16,15 @@ from tokenprune.cli import main as cli
 
 CLASSES = ["bag", "boot", "coat"]
 COMMON = ["--no-pretrained", "--batch-size", "4", "--method", "tome", "random", "--keep", "0.5", "0.25"]
+
+
+REAL_COMPILE = torch.compile
+
+
+def compile_with_eager_backend(monkeypatch, wrap=lambda model, graph: graph):
+    """``torch.compile`` replaced by dynamo's eager backend (no inductor: quick), its result passed through
+    ``wrap(model, graph)`` (a test's way to make a compiled model differ from the eager one)."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: wrap(model, REAL_COMPILE(model, backend="eager")))
 
 
 def make_folder(root, per_class=3, corrupt=True):
@@ -267,18 +277,14 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
 def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, capsys, monkeypatch):
     """A compiled configuration whose output is not the eager model's is not evaluated under its name: the CLI says
     so in one line and exits 1, the configurations finished before it are kept, and --resume goes on from there."""
-    import torch
-
-    real_compile = torch.compile
     patched_models = []
 
-    def compile_wrong_when_patched(model, **kwargs):  # the eager backend; a patched model's logits moved by 1
-        graph = real_compile(model, backend="eager")
+    def wrong_when_patched(model, graph):  # a patched model's logits moved by 1
         if not tokenprune.is_patched(model):
             return graph
         patched_models.append(model)
         return lambda x: graph(x) + 1.0
-    monkeypatch.setattr(torch, "compile", compile_wrong_when_patched)
+    compile_with_eager_backend(monkeypatch, wrong_when_patched)
     data = make_folder(tmp_path / "val", corrupt=False)
     out = tmp_path / "run.jsonl"
     args = ["eval"] + COMMON + ["--data", str(data), "--output", str(out), "--compile"]
@@ -290,7 +296,7 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
         and err.endswith("in 8 of 8 samples); not using it"), err
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]  # the baseline kept
     assert len(patched_models) == 1  # stopped at the first wrong configuration, nothing after it compiled
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    compile_with_eager_backend(monkeypatch)
     assert cli(args + ["--resume"]) == 0
     assert len(out.read_text().splitlines()) == 5
 
@@ -298,10 +304,7 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
 def test_compile_stops_where_dynamo_would_go_on_eagerly(tmp_path, capsys, monkeypatch):
     """A compiled evaluation whose recompile reaches dynamo's limit (here: a limit of 1, and a smaller last batch that
     compiles once more) is an error, not eager timings reported as compiled ones: one line, exit 1."""
-    import torch
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    compile_with_eager_backend(monkeypatch)
     data = make_folder(tmp_path / "val", corrupt=False)  # 9 images: batches of 4, 4 and 1
     out = tmp_path / "run.jsonl"
     with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch's undo would delete dynamo's setting)
@@ -318,10 +321,7 @@ def test_compile_with_amp_checks_the_graph_it_evaluates(tmp_path, capsys, monkey
     """Under --amp the evaluation runs the model under autocast, which dynamo compiles as another graph: the check runs
     under the same autocast, so the graph it checked is the one evaluated (no second compile: with a recompile limit
     of 1 and batches of one size, a graph compiled outside autocast would reach it at the first batch)."""
-    import torch
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    compile_with_eager_backend(monkeypatch)
     data = make_folder(tmp_path / "val", per_class=4, corrupt=False)  # 12 images: three batches of 4
     with torch._dynamo.config.patch(recompile_limit=1):
         assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--amp",
@@ -331,7 +331,6 @@ def test_compile_with_amp_checks_the_graph_it_evaluates(tmp_path, capsys, monkey
 
 def test_amp_runs_every_forward_under_the_devices_autocast(tmp_path, monkeypatch):
     """--amp: bfloat16 autocast on CPU (float16 elsewhere) around the evaluated forwards; without it, none."""
-    import torch
     from tokenprune.eval.evaluate import amp_context, amp_dtype
 
     assert amp_dtype(torch.device("cpu")) == torch.bfloat16 and amp_dtype(torch.device("cuda")) == torch.float16
@@ -359,14 +358,7 @@ def test_amp_runs_every_forward_under_the_devices_autocast(tmp_path, monkeypatch
 def test_compile_with_amp_allows_the_autocast_dtypes_rounding(tmp_path, capsys, monkeypatch):
     """Under --amp the compiled output is compared with bfloat16's tolerance (the dtype the forward computes in): a
     compiled model off by 1e-2 passes there, and is refused in float32 (1e-4 of the logits' scale)."""
-    import torch
-
-    real_compile = torch.compile
-
-    def compile_off_a_little(model, **kwargs):
-        graph = real_compile(model, backend="eager")
-        return lambda x: graph(x) + 1e-2
-    monkeypatch.setattr(torch, "compile", compile_off_a_little)
+    compile_with_eager_backend(monkeypatch, lambda model, graph: lambda x: graph(x) + 1e-2)
     data = make_folder(tmp_path / "val", per_class=4, corrupt=False)
     args = ["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--data", str(data),
             "--compile"]
