@@ -25,7 +25,8 @@ from tokenprune import extension
 from tokenprune.adapters import find_adapter
 from tokenprune.cli import DTYPES, torch_dtype
 from tokenprune.flops import count_flops, default_input_size, random_model
-from tokenprune.registry import EncoderReducer, Reduction, config_label
+from tokenprune.methods.mctf import apply_attention
+from tokenprune.registry import EncoderReducer, Reduction, Stage, config_label
 from tokenprune.speed import never_eager_fallback, verify_compiled
 from tokenprune.timing import interleaved_medians
 
@@ -47,6 +48,60 @@ class ZeroCostTruncation(EncoderReducer):
 
     def after_attention(self, x, remove, taps, state):
         return Reduction(x[:, : x.shape[1] - remove])
+
+
+class ZeroCostStep(EncoderReducer):
+    """A method's floor: what ``inner`` asks of each reducing block's attention, with its scoring, matching and
+    merging at no cost (the last tokens dropped, as ``ZeroCostTruncation``). Not registered: a measuring device.
+
+    What stays is what the method's definition costs whatever its step does: the q and k or the explicit attention
+    map its ``needs`` ask for, and the log-size bias of proportional attention (its sizes kept, all 1). For a method
+    that reduces before attention (MCTF) that is the map of the un-reduced tokens (its informativeness criterion and
+    its one-step-ahead reuse read it) and the split projection (q and k of the un-reduced tokens, v of the reduced
+    ones), the map's block of the kept tokens applied to their values. A method slower than its floor loses the
+    difference in its own step; a floor slower than the unpatched model means no implementation of the method can
+    pay there (docs/performance.md, fifteenth round). ``zero_cost_step`` builds one."""
+
+    name, summary = "floor", "a method's attention needs with a zero-cost step"
+
+    def __init__(self, inner: EncoderReducer):
+        super().__init__(keep=inner.keep)
+        self.inner = inner
+        self.needs = inner.needs
+
+    @property
+    def proportional_attention(self) -> bool:
+        return self.inner.proportional_attention
+
+    def schedule(self, num_patches, depth, num_prefix=0):
+        return self.inner.schedule(num_patches, depth, num_prefix)
+
+    def drop(self, x: torch.Tensor, remove: int, state) -> torch.Tensor:
+        kept = x.shape[1] - remove
+        if self.proportional_attention:  # sizes kept (all 1): the log-size bias runs as the method's does
+            state.size = (x.new_ones(x.shape[0], kept, 1, dtype=torch.float32) if state.size is None
+                          else state.size[:, :kept])
+        return x[:, :kept]
+
+
+class _ZeroCostStepAfterAttention(ZeroCostStep):
+    def after_attention(self, x, remove, taps, state):
+        return Reduction(self.drop(x, remove, state))
+
+
+class _ZeroCostStepBeforeAttention(ZeroCostStep):
+    def before_attention(self, x, remove, taps, state):
+        probs = taps.probabilities(state)  # the map of the N un-reduced tokens
+        x = self.drop(x, remove, state)
+        kept = x.shape[1]
+        return Reduction(x, functools.partial(apply_attention, probs[:, :, :kept, :kept]))
+
+
+def zero_cost_step(inner: EncoderReducer) -> ZeroCostStep:
+    """``inner``'s floor (``ZeroCostStep``), reducing where ``inner`` does (before or after attention)."""
+    if inner.stage is Stage.BEFORE_ATTENTION:
+        return _ZeroCostStepBeforeAttention(inner)
+    return _ZeroCostStepAfterAttention(inner)
 
 
 @dataclass
@@ -83,6 +138,13 @@ def patched_and_ceiling(baseline, method: str, keep: float, options: dict):
     ceiling = copy.deepcopy(baseline)
     find_adapter(ceiling).patch(ceiling, ZeroCostTruncation(tokenprune.reducer_of(patched)))
     return patched, ceiling
+
+
+def floor_of(baseline, patched):
+    """A copy of ``baseline`` patched with the floor (``zero_cost_step``) of ``patched``'s method."""
+    floor = copy.deepcopy(baseline)
+    find_adapter(floor).patch(floor, zero_cost_step(tokenprune.reducer_of(patched)))
+    return floor
 
 
 @torch.inference_mode()

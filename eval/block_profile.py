@@ -13,6 +13,10 @@
    hands the block (MCTF's one-step-ahead attention), beside the three models' forward times. Timed
    where they run, so they include what cold caches cost there (a call can cost twice what it costs
    in a tight loop: docs/performance.md).
+4. The method's floor (``--floor``, and ``--compile`` to compile all four models with ``tokenprune.compiled``): the
+   forwards of the unpatched model, the zero-cost truncation, the method's floor (what the method asks of each
+   reducing block's attention, its scoring, matching and merging at no cost: ``benchmark.ZeroCostStep``) and the
+   method, interleaved. A floor slower than the unpatched model: no implementation of the method pays there.
 
 Timings are of this machine, at the moment they run: compare the two columns of one run, not runs.
 """
@@ -28,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from tokenprune.eval.benchmark import patched_and_ceiling
+from tokenprune.eval.benchmark import floor_of, patched_and_ceiling
 
 import tokenprune
 from tokenprune.flops import default_input_size, random_model
@@ -173,6 +177,32 @@ def profile_hooks(model_name: str = "deit_small_patch16_224", method: str = "tom
     return rows + [HookRow(name, len(t) / repeats, 1000 * sum(t) / repeats) for name, t in spent.items()]
 
 
+@torch.inference_mode()
+def profile_floor(model_name: str = "deit_small_patch16_224", method: str = "tome", keep: float = 0.5,
+                  options: dict | None = None, batch: int = 1, repeats: int = 21, threads: int = 2,
+                  seed: int = 0, compile: bool = False) -> dict[str, float]:
+    """Median ms a forward (interleaved) of the unpatched model, the zero-cost truncation, the method's floor
+    (``benchmark.ZeroCostStep``) and the method; ``compile``: each through ``tokenprune.compiled``, compiled (and
+    so warmed up) before the timing."""
+    torch.set_num_threads(threads)
+    baseline = random_model(model_name, seed)
+    patched, ceiling = patched_and_ceiling(baseline, method, keep, options or {})
+    models = {"unpatched": baseline, "zero-cost truncation": ceiling,
+              "the method's floor": floor_of(baseline, patched), "the method": patched}
+    if compile:
+        models = {name: tokenprune.compiled(model) for name, model in models.items()}
+    x = torch.randn(batch, *default_input_size(baseline))
+    medians, _ = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()}, repeats)
+    return {name: 1000 * seconds for name, seconds in medians.items()}
+
+
+def format_floor(ms: dict[str, float]) -> str:
+    lines = ["| forward | ms | speedup | of the truncation's |", "| --- | ---: | ---: | ---: |"]
+    base, ceiling = ms["unpatched"], ms["zero-cost truncation"]
+    lines += [f"| {name} | {t:.2f} | {base / t:.3f}x | {ceiling / t:.3f} |" for name, t in ms.items()]
+    return "\n".join(lines)
+
+
 def format_hooks(rows: list[HookRow]) -> str:
     lines = ["| part | calls a forward | ms a forward | us a call |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r.part} | {r.calls_per_forward:g} | {r.ms_per_forward:.2f} | "
@@ -215,14 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hooks", action="store_true",
                         help="time the method's step and attention core inside the forward instead of blocks and ops")
+    parser.add_argument("--floor", action="store_true",
+                        help="time the method's floor (its attention needs, a zero-cost step) beside the forwards")
+    parser.add_argument("--compile", action="store_true", help="with --floor: all four models compiled")
     args = parser.parse_args(argv)
     options = dict(args.option)
+    heading = (f"{args.model}, {args.method} keep={args.keep} {options or ''}, batch {args.batch}, "
+               f"{args.threads} threads")
+    if args.compile and not args.floor:
+        parser.error("--compile times the --floor forwards only")
     try:
+        if args.floor:
+            ms = profile_floor(args.model, args.method, args.keep, options, args.batch, args.repeats, args.threads,
+                               compile=args.compile)
+            print(f"{heading}{', compiled' if args.compile else ''}\n")
+            print(format_floor(ms))
+            return 0
         if args.hooks:
             hooks = profile_hooks(args.model, args.method, args.keep, options, args.batch, args.repeats,
                                   args.threads)
-            print(f"{args.model}, {args.method} keep={args.keep} {options or ''}, batch {args.batch}, "
-                  f"{args.threads} threads\n")
+            print(f"{heading}\n")
             print(format_hooks(hooks))
             return 0
         blocks = profile_blocks(args.model, args.method, args.keep, options, args.batch, args.repeats, args.threads)
@@ -231,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as error:
         print(f"block_profile: error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.model}, {args.method} keep={args.keep} {options or ''}, batch {args.batch}, "
-          f"{args.threads} threads\n")
+    print(f"{heading}\n")
     print(format_blocks(blocks) + "\n\n" + format_ops(ops))
     return 0
 

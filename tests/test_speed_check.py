@@ -250,6 +250,125 @@ def test_block_profile_hooks_totals_defaults_and_table(monkeypatch, capsys):
     assert "mctf keep=0.5 {'prop_attn': False}, batch 1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["tome", "mctf", "zero-tprune", "random"])
+def test_a_methods_floor_reaches_its_token_counts_asking_what_it_asks_of_attention(monkeypatch, method):
+    """``ZeroCostStep``: the method's schedule, stage and attention needs; an MCTF floor computes the map of the
+    un-reduced tokens at each reducing block and applies its kept block to the kept tokens' values (the output the
+    core gives is the map's rows, renormalised over every key, times v); proportional attention keeps the bias
+    running after the first reduction (sizes all 1), and stays off where the method has it off."""
+    from tokenprune.eval.benchmark import ZeroCostStep, floor_of, patched_and_ceiling
+
+    from tokenprune.registry import Stage
+    from tokenprune.state import AttentionTaps, ForwardState
+
+    base, x = tiny_timm(), images(2)
+    patched, _ = patched_and_ceiling(base, method, 0.5, {})
+    floor = floor_of(base, patched)
+    inner, reducer = tokenprune.reducer_of(patched), tokenprune.reducer_of(floor)
+    assert isinstance(reducer, ZeroCostStep) and reducer.inner is inner
+    assert reducer.stage is inner.stage and reducer.needs is inner.needs
+    maps, biases = [], []
+    real_probabilities, real_bias = AttentionTaps.probabilities, ForwardState.attention_bias
+    monkeypatch.setattr(AttentionTaps, "probabilities",
+                        lambda taps, state=None: maps.append(taps.q.shape[2]) or real_probabilities(taps, state))
+    monkeypatch.setattr(ForwardState, "attention_bias",
+                        lambda state, dtype=None: biases.append(real_bias(state, dtype)) or biases[-1])
+    with torch.no_grad():
+        patched(x)
+        counts, maps_patched = tokenprune.last_forward(patched).token_counts, list(maps)
+        maps.clear(), biases.clear()
+        floor(x)
+    assert tokenprune.last_forward(floor).token_counts == counts and counts[-1] < counts[0]
+    reducing = [n for n, after in zip(counts, counts[1:] + [tokenprune.last_forward(floor).output_tokens])
+                if after < n]
+    if inner.stage is Stage.BEFORE_ATTENTION:
+        assert maps == maps_patched == reducing  # one map a reducing block, of the tokens entering it
+    assert any(b is not None for b in biases) == inner.proportional_attention
+    if method == "tome":  # and off where the method's is off
+        quiet = floor_of(base, tokenprune.apply(tiny_timm(), "tome", keep=0.5, prop_attn=False))
+        biases.clear()
+        with torch.no_grad():
+            quiet(x)
+        assert biases and all(b is None for b in biases)
+
+
+def test_the_mctf_floor_applies_the_kept_block_of_the_un_reduced_map():
+    """One merging block (``layers=[1]``): the floor's output is the stock model's with block 1's attention taken as
+    softmax over all N keys of the un-reduced tokens, its first n rows and columns applied to v of the first n."""
+    import copy
+
+    from tokenprune.eval.benchmark import floor_of
+
+    base, x = tiny_timm(), images(2)
+    patched = tokenprune.apply(copy.deepcopy(base), "mctf", r=6, layers=[1])
+    floor = floor_of(base, patched)
+
+    def reference(model, x):
+        h = model.patch_embed(x)
+        h = model._pos_embed(h)
+        for i, block in enumerate(model.blocks):
+            if i == 1:
+                attn, n = block.attn, h.shape[1] - 6
+                a = block.norm1(h)
+                q, k, _ = attn.qkv(a).reshape(a.shape[0], a.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+                probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, :n, :n]
+                h = h[:, :n]
+                a = block.norm1(h)
+                v = attn.qkv(a).reshape(a.shape[0], n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[2]
+                out = (probs @ v).transpose(1, 2).reshape(a.shape[0], n, -1)
+                h = h + block.ls1(attn.proj(out))
+                h = h + block.ls2(block.mlp(block.norm2(h)))
+            else:
+                h = block(h)
+        return model.forward_head(model.norm(h))
+
+    with torch.no_grad():
+        torch.testing.assert_close(floor(x), reference(base, x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_profile_floor_times_four_forwards_and_reports_ratios(monkeypatch, capsys):
+    """``--floor``: the unpatched, truncated, floor and patched forwards in one interleave (each model the one its
+    name says), their ratios to the unpatched and the truncated times; ``--compile`` compiles all four with
+    ``tokenprune.compiled`` and is refused without ``--floor``."""
+    from tokenprune.eval import block_profile
+    from tokenprune.eval.benchmark import ZeroCostStep, ZeroCostTruncation
+
+    seeds, seen, compiled = [], {}, []
+    monkeypatch.setattr(block_profile, "random_model", lambda name, seed=0: seeds.append(seed) or tiny_timm(name, seed))
+
+    def medians(calls, repeats):
+        seen.update(repeats=repeats, batch=calls["unpatched"].args[0].shape[0], threads=torch.get_num_threads(),
+                    keep=tokenprune.reducer_of(calls["the method"].func).keep,
+                    reducers={name: type(tokenprune.reducer_of(call.func)) if tokenprune.is_patched(call.func)
+                              else None for name, call in calls.items()})
+        return dict(zip(calls, (0.010, 0.008, 0.0125, 0.020))), None
+
+    monkeypatch.setattr(block_profile, "interleaved_medians", medians)
+    monkeypatch.setattr(tokenprune, "compiled", lambda model: compiled.append(model) or model)
+    threads = torch.get_num_threads()
+    try:  # the defaults: keep 0.5, batch 1, 21 repeats, 2 threads, seed 0, eager
+        block_profile.profile_floor("vit_base_patch16_224", "mctf")
+    finally:
+        torch.set_num_threads(threads)
+    assert seeds == [0] and not compiled
+    assert (seen["keep"], seen["batch"], seen["repeats"], seen["threads"]) == (0.5, 1, 21, 2)
+    ms = block_profile.profile_floor("vit_base_patch16_224", "tome", 0.5, batch=3, repeats=5, threads=threads,
+                                     compile=True)
+    assert seen["repeats"] == 5 and seen["batch"] == 3 and len(compiled) == 4
+    assert seen["reducers"]["unpatched"] is None and seen["reducers"]["zero-cost truncation"] is ZeroCostTruncation
+    assert issubclass(seen["reducers"]["the method's floor"], ZeroCostStep)
+    assert seen["reducers"]["the method"].name == "tome"
+    assert ms == {"unpatched": 10.0, "zero-cost truncation": 8.0, "the method's floor": 12.5, "the method": 20.0}
+    table = block_profile.format_floor(ms)
+    assert "| the method's floor | 12.50 | 0.800x | 0.640 |" in table
+    assert "| the method | 20.00 | 0.500x | 0.400 |" in table
+    assert block_profile.main(["--model", "vit_base_patch16_224", "--method", "mctf", "--floor", "--compile"]) == 0
+    assert "mctf keep=0.5 , batch 1, 2 threads, compiled" in capsys.readouterr().out and len(compiled) == 8
+    with pytest.raises(SystemExit) as stop:
+        block_profile.main(["--compile"])
+    assert stop.value.code == 2 and "--compile times the --floor forwards only" in capsys.readouterr().err
+
+
 def test_compiled_is_torch_compile_with_the_cpp_wrapper_on_cpu(monkeypatch):
     """tokenprune.compiled: inductor's C++ wrapper for a CPU model (or one without parameters); the caller's
     options win; with a ``mode`` (torch.compile takes no options beside one) or off the CPU, torch's defaults."""
