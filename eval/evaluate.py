@@ -348,23 +348,37 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 
+def other_batch_sizes(loader, first: int) -> list[int]:
+    """The sizes of this process's batches other than ``first`` (a smaller last batch), largest first, read from the
+    loader's batch sampler (indices only, no data loaded); none for an iterable dataset (its batch sampler draws from
+    an endless sampler: its sizes are known only by loading it)."""
+    from torch.utils.data import IterableDataset
+
+    sampler = getattr(loader, "batch_sampler", None)
+    if sampler is None or isinstance(loader.dataset, IterableDataset):
+        return []
+    return sorted({len(batch) for batch in sampler} - {first}, reverse=True)
+
+
 @torch.inference_mode()
 def compiled(model, loader, dtype: torch.dtype, accelerator, amp: bool, what: str):
-    """``tokenprune.compiled(model)`` (``torch.compile``; on CPU with inductor's C++ wrapper), compiled by its
-    first forward, on the first batch, before anything is timed (the compile time is printed, not counted).
+    """``tokenprune.compiled(model)`` (``torch.compile``; on CPU with inductor's C++ wrapper), compiled on every batch
+    size this process will evaluate before anything is timed (the compile time is printed, not counted).
 
-    That forward is ``tokenprune.speed.verify_compiled``, under ``--amp``'s autocast when it is on (the graph the
-    evaluation runs): the compiled model must give the eager model's output on the first batch, or the evaluation
+    Each of those compiles is ``tokenprune.speed.verify_compiled``, under ``--amp``'s autocast when it is on (the
+    graph the evaluation runs): the compiled model must give the eager model's output on the first batch, and on its
+    first samples at the size of a smaller last batch (which dynamo compiles as another graph), or the evaluation
     stops with ``CompiledOutputChanged`` (an accuracy measured on a compiled model that is not the configuration's
-    would be reported under its name). Every process checks its own first batch, and all stop if one fails. Only
-    the first batch's shape is checked: a smaller last batch compiles once more (dynamic shapes), inside the timing."""
+    would be reported under its name). Every process checks its own batch sizes, and all stop if one fails."""
     torch._dynamo.reset()  # each configuration patches the same model: a fresh compile, not a recompile
     runner = tokenprune.compiled(model)
     x = next(iter(loader))[0].to(dtype)
-    line, failure = None, None
+    sizes = [len(x)] + [n for n in other_batch_sizes(loader, len(x)) if n < len(x)]
+    lines, failure, compute_dtype = [], None, amp_dtype(accelerator.device) if amp else None
     with amp_context(accelerator.device, amp):
         try:
-            line = verify_compiled(runner, model, x, what, amp_dtype(accelerator.device) if amp else None)
+            for n in sizes:  # a tensor of its own, as the loader's last batch is
+                lines.append(verify_compiled(runner, model, x[:n].clone(), what, compute_dtype))
         except CompiledOutputChanged as e:
             failure = e
     # one verdict for all processes: a process that stopped alone would leave the others waiting in a gather
@@ -373,7 +387,8 @@ def compiled(model, loader, dtype: torch.dtype, accelerator, amp: bool, what: st
         raise failure
     if failed.any():
         raise CompiledOutputChanged(f"torch.compile changed {what}'s output in another process; not using it")
-    accelerator.print("  " + line)
+    for line in lines:
+        accelerator.print("  " + line)
     return runner
 
 

@@ -266,10 +266,12 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
     printed = capsys.readouterr().out
     assert "[resume]" not in printed  # compiled results are not the eager ones
     assert len(compiled_calls) == len(eager)  # every configuration, the baseline too
-    # each compiled configuration was checked against eager on its first batch (and a probe batch: 8 samples)
+    # each compiled configuration was checked against eager on its first batch (and a probe batch: 8 samples), and at
+    # the last batch's size (9 images: batches of 4, 4 and 1) on the first batch's first sample (and 7 probes)
     for label in ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]:
         assert f"compiled vit_testbed_fmnist ({label}) for batch 4 in " in printed
-    assert printed.count("output equals eager on 8 samples") == len(eager)
+        assert f"compiled vit_testbed_fmnist ({label}) for batch 1 in " in printed
+    assert printed.count("output equals eager on 8 samples") == 2 * len(eager)
     assert [r["top1"] for r in compiled] == [r["top1"] for r in eager]
     assert [r["gflops"] for r in compiled] == [r["gflops"] for r in eager]
 
@@ -299,6 +301,38 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
     compile_with_eager_backend(monkeypatch)
     assert cli(args + ["--resume"]) == 0
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_compile_checks_the_smaller_last_batch_before_evaluating(tmp_path, capsys, monkeypatch):
+    """A smaller last batch compiles as another graph: it is checked before the evaluation too, so a compiled model
+    that is right at the first batch's size and wrong at the last one's is not evaluated under its name (one line,
+    exit 1, the baseline kept). The check reads the sizes from the batch sampler: none for an iterable dataset."""
+    from tokenprune.eval.evaluate import other_batch_sizes
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    def wrong_below_four(model, graph):  # a patched model's logits moved by 1 in batches smaller than 4
+        return graph if not tokenprune.is_patched(model) else lambda x: graph(x) + float(len(x) < 4)
+    compile_with_eager_backend(monkeypatch, wrong_below_four)
+    data = make_folder(tmp_path / "val", corrupt=False)  # 9 images: batches of 4, 4 and 1
+    out = tmp_path / "run.jsonl"
+    assert cli(["eval"] + COMMON + ["--data", str(data), "--output", str(out), "--compile"]) == 1
+    captured = capsys.readouterr()
+    assert "compiled vit_testbed_fmnist (tome keep=0.5) for batch 4 in " not in captured.out  # one verdict, after both
+    err = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert err.startswith("tokenprune eval: torch.compile changed vit_testbed_fmnist (tome keep=0.5)'s output") \
+        and err.endswith("in 8 of 8 samples); not using it"), err
+    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]
+
+    assert other_batch_sizes(DataLoader(TensorDataset(torch.zeros(11, 1)), batch_size=4), 4) == [3]
+    assert other_batch_sizes(DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=4), 4) == []
+    assert other_batch_sizes(DataLoader(TensorDataset(torch.zeros(9, 1)), batch_size=8), 2) == [8, 1]
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            while True:
+                yield torch.zeros(1)
+    assert other_batch_sizes(DataLoader(Endless(), batch_size=4), 4) == []
+    assert other_batch_sizes(object(), 4) == []
 
 
 def test_compile_stops_where_dynamo_would_go_on_eagerly(tmp_path, capsys, monkeypatch):
