@@ -33,11 +33,8 @@ from tokenprune.timing import interleaved_medians
 DTYPE_NAMES = {torch_dtype(name): name for name in DTYPES}
 
 
-class ZeroCostTruncation(EncoderReducer):
-    """The ceiling for any method: the same token counts as ``inner``, reached by simply
-    dropping the last tokens (no scoring, no merging). Not registered: a measuring device."""
-
-    name, summary = "truncate", "zero-cost truncation on another method's schedule"
+class _OnInnersSchedule(EncoderReducer):
+    """A measuring device that removes the tokens ``inner`` removes, block by block."""
 
     def __init__(self, inner: EncoderReducer):
         super().__init__(keep=inner.keep)
@@ -46,11 +43,18 @@ class ZeroCostTruncation(EncoderReducer):
     def schedule(self, num_patches, depth, num_prefix=0):
         return self.inner.schedule(num_patches, depth, num_prefix)
 
+
+class ZeroCostTruncation(_OnInnersSchedule):
+    """The ceiling for any method: the same token counts as ``inner``, reached by simply
+    dropping the last tokens (no scoring, no merging). Not registered: a measuring device."""
+
+    name, summary = "truncate", "zero-cost truncation on another method's schedule"
+
     def after_attention(self, x, remove, taps, state):
         return Reduction(x[:, : x.shape[1] - remove])
 
 
-class ZeroCostStep(EncoderReducer):
+class ZeroCostStep(_OnInnersSchedule):
     """A method's floor: what ``inner`` asks of each reducing block's attention, with its scoring, matching and
     merging at no cost (the last tokens dropped, as ``ZeroCostTruncation``). Not registered: a measuring device.
 
@@ -65,16 +69,12 @@ class ZeroCostStep(EncoderReducer):
     name, summary = "floor", "a method's attention needs with a zero-cost step"
 
     def __init__(self, inner: EncoderReducer):
-        super().__init__(keep=inner.keep)
-        self.inner = inner
+        super().__init__(inner)
         self.needs = inner.needs
 
     @property
     def proportional_attention(self) -> bool:
         return self.inner.proportional_attention
-
-    def schedule(self, num_patches, depth, num_prefix=0):
-        return self.inner.schedule(num_patches, depth, num_prefix)
 
     def drop(self, x: torch.Tensor, remove: int, state) -> torch.Tensor:
         kept = x.shape[1] - remove
