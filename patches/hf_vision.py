@@ -188,7 +188,9 @@ class ReducingLayer(Swapped):
         if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         refuse_jit_tracing()
-        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        reduces = state.removes_tokens(hidden_states)
+        checkpointing = getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
+        if checkpointing and reduces:
             # transformers' checkpointing replays this forward in the backward pass, with the forward's state
             # already moved on (later blocks' counts, reduced sizes): gradients would fail or be wrong
             raise RuntimeError("tokenprune: gradient checkpointing cannot be combined with token reduction (a layer "
@@ -199,13 +201,14 @@ class ReducingLayer(Swapped):
                                "export transformers builds an attention mask even without one, which cannot be "
                                "combined with token reduction); use torch.compile(model), or export a timm model")
         masked = not masks_nothing(attention_mask)
-        if masked and state.removes_tokens(hidden_states):
+        if masked and reduces:
             raise ValueError("tokenprune: an attention_mask cannot be combined with token reduction (the token "
                              "count changes inside the encoder; the mask fits the input's); call "
                              "tokenprune.remove(model) first")
         if state.reducer.trace_source and not state.token_counts:  # the first layer sees the input tokens
             state.start_source_tracking(hidden_states)
-        if masked:  # nothing is removed (keep=1.0, r=0): the stock layer, with the caller's mask
+        if masked or checkpointing:  # nothing is removed (keep=1.0, r=0): the stock layer, with the caller's mask or
+            # checkpointed (its replay in the backward pass records its count again, after the report was taken)
             state.enter_block(hidden_states)
             state.output_tokens = hidden_states.shape[1]
             return super().forward(hidden_states, attention_mask, **kwargs)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.attention import maybe_add_mask
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
@@ -130,27 +131,35 @@ class ReducingViT(Swapped, VisionTransformer):
     def _reduced_features(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, ForwardState]:
         refuse_jit_tracing()
         masked = attn_mask is not None or is_causal
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            warn_at_caller("tokenprune: timm's gradient checkpointing is not applied while reducing tokens (the "
-                           "blocks run as they are: the same gradients, the memory of a forward without it)",
-                           RuntimeWarning)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         reducer = self.tokenprune_reducer
         num_patches = x.shape[1] - self.num_prefix_tokens
         state = ForwardState(reducer=reducer, num_prefix=self.num_prefix_tokens,
                              schedule=reducer.schedule(num_patches, len(self.blocks), self.num_prefix_tokens))
-        if masked and state.removes_tokens(x):
+        reduces = state.removes_tokens(x)
+        if masked and reduces:
             raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction (the token "
                              "count changes inside the encoder; the mask fits the input's); call "
                              "tokenprune.remove(model) first")
+        # timm's own condition for checkpointing (training mode aside: it checkpoints in eval mode too)
+        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
+        if checkpointing and reduces and self.training and torch.is_grad_enabled():
+            warn_at_caller("tokenprune: timm's gradient checkpointing is not applied while reducing tokens (the "
+                           "blocks run as they are: the same gradients, the memory of a forward without it)",
+                           RuntimeWarning)
         if reducer.trace_source:
             state.start_source_tracking(x)
-        for block in self.blocks:
-            if masked:  # nothing is removed (keep=1.0, r=0): the stock blocks, with the caller's mask
+        if checkpointing and not masked and not reduces:  # nothing is removed (keep=1.0, r=0): timm's checkpointing
+            for _ in self.blocks:
                 state.enter_block(x)
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
-            else:
-                x = block(x, state=state)
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            for block in self.blocks:
+                if masked:  # nothing is removed (keep=1.0, r=0): the stock blocks, with the caller's mask
+                    state.enter_block(x)
+                    x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+                else:
+                    x = block(x, state=state)
         state.output_tokens = x.shape[1]
         self._tokenprune_last = state.report()
         return self.norm(x), state

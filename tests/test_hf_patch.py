@@ -383,6 +383,26 @@ def test_a_pipeline_takes_a_flops_budget_as_apply_does(saved_vit, budget):
     assert tokenprune.reducer_of(default.model).keep == 0.33
 
 
+def test_gradient_checkpointing_at_keep_1_is_the_stock_checkpointed_forward():
+    """Where nothing is removed (keep=1.0) a checkpointed layer is the stock one: the stock outputs and gradients,
+    and the report's counts (taken before a replay in the backward pass records its count again)."""
+    stock = tiny_hf("vit").train()
+    model = copy.deepcopy(stock)
+    tokenprune.apply(model, "tome", keep=1.0)
+    for m in (stock, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x = torch.randn(2, 3, 32, 32)
+    out = model(pixel_values=x).logits
+    out.sum().backward()
+    expected = stock(pixel_values=x).logits
+    expected.sum().backward()
+    assert torch.equal(out, expected)
+    for (name, p), q in zip(model.named_parameters(), stock.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    tokens = stock.vit.embeddings.patch_embeddings.num_patches + 1
+    assert tokenprune.last_forward(model).token_counts == [tokens] * stock.config.num_hidden_layers
+
+
 def test_gradient_checkpointing_is_refused_while_reducing():
     """transformers' checkpointing replays a layer's forward in the backward pass, from a state the forward has moved
     on (the backward failed on a size mismatch, or on a different number of saved tensors): refused in the forward,

@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 from conftest import images, tiny_timm
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
+from tokenprune.patches import timm_vit
 from tokenprune.patches.timm_vit import ReducingBlock, TimmAttention
 
 import tokenprune
@@ -430,6 +432,31 @@ def test_reset_classifier_gives_the_size_weighted_embeddings_of_an_average_poole
         embeddings = model(x)
     assert size is not None and size.max() > 1
     torch.testing.assert_close(embeddings, model.fc_norm((tokens * size).sum(1) / size.sum(1)), rtol=1e-6, atol=1e-6)
+
+
+def test_timm_gradient_checkpointing_at_keep_1_is_the_stock_checkpointed_forward(monkeypatch):
+    """Where nothing is removed (keep=1.0) the blocks run as timm runs them, checkpointed (its memory, no warning),
+    with the stock model's outputs and gradients, and the report's counts."""
+    stock, x = tiny_timm(depth=3), images()
+    model = copy.deepcopy(stock)
+    tokenprune.apply(model, "tome", keep=1.0)
+    calls = []
+    monkeypatch.setattr(timm_vit, "checkpoint_seq", lambda blocks, t: calls.append(1) or checkpoint_seq(blocks, t),
+                        raising=False)
+    for m in (stock, model):
+        m.set_grad_checkpointing(True)
+        m.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(x)
+        out.sum().backward()
+    expected = stock(x)
+    expected.sum().backward()
+    assert calls == [1]
+    assert torch.equal(out, expected)
+    for (name, p), q in zip(model.named_parameters(), stock.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert tokenprune.last_forward(model).token_counts == [model.patch_embed.num_patches + 1] * 3
 
 
 def test_timm_gradient_checkpointing_is_not_applied_and_says_so():
