@@ -209,6 +209,11 @@ def test_check_budget_accepts_the_bounds_it_states():
     check_budget(None, 2.5)  # GFLOPs have no upper bound
     with pytest.raises(ValueError, match=r"flops must be a number in \(0, 1\], got 1.01"):
         check_budget(1.01, None)
+    numpy = pytest.importorskip("numpy")
+    check_budget(numpy.float32(0.5), None)  # any real number, as keep takes
+    check_budget(None, numpy.float64(2.5))
+    with pytest.raises(ValueError, match="flops must be a number"):
+        check_budget(numpy.bool_(True), None)
 
 
 @pytest.mark.parametrize("schedule", [{"r": 0}, {"r": []}, {"r": [0, 0, 0, 0]}])

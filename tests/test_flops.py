@@ -103,6 +103,14 @@ def test_inputs_with_an_input_size_or_a_batch_size_is_refused():
             tokenprune.count_flops(model, inputs=x, **extra)
 
 
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "2"])
+def test_a_bad_batch_size_is_refused_in_one_line(batch_size):
+    # batch_size=0 counted 0 FLOPs (and gflops_per_sample divided by zero); 2.5 failed inside torch.zeros
+    with pytest.raises(ValueError, match=f"^batch_size must be an int >= 1, got {batch_size!r}$"):
+        tokenprune.count_flops(tiny_timm(), batch_size=batch_size)
+
+
 def test_a_parameter_passed_straight_into_a_submodule_is_counted_and_its_gradient_flag_restored():
     # timm's attention pool ('map') hands its latent Parameter to a submodule: torch's FLOP counter hooks
     # the backward of every module input that requires grad and fails on a leaf. count_flops switches the

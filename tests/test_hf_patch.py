@@ -348,7 +348,7 @@ def test_pipeline_checks_arguments_before_loading(saved_vit):
     # apply's keywords given to pipeline went on to transformers.pipeline, which refused them after loading
     with pytest.raises(TypeError, match=r"^r given to tokenprune.pipeline, .*: method options go in options=\{...\}$"):
         tokenprune.pipeline("image-classification", model="no/such-model", method="tome", r=2)
-    with pytest.raises(TypeError, match="^input_size, prop_attn given .*; a budget is counted at the model's own "):
+    with pytest.raises(TypeError, match="^input_size, prop_attn given .*; a budget is counted at the size the image "):
         tokenprune.pipeline("image-classification", model="no/such-model", flops=0.5, input_size=(3, 32, 32),
                             prop_attn=False)
 
@@ -381,6 +381,53 @@ def test_a_pipeline_takes_a_flops_budget_as_apply_does(saved_vit, budget):
     assert sorted(r["label"] for r in pipe(_image())) == ["cat", "dog", "fish"]
     default = tokenprune.pipeline("image-classification", model=saved_vit)  # no budget: keep 0.33
     assert tokenprune.reducer_of(default.model).keep == 0.33
+
+
+def test_a_pipeline_budget_is_counted_at_the_size_its_processor_feeds(tmp_path):
+    """DINOv2's config says 518 px and its processor crops 224: the budget holds at what the pipeline runs."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from tokenprune.budget import fit_flops_budget
+
+    torch.manual_seed(0)
+    stock = Dinov2Model(Dinov2Config(**{**TINY, "image_size": 64})).eval()
+    stock.save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    pipe = tokenprune.pipeline("image-feature-extraction", model=str(tmp_path), method="tome", flops=0.6)
+    inputs = dict(pipe.image_processor(_image(), return_tensors="pt"))
+    assert inputs["pixel_values"].shape[2:] == (32, 32)
+    fed = fit_flops_budget(stock, "tome", flops=0.6, input_size=(3, 32, 32))
+    assert tokenprune.reducer_of(pipe.model).keep == fed.keep != fit_flops_budget(stock, "tome", flops=0.6).keep
+    ratio = tokenprune.count_flops(pipe.model, inputs=inputs).flops / tokenprune.count_flops(stock, inputs=inputs).flops
+    assert ratio <= 0.6
+
+
+def test_another_kinds_option_goes_to_transformers_pipeline(saved_vit, monkeypatch):
+    """size= is MCTF's option and an image processor's keyword: an image-text-to-text pipeline (whose methods do not
+    take it) hands it to transformers.pipeline, as the stock pipeline takes it."""
+    import transformers
+
+    seen = {}
+
+    def stand_in(task, model=None, **kwargs):  # what transformers.pipeline is given; loading a VLM is not the point
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(transformers, "pipeline", stand_in)
+    with pytest.raises(RuntimeError, match="stop"):
+        tokenprune.pipeline("image-text-to-text", model="no/such-model", size={"shortest_edge": 32})
+    assert seen == {"size": {"shortest_edge": 32}}
+    with pytest.raises(TypeError, match="^size given to tokenprune.pipeline"):
+        tokenprune.pipeline("image-classification", model="no/such-model", size={"shortest_edge": 32})
+
+
+def test_flops_of_a_flex_attention_model_are_refused_in_one_line():
+    model = ViTForImageClassification(ViTConfig(**TINY, num_labels=3, attn_implementation="flex_attention")).eval()
+    for count in (lambda: tokenprune.count_flops(model), lambda: tokenprune.apply(model, "tome", flops=0.6)):
+        with pytest.raises(ValueError, match="^FLOPs cannot be counted on ViTForImageClassification with "
+                                             "attn_implementation='flex_attention' .*attn_implementation='sdpa'"):
+            count()
+    assert not tokenprune.is_patched(model)
 
 
 def test_gradient_checkpointing_at_keep_1_is_the_stock_checkpointed_forward():

@@ -14,6 +14,7 @@ from conftest import images, tiny_timm
 
 import tokenprune
 from tokenprune import speed
+from tokenprune.budget import fit_flops_budget
 
 
 def test_it_times_an_unpatched_and_a_patched_copy_and_leaves_the_model_alone(monkeypatch):
@@ -70,6 +71,15 @@ def test_a_patched_model_is_compared_with_its_unpatched_self_and_a_budget_is_acc
     assert check.method == "tome" and 0.68 <= check.flops_ratio <= 0.7
     assert tokenprune.reducer_of(model).name == "random"  # the caller's configuration is kept
     assert check.baseline_ms > 0 and check.patched_ms > 0
+
+
+def test_a_budget_is_fitted_at_the_size_the_check_times(monkeypatch):
+    """A budget fitted at the model's own size ran over it at another timed size (0.607 for flops=0.6)."""
+    monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: ({"baseline": 0.002, "patched": 0.001}, None))
+    model = tiny_timm(img_size=64, dynamic_img_size=True)
+    check = tokenprune.check_speed(model, "tome", flops=0.6, input_size=(3, 32, 32))
+    assert check.keep == fit_flops_budget(model, "tome", flops=0.6, input_size=(3, 32, 32)).keep
+    assert check.keep != fit_flops_budget(model, "tome", flops=0.6).keep and check.flops_ratio <= 0.6
 
 
 def test_a_dual_encoder_is_timed_by_its_image_tower(monkeypatch):

@@ -457,6 +457,13 @@ def test_timm_gradient_checkpointing_at_keep_1_is_the_stock_checkpointed_forward
     for (name, p), q in zip(model.named_parameters(), stock.parameters()):
         assert torch.equal(p.grad, q.grad), name
     assert tokenprune.last_forward(model).token_counts == [model.patch_embed.num_patches + 1] * 3
+    model.set_grad_checkpointing(False)  # off: neither checkpointed nor warned of, reducing or not
+    for keep in (1.0, 0.5):
+        tokenprune.apply(model, "tome", keep=keep)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x).sum().backward()
+    assert calls == [1]
 
 
 def test_timm_gradient_checkpointing_is_not_applied_and_says_so():

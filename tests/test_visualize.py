@@ -193,6 +193,24 @@ def test_render_draws_the_crop_the_model_saw(tmp_path, monkeypatch):
     np.testing.assert_allclose(picture, np.broadcast_to([200 / 255, 64 / 255, 0.0], picture.shape), atol=0.02)
 
 
+def test_render_draws_every_packaged_testbed_with_its_trained_weights(tmp_path, monkeypatch):
+    import timm
+    from PIL import Image
+
+    from tokenprune import flops, testbed
+
+    created = []
+    create = flops.create_timm_model
+    monkeypatch.setattr(flops, "create_timm_model", lambda name, pretrained=False: created.append(pretrained)
+                        or create(name, pretrained))
+    image = Image.fromarray(np.zeros((56, 56), np.uint8))
+    for name in testbed.TESTBEDS:
+        tv.render(name, image, methods=("random",), keep=0.5, out_dir=str(tmp_path))
+    assert created == [True] * len(testbed.TESTBEDS)
+    trained = timm.create_model("vit_testbed_mosaic", pretrained=True).state_dict()
+    assert any(not torch.equal(p, trained[k]) for k, p in timm.create_model("vit_testbed_mosaic").state_dict().items())
+
+
 @pytest.mark.parametrize("shape", [(32, 32, 4), (1, 3, 32, 32), (2, 32, 32), (2, 32, 32, 3)])
 def test_an_image_of_another_shape_is_refused_in_one_line(shape):
     # an RGBA array (plt.imread of a PNG) or a batch (the model's input x, not x[0]) failed inside numpy or

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ def check_budget(flops: float | None, gflops: float | None) -> None:
         raise TypeError("give one FLOPs budget: flops= (a fraction of the unpatched model's) or gflops= "
                         "(GFLOPs per image)")
     for name, value in (("flops", flops), ("gflops", gflops)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not math.isfinite(value) or value <= 0 or (name == "flops" and value > 1)):
             accepted = "a number in (0, 1]" if name == "flops" else "a positive number of GFLOPs per image"
             raise ValueError(f"{name} must be {accepted}, got {value!r}")

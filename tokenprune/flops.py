@@ -128,6 +128,17 @@ def check_input_size(input_size) -> tuple[int, int, int] | None:
     return tuple(int(n) for n in input_size)
 
 
+def refuse_flex_attention(model: nn.Module) -> None:
+    """transformers runs flex attention through a ``torch.compile(fullgraph=True)`` call, which cannot run under
+    ``FlopCounterMode`` (a dispatch mode): a page of dynamo's traceback otherwise."""
+    if any(getattr(getattr(m, "config", None), "_attn_implementation", None) == "flex_attention"
+           for m in model.modules()):
+        raise ValueError(f"FLOPs cannot be counted on {type(model).__name__} with attn_implementation="
+                         "'flex_attention' (transformers compiles it, and the FLOP counter cannot run a compiled "
+                         "call): count or fit a budget on the model loaded with attn_implementation='sdpa' (the "
+                         "same FLOPs), then apply keep= to this one")
+
+
 @torch.inference_mode()
 def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1,
                 inputs: torch.Tensor | Mapping | None = None) -> FlopCount:
@@ -140,6 +151,9 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...] | None = None, bat
     """
     if inputs is not None and (input_size is not None or batch_size != 1):
         raise TypeError("give inputs, or input_size / batch_size for a zero image, not both (inputs fix both)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    refuse_flex_attention(model)
     if inputs is None:
         # A transformers model that takes text first (CLIPModel, SiglipModel: input_ids) would get the zero
         # image as its input_ids and fail deep inside its forward; refuse it here, in one line.

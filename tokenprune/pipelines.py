@@ -37,9 +37,9 @@ def pipeline(task: str | None = None, model: Any = None, *, method: str | None =
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"tokenprune.pipeline serves the tasks {', '.join(TASKS)}; got {task!r}")
-    misplaced = sorted(set(pipeline_kwargs) & _apply_arguments())
+    misplaced = sorted(set(pipeline_kwargs) & _apply_arguments(TASKS.get(task)))
     if misplaced:
-        sizes = "; a budget is counted at the model's own input size" * ("input_size" in misplaced)
+        sizes = "; a budget is counted at the size the image processor feeds" * ("input_size" in misplaced)
         raise TypeError(f"{', '.join(misplaced)} given to tokenprune.pipeline, whose other keywords go to "
                         f"transformers.pipeline: method options go in options={{...}}{sizes}")
     budget = {name: value for name, value in (("flops", flops), ("gflops", gflops)) if value is not None}
@@ -68,8 +68,22 @@ def pipeline(task: str | None = None, model: Any = None, *, method: str | None =
             raise ValueError(f"tokenprune.pipeline serves the tasks {', '.join(TASKS)}; {type(pipe.model).__name__} "
                              f"runs {pipe.task!r}")
         _check_task(pipe.task, reducer, budget, positions)
+    if budget:  # counted at the size the pipeline's processor feeds, which the config's image_size may not be
+        budget["input_size"] = _fed_input_size(pipe)
     apply(pipe.model, method, keep=keep, **budget, positions=positions, **options)
     return pipe
+
+
+def _fed_input_size(pipe) -> tuple[int, int, int] | None:
+    """(C, H, W) the pipeline's image processor makes of a square image (DINOv2's config says 518 px, its processor
+    crops 224); None (the model's own size) for a processor that does not resize, which feeds the images as given."""
+    processor = getattr(pipe, "image_processor", None)
+    if processor is None or getattr(processor, "do_resize", True) is False:
+        return None
+    from PIL import Image
+
+    pixels = processor(Image.new("RGB", (512, 512)), return_tensors="pt")["pixel_values"]
+    return tuple(pixels.shape[1:])
 
 
 def _check_task(task: str, reducer: TokenReducer | None, budget: dict, positions: str | None) -> None:
@@ -83,10 +97,14 @@ def _check_task(task: str, reducer: TokenReducer | None, budget: dict, positions
         raise TypeError(f"positions applies to vision-language models (the image-text-to-text pipeline), not to {task}")
 
 
-def _apply_arguments() -> set[str]:
-    """``apply``'s keywords and every method's native options: given to ``pipeline`` directly, they would reach
-    ``transformers.pipeline`` after the model loads and fail there (``r=2``: an unexpected keyword argument)."""
+def _apply_arguments(kind: type[TokenReducer] | None = None) -> set[str]:
+    """``apply``'s keywords and the native options of every method of ``kind`` (the task's; every method when the
+    task is not given): given to ``pipeline`` directly, they would reach ``transformers.pipeline`` after the model
+    loads and fail there (``r=2``: an unexpected keyword argument). Another kind's options go to
+    ``transformers.pipeline``, which may take them: ``size=`` is MCTF's option and an image processor's keyword,
+    which the image-text-to-text pipeline takes."""
     names = {name for name in inspect.signature(apply).parameters if name not in ("model", "options")}
     for method in method_names():
-        names |= set(get_method(method).native_options)
+        if kind is None or issubclass(get_method(method), kind):
+            names |= set(get_method(method).native_options)
     return names - set(inspect.signature(pipeline).parameters)

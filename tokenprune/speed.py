@@ -166,7 +166,9 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     baseline = copy.deepcopy(model)
     if is_patched(baseline):
         remove(baseline)
-    patched = patched_whole = apply(copy.deepcopy(baseline), method, keep, **options)
+    # a budget is fitted at the size the check times (apply's default is the model's own)
+    at_size = {"input_size": input_size} if input_size is not None and {"flops", "gflops"} & set(options) else {}
+    patched = patched_whole = apply(copy.deepcopy(baseline), method, keep, **at_size, **options)
     reducer = reducer_of(patched_whole)
     # a model that takes text first (CLIPModel, SiglipModel): its image tower, all that pruning changes, is timed
     baseline, patched = image_part(baseline), image_part(patched)

@@ -232,7 +232,7 @@ def render(model_name: str = "vit_testbed_fmnist", image=None, methods: Sequence
     if "trace_source" in (options or {}):
         raise ValueError("-o trace_source: show (render) sets trace_source=True itself (the drawing is the source "
                          "map); leave it out")
-    model = create_timm_model(model_name, pretrained=model_name == "vit_testbed_fmnist").eval()
+    model = create_timm_model(model_name, pretrained=model_name in testbed.TESTBEDS).eval()  # the trained testbeds
     find_adapter(model)  # a model tokenprune patches (a timm ViT), before its patch grid is read
     config = resolve_model_data_config(model)
     if image is None:
