@@ -430,9 +430,12 @@ def test_flops_of_a_flex_attention_model_are_refused_in_one_line():
     assert not tokenprune.is_patched(model)
 
 
-def test_gradient_checkpointing_at_keep_1_is_the_stock_checkpointed_forward():
+def test_gradient_checkpointing_at_keep_1_is_the_stock_checkpointed_forward(monkeypatch):
     """Where nothing is removed (keep=1.0) a checkpointed layer is the stock one: the stock outputs and gradients,
     and the report's counts (taken before a replay in the backward pass records its count again)."""
+    from tokenprune.patches import hf_vision
+
+    monkeypatch.setattr(hf_vision, "run_block", lambda *a: pytest.fail("a checkpointed layer ran the reducing block"))
     stock = tiny_hf("vit").train()
     model = copy.deepcopy(stock)
     tokenprune.apply(model, "tome", keep=1.0)
