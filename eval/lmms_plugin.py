@@ -11,6 +11,8 @@ patched with ``tokenprune.apply`` (``method`` default ``hiprune``, ``keep`` or `
 method's own options, e.g. ``object_layer``, ``alpha``, ``seed``), and at the end of each task the visual tokens
 the language model received per image and the median prefill time are printed (and written as JSON to
 ``stats_file`` when given). ``method=none`` runs the stock model through the same code, for a baseline.
+``tokens`` is a budget per image, as ``tokenprune.apply`` takes it: LLaVA-NeXT splits it over the image's crops,
+and the visual tokens it reports count the row newlines kept besides.
 
 lmms-eval catches every error of ``generate`` and records an empty answer; an error tokenprune raises inside
 ``generate`` is raised again here at the end of the batch, never scored as a wrong answer.

@@ -11,9 +11,11 @@ attention scores for VLM selectors.
   are refused at ``apply`` for methods that need the bias (``check_attention``).
 * ``route_attention``: points a vision tower's attention modules at a registered attention function
   (``"tokenprune:<the implementation>"``). It calls the module's own implementation and, when a
-  forward's keyword arguments carry a ``ScoreRequest``, records the attention each token receives in
-  the layers asked for, from q and k in query chunks (never from the implementation's outputs, so it
-  works under flash and flex attention too), per window where the tower packs several (``cu_seqlens``).
+  forward's keyword arguments carry a ``ScoreRequest`` (a pre-hook keeps it on each attention module for the
+  call, since some modules, SigLIP's, do not hand their keyword arguments on to the function), records the
+  attention each token receives in the layers asked for, from q and k in query chunks (never from the
+  implementation's outputs, so it works under flash and flex attention too), per window where the tower
+  packs several (``cu_seqlens``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune import ops
+
+from ._hooks import remove_hooks
 
 ATTENTION_NAME = "tokenprune"  # routed names are "tokenprune:<the implementation the model had>"
 BASE_ATTENTIONS = ("sdpa", "eager")  # implementations that take the log-size bias as their attention mask
@@ -206,10 +210,23 @@ class _AsConfigured:
         return getattr(self.__dict__["_module"], name)
 
 
+def _take_request(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a routed attention module: the call's ``ScoreRequest``, kept on the module for the
+    attention function. Some modules do not hand their keyword arguments on to it (SigLIP's), so the request
+    cannot count on reaching it among them."""
+    module._tokenprune_scores = kwargs.get("tokenprune_scores")
+
+
+def _drop_request(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    module.__dict__.pop("_tokenprune_scores", None)  # the request (and its scores) lives as long as the call
+
+
 def scoring_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                       tokenprune_scores: ScoreRequest | None = None, **kwargs):
-    """The module's own attention; with ``tokenprune_scores`` it first records the attention received in
-    the requested layers."""
+    """The module's own attention; with ``tokenprune_scores`` (or the one its module's call carried) it first
+    records the attention received in the requested layers."""
+    if tokenprune_scores is None:
+        tokenprune_scores = getattr(module, "_tokenprune_scores", None)
     if tokenprune_scores is not None and module._tokenprune_layer in tokenprune_scores.layers:
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         tokenprune_scores.received.setdefault(module._tokenprune_layer, []).append(
@@ -251,6 +268,8 @@ def route_attention(root: nn.Module, attention_modules: list[nn.Module], config)
         attn._tokenprune_base_attention = base
         attn._tokenprune_base_config = base_config
         attn._tokenprune_layer = i
+        attn.register_forward_pre_hook(_take_request, with_kwargs=True)
+        attn.register_forward_hook(_drop_request, with_kwargs=True, always_call=True)
     routed = copy.copy(config)
     routed._attn_implementation = name
     for module in root.modules():
@@ -262,6 +281,7 @@ def route_attention(root: nn.Module, attention_modules: list[nn.Module], config)
 def unroute_attention(root: nn.Module, attention_modules: list[nn.Module]) -> None:
     for attn in attention_modules:
         del attn._tokenprune_base_attention, attn._tokenprune_base_config, attn._tokenprune_layer
+        remove_hooks(attn, _take_request, _drop_request)
     for module in root.modules():
         if "_tokenprune_shared_config" in module.__dict__:
             module.config = module.__dict__.pop("_tokenprune_shared_config")

@@ -363,7 +363,7 @@ def patch_encoder(model: nn.Module, reducer: EncoderReducer, depth: int | None =
 def unpatch_encoder(model: nn.Module) -> None:
     enc = _encoder(model)
     for layer in enc.layers:
-        del layer._tokenprune_family_name
+        layer.__dict__.pop("_tokenprune_family_name", None)  # absent where a layer was restored already
         restore(layer)
         restore(getattr(layer, enc.family.attention))
     remove_hooks(enc.stack, _start_forward, _finish_forward)
@@ -384,6 +384,12 @@ class HFVisionAdapter(EncoderAdapter):
 
     def check(self, model):
         check_encoder(model)
+        # set by the VLM adapter (patches/vlm.py, OWNER) on the tower it patched: patching or restoring the tower
+        # here would pull its layers or attention from under the VLM's patch, which could then not be removed
+        owner = vars(_encoder(model).stack).get("_tokenprune_owner")
+        if owner is not None:
+            raise TypeError(f"tokenprune: this vision tower belongs to a patched {owner}: call tokenprune.apply or "
+                            "tokenprune.remove on that model")
         check_heads(model)
 
     def plan(self, model, reducer):

@@ -1,8 +1,9 @@
 """Adapter for transformers 5.x vision-language models: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
 
-The language model receives ``round(keep * N)`` visual tokens per image (per crop for LLaVA-NeXT),
-chosen per sample. Everything goes through hooks on the multimodal ``*Model``; no forward is
-rewritten (docs/design.md has the reasoning, ``../shared/reference/vlm.md`` the transformers internals):
+The language model receives ``round(keep * N)`` visual tokens per image (per crop for LLaVA-NeXT; a
+selector's ``tokens`` per image, split over LLaVA-NeXT's crops), chosen per sample. Everything goes through
+hooks on the multimodal ``*Model``; no forward is rewritten (docs/design.md has the reasoning,
+``../shared/reference/vlm.md`` the transformers internals):
 
 * **Selection** (forward pre-hook on the ``*Model``, at prefill): it runs the model's own
   ``get_image_features`` with a ``ScoreRequest`` in its keyword arguments; the vision tower's
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune.adapters import Adapter, register_adapter
-from tokenprune.registry import EncoderReducer, VisionTower, VisualTokenSelector
+from tokenprune.registry import EncoderReducer, VisionTower, VisualTokenSelector, keep_overridden
 
 from . import hf_vision
 from ._hooks import remove_hooks
@@ -89,6 +90,19 @@ class VLMFamily:
     def tokens_per_image(self, model: nn.Module) -> int | None:
         """Visual tokens of every image when the config fixes it (checked against the budget at apply)."""
         return None
+
+    def budget_unit(self, model: nn.Module) -> int | None:
+        """Tokens of what ``keep`` applies to (an image; a LLaVA-NeXT crop) when the config fixes them: a budget
+        under one token there fails at apply."""
+        return self.tokens_per_image(model)
+
+    def check_features(self, model: nn.Module, kw: dict, reducer) -> None:
+        """Raise TypeError where the features of a forward call ``kw`` ({} at apply: the config's) are laid out
+        in a way ``reducer`` cannot run on (LLaVA: the select strategy and the tower's class token)."""
+
+    def feature_counts(self, model: nn.Module, kw: dict) -> list[int]:
+        """Per image, the features the unreduced tower gives (the placeholders an encoder method's K fill)."""
+        return [rows * cols for rows, cols in self.grids(model, kw)]
 
     def encode(self, model: nn.Module, kw: dict):
         """``model.get_image_features`` called with the image arguments of a forward call ``kw``."""
@@ -284,6 +298,7 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
     stock = type(vlm).get_image_features
     kw = _bind(stock, (vlm, *args), kwargs)
     kw.pop("self")
+    family.check_features(vlm, kw, reducer)  # a call's own select strategy, which apply could not see
     as_tuple = kw.pop("return_dict", True) is False
     if isinstance(reducer, VisualTokenSelector):
         layers = reducer.score_layers(family.tower(vlm, kw))
@@ -295,9 +310,9 @@ def _selecting_image_features(vlm: nn.Module, *args, **kwargs):
     else:  # an encoder method reduced inside the tower: its K features fill an image's first K placeholders
         out = stock(vlm, **kw, return_dict=True)
         features = []
-        for reduced, (rows, cols) in zip(out.pooler_output, family.grids(vlm, kw)):
-            feats = torch.cat([reduced, reduced.new_zeros(rows * cols - reduced.shape[0], reduced.shape[1])])
-            kept = torch.arange(rows * cols, device=feats.device) < reduced.shape[0]
+        for reduced, count in zip(out.pooler_output, family.feature_counts(vlm, kw)):
+            feats = torch.cat([reduced, reduced.new_zeros(count - reduced.shape[0], reduced.shape[1])])
+            kept = torch.arange(count, device=feats.device) < reduced.shape[0]
             feats.tokenprune_choice = ImageChoice(kept.to(torch.int8))
             features.append(feats)
     out.pooler_output = features
@@ -363,15 +378,25 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
         kw["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), **encoded}
         kw["pixel_values"] = None
     image = (kw.get("mm_encoder_outputs") or {}).get("image")
-    if image is None:
-        raise ValueError("tokenprune: this prefill has no image; a pruned VLM needs at least one image per "
-                         "batch. For text-only prompts call tokenprune.remove(model) first")
+    choices = [] if image is None else [getattr(feats, "tokenprune_choice", None) for feats in image.pooler_output]
+    if image is None or any(choice is None for choice in choices):
+        if _keeps_everything(model.tokenprune_reducer):
+            # every token of any image stays: the stock forward. generate(prefill_chunk_size=...) gets here: it
+            # prefills in chunks, handing each the rows of its placeholders re-sliced from the encoded features
+            # (which loses their choice), or none to a chunk without placeholders
+            model._tokenprune_last = None
+            return (), kw
+        if image is None:
+            raise ValueError("tokenprune: this prefill has no image; a pruned VLM needs at least one image per batch "
+                             "(for text-only prompts call tokenprune.remove(model) first; generate("
+                             "prefill_chunk_size=...) prefills in chunks, which a prefill that drops tokens cannot: "
+                             "leave it out)")
+        raise ValueError("tokenprune: these image features carry no choice of the patched model: generate("
+                         "prefill_chunk_size=...) re-slices them per chunk, which a prefill that drops tokens cannot "
+                         "take (leave it out, or use keep=1.0), or they were precomputed (pass pixel_values, not "
+                         "mm_encoder_outputs)")
     if kw.get("input_ids") is None:
         raise ValueError("tokenprune needs input_ids (to find the image placeholders), not inputs_embeds")
-    choices = [getattr(feats, "tokenprune_choice", None) for feats in image.pooler_output]
-    if any(choice is None for choice in choices):
-        raise ValueError("tokenprune: these image features were not computed by the patched model "
-                         "(pass pixel_values, not precomputed mm_encoder_outputs)")
     placeholders = kw["input_ids"] == model.config.image_token_id
     keeps = [choice.roles != 0 for choice in choices]
     keep_all = torch.cat(keeps)
@@ -385,12 +410,23 @@ def _select(model: nn.Module, args: tuple, kwargs: dict):
             raise ValueError("tokenprune: labels= with a prefill that drops visual tokens: the logits are the kept "
                              "positions' only, so they cannot be paired with the prompt's labels; compute the loss "
                              "from the returned logits (one per kept position, rows left-padded) or use keep=1.0")
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask[:, -1].all()):
+            # compaction re-pads every row on the left, and generate would continue each row after its padding
+            raise ValueError(f"tokenprune: rows {(mask[:, -1] == 0).nonzero().flatten().tolist()} of this batch are "
+                             "padded on the right (attention_mask ends in 0), which a prefill that drops tokens cannot "
+                             "take: pad on the left (tokenizer.padding_side='left')")
         kw["tokenprune_compaction"] = Compaction(keep=keep_seq, positions=model.tokenprune_positions)
     model._tokenprune_last = VLMReport(method=model.tokenprune_reducer.name,
                                        placeholders=placeholders.sum(dim=1).tolist(),
                                        visual_tokens=(keep_seq & placeholders).sum(dim=1).tolist(),
                                        kept=keeps, **_roles(model.tokenprune_reducer, choices))
     return (), kw
+
+
+def _keeps_everything(reducer) -> bool:
+    """Whether ``reducer`` keeps every visual token of any image (keep=1.0, no option deciding the counts)."""
+    return reducer.keep == 1.0 and not keep_overridden(reducer.options)
 
 
 def _roles(reducer, choices: list[ImageChoice]) -> dict:
@@ -449,6 +485,17 @@ def _family(vlm: nn.Module) -> VLMFamily:
     return _by_class()[type(vlm)]
 
 
+#: on the layer stack of a vision tower the VLM adapter patched (its attention routed, or its layers reducing): the
+#: class name of the model it was applied to, which ``hf_vision.HFVisionAdapter`` names when it refuses the tower
+OWNER = "_tokenprune_owner"
+
+
+def _towers(vlm: nn.Module) -> list[nn.Module]:
+    """The layer stacks of the transformers vision encoders in ``vlm`` (LLaVA's CLIP or SigLIP tower), which the
+    encoder adapter would patch on their own."""
+    return [encoder.stack for encoder in hf_vision._encoders(vlm)]
+
+
 # ---------------------------------------------------------------- the adapter
 
 @register_adapter
@@ -475,9 +522,14 @@ class VLMAdapter(Adapter):
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if family.default_positions == "original" and positions == "reindex":
             raise ValueError(f"{family.name} keeps original (M-RoPE) positions; positions='reindex' is not available")
+        for stack in _towers(vlm):
+            if hasattr(stack, "tokenprune_reducer") and OWNER not in vars(stack):
+                raise TypeError(f"tokenprune: the vision tower of this {type(model).__name__} is patched on its own "
+                                "(tokenprune.apply on the tower): call tokenprune.remove on the tower first")
+        family.check_features(vlm, {}, reducer)
         if isinstance(reducer, VisualTokenSelector):
             reducer.check(family.tower(vlm, {}))
-            tokens = family.tokens_per_image(vlm)
+            tokens = family.budget_unit(vlm)
             if tokens is not None:
                 reducer.budget(tokens)  # a budget under one token fails now
             return
@@ -499,8 +551,13 @@ class VLMAdapter(Adapter):
         vlm.get_image_features = _selecting_features_of(vlm)
         vlm.register_forward_pre_hook(_select, with_kwargs=True)
         vlm.language_model.register_forward_pre_hook(_compact, with_kwargs=True)
-        for outer in _with_loss(model, vlm):
+        # kept on the *Model: remove may be given the *Model alone, from which its *ForConditionalGeneration
+        # cannot be found (its hook stayed behind, and another came with every apply)
+        vlm._tokenprune_loss_marked = _with_loss(model, vlm)
+        for outer in vlm._tokenprune_loss_marked:
             outer.register_forward_pre_hook(_mark_loss, with_kwargs=True)
+        for stack in _towers(vlm):  # the encoder adapter refuses to apply or remove on it while this patch holds
+            setattr(stack, OWNER, type(model).__name__)
         self.configure(vlm, reducer)
         vlm.tokenprune_positions = positions or family.default_positions
 
@@ -513,8 +570,10 @@ class VLMAdapter(Adapter):
         del vlm.get_image_features  # the instance attribute; the class's method shows again
         remove_hooks(vlm, _select)
         remove_hooks(vlm.language_model, _compact)
-        for outer in _with_loss(model, vlm):
+        for outer in vlm.__dict__.pop("_tokenprune_loss_marked", ()):
             remove_hooks(outer, _mark_loss)
+        for stack in _towers(vlm):
+            stack.__dict__.pop(OWNER, None)
         vlm.__dict__.pop("tokenprune_positions", None)
         self.unconfigure(vlm)
 

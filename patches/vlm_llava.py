@@ -1,8 +1,15 @@
-"""LLaVA-1.5 (``LlavaModel``): a CLIP/SigLIP tower, one square feature map per image, the features of
-``vision_feature_layer`` without the class token."""
+"""LLaVA-1.5 (``LlavaModel``): a CLIP/SigLIP tower, one square feature map per image. The features are the
+tower's tokens at ``vision_feature_layer`` after the select strategy: ``"default"`` cuts the first token (CLIP's
+class token; SigLIP has none, so there it cuts the first patch), ``"full"`` cuts none (CLIP's class token is then
+a feature)."""
 from __future__ import annotations
 
-from .vlm import VLMFamily, register_family
+import torch
+
+from tokenprune.registry import VisualTokenSelector
+
+from . import hf_vision
+from .vlm import ImageChoice, VLMFamily, register_family
 
 
 @register_family
@@ -27,6 +34,30 @@ class Llava(VLMFamily):
     def _strategy(self, model, kw) -> str:
         return kw.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
 
+    def _class_tokens(self, model) -> int:
+        """Tokens ahead of the patch grid in the tower's output: CLIP's class token; SigLIP has none."""
+        found = hf_vision._encoders(model.vision_tower)
+        if len(found) != 1:
+            raise TypeError(f"tokenprune prunes {self.name} with a CLIP or SigLIP vision tower, not "
+                            f"{type(model.vision_tower).__name__}")
+        return found[0].family.num_prefix(found[0].backbone.config)
+
+    def _layout(self, model, kw) -> tuple[int, int]:
+        """(class tokens ahead of the patch grid, tokens the select strategy cuts from the front of the tower's
+        output): the model cuts one under "default", meant for CLIP's class token (on SigLIP its first patch)."""
+        return self._class_tokens(model), int(self._strategy(model, kw) == "default")
+
+    def _side(self, model) -> int:
+        vision = model.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def check_features(self, model, kw, reducer):
+        prefix, cut = self._layout(model, kw)
+        if isinstance(reducer, VisualTokenSelector) and cut < prefix:  # CLIP under "full"
+            raise TypeError(f"{reducer.name} on {self.name} chooses among patch tokens; vision_feature_select_strategy="
+                            f"{self._strategy(model, kw)!r} also hands the language model the class token of its "
+                            "CLIP tower: use 'default'")
+
     def output_layer(self, model, kw):
         depth = len(self.vision_layers(model))
         return self._feature_layer(model, kw) % (depth + 1) - 1  # hidden_states[0] is the embeddings
@@ -40,16 +71,30 @@ class Llava(VLMFamily):
                                         return_dict=True)
 
     def image_scores(self, model, kw, request, layer):
-        if self._strategy(model, kw) != "default":
-            raise TypeError("hiprune on LLaVA needs vision_feature_select_strategy='default' (features without "
-                            "the class token)")
-        return list(request.collect(layer)[:, 1:])  # the class token's column is not a feature
+        """Per image, the scores of its patch grid (a class token's column is not a patch)."""
+        return list(request.collect(layer)[:, self._layout(model, kw)[0]:])
+
+    def choose(self, model, kw, request, selector, features, layers):
+        prefix, cut = self._layout(model, kw)
+        side = self._side(model)
+        # patches the strategy cuts (SigLIP under "default": the first): not features, so never chosen
+        skip = cut - prefix  # >= 0: check_features refused a class token among the features
+        scores = zip(*(self.image_scores(model, kw, request, layer) for layer in layers))
+        choices = []
+        for feats, image_scores in zip(features, scores):
+            allowed = None if skip == 0 else torch.arange(side * side, device=image_scores[0].device) >= skip
+            roles = selector.explain(tuple(image_scores), (side, side), allowed)[skip:]
+            choices.append(ImageChoice(roles.to(feats.device)))
+        return choices
 
     def tokens_per_image(self, model):
-        vision = model.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
+        prefix, cut = self._layout(model, {})
+        return self._side(model) ** 2 + prefix - cut
+
+    def feature_counts(self, model, kw):
+        prefix, cut = self._layout(model, kw)
+        return [self._side(model) ** 2 + prefix - cut] * kw["pixel_values"].shape[0]
 
     def grids(self, model, kw):
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
+        side = self._side(model)
         return [(side, side)] * kw["pixel_values"].shape[0]

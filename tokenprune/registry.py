@@ -22,6 +22,7 @@ import enum
 import math
 import numbers
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -271,8 +272,11 @@ class VisionTower:
     unbuilt_layers: int = 0  # layers past the output layer that the engine does not build (vLLM's LLaVA)
 
 
-#: a selector's native budget: visual tokens per image (or per crop), overriding keep
+#: a selector's native budget: visual tokens per image (LLaVA-NeXT: split over its crops), overriding keep
 TOKENS = Option(None, "a positive int or None", lambda v: v is None or is_int(v, 1))
+
+#: one LLaVA-NeXT crop's share of its image's ``tokens`` while ``VisualTokenSelector.crop_budget`` runs
+_CROP_SHARE: ContextVar[int | None] = ContextVar("tokenprune_crop_share", default=None)
 
 
 class VisualTokenSelector(TokenReducer):
@@ -306,11 +310,47 @@ class VisualTokenSelector(TokenReducer):
 
     def budget_within(self, num_tokens: int, allowed: Tensor | None = None) -> int:
         """The budget of an image of ``num_tokens``, or, where only the ``allowed`` ones exist (LLaVA-NeXT's
-        unpadded crop), of those: a budget that rounds to zero there keeps none of the crop."""
+        unpadded crop), of those: a budget that rounds to zero there keeps none of the crop. Inside
+        ``crop_budget`` it is the crop's share given there, at most the tokens there are."""
+        share = _CROP_SHARE.get()
+        if share is not None:
+            return min(share, num_tokens if allowed is None else int(allowed.sum()))
         if allowed is None:
             return self.budget(num_tokens)
         count = int(allowed.sum())
         return min(self.options.get("tokens") or round(self.keep * count), count)
+
+    def crop_budgets(self, counts: list[int]) -> list[int]:
+        """The budgets of one image's crops (LLaVA-NeXT: the base crop first), ``counts`` the tokens each crop has
+        left after unpadding. Without ``tokens``: round(keep * count) per crop. ``tokens`` is the image's budget,
+        split evenly over its crops as the official code splits it (each crop int(tokens / crops)); the
+        remainder, which the official code drops, goes one token each to the first crops, and a crop with fewer
+        tokens than its share passes the rest on to the others in the same way, so the image keeps
+        min(tokens, its tokens)."""
+        tokens = self.options.get("tokens")
+        if tokens is None:
+            return [min(round(self.keep * count), count) for count in counts]
+        budgets, left = [0] * len(counts), min(tokens, sum(counts))
+        while left:  # each round gives out everything left, or fills a crop
+            open_crops = [i for i, count in enumerate(counts) if budgets[i] < count]
+            share, extra = divmod(left, len(open_crops))
+            for rank, i in enumerate(open_crops):
+                given = min(share + (rank < extra), counts[i] - budgets[i])
+                budgets[i] += given
+                left -= given
+        return budgets
+
+    @staticmethod
+    @contextmanager
+    def crop_budget(share: int) -> Iterator[None]:
+        """Within the block, ``budget_within`` (so ``explain`` and ``select``, a user's selector's too) gives
+        ``share``, at most the tokens there are: one crop's share of its image's budget (``crop_budgets``). A
+        context variable, not an attribute: a selector serves every thread that runs the model."""
+        token = _CROP_SHARE.set(share)
+        try:
+            yield
+        finally:
+            _CROP_SHARE.reset(token)
 
     def select(self, scores: tuple[Tensor, ...], grid: tuple[int, int], allowed: Tensor | None = None) -> Tensor:
         """Sorted indices of the tokens kept of one image of ``rows * cols`` tokens in raster order, from
