@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import os
 from collections import Counter
@@ -215,47 +216,85 @@ def config_key(run: dict, config: Config) -> str:
                       sort_keys=True, default=str)
 
 
-def repair_results(path: Path) -> str | None:
-    """Drop the lines an interrupted write tore (not JSON, or no result row) so that ``path`` is valid JSON
-    lines again before more are appended; say what was removed, or None if nothing was."""
-    if not path.exists():
+#: the fields every row of each command holds: how ``--resume`` tells a results file of its command from any other
+#: file, the other eval command's results included
+ROW_FIELDS = {"tokenprune eval": ("key", "method", "keep", "options", "top1", "top5", "images"),
+              "tokenprune eval-vlm": ("key", "method", "keep", "options", "metric", "accuracy", "questions")}
+#: how every row begins (``append_result`` writes a dict whose first item is its key): a line an interruption tore
+#: begins so too
+ROW_START = b'{"key": '
+
+
+def parsed(line: bytes):
+    """A line's JSON value, or None where the line is not JSON."""
+    try:
+        return json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
         return None
-    data = path.read_bytes()
-    kept, torn = [], []
-    for number, line in enumerate(data.split(b"\n"), 1):
+
+
+def is_row(value, tool: str) -> bool:
+    return isinstance(value, dict) and all(name in value for name in ROW_FIELDS[tool])
+
+
+def is_torn(line: bytes) -> bool:
+    """A row cut short: not JSON, and it begins as a row does."""
+    return parsed(line) is None and (line.startswith(ROW_START) or ROW_START.startswith(line))
+
+
+def read_results(path: Path, tool: str) -> tuple[dict[str, dict], int | None]:
+    """``tool``'s rows in ``path`` by key, and, when an interruption tore the last line, the size of the file
+    without it (else None). Each row is appended in one write, so only the last line (no newline after it) can be
+    torn: any other line that is not a row of ``tool`` means the file is something else (or the other eval
+    command's results), a one-line ValueError, and the file is left as it is."""
+    data = path.read_bytes() if path.exists() else b""
+    lines = data.split(b"\n")
+    rows = {}
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            whole = isinstance(row, dict) and "key" in row
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            whole = False
-        if whole:
-            kept.append(line)
+        row = parsed(line)
+        if is_row(row, tool):
+            rows[row["key"]] = row
+        elif number == len(lines) and is_torn(line):
+            return rows, len(data) - len(line)
         else:
-            torn.append(f"line {number}, {len(line)} bytes")
-    if not torn and (not data or data.endswith(b"\n")):
-        return None
+            raise ValueError(not_a_row(path, number, row, tool))
+    return rows, None
+
+
+def not_a_row(path: Path, number: int, value, tool: str) -> str:
+    other = next((name for name in ROW_FIELDS if name != tool and is_row(value, name)), None)
+    if other:
+        what = f"a {other} row"
+    elif isinstance(value, dict):
+        what = "no " + ", ".join(name for name in ROW_FIELDS[tool] if name not in value)
+    else:
+        what = "not a JSON object"
+    return (f"{path}, line {number}: not a {tool} results row ({what}); --resume continues a results file {tool} "
+            "wrote: pass another --output, or --overwrite to replace this file")
+
+
+def remove_torn_line(path: Path, whole: int) -> str:
+    """``path`` without its torn last line (``read_results``' ``whole`` bytes), before more rows are appended;
+    what was removed, in words."""
+    data = path.read_bytes()
+    write_atomically(path, lambda tmp: tmp.write_bytes(data[:whole]))
+    number = data[:whole].count(b"\n") + 1
+    return f"removed the torn last line of {path} (line {number}, {len(data) - whole} bytes)"
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` writes a file beside ``path``, which is then renamed over it: an interruption leaves the old
+    file or the new one, never a part of one (a rename within a folder is atomic)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return f"removed {len(torn)} torn line(s) from {path} ({'; '.join(torn)})" if torn else None
-
-
-def read_finished(path: Path) -> dict[str, dict]:
-    """Results already in ``path`` by key (``repair_results`` first removes torn lines; any left are ignored)."""
-    finished = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            finished[row["key"]] = row
-    return finished
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before it takes the old file's place
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def append_result(path: Path, row: dict) -> None:
@@ -283,15 +322,15 @@ def with_deltas(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
-    """The rows as CSV (atomically: a temporary file, then renamed), the baseline named, options as JSON."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"]),
-                             "skip_reasons": json.dumps(r.get("skip_reasons", {}))})
-    tmp.replace(path)
+    """The rows as CSV (``write_atomically``), the baseline named, options as JSON."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**r, "method": r["method"] or "baseline", "options": json.dumps(r["options"]),
+                                 "skip_reasons": json.dumps(r.get("skip_reasons", {}))})
+    write_atomically(path, write)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -335,7 +374,8 @@ def plot(path: Path, rows: list[dict], title: str, x: str = "gflops", y: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # the format by the name's extension, which the temporary name (NAME.png.tmp) lacks
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:].lower()))
     plt.close(fig)
 
 
@@ -508,11 +548,11 @@ def plot_formats() -> list[str]:
     return sorted(FigureCanvasBase.get_supported_filetypes())
 
 
-def output_paths(args, folder: str, model: str) -> tuple[Path, Path | None]:
+def output_paths(args, folder: str, model: str, tool: str = "tokenprune eval") -> tuple[Path, Path | None]:
     """The results file and the plot (None without ``--plot``), checked before any work, so a bad path never
-    costs an evaluation: an existing file needs ``--resume`` or ``--overwrite``; the plot's name must end in a
-    format matplotlib writes; the results, their CSV and the plot must be three files (each would overwrite
-    another); every path must be writable."""
+    costs an evaluation: an existing file needs ``--resume`` or ``--overwrite``, and ``--resume`` a file of
+    ``tool``'s results (``read_results``); the plot's name must end in a format matplotlib writes; the results,
+    their CSV and the plot must be three files (each would overwrite another); every path must be writable."""
     slug = Path(args.data).name or args.data
     output = Path(args.output or f"{folder}/{Path(model).name}-{slug}.jsonl")
     if output.exists() and not (args.resume or args.overwrite):
@@ -531,6 +571,8 @@ def output_paths(args, folder: str, model: str) -> tuple[Path, Path | None]:
                              "different files")
     for what, path in files:
         check_writable(path, what)
+    if args.resume:
+        read_results(output, tool)
     return output, png
 
 
@@ -551,18 +593,49 @@ def make_accelerator(device):
     return accelerator
 
 
-def finished_results(args, output: Path, accelerator) -> dict[str, dict]:
-    """The configurations an earlier run finished (``--resume``; torn lines repaired first), after
-    ``--overwrite`` removed the old file; every process reads the same file."""
+def finished_results(args, output: Path, png: Path | None, accelerator, tool: str) -> dict[str, dict]:
+    """The configurations an earlier run of ``tool`` finished (``--resume``: ``read_results``, in every process,
+    before the main one removes a torn last line), or none: ``--overwrite`` removes the old results, their CSV and
+    plot (``png``, else the default one beside ``output``), which would otherwise describe another run until this
+    one rewrites them."""
+    finished, whole = read_results(output, tool) if args.resume else ({}, None)
     if accelerator.is_main_process:
         if args.overwrite:
-            output.unlink(missing_ok=True)
-        if args.resume:
-            repaired = repair_results(output)
-            if repaired:
-                print(f"[repair] {repaired}")
+            for path in (output, output.with_suffix(".csv"), png or output.with_suffix(".png")):
+                path.unlink(missing_ok=True)
+        if whole is not None:
+            print(f"[repair] {remove_torn_line(output, whole)}")
     accelerator.wait_for_everyone()
-    return read_finished(output) if args.resume else {}
+    return finished
+
+
+def run_settings(args, accelerator) -> dict:
+    """What a run's timings depend on beyond its model and data, for its key (a resume under other settings is
+    another run, not a speedup over a baseline timed under these): the kind of device (not its index: under a
+    multi-process launch each process has its own, and all must compute the same key), the number of processes
+    (their throughputs add up), the batch size (a seeded random method also draws by position in the batch) and the
+    CPU threads."""
+    return dict(device=accelerator.device.type, processes=accelerator.num_processes, batch_size=args.batch_size,
+                threads=torch.get_num_threads())
+
+
+def data_settings(dataset) -> dict:
+    """What the data adds to a run's key beyond ``--data``: its size (a folder that gained or lost images is another
+    run) and, for an image folder, a digest of its class indices (another ``--class-map`` scores other labels)."""
+    settings = {"samples": len(dataset)}
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        settings["classes"] = hashlib.sha256(json.dumps(sorted(classes.items())).encode()).hexdigest()[:12]
+    return settings
+
+
+def distinct(values: list, flag: str, notes: list[str]) -> list:
+    """``values`` each once, in order; a repeat adds a line to ``notes`` (evaluated twice, it would only write the
+    same configuration's row twice)."""
+    repeated = [str(value) for value, n in Counter(values).items() if n > 1]
+    if repeated:
+        notes.append(f"note: {flag} {' '.join(repeated)} given more than once: evaluated once")
+    return list(dict.fromkeys(values))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -576,7 +649,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     # default: every encoder method (VLM selectors such as hiprune need a VLM, not a classifier)
     encoder = [m for m in method_names() if issubclass(tokenprune.registry.get_method(m), EncoderReducer)]
-    methods = args.method or encoder
+    notes = []  # printed below by the main process alone (the processes are not joined yet)
+    methods, keeps = distinct(args.method or encoder, "--method", notes), distinct(args.keep, "--keep", notes)
     for m in methods:  # fail on a bad method, keep or option before any work
         tokenprune.registry.get_method(m)  # an unknown method is named before its options
         if m not in encoder:
@@ -584,8 +658,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"classifier takes: {', '.join(encoder)}")
     options = options_by_method(methods, args.option)
     for m in methods:
-        tokenprune.registry.get_method(m)(keep=args.keep[0], **options[m])
-    for k in args.keep:
+        tokenprune.registry.get_method(m)(keep=keeps[0], **options[m])
+    for k in keeps:
         tokenprune.registry.check_keep(k)
     device = None if args.device == "auto" else check_device(args.device)
     if args.amp and args.dtype != "fp32":
@@ -606,23 +680,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     transform = create_transform(**data_config, is_training=False)
     dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split,
                                        num_classes=model_num_classes(model), class_map=args.class_map)
-    for note in (getattr(dataset, "class_note", ""), getattr(dataset, "ignored", "")):
+    for note in (*notes, getattr(dataset, "class_note", ""), getattr(dataset, "ignored", "")):
         if note:
             accelerator.print(note)
+    run_data = data_settings(dataset)  # the whole data's, before --limit (which the key holds)
     if args.limit:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     loader = accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
 
-    finished = finished_results(args, output, accelerator)
+    finished = finished_results(args, output, png, accelerator, "tokenprune eval")
 
     run = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
                split=args.split, limit=args.limit, amp=args.amp,
-               seed=None if args.pretrained or args.checkpoint else args.seed)
-    if args.dtype != "fp32":  # another dtype, other results (fp32 keys stay as they were, for --resume)
+               seed=None if args.pretrained or args.checkpoint else args.seed,
+               **run_data, **run_settings(args, accelerator))
+    if args.dtype != "fp32":  # another dtype, other results (named only when set: report.py reads none as fp32)
         run["dtype"] = args.dtype
     if args.compile:  # the same accuracy is expected, but other timings: kept apart for --resume
         run["compile"] = True
-    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in methods for k in args.keep]
+    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in methods for k in keeps]
     for config in configs[1:]:  # what only this model can refuse (layers past its depth, ...): before any image
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **config.options))
     rows = []

@@ -3,8 +3,9 @@
     python -m tokenprune.eval.report docs/results/testbed.jsonl [more.jsonl ...] [--plot out.png]
 
 Rows keep the order they were evaluated in; a baseline that appears in several files is shown once.
-Rows of different runs (another model, data, --limit, --dtype, --compile, ...) get a table each, every
-row compared with its own run's baseline.
+Rows of different runs (another model, data, --limit, --dtype, --compile, --batch-size, device, threads, ...)
+get a table each, every row compared with its own run's baseline (a run without one in these files: no delta).
+Rows written before the batch size, device and threads were keyed show them as "unrecorded".
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenprune.cli import check_writable
+from tokenprune.cli import ArgumentParser, check_writable
 
 from .evaluate import plot, plot_formats, with_deltas
 
@@ -65,6 +66,10 @@ def read_rows(paths: list[str]) -> list[dict]:
     return [row for rows in runs.values() for row in with_deltas(rows)]
 
 
+#: what a run whose key lacks these names was evaluated with
+UNNAMED = {"dtype": "fp32", "compile": False}
+
+
 def split_runs(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     """``rows`` (from ``read_rows``) by run, each with a heading that names the model and the settings in which
     the runs differ (an empty heading when there is one run)."""
@@ -78,8 +83,9 @@ def split_runs(rows: list[dict]) -> list[tuple[str, list[dict]]]:
                     - {"model"})
     out = []
     for s, group in zip(settings, runs.values()):
-        # a key without dtype / compile is an fp32, eager run (those names were added to keys only when set)
-        shown = ", ".join(f"{name}={s.get(name, {'dtype': 'fp32', 'compile': False}.get(name))}" for name in differ)
+        # a key without dtype / compile is an fp32, eager run (those names were added to keys only when set); other
+        # names are missing from keys written before they were keyed
+        shown = ", ".join(f"{name}={s.get(name, UNNAMED.get(name, 'unrecorded'))}" for name in differ)
         out.append((f"**{s.get('model')}** on {group[0]['data']}" + (f" ({shown})" if shown else ""), group))
     return out
 
@@ -95,19 +101,22 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
         keep = "" if r["keep"] is None else f"{r['keep']:g}"
-        delta = "" if r["method"] is None else f"{r['delta_top1']:+.2f}"
+        # none for a baseline, nor for a row whose run has no baseline in these files
+        delta = "" if r["method"] is None or r["delta_top1"] is None else f"{r['delta_top1']:+.2f}"
         lines.append(f"| {r['method'] or 'baseline'} | {keep} | {options} | {r['top1']:.2f} | {delta} | "
                      f"{r['top5']:.2f} | {r['gflops']:.3f} | {r['images']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # usage errors raise ValueError: one line, as every other bad input
+    p = ArgumentParser(prog="python -m tokenprune.eval.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="JSON-lines files written by tokenprune eval")
     p.add_argument("--plot", help="also draw top-1 against GFLOPs for all rows")
     p.add_argument("--title", default="")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.plot:  # as the eval CLI checks its --plot: a format matplotlib writes, a writable path
             png = Path(args.plot)
             if png.suffix[1:].lower() not in plot_formats():
@@ -116,11 +125,11 @@ def main(argv: list[str] | None = None) -> None:
                                  f".{', .'.join(plot_formats())}")
             check_writable(png, "--plot")
         rows = read_rows(args.results)
+        if args.plot and len(split_runs(rows)) > 1:  # one plot would draw every run's points as one method's line
+            raise ValueError(f"--plot draws the rows of one run; these files hold {len(split_runs(rows))} (other "
+                             "models, data or settings): plot them separately")
     except ValueError as e:  # bad input: one line, exit 2, not a traceback
         p.exit(2, f"{p.prog}: error: {e}\n")
-    if args.plot and len(split_runs(rows)) > 1:  # one plot would draw every run's points as one method's line
-        p.error(f"--plot draws the rows of one run; these files hold {len(split_runs(rows))} (other models, data "
-                "or settings): plot them separately")
     print(markdown(rows))
     if args.plot:
         plot(Path(args.plot), rows, args.title)

@@ -27,8 +27,10 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from tokenprune.cli import check_writable
+from tokenprune.cli import ArgumentParser, check_writable
 from tokenprune.registry import config_label
+
+from .evaluate import write_atomically
 
 #: the issue's models and methods: the testbed, ViT-Ti and ViT-S widths
 MODELS = ("vit_testbed_fmnist", "deit_tiny_patch16_224", "deit_small_patch16_224")
@@ -227,7 +229,9 @@ def report(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # usage errors raise ValueError: one line, as every other bad input
+    p = ArgumentParser(prog="python -m tokenprune.eval.speed_table", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--output", help="time the table, appending its rows here (JSON lines)")
     what.add_argument("--report", nargs="+", help="only print the tables of these files")
@@ -242,9 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="go on with the runs --output does not hold yet")
     existing.add_argument("--overwrite", action="store_true", help="start --output afresh")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.markdown:
+            check_markdown(args)
             check_writable(Path(args.markdown), "--markdown")
         if args.report:
             rows = [row for path in args.report for row in read_rows(Path(path))]
@@ -257,7 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows)
     print(text)
     if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+        write_atomically(Path(args.markdown), lambda tmp: tmp.write_text(text + "\n"))
+
+
+def check_markdown(args) -> None:
+    """``--markdown`` is none of the files of rows (``--output``, ``--report``): the report written over one would
+    destroy the timings it reports."""
+    markdown = Path(args.markdown).resolve()
+    for flag, paths in (("--output", [args.output] if args.output else []), ("--report", args.report or [])):
+        for path in paths:
+            if Path(path).resolve() == markdown:
+                raise ValueError(f"--markdown {args.markdown} and {flag} {path} are the same file: the report would "
+                                 "overwrite the rows it reports; give --markdown a file of its own (e.g. NAME.md)")
 
 
 def _time(args) -> list[dict]:

@@ -22,8 +22,9 @@ does (lower case, punctuation and articles removed, number words as digits):
 * ``exact``: 1 if the prediction equals one of the references;
 * ``vqa``: min(#references equal to the prediction / 3, 1) (the VQA accuracy, without the official
   average over the 10 leave-one-out subsets of the 10 references);
-* ``choice``: the options are listed as ``A. ...``; the prediction's letter (or an option's text) is
-  compared with the reference (a letter, an option's index, or an option's text).
+* ``choice``: the options are listed as ``A. ...``; the option the prediction names (an option's whole text,
+  else a letter alone or followed by '.', ')' or ':') is compared with the reference (a letter, an option's
+  index, or an option's text).
 
 An image that cannot be decoded skips its question, counted by reason (as ``tokenprune eval`` does).
 ``accelerate launch -m tokenprune.eval.vlm ...`` shards the questions over processes and gathers the
@@ -68,11 +69,13 @@ from .evaluate import (
     append_result,
     busy_note,
     configured,
+    distinct,
     finished_results,
     format_skips,
     make_accelerator,
     output_paths,
     plot,
+    run_settings,
     write_csv,
 )
 
@@ -110,13 +113,22 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
 
 
 def chosen_option(prediction: str, choices: list[str]) -> int | None:
-    """The option a prediction names: a leading letter ("B", "B.", "(B) ...") or an option's whole text."""
-    text = prediction.strip()
-    found = re.match(r"^\(?([A-Za-z])(?![A-Za-z])", text)
+    """The option a prediction names: an option's whole text (normalised), else a letter that is the whole answer
+    or is followed by '.', ')' or ':' ("B", "b.", "(B) bag", "B: bag").
+
+    The text comes first, and a letter followed by a space is no letter: "A blue car" is the option "A blue car",
+    not option A (its article). lmms-eval's MMBench scorer (``can_infer_option``) distrusts a lone "A" in a longer
+    answer for the same reason and takes letters marked by punctuation ("A.", "A)", "(A)", "A:"); its last resort,
+    an option's text found anywhere in the answer, is left out: here only a whole option counts."""
+    said = normalize_answer(prediction)
+    if said:  # an answer of articles alone ("A") normalises to nothing: no option's text, but maybe a letter
+        for i, choice in enumerate(choices):
+            if normalize_answer(choice) == said:
+                return i
+    found = re.match(r"\(?([A-Za-z])(?:[.):]|$)", prediction.strip())
     if found and found.group(1).upper() in LETTERS[:len(choices)]:
         return LETTERS.index(found.group(1).upper())
-    said = normalize_answer(text)
-    return next((i for i, c in enumerate(choices) if normalize_answer(c) == said), None)
+    return None
 
 
 def reference_option(answer, choices: list[str]) -> int:
@@ -465,13 +477,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    keeps = [check_keep(k) for k in args.keep or ([] if args.tokens else DEFAULT_KEEPS)]
-    options = options_by_method(args.method, args.option)
-    for m in args.method:  # a bad method or option value fails before any model loads
+    notes = []  # printed below by the main process alone (the processes are not joined yet)
+    methods = distinct(args.method, "--method", notes)
+    keeps = [check_keep(k) for k in distinct(args.keep or ([] if args.tokens else DEFAULT_KEEPS), "--keep", notes)]
+    tokens = distinct(args.tokens or [], "--tokens", notes)
+    options = options_by_method(methods, args.option)
+    for m in methods:  # a bad method or option value fails before any model loads
         get_method(m)(keep=1.0, **options[m])
     device = None if args.device == "auto" else check_device(args.device)
     dtype = torch_dtype(args.dtype)
-    output, png = output_paths(args, "runs/eval-vlm", args.model)
+    output, png = output_paths(args, "runs/eval-vlm", args.model, "tokenprune eval-vlm")
 
     data, data_desc = load_questions(args.data, args.split)
     choices_column = args.choices_column or ("choices" if "choices" in data.features else None)
@@ -484,27 +499,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if per_image is None:
             raise ValueError(f"--tokens: {type(model).__name__} gives each image as many visual tokens as its size "
                              "calls for; pass --keep (a fraction of each image's tokens)")
-        too_many = [t for t in args.tokens if t > per_image]
+        too_many = [t for t in tokens if t > per_image]
         if too_many:
             raise ValueError(f"--tokens {too_many[0]}: each image has {per_image} visual tokens")
-        keeps = [t / per_image for t in args.tokens]
+        keeps = [t / per_image for t in tokens]
 
     accelerator = make_accelerator(device)
+    for note in notes:
+        accelerator.print(note)
     model.to(accelerator.device)
-    image_columns = questions.image_columns
+    image_columns, samples = questions.image_columns, len(questions)  # the whole data's, before --limit
     if args.limit:
         questions = Subset(questions, range(min(args.limit, len(questions))))
     loader = accelerator.prepare(DataLoader(questions, batch_size=args.batch_size, collate_fn=list))
 
-    finished = finished_results(args, output, accelerator)
+    finished = finished_results(args, output, png, accelerator, "tokenprune eval-vlm")
 
     # the packaged testbed by its name, not by where this installation keeps it
     name = vlm_testbed.VLM_TESTBED if args.model == str(vlm_testbed.vlm_testbed_path()) else args.model
-    run = dict(model=name, data=args.data, split=args.split, limit=args.limit, metric=metric,
-               image_columns=image_columns, max_new_tokens=args.max_new_tokens,
-               post_prompt=prompter.post_prompt, prompt_template=args.prompt_template, positions=args.positions,
-               dtype=args.dtype)
-    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in args.method for k in keeps]
+    # the columns as resolved: another answer, question or choices column is another question set
+    run = dict(model=name, data=args.data, split=args.split, limit=args.limit, samples=samples, metric=metric,
+               image_columns=image_columns, question_column=args.question_column, answer_column=args.answer_column,
+               choices_column=choices_column, max_new_tokens=args.max_new_tokens, post_prompt=prompter.post_prompt,
+               prompt_template=args.prompt_template, positions=args.positions, dtype=args.dtype,
+               **run_settings(args, accelerator))
+    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in methods for k in keeps]
     settings = {"positions": args.positions} if args.positions else {}
     for config in configs[1:]:  # every configuration fits this model (layers, budgets), before any evaluation
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **settings, **config.options))

@@ -169,3 +169,20 @@ def test_parse_option_refuses_keep_only():
     assert parse_option("fast=True") == ("fast", True) and parse_option("layers=[3, 6]") == ("layers", [3, 6])
     assert parse_option("keeper=1") == ("keeper", 1) and parse_option("one_step_ahead=exact") == ("one_step_ahead",
                                                                                                    "exact")
+
+
+def test_an_interrupted_bench_json_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """--json is written beside its name and renamed over it: interrupted before the rows are written, the old file is
+    still whole (opened for writing in place, it was already emptied)."""
+    from tokenprune.cli import main as cli
+
+    out = tmp_path / "b.json"
+    out.write_text("[the old rows]")
+    monkeypatch.setattr(bench, "benchmark", lambda *args, **kwargs: [])
+
+    def interrupted(rows):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "rows_to_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["bench", "--model", "vit_testbed_fmnist", "--json", str(out)])
+    assert out.read_text() == "[the old rows]" and [p.name for p in tmp_path.iterdir()] == ["b.json"]

@@ -120,12 +120,12 @@ def test_report_merges_result_files(tmp_path, capsys):
     assert (tmp_path / "ab.png").stat().st_size > 5000
 
 
-def _result(model, method, top1, images=100, dtype="fp32", limit=None, compiled=False):
+def _result(model, method, top1, images=100, dtype="fp32", limit=None, compiled=False, **settings):
     """A result row as ``tokenprune eval`` writes it (its key holds the run's settings; dtype and compile only
-    where they are not fp32 and eager)."""
+    where they are not fp32 and eager; ``settings``: others, such as the batch size, which older keys lack)."""
     run = dict(model=model, checkpoint=None, pretrained=True, data="fashion-mnist", split="validation",
                limit=limit, amp=False, seed=None, **({"dtype": dtype} if dtype != "fp32" else {}),
-               **({"compile": True} if compiled else {}))
+               **({"compile": True} if compiled else {}), **settings)
     keep = None if method is None else 0.5
     key = json.dumps({**run, "method": method, "keep": keep, "options": {}}, sort_keys=True)
     return dict(key=key, model=model, data="fmnist", method=method, keep=keep, options={}, dtype=dtype,
@@ -197,6 +197,145 @@ def test_report_refuses_what_is_not_an_eval_result_in_one_line(tmp_path, capsys)
     torn.write_text(json.dumps(_result("A", None, 90.0))[:40])
     report([str(torn)])
     assert capsys.readouterr().out.count("\n") == 2  # the table's head alone
+
+def report_cells(printed: str) -> list[list[str]]:
+    """The body rows of the report's markdown tables, as lists of cells."""
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in printed.splitlines() if line.startswith("| ")]
+    return [r for r in rows if r[0] != "method" and not r[0].startswith("-")]
+
+
+def test_report_of_a_run_without_its_baseline_leaves_the_delta_empty(tmp_path, capsys):
+    """A file holding a run's pruned rows but not its baseline (another file has it, or it was never run): the delta
+    is empty, not a TypeError."""
+    from tokenprune.eval.report import main as report
+
+    row = _result("A", "tome", 89.0)
+    path = tmp_path / "no-baseline.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    report([str(path)])
+    [cells] = report_cells(capsys.readouterr().out)
+    assert (cells[0], cells[3], cells[4]) == ("tome", f"{row['top1']:.2f}", "")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: results"),
+    (["--nope", "a.jsonl"], "unrecognized arguments: --nope"),
+])
+def test_report_usage_errors_are_one_line(capsys, argv, message):
+    from tokenprune.eval.report import main as report
+
+    with pytest.raises(SystemExit) as exit_:
+        report(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_report_keeps_rows_keyed_before_the_timing_settings_apart_and_says_so(tmp_path, capsys):
+    """Rows written before the batch size, device and threads were keyed still load: they are a run of their own,
+    their settings shown as unrecorded, never merged into (or deduplicated against) a run that records them."""
+    from tokenprune.eval.report import main as report
+
+    settings = dict(batch_size=4, device="cpu", processes=1, threads=2)
+    old = [_result("A", None, 90.0), _result("A", "tome", 89.0)]
+    new = [_result("A", None, 80.0, **settings), _result("A", "tome", 78.0, **settings)]
+    path = tmp_path / "both.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in old + new))
+    report([str(path)])
+    printed = capsys.readouterr().out
+    assert [(c[0], c[3], c[4]) for c in report_cells(printed)] == [
+        (r["method"] or "baseline", f"{r['top1']:.2f}", "" if r["method"] is None else f"{r['top1'] - base:+.2f}")
+        for rows in (old, new) for base in [rows[0]["top1"]] for r in rows]
+    headings = [line for line in printed.splitlines() if line.startswith("**")]
+    assert len(headings) == 2 and all(f"{name}=unrecorded" in headings[0] for name in settings)
+    assert all(f"{name}={value}" in headings[1] for name, value in settings.items())
+
+
+def test_resume_with_another_class_map_or_other_images_is_another_run(tmp_path, capsys):
+    """A run's key holds the class indices and the number of images: --resume never reuses a top-1 scored against
+    other labels or on other images, and the report shows each run apart."""
+    from tokenprune.eval.report import main as report
+
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "run.jsonl"
+    args = ["--no-pretrained", "--data", str(data), "--method", "tome", "--keep", "0.5"]
+    maps = []
+    for n, order in enumerate((CLASSES, CLASSES[::-1])):
+        maps.append(tmp_path / f"classes{n}.json")
+        maps[-1].write_text(json.dumps({name: index for index, name in enumerate(order)}))
+    evaluate(args + ["--class-map", str(maps[0]), "--output", str(out)])
+    capsys.readouterr()
+    resumed = evaluate(args + ["--class-map", str(maps[1]), "--output", str(out), "--resume"])
+    assert "[resume]" not in capsys.readouterr().out
+    alone = evaluate(args + ["--class-map", str(maps[1]), "--output", str(tmp_path / "alone.jsonl")])
+    assert [r["top1"] for r in resumed] == [r["top1"] for r in alone]
+    Image.open(next((data / CLASSES[0]).iterdir())).save(data / CLASSES[0] / "another.png")
+    capsys.readouterr()
+    grown = evaluate(args + ["--class-map", str(maps[1]), "--output", str(out), "--resume"])
+    assert "[resume]" not in capsys.readouterr().out
+    assert [r["images"] for r in grown] == [r["images"] + 1 for r in resumed]
+    report([str(out)])
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("**")]) == 3
+
+
+@pytest.fixture
+def restore_threads():
+    """--threads sets torch's threads for the whole process: the tests after this one get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_at_another_batch_size_or_thread_count_is_another_run(tmp_path, capsys, restore_threads):
+    """The speedups are timings against the baseline's (and the seeded random method draws by position in the batch):
+    a resume under another batch size, device or thread count evaluates afresh, and resumes only its own run."""
+    data = make_folder(tmp_path / "val", corrupt=False)
+    out = tmp_path / "run.jsonl"
+    args = ["--no-pretrained", "--data", str(data), "--method", "random", "--keep", "0.5", "--device", "cpu"]
+    evaluate(args + ["--batch-size", "4", "--threads", "1", "--output", str(out)])
+    for other in (["--batch-size", "2", "--threads", "1"], ["--batch-size", "4", "--threads", "2"]):
+        capsys.readouterr()
+        resumed = evaluate(args + other + ["--output", str(out), "--resume"])
+        assert "[resume]" not in capsys.readouterr().out, other
+    alone = evaluate(args + ["--batch-size", "4", "--threads", "2", "--output", str(tmp_path / "alone.jsonl")])
+    assert [r["top1"] for r in resumed] == [r["top1"] for r in alone]
+    capsys.readouterr()
+    again = evaluate(args + ["--batch-size", "2", "--threads", "1", "--output", str(out), "--resume"])
+    assert capsys.readouterr().out.count("[resume]") == len(again)
+    keys = [json.loads(json.loads(line)["key"]) for line in out.read_text().splitlines()]
+    assert {(k["device"], k["batch_size"], k["threads"]) for k in keys} == {("cpu", 4, 1), ("cpu", 2, 1), ("cpu", 4, 2)}
+
+
+def test_a_repeated_method_or_keep_is_evaluated_once(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    rows = evaluate(["--no-pretrained", "--limit", "4", "--method", "tome", "tome", "--keep", "0.5", "0.25", "0.5",
+                     "--output", str(out)])
+    assert [(r["method"], r["keep"]) for r in rows] == [(None, None), ("tome", 0.5), ("tome", 0.25)]
+    assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == [r["key"] for r in rows]
+    printed = capsys.readouterr().out
+    assert "note: --method tome given more than once: evaluated once" in printed
+    assert "note: --keep 0.5 given more than once: evaluated once" in printed
+
+
+def test_an_interrupted_plot_leaves_the_old_file(tmp_path, monkeypatch):
+    """The plot is written beside its name and renamed over it: killed halfway, the old plot is still whole."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from tokenprune.eval.evaluate import plot
+
+    png = tmp_path / "p.png"
+    png.write_bytes(b"the old plot")
+
+    def killed_halfway(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half of it")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", killed_halfway)
+    rows = [dict(method=None, keep=None, gflops=1.0, top1=90.0), dict(method="tome", keep=0.5, gflops=0.6, top1=89.0)]
+    with pytest.raises(KeyboardInterrupt):
+        plot(png, rows, "title")
+    plt.close("all")
+    assert png.read_bytes() == b"the old plot" and [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
 
 def test_transformers_classifier_from_a_local_folder(tmp_path):
     import torch

@@ -297,13 +297,58 @@ def test_resume_truncates_a_torn_last_line(tmp_path, capsys):
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # killed while writing the third line
     capsys.readouterr()
     second = evaluate(args + ["--resume"])
-    assert "[repair] removed 1 torn line(s)" in capsys.readouterr().out
+    assert f"[repair] removed the torn last line of {out} (line 3, 30 bytes)" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line is JSON again
     assert [(r["method"], r["keep"]) for r in rows] == [(r["method"], r["keep"]) for r in first]
     assert [r["top1"] for r in second] == [r["top1"] for r in first]
     with open(out.with_suffix(".csv")) as f:
         table = list(csv.DictReader(f))
     assert [(r["method"], float(r["top1"])) for r in table] == [(r["method"] or "baseline", r["top1"]) for r in rows]
+
+
+#: a row of each command, as little of one as --resume takes for a row
+ROWS = {"eval": dict(key="{}", method=None, keep=None, options={}, top1=50.0, top5=90.0, images=4),
+        "eval-vlm": dict(key="{}", method=None, keep=None, options={}, metric="exact", accuracy=50.0, questions=2)}
+
+
+def resume_file_cases():
+    """(command, file content, the line and the reason the refusal names) for files --resume must not repair."""
+    for command, other in (("eval", "eval-vlm"), ("eval-vlm", "eval")):
+        own, theirs = json.dumps(ROWS[command]), json.dumps(ROWS[other])
+        yield command, "notes, not results\nsecond line\n", "line 1", "(not a JSON object)"
+        yield command, f"{own}\n{theirs}\n", "line 2", f"(a tokenprune {other} row)"
+        yield command, f"{own}\n{own[:20]}\n{own}\n", "line 2", "(not a JSON object)"  # torn, yet not the last
+        yield command, f"{own}\nhello", "line 2", "(not a JSON object)"  # last, but no row's beginning
+        yield command, f'{own}\n{{"key": "k"}}\n', "line 2", "(no method, keep, options"
+
+
+@pytest.mark.parametrize("command, content, line, reason", list(resume_file_cases()))
+def test_resume_refuses_a_file_that_is_not_its_results_and_leaves_it_as_it_is(tmp_path, capsys, monkeypatch,
+                                                                               command, content, line, reason):
+    """Only the last line can be torn by an interruption: any other line that is not a row of this command (another
+    file, the other eval command's results) is one line, exit 2, before any evaluation, and the file is untouched."""
+    never_evaluated(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    out.write_text(content)
+    one_line_error([command, "--limit", "2", "--output", str(out), "--resume"], capsys,
+                   f"{out}, {line}: not a tokenprune {command} results row {reason}", "--overwrite")
+    assert out.read_text() == content
+
+
+@pytest.mark.parametrize("plot, removed", [([], "r.png"), (["--plot", "p.svg"], "p.svg")])
+def test_overwrite_removes_the_old_csv_and_plot_with_the_results(tmp_path, monkeypatch, plot, removed):
+    """An interrupted --overwrite leaves no CSV or plot of the earlier run beside results that are not its."""
+    monkeypatch.chdir(tmp_path)
+    files = [tmp_path / name for name in ("r.jsonl", "r.csv", removed)]
+    for path in files:
+        path.write_text("an earlier run's\n")
+
+    def interrupted(*args, **kwargs):  # the first configuration never finishes
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate_module, "evaluate_config", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(["--no-pretrained", "--limit", "2", "--method", "tome", "--output", "r.jsonl", "--overwrite", *plot])
+    assert not [path.name for path in files if path.exists()]
 
 
 # --- item 13: no machine paths; the training data location is an argument or an environment variable -------------
@@ -350,7 +395,7 @@ def test_an_option_only_the_model_can_refuse_fails_before_any_image(tmp_path, ca
     (["--output", "sub/../z.pdf", "--plot", "z.pdf"], "--output and --plot would be the same file"),
 ])
 def test_results_csv_and_plot_are_three_files(tmp_path, capsys, monkeypatch, command, files, fragment):
-    """One would overwrite another (and --resume would then 'repair' a CSV or a PNG as torn lines)."""
+    """One would overwrite another (and a later --resume would find a CSV or a PNG where its results were)."""
     never_evaluated(monkeypatch)
     monkeypatch.chdir(tmp_path)
     one_line_error([command, "--limit", "2", *files], capsys, fragment, "three different files")

@@ -16,6 +16,7 @@ from tokenprune.eval.vlm import (
     exact_match,
     normalize_answer,
     reference_option,
+    score,
     vqa_accuracy,
 )
 
@@ -128,6 +129,20 @@ def test_multiple_choice_reads_letters_and_texts():
     assert reference_option("Shirt", choices) == 0
     with pytest.raises(ValueError, match="neither"):
         reference_option("hat", choices)
+
+
+def test_an_options_text_comes_before_a_letter_and_a_letter_needs_its_mark():
+    """"A blue car" is the option "A blue car", not option A through its article; a letter counts alone or marked by
+    '.', ')' or ':', and a letter followed by a space is no letter."""
+    cars = ["A red car", "A blue car"]
+    for said in cars + [c.lower() + "." for c in cars]:
+        assert chosen_option(said, cars) == [normalize_answer(c) for c in cars].index(normalize_answer(said))
+    assert score("choice", "A blue car", "A blue car", cars) == 1.0
+    assert score("choice", "A blue car", "B", cars) == 1.0 and score("choice", "A blue car", "A", cars) == 0.0
+    letters = eval_vlm.LETTERS
+    for said in ("A", "b", "A.", "(B)", "B) blue", "a: red", "(A"):
+        assert chosen_option(said, cars) == letters.index(said.strip("(").upper()[0]), said
+    assert chosen_option("B bag", ["shirt", "bag"]) is None and chosen_option("", ["shirt", "bag"]) is None
 
 
 def test_answer_columns_in_every_accepted_form():
@@ -431,3 +446,44 @@ def test_a_reference_may_be_the_first_option_by_index():
         reference_option(2, ["shirt", "bag"])
     with pytest.raises(ValueError):
         reference_option(True, ["shirt", "bag"])
+
+
+def choice_questions(path):
+    """Two multiple-choice questions with a second question, answer and choices column each."""
+    return save_questions(path, dict(image=[{"bytes": png_bytes(60 + i)} for i in range(2)], question=QUESTIONS[:2],
+                                     prompt=QUESTIONS[2:4], choices=[["shirt", "bag"]] * 2,
+                                     options=[["coat", "shoe"]] * 2, answer=["A", "B"], label=["B", "A"]))
+
+
+@pytest.mark.parametrize("other", [["--answer-column", "label"], ["--question-column", "prompt"],
+                                   ["--choices-column", "options"], ["--batch-size", "1"]])
+def test_resume_with_other_columns_or_batch_size_is_another_run(tiny_vlm, tmp_path, monkeypatch, other):
+    """Another answer, question or choices column is another question set, and another batch size other prefill
+    times: a resume under them evaluates every configuration afresh, and resumes all of its own run."""
+    data = choice_questions(tmp_path / "q")
+    out = tmp_path / "res.jsonl"
+    argv = ["eval-vlm", "--model", str(tiny_vlm), "--data", str(data), "--split", "train", "--method", "hiprune",
+            "--keep", "0.5", "-o", "object_layer=1", "--max-new-tokens", "2", "--batch-size", "2", "--output", str(out),
+            "--device", "cpu", "--timing-repeats", "1"]
+    assert cli_main(argv) == 0
+    real, calls = eval_vlm.evaluate_vlm_config, []
+    monkeypatch.setattr(eval_vlm, "evaluate_vlm_config", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert cli_main(argv + other + ["--resume"]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(calls) == len(first) // 2  # the baseline and hiprune again: nothing of the first run reused
+    calls.clear()
+    assert cli_main(argv + other + ["--resume"]) == 0
+    assert calls == []
+
+
+def test_a_repeated_method_or_token_count_is_evaluated_once(tiny_vlm, tmp_path, capsys):
+    out = tmp_path / "res.jsonl"
+    assert cli_main(["eval-vlm", "--model", str(tiny_vlm), "--data", str(choice_questions(tmp_path / "q")), "--split",
+                     "train", "--method", "hiprune", "hiprune", "--tokens", "8", "4", "8", "-o", "object_layer=1",
+                     "--max-new-tokens", "1", "--output", str(out), "--device", "cpu", "--timing-repeats", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["method"] is None and [(r["method"], r["visual_tokens_per_image"]) for r in rows[1:]] == [
+        ("hiprune", 8), ("hiprune", 4)]  # --tokens' values, each once
+    printed = capsys.readouterr().out
+    assert "note: --method hiprune given more than once: evaluated once" in printed
+    assert "note: --tokens 8 given more than once: evaluated once" in printed

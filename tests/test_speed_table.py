@@ -209,6 +209,55 @@ def test_one_of_output_and_report_is_required(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    ([], "one of the arguments --output --report is required"),
+    (["--output", "t.jsonl", "--runs", "x"], "argument --runs: invalid int value: 'x'"),
+])
+def test_a_usage_error_is_one_line_not_the_usage_text(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        st.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--output", "--report"])
+def test_markdown_onto_a_file_of_rows_is_refused_and_the_rows_kept(tmp_path, capsys, monkeypatch, flag):
+    """The report written over --output (or a --report file) would destroy the timings it reports: one line, exit 2,
+    before any timing (paths compared resolved)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "t.jsonl"
+    out.write_text("".join(json.dumps(row(n)) + "\n" for n in (1, 2, 3)))
+    before = out.read_bytes()
+    monkeypatch.setattr(st, "run_table", lambda output, **settings: pytest.fail("timed despite a bad --markdown"))
+    given = [flag, "t.jsonl", "--resume"] if flag == "--output" else [flag, str(tmp_path / "other.jsonl"), "t.jsonl"]
+    with pytest.raises(SystemExit) as e:
+        st.main([*given, "--markdown", "sub/../t.jsonl"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"--markdown sub/../t.jsonl and {flag} t.jsonl are the same file" in err
+    assert out.read_bytes() == before and not (tmp_path / "sub").exists()
+
+
+def test_an_interrupted_markdown_write_leaves_the_old_report(tmp_path, monkeypatch):
+    """The report is written beside --markdown and renamed over it: killed halfway, the old report is still whole."""
+    from pathlib import Path
+
+    out, md = tmp_path / "t.jsonl", tmp_path / "t.md"
+    out.write_text(json.dumps(row(1)) + "\n")
+    md.write_text("the old report\n")
+    real_write_text = Path.write_text
+
+    def killed_halfway(self, text, *args, **kwargs):
+        real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        st.main(["--report", str(out), "--markdown", str(md)])
+    monkeypatch.undo()
+    assert md.read_text() == "the old report\n" and sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl", "t.md"]
+
+
 def test_a_file_that_cannot_be_read_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="No such file"):
         st.read_rows(tmp_path / "missing.jsonl")

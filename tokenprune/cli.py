@@ -225,6 +225,7 @@ def _cmd_flops(args) -> int:
 
 def _cmd_bench(args) -> int:
     from tokenprune.eval.benchmark import benchmark, format_rows, rows_to_json
+    from tokenprune.eval.evaluate import write_atomically
 
     check_model_name(args.model)
     if args.json:
@@ -235,9 +236,8 @@ def _cmd_bench(args) -> int:
                      batch_sizes=args.batch_sizes, repeats=args.repeats, threads=args.threads, compile=args.compile,
                      device=device, dtype=torch_dtype(args.dtype))
     print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(rows_to_json(rows))
+    if args.json:  # an interrupted write leaves the old file or the new one, never half a JSON document
+        write_atomically(Path(args.json), lambda tmp: tmp.write_text(rows_to_json(rows)))
     return 0
 
 
