@@ -268,7 +268,8 @@ class LayerParts:
 def _start_forward(stack: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook of the module running the layer loop: a fresh state for this forward."""
     kwargs["tokenprune_state"] = ForwardState(reducer=stack.tokenprune_reducer, depth=stack.tokenprune_depth,
-                                              num_prefix=stack.tokenprune_num_prefix)
+                                              num_prefix=stack.tokenprune_num_prefix,
+                                              class_token=stack.tokenprune_class_token)
     return args, kwargs
 
 
@@ -356,6 +357,7 @@ def patch_encoder(model: nn.Module, reducer: EncoderReducer, depth: int | None =
         enc.stack.register_forward_pre_hook(_start_forward, with_kwargs=True)
         enc.stack.register_forward_hook(_finish_forward, with_kwargs=True)
         enc.stack.tokenprune_num_prefix = enc.family.num_prefix(enc.backbone.config)
+        enc.stack.tokenprune_class_token = enc.family.class_tokens > 0
     enc.stack.tokenprune_depth = depth or len(enc.layers)
     Adapter.configure(enc.stack, reducer)
 
@@ -367,7 +369,7 @@ def unpatch_encoder(model: nn.Module) -> None:
         restore(layer)
         restore(getattr(layer, enc.family.attention))
     remove_hooks(enc.stack, _start_forward, _finish_forward)
-    for name in ("tokenprune_num_prefix", "tokenprune_depth"):
+    for name in ("tokenprune_num_prefix", "tokenprune_class_token", "tokenprune_depth"):
         enc.stack.__dict__.pop(name, None)
     Adapter.unconfigure(enc.stack)
 

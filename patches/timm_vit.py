@@ -134,7 +134,7 @@ class ReducingViT(Swapped, VisionTransformer):
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         reducer = self.tokenprune_reducer
         num_patches = x.shape[1] - self.num_prefix_tokens
-        state = ForwardState(reducer=reducer, num_prefix=self.num_prefix_tokens,
+        state = ForwardState(reducer=reducer, num_prefix=self.num_prefix_tokens, class_token=self.cls_token is not None,
                              schedule=reducer.schedule(num_patches, len(self.blocks), self.num_prefix_tokens))
         reduces = state.removes_tokens(x)
         if masked and reduces:

@@ -7,6 +7,7 @@ import torch
 from conftest import images, tiny_timm
 
 import tokenprune
+from tokenprune import extension
 from tokenprune.methods import zero_tprune as zt
 
 
@@ -120,6 +121,58 @@ def test_masked_pagerank_is_pagerank_on_the_survivors_subgraph(renormalize):
         torch.testing.assert_close(importance[b, idx],
                                    zt.aggregate_heads(expected[None], variance_range=(0.01, 0.7))[0])
         assert (importance[b, ~alive[b]] == float("-inf")).all()
+
+
+def test_a_row_with_no_attention_left_on_the_survivors_casts_no_vote():
+    """A row whose probabilities on the survivors all underflowed to 0 made 1 / 0 = inf and a NaN head (the
+    I-stage then kept the lowest indices): it votes for nothing, as on the survivors' sub-graph, where its
+    re-normalised row is undefined."""
+    attn = torch.tensor([[[[.7, .1, .1, .1], [.2, .5, .2, .1], [.1, .2, .6, .1], [0., 0., 0., 1.]]]])
+    alive = torch.tensor([True, True, True, False])[None, None]
+    start = zt.initial_scores(1, 1, 4, None, "cpu", torch.float32)
+    masked = zt.weighted_pagerank(attn, start, iterations=5, alive=alive)
+    sub = attn[..., :3, :3] / attn[..., :3, :3].sum(-1, keepdim=True)
+    expected = zt.weighted_pagerank(sub, start[..., :3], iterations=5)
+    torch.testing.assert_close(masked[..., :3], expected)
+    assert masked[..., 3].item() == 0
+    lost = torch.zeros(1, 2, 4)  # a head whose every vote was lost: it counts 0, not 0 / 0
+    lost[:, 0] = torch.tensor([.1, .2, .3, .4])
+    assert torch.isfinite(zt.aggregate_heads(lost)).all()
+    to_the_cut = attn.clone()
+    to_the_cut[..., 3, :] = torch.tensor([1., 0., 0., 0.])  # the survivor's every vote leaks to a cut token
+    only_last = torch.tensor([False, False, False, True])[None, None]
+    leaked = zt.weighted_pagerank(to_the_cut, start, iterations=2, alive=only_last, renormalize=False)
+    assert torch.isfinite(leaked).all()
+
+
+def test_explicit_probabilities_of_float64_are_float64_throughout():
+    """A float64 model's map (Zero-TPrune's pruning blocks apply and score it) was a float32 softmax cast back."""
+    from tokenprune.block import explicit_probabilities
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    expected = ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1)
+    torch.testing.assert_close(explicit_probabilities(q, k, 0.5, None), expected, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_the_class_token_and_no_register_is_emphasised(monkeypatch, reg_tokens):
+    """The start vector gives the class token sqrt(N); a timm model of register tokens without a class token has
+    none to emphasise (register 0 got it: its attention then decided the ranking)."""
+    seen = []
+    start = zt.initial_scores
+    monkeypatch.setattr(zt, "initial_scores", lambda b, h, n, emphasize, *a: seen.append(emphasize) or
+                        start(b, h, n, emphasize, *a))
+    x = images()
+    for class_token in (True, False):
+        model = tiny_timm(class_token=class_token, reg_tokens=reg_tokens, global_pool="token" if class_token
+                          else "avg", no_embed_class=reg_tokens > 0)
+        for options in ({"s_fraction": 0.5}, {"s_stage": False}):
+            tokenprune.apply(model, "zero-tprune", keep=0.5, **options)
+            with extension.pytorch_ops_only(), torch.no_grad():
+                model(x)
+            assert seen and set(seen) == ({0} if class_token else {None}), (class_token, options)
+            seen.clear()
 
 
 def test_schedule_layers_keep_rates_and_counts():

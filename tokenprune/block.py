@@ -101,7 +101,7 @@ def explicit_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | No
     unrounded map."""
     acc = ops.accumulation_dtype(q.dtype)  # the logits too: half-precision logits would round the ranking
     logits = ops.head_products(q.to(acc), k.to(acc).transpose(-2, -1), alpha=scale, add=bias)
-    return logits.softmax(dim=-1, dtype=torch.float32).to(acc)
+    return logits.softmax(dim=-1, dtype=acc)
 
 
 def attend(parts: AttentionParts, h: Tensor, bias: Tensor | None,

@@ -25,6 +25,8 @@ class ForwardState:
 
     reducer: "EncoderReducer"
     num_prefix: int
+    #: whether the first prefix token is a class token (a timm model without one may have register tokens)
+    class_token: bool = True
     #: tokens each block removes (see EncoderReducer.schedule); None: planned by the first block
     #: from the tokens it receives and ``depth`` (for adapters that only see tokens inside the encoder)
     schedule: tuple[int, ...] | None = None

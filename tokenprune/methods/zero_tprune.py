@@ -52,7 +52,10 @@ def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None
     if mask is not None:
         start = start * mask
         if renormalize:  # 1 / (attention each row keeps on the survivors)
-            row_scale = 1.0 / (attn @ mask.expand_as(start).unsqueeze(-1)).squeeze(-1)
+            kept_mass = (attn @ mask.expand_as(start).unsqueeze(-1)).squeeze(-1)
+            # a row whose every probability on the survivors underflowed to 0 casts no vote (1 / 0 made its
+            # 0 x inf a NaN, and every score of the head with it)
+            row_scale = torch.where(kept_mass > 0, 1.0 / kept_mass, torch.zeros_like(kept_mass))
     s = start / start.sum(dim=-1, keepdim=True)
     # With a mask and no renormalisation, mass leaks to the cut tokens at every round: rescale
     # then (the ranking is scale-free; only the stopping test and the result need unit sum).
@@ -62,8 +65,8 @@ def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None
         nxt = (votes.unsqueeze(-2) @ attn).squeeze(-2)  # row vector times A reads A contiguously
         if mask is not None:
             nxt = nxt * mask
-        if leaks:
-            nxt = nxt / nxt.sum(dim=-1, keepdim=True)
+        if leaks:  # (a graph whose every vote leaked stays at 0, not 0 / 0)
+            nxt = nxt / nxt.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(nxt.dtype).tiny)
         if tol is not None and (nxt - s).abs().max() < tol:
             return nxt
         s = nxt
@@ -82,7 +85,9 @@ def aggregate_heads(scores: Tensor, rms: bool = True, variance_range: tuple[floa
     mask = torch.ones_like(scores[:, 0]) if alive is None else alive.to(scores.dtype)
     mask = mask.unsqueeze(1)
     count = mask.sum(dim=-1, keepdim=True)
-    scaled = scores * mask / ((scores * mask).sum(dim=-1, keepdim=True) / count)
+    # a head whose scores are all 0 (every vote lost) stays at 0, not 0 / 0
+    head_mean = (scores * mask).sum(dim=-1, keepdim=True) / count
+    scaled = scores * mask / head_mean.clamp_min(torch.finfo(scores.dtype).tiny)
     weight = torch.ones(scaled.shape[:2], device=scores.device, dtype=scores.dtype)
     if variance_range is not None:
         var = ((scaled - 1).square() * mask).sum(dim=-1) / count.squeeze(-1)
@@ -238,7 +243,8 @@ class ZeroTPrune(EncoderReducer):
 
         attn = taps.probabilities()  # (B, H, N, N)
         batch, heads, total = attn.shape[:3]
-        cls = None if o["uniform_start"] or p == 0 else 0
+        # the class token's emphasis; none without one (a timm model of register tokens only: no register is it)
+        cls = 0 if p > 0 and state.class_token and not o["uniform_start"] else None
         variance_range = tuple(o["vhf_range"]) if o["vhf"] else None
         # the S-stage drops from the less important half only; whatever exceeds it goes to the I-stage
         s_remove = min(round(remove * o["s_fraction"]), n // 2) if o["s_stage"] else 0
