@@ -281,3 +281,28 @@ def test_llava_next_drops_the_first_rows_newline_when_that_row_keeps_nothing(mon
     # grid rows 0 and 8 (the crops' first rows) keep nothing: their newlines go, the other 14 stay
     newline = [64 + 17 * row + 16 for row in range(16)]
     assert roles[newline].tolist() == [0 if row in (0, 8) else -1 for row in range(16)]
+
+
+# ------------------------------------------------------------------ get_image_features(return_dict=False)
+
+
+@pytest.mark.parametrize("method", ["hiprune", "tome"])
+def test_image_features_as_a_tuple_are_the_stock_tuple_at_keep_one(method):
+    """The patched get_image_features honours return_dict=False (a tuple, as the stock method gives), untested
+    until a mutant of it survived."""
+    model = tiny_llava()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stock = model.model.get_image_features(pixel_values=pixels, return_dict=False)
+        tokenprune.apply(model, method, keep=1.0, **({"object_layer": 2} if method == "hiprune" else {}))
+        patched = model.model.get_image_features(pixel_values=pixels, return_dict=False)
+        as_object = model.model.get_image_features(pixel_values=pixels)
+    assert isinstance(stock, tuple) and isinstance(patched, tuple) and len(patched) == len(stock)
+    assert not isinstance(as_object, tuple)
+
+    def same(a, b) -> bool:  # tensors, None (the hidden states transformers did not keep), or sequences of them
+        if isinstance(a, (list, tuple)):
+            return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+        return a is b is None or (torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b))
+
+    assert same(patched, stock)
