@@ -91,9 +91,7 @@ def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: fl
         from tokenprune.eval.benchmark import benchmark
     rows = read_rows(output) if resume and output.exists() else []
     # a torn last line is gone from the rows: the file is written back without it (whole, or not at) before appending
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(output)
+    write_atomically(output, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
     done = {(row["run"], *cell_key(row)) for row in rows if "refused" not in row}
     refused = set()  # cells refused in this call
     config = config_label(keep, {})
