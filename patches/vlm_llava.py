@@ -87,13 +87,16 @@ class Llava(VLMFamily):
             choices.append(ImageChoice(roles.to(feats.device)))
         return choices
 
-    def tokens_per_image(self, model):
-        prefix, cut = self._layout(model, {})
+    def _features_per_image(self, model, kw) -> int:
+        """The patch grid, plus a class token the strategy keeps, less a patch it cuts (SigLIP under "default")."""
+        prefix, cut = self._layout(model, kw)
         return self._side(model) ** 2 + prefix - cut
 
+    def tokens_per_image(self, model):
+        return self._features_per_image(model, {})
+
     def feature_counts(self, model, kw):
-        prefix, cut = self._layout(model, kw)
-        return [self._side(model) ** 2 + prefix - cut] * kw["pixel_values"].shape[0]
+        return [self._features_per_image(model, kw)] * kw["pixel_values"].shape[0]
 
     def grids(self, model, kw):
         side = self._side(model)
