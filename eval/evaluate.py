@@ -36,6 +36,7 @@ from tokenprune.cli import (
     options_by_method,
     torch_dtype,
 )
+from tokenprune.registry import KEEP_OVERRIDES, keep_overridden
 from tokenprune.speed import CompiledOutputChanged, never_eager_fallback, verify_compiled
 
 from .data import EMBEDDED, EMBEDDED_SPECS, build_dataset, embedded_spec_for, looks_like_path, skip_reason
@@ -47,14 +48,39 @@ TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm model names with a s
 @dataclass
 class Config:
     method: str | None  # None: the unpruned baseline
-    keep: float | None
+    keep: float | None  # None for a method whose options set its token counts (``keep_overridden``)
     options: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         if self.method is None:
             return "baseline"
-        return f"{self.method} keep={self.keep}" + "".join(f" {k}={v}" for k, v in self.options.items())
+        keep = "" if self.keep is None else f" keep={self.keep}"
+        return f"{self.method}{keep}" + "".join(f" {k}={v}" for k, v in self.options.items())
+
+
+def sweep(methods: list[str], keeps: list[float], options: dict[str, dict], notes: list[str]) -> list[Config]:
+    """The configurations of a sweep, the baseline first: each method at each keep, or once, with no keep, where its
+    options set the token counts instead (ToMe's or MCTF's ``r``, MCTF's ``fast``, Zero-TPrune's ``keep_rates``, a
+    selector's ``tokens``): at every keep it would be the same configuration evaluated again, each row labelled with
+    a keep it does not use. A line in ``notes`` says so."""
+    configs = [Config(None, None)]
+    for m in methods:
+        if not keep_overridden(options[m]):
+            configs += [Config(m, k, options[m]) for k in keeps]
+            continue
+        if keeps:
+            setting = " ".join(f"{k}={v}" for k, v in options[m].items() if k in KEEP_OVERRIDES)
+            notes.append(f"note: {m}: {setting} sets its token counts, not --keep: evaluated once")
+        configs.append(Config(m, None, options[m]))
+    return configs
+
+
+def budget_label(row: dict) -> str:
+    """A result's budget as a plot labels its point: its keep, else the options that set its token counts."""
+    if row["keep"] is not None:
+        return f"{row['keep']:.3g}"
+    return " ".join(f"{k}={v}" for k, v in row["options"].items() if k in KEEP_OVERRIDES)
 
 
 def is_hf_name(name: str) -> bool:
@@ -362,10 +388,10 @@ def plot(path: Path, rows: list[dict], title: str, x: str = "gflops", y: str = "
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     base = next((r for r in rows if r["method"] is None), None)
     for method in sorted({r["method"] for r in rows if r["method"]}):
-        pts = sorted((r[x], r[y], r["keep"]) for r in rows if r["method"] == method)
+        pts = sorted(((r[x], r[y], budget_label(r)) for r in rows if r["method"] == method), key=lambda p: p[:2])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        for px, py, k in pts:
-            ax.annotate(f"{k:.3g}", (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for px, py, budget in pts:
+            ax.annotate(budget, (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7)
     if base:
         ax.plot([base[x]], [base[y]], marker="*", markersize=14, color="k", linestyle="", label="baseline")
     ax.set_xlabel(labels[0])
@@ -661,6 +687,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tokenprune.registry.get_method(m)(keep=keeps[0], **options[m])
     for k in keeps:
         tokenprune.registry.check_keep(k)
+    configs = sweep(methods, keeps, options, notes)
     device = None if args.device == "auto" else check_device(args.device)
     if args.amp and args.dtype != "fp32":
         raise ValueError(f"--amp autocasts an fp32 model; with --dtype {args.dtype} the model already runs in "
@@ -698,7 +725,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run["dtype"] = args.dtype
     if args.compile:  # the same accuracy is expected, but other timings: kept apart for --resume
         run["compile"] = True
-    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in methods for k in keeps]
     for config in configs[1:]:  # what only this model can refuse (layers past its depth, ...): before any image
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **config.options))
     rows = []

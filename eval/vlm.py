@@ -76,6 +76,7 @@ from .evaluate import (
     output_paths,
     plot,
     run_settings,
+    sweep,
     write_csv,
 )
 
@@ -413,12 +414,13 @@ def format_table(rows: list[dict]) -> str:
         return "" if v is None else format(v, spec)
 
     names = [r["method"] or "baseline" for r in rows]
-    width = max([10, *map(len, names)])
-    head = (f"{'method':<{width}} {'keep':>6} {'accuracy':>9} {'retention':>9} {'tokens/img':>10} "
-            f"{'prefill GFLOPs':>14} {'prefill ms':>10}")
+    options = [",".join(f"{k}={v}" for k, v in r["options"].items()) for r in rows]
+    width, option_width = max([10, *map(len, names)]), max([7, *map(len, options)])
+    head = (f"{'method':<{width}} {'keep':>6} {'options':<{option_width}} {'accuracy':>9} {'retention':>9} "
+            f"{'tokens/img':>10} {'prefill GFLOPs':>14} {'prefill ms':>10}")
     lines = [head, "-" * len(head)]
-    for r, name in zip(rows, names):
-        lines.append(f"{name:<{width}} {fmt(r['keep'], '>6.3f'):>6} {r['accuracy']:>9.2f} "
+    for r, name, opts in zip(rows, names, options):
+        lines.append(f"{name:<{width}} {fmt(r['keep'], '>6.3f'):>6} {opts:<{option_width}} {r['accuracy']:>9.2f} "
                      f"{fmt(r['retention'], '>9.3f'):>9} {r['visual_tokens_per_image']:>10.1f} "
                      f"{fmt(r['prefill_gflops'], '>14.3f'):>14} {fmt(r['prefill_ms'], '>10.1f'):>10}")
     return "\n".join(lines)
@@ -450,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--keep", nargs="+", type=float, help="fractions of each image's visual tokens to keep "
                         "(default 1/3, 2/9, 1/9)")
     budget.add_argument("--tokens", nargs="+", type=count(1),
-                        help="visual tokens per image to keep (models with a fixed count per image, LLaVA-1.5)")
+                        help="visual tokens per image to keep: on LLaVA-1.5 (a fixed count per image) that fraction "
+                        "of them, for any method; elsewhere each selector's tokens= option (LLaVA-NeXT: the image's "
+                        "budget, split over its crops)")
     add_option_argument(p)  # each method of the sweep gets the options it declares
     p.add_argument("--positions", choices=("reindex", "original"), help="how kept tokens are numbered "
                    "(default: the family's; tokenprune.apply)")
@@ -484,6 +488,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     options = options_by_method(methods, args.option)
     for m in methods:  # a bad method or option value fails before any model loads
         get_method(m)(keep=1.0, **options[m])
+        if args.tokens and options[m].get("tokens") is not None:  # the option would set every row's budget
+            raise ValueError(f"--tokens and {m}'s option tokens={options[m]['tokens']} both set its visual tokens per "
+                             "image: pass one of them")
     device = None if args.device == "auto" else check_device(args.device)
     dtype = torch_dtype(args.dtype)
     output, png = output_paths(args, "runs/eval-vlm", args.model, "tokenprune eval-vlm")
@@ -494,15 +501,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     metric = resolve_metric(args.metric, questions)
     model, processor = load_vlm(args.model, dtype)
     prompter = Prompter(processor, metric, args.post_prompt, args.prompt_template)
-    if args.tokens:
-        per_image = visual_tokens_per_image(model)
-        if per_image is None:
+    per_image = visual_tokens_per_image(model) if args.tokens else None
+    if args.tokens and per_image is None:
+        # each image has as many visual tokens as its size calls for (LLaVA-NeXT, Qwen): the budget in tokens is the
+        # selector's own option, an image's (LLaVA-NeXT: split over its crops), not a fraction
+        lacking = [m for m in methods if "tokens" not in get_method(m).native_options]
+        if lacking:
             raise ValueError(f"--tokens: {type(model).__name__} gives each image as many visual tokens as its size "
-                             "calls for; pass --keep (a fraction of each image's tokens)")
-        too_many = [t for t in tokens if t > per_image]
-        if too_many:
-            raise ValueError(f"--tokens {too_many[0]}: each image has {per_image} visual tokens")
-        keeps = [t / per_image for t in tokens]
+                             f"calls for, and {lacking[0]} takes no budget in tokens; pass --keep (a fraction of each "
+                             "image's tokens)")
+        configs = [Config(None, None)] + [Config(m, None, {**options[m], "tokens": t}) for m in methods for t in tokens]
+    else:
+        if args.tokens:  # a fixed count per image (LLaVA-1.5): each budget is that fraction, for any method
+            too_many = [t for t in tokens if t > per_image]
+            if too_many:
+                raise ValueError(f"--tokens {too_many[0]}: each image has {per_image} visual tokens")
+            keeps = [t / per_image for t in tokens]
+        configs = sweep(methods, keeps, options, notes)
 
     accelerator = make_accelerator(device)
     for note in notes:
@@ -523,7 +538,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                choices_column=choices_column, max_new_tokens=args.max_new_tokens, post_prompt=prompter.post_prompt,
                prompt_template=args.prompt_template, positions=args.positions, dtype=args.dtype,
                **run_settings(args, accelerator))
-    configs = [Config(None, None)] + [Config(m, k, options[m]) for m in methods for k in keeps]
     settings = {"positions": args.positions} if args.positions else {}
     for config in configs[1:]:  # every configuration fits this model (layers, budgets), before any evaluation
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **settings, **config.options))
