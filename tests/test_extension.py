@@ -228,7 +228,8 @@ def test_weighted_merge_accumulates_in_fp32(cpu_build):
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.sampled_from((1, 2)), st.integers(1, 3), st.integers(1, 13), st.integers(1, 13), st.integers(1, 8),
-       st.sampled_from(DTYPES), st.sampled_from(("none", "key", "full", "masked")), st.integers(0, 2 ** 31))
+       st.sampled_from(DTYPES), st.sampled_from(("none", "key", "full", "masked", "infinite")),
+       st.integers(0, 2 ** 31))
 def test_received_attention_equals_the_chunked_reference(request, batch, heads, n_q, n_k, dim, dtype, bias_kind,
                                                         seed):
     g = torch.Generator().manual_seed(seed)
@@ -236,19 +237,46 @@ def test_received_attention_equals_the_chunked_reference(request, batch, heads, 
     k = torch.randn(batch, heads, n_k, dim, generator=g).to(dtype)
     bias = {"none": None, "key": torch.randn(batch, 1, 1, n_k, generator=g),
             "full": torch.randn(batch, heads, n_q, n_k, generator=g),
-            "masked": torch.zeros(batch, 1, 1, n_k)}[bias_kind]
+            "masked": torch.zeros(batch, 1, 1, n_k), "infinite": torch.randn(batch, heads, n_q, n_k, generator=g)}[
+        bias_kind]
     if bias_kind == "masked":  # a masked key (as transformers' padding masks give), never all of them
         bias[..., 0] = -torch.inf if n_k > 1 else 0.0
+    if bias_kind == "infinite":  # a +inf logit (as an overflowed fp16 dot product gives) in some rows: NaN rows
+        bias[0, 0, -1, n_k // 2] = torch.inf
     scale = dim ** -0.5
     reference = ops.received_attention(q, k, scale, bias)  # half q, k: scored in float32 too
-    assert torch.equal(reference, ops.received_attention(q.float(), k.float(), scale, bias))
+    torch.testing.assert_close(ops.received_attention(q.float(), k.float(), scale, bias), reference, rtol=0, atol=0,
+                               equal_nan=True)
     for build in builds(request):
         got = build.received_attention(q, k, scale, bias)
         assert got.dtype == torch.float32 and got.shape == (batch, n_k)
         # the kernel takes the dot products in fp32 from the stored values, the reference from their fp32 copy
-        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-6, equal_nan=True)
+        if bias_kind == "infinite":
+            assert got[0].isnan().all()
         if bias_kind == "masked" and n_k > 1:
             assert torch.all(got[:, 0] == 0)
+
+
+def test_received_attention_is_the_reference_for_infinite_logits_and_no_query(request, monkeypatch):
+    """A +inf logit makes the reference's softmax row NaN (it subtracts the row's maximum, inf - inf), so every key
+    of that sample receives NaN: the kernel gave the other keys 0 (its online softmax counted the new maximum as
+    exp(0) = 1). No query (or no head) at all is a mean over nothing, 0 / 0: the kernel returned zeros."""
+    monkeypatch.setenv(extension.ENV, "off")
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 2, 3, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+    overflowed = q.clone()
+    overflowed[0, 1, 2, 0] = torch.inf  # one infinite feature (an fp16 overflow): +inf logits in one row
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[1, ..., 3] = torch.inf
+    cases = {"an infinite bias": (q, k, bias), "an infinite query": (overflowed, k.abs(), None),
+             "no query": (q[:, :, :0], k, None), "no head": (q[:, :0], k[:, :0], None)}
+    for case, (queries, keys, b) in cases.items():
+        expected = ops.received_attention(queries, keys, 0.5, b)
+        assert expected.isnan().any(), case
+        for build in builds(request):
+            got = build.received_attention(queries, keys, 0.5, b)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7, equal_nan=True, msg=case)
 
 
 @given(st.data())
@@ -982,6 +1010,11 @@ def test_inputs_a_kernel_does_not_take_keep_the_pytorch_ops(monkeypatch, cpu_bui
         "float64 q and k": lambda: ops.received_attention(q.double(), k.double(), 0.5),
         "float64 tokens to merge": lambda: ops.merge_mean(
             t.double(), None, ops.bipartite_soft_matching(t[:, :, :2], 1, 1), 1)[0],
+        # the kernel sums sizes in float32: float64 sizes of float32 tokens came back rounded through float32
+        "float64 sizes: the tokens": lambda: ops.merge_mean(
+            t, weight.double(), ops.bipartite_soft_matching(t[:, :, :2], 1, 1), 1)[0],
+        "float64 sizes: the sizes": lambda: ops.merge_mean(
+            t, weight.double(), ops.bipartite_soft_matching(t[:, :, :2], 1, 1), 1)[1],
     }
     for name, run in cases.items():
         monkeypatch.setenv(extension.ENV, "off")
@@ -1124,6 +1157,11 @@ def test_cuda_kernels_equal_the_reference_on_the_gpu(monkeypatch, cuda_build, dt
         keep = torch.rand(batch, patches, generator=g).argsort(-1)[:, :max(1, patches // 3)]
         got = cuda_build.gather_kept(x.cuda(), keep.cuda(), prefix).cpu()
         assert torch.equal(got, ops.keep_tokens(x, keep, prefix))
+        for other in (torch.uint8, torch.int64, torch.complex128):  # 1, 8 and 16 bytes (16 was refused)
+            t = torch.randn(batch, prefix + patches, 3, generator=g, dtype=torch.complex128)
+            t = t if other.is_complex else t.real.mul(50).to(other)
+            assert torch.equal(cuda_build.gather_kept(t.cuda(), keep.cuda(), prefix).cpu(),
+                               ops.keep_tokens(t, keep, prefix)), other
         n = x.shape[1]
         dest = torch.randint(0, max(1, n // 2), (batch, n), generator=g)
         dest[:, :max(1, n // 2)] = torch.arange(max(1, n // 2))

@@ -10,12 +10,13 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
 
 * ``auto`` (default): CUDA tensors use the CUDA build, compiled on first use (about a minute; cached by
   torch in ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default) or ahead of time with
-  ``tokenprune build-ext --cuda``. CPU tensors use the PyTorch ops (as fast there for a merge or the attention
-  received), except where the CPU build's kernel measured faster (``cpu_kernel_pays``: ToMe's matching and
-  merge, ``ops.bipartite_merge``, one call for some thirty small ops; the kept-token gather,
-  ``ops.keep_tokens``, a row copy for five ATen calls; the kept indices, ``ops.top_k_ascending``, one call for
-  three), compiled on first use (about 30 s, then cached; or
-  ``tokenprune build-ext``). If a build fails, one warning, then the PyTorch ops.
+  ``tokenprune build-ext --cuda``. CPU tensors use the PyTorch ops (as fast there for ``ops.merge_mean`` or the
+  attention received), except where the CPU build's kernel measured faster (``cpu_kernel_pays``: ToMe's matching
+  and merge, ``ops.bipartite_merge``, one call for some thirty small ops; MCTF's matching, ``mctf.merge_plan``,
+  one for some fifty; Zero-TPrune's S-stage, ``zero_tprune.s_stage_keep``, one for some twenty; the weighted
+  merge of ``ops.assign_mean`` (MCTF's fusion); the kept-token gather, ``ops.keep_tokens``, a row copy for five
+  ATen calls; the kept indices, ``ops.top_k_ascending``, one call for three), compiled on first use (about 30 s,
+  then cached; or ``tokenprune build-ext``). If a build fails, one warning, then the PyTorch ops.
 * ``off`` (or ``0``): the PyTorch ops everywhere.
 * ``all``: the extension for CPU tensors too (the CPU build), and a build failure is an error; this is how
   the tests run whole models through the kernels without a GPU.

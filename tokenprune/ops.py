@@ -28,8 +28,9 @@ features). For float32 and float64 tokens every function here computes exactly w
 These functions are the reference. Where ``tokenprune.extension.for_tensor`` returns the compiled
 extension (CUDA tensors by default; see that module), ``keep_tokens``, ``merge_mean``, ``assign_mean``
 and ``received_attention`` hand their work to its kernels, which the tests hold equal to the code here;
-on CPU by default ``bipartite_merge`` (ToMe's matching and merge in one call, bit-identical), ``keep_tokens``
-(a row copy) and ``top_k_ascending`` (the same indices) do so too.
+on CPU by default ``bipartite_merge`` (ToMe's matching and merge in one call, bit-identical), ``assign_mean``
+(one weighted merge, bit-identical), ``keep_tokens`` (a row copy) and ``top_k_ascending`` (the same indices) do so
+too.
 """
 from __future__ import annotations
 
@@ -181,7 +182,9 @@ def merge_mean(x: Tensor, size: Tensor | None, plan: MergePlan, num_prefix: int)
     as they are. The weighted sum is accumulated in float32 for half-precision ``x`` and cast back.
     """
     acc = accumulation_dtype(x.dtype)
-    kernels = extension.for_tensor(x, size, floating=True)
+    # the kernel sums the sizes in float32: float64 sizes (summed in float64 below) keep the PyTorch ops
+    wide_size = size is not None and size.dtype == torch.float64
+    kernels = None if wide_size else extension.for_tensor(x, size, floating=True)
     if kernels is not None:  # one weighted merge over the plan's destinations (fp32 sums, like below)
         dest, n_out = merge_destinations(plan, x.shape[1], num_prefix)
         weight = size[..., 0] if size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)

@@ -22,6 +22,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// A 16-byte element (complex128, which keep_tokens sends here as it sends any dtype): two 8-byte words, so that
+// 8-byte alignment, all that a complex128 tensor promises, suffices.
+struct Bytes16 {
+  uint64_t lo, hi;
+};
+
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 const char* last_error() {
@@ -98,6 +104,7 @@ const char* launch_gather(const void* x, const int64_t* keep, void* out, int64_t
     case 2: TP_GATHER(uint16_t); break;
     case 4: TP_GATHER(uint32_t); break;
     case 8: TP_GATHER(uint64_t); break;
+    case 16: TP_GATHER(Bytes16); break;
     default: return "gather: unsupported element size";
   }
 #undef TP_GATHER

@@ -94,7 +94,9 @@ TP_HD void attention_row_stats(const T* q, const T* k, const AttentionShape& a, 
     const float l = attention_logit(q, k, a, b, h, i, j);
     if (l == -INFINITY) continue;  // a masked key adds nothing (and -inf - -inf would be NaN)
     if (l > m) {  // online softmax: rescale the running sum to the new maximum
-      z = z * TP_EXP(m - l) + 1.f;
+      // the new maximum's own term, exp(l - l): 1, but NaN for l = +inf, as in the reference's softmax (which
+      // subtracts the row's maximum; inf - inf makes the whole row NaN, where a 1 here gave the other keys 0)
+      z = z * TP_EXP(m - l) + (l < INFINITY ? 1.f : NAN);
       m = l;
     } else {
       z += TP_EXP(l - m);

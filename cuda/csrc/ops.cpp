@@ -431,7 +431,9 @@ torch::Tensor received_attention(torch::Tensor q, torch::Tensor k, double scale,
   const auto f32 = q.options().dtype(torch::kFloat);
   auto row_max = torch::empty({a.B * a.H * a.Nq}, f32), row_sum = torch::empty({a.B * a.H * a.Nq}, f32);
   auto out = torch::zeros({a.B, a.Nk}, f32);
-  if (out.numel() == 0 || a.Nq == 0) return out;
+  if (out.numel() == 0) return out;
+  // a mean over no head or no query: 0 / 0, as the reference's division (the CUDA launcher skips empty grids)
+  if (a.H * a.Nq == 0) return out.fill_(std::numeric_limits<float>::quiet_NaN());
 #ifdef TOKENPRUNE_WITH_CUDA
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());

@@ -115,6 +115,10 @@ def merge_plan(x: Tensor, received: Tensor, size: Tensor, tau: tuple[float, floa
                bidirectional: bool) -> tuple[Tensor, int]:
     """``bidirectional_assignment(pair_scores(...), remove, ...)``: each token's slot ``(B, N)`` and the slot count.
 
+    ``received`` and ``size`` must be positive and finite, as MCTF's are (``attention_received`` floors the attention
+    at ``finfo.tiny``; sizes start at 1): a 0 or an infinity scores ordinary pairs -inf, tied with the pairs that
+    touch a prefix token, which the matching ranks last (not checked here: a check would wait on the device).
+
     On CPU the extension's CPU build does it in one call (the default: some fifty small ops, about a third of
     a merging block at batch 1, become one; docs/performance.md), with bit-identical slots: it takes these steps
     in this order, with the same ATen calls where rounding could differ (norms, the cosine product, logarithms),
