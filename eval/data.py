@@ -291,10 +291,16 @@ class HFImages(_Source):
 
         features = dataset.features
         self.image_key = next((k for k, f in features.items() if isinstance(f, HFImage)), None)
-        self.label_key = next((k for k, f in features.items() if isinstance(f, ClassLabel)), None) or \
-            next((k for k in ("label", "labels") if k in features), None)
+        # A column named label (labels) first: the one timm's hfds reader (its default target_key) and transformers'
+        # scripts score, whatever other class-label columns come before it (a species beside a breed, a coarse class)
+        class_labels = [k for k, f in features.items() if isinstance(f, ClassLabel)]
+        self.label_key = next((k for k in ("label", "labels") if k in features), None) or \
+            next(iter(class_labels), None)
         if self.image_key is None or self.label_key is None:
             raise ValueError(f"dataset columns {list(features)}: need an Image column and a label column")
+        self.other_label_columns = [k for k in class_labels if k != self.label_key]
+        self.class_note = (f"labels from the dataset's {self.label_key!r} column (other class-label columns: "
+                           f"{', '.join(map(repr, self.other_label_columns))})") if self.other_label_columns else ""
         label = features[self.label_key]
         if isinstance(label, ClassLabel) and num_classes is not None and label.num_classes > num_classes:
             raise ValueError(f"the dataset has {label.num_classes} classes but the model has {num_classes}")

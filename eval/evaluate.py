@@ -93,11 +93,13 @@ def is_hf_name(name: str) -> bool:
 
 class HFClassifier(torch.nn.Module):
     """A transformers image classifier behind timm's interface: ``forward(images) -> logits``, and a
-    ``pretrained_cfg`` taken from its image processor, so timm's data config and transforms apply."""
+    ``pretrained_cfg`` taken from its image processor (the input size timm's data config reads); its images
+    are the processor's own (``eval_transform``)."""
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__()
         self.model = model
+        self.processor = processor
         self.pretrained_cfg = processor_data_config(processor, model.config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,9 +110,12 @@ def processor_data_config(processor, config) -> dict:
     """timm data config (input size, mean, std, interpolation, crop) equivalent to an HF image processor."""
     size = dict(getattr(processor, "size", None) or {})
     crop = dict(getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
-    if crop:
+    if crop and "shortest_edge" in size:  # the short side resized, then a centre crop (CLIP, DINOv2)
         height, width = crop["height"], crop["width"]
-        crop_pct, crop_mode = height / size.get("shortest_edge", height), "center"
+        crop_pct, crop_mode = height / size["shortest_edge"], "center"
+    elif crop:  # resized to height x width, then a centre crop (DeiT: 256 x 256, then 224): timm's "squash" with a crop
+        height, width = crop["height"], crop["width"]
+        crop_pct, crop_mode = height / size.get("height", height), "squash"
     else:  # resized straight to the target size (ViT, DeiT without crop, SigLIP)
         height = size.get("height", size.get("shortest_edge", config.image_size))
         width = size.get("width", height)
@@ -120,6 +125,28 @@ def processor_data_config(processor, config) -> dict:
     return dict(input_size=(getattr(config, "num_channels", 3), height, width), interpolation=interpolation,
                 mean=tuple(processor.image_mean), std=tuple(processor.image_std), crop_pct=crop_pct,
                 crop_mode=crop_mode)
+
+
+class ProcessorTransform:
+    """An image processor as a per-image transform: the pixel values the processor itself gives. timm's transform
+    from the equivalent data config is not those pixels: the processors resize with their own kernels (torchvision's,
+    antialiased, on tensors), and crop at (size - crop) // 2 where torchvision rounds."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def eval_transform(model: torch.nn.Module, data_config: dict):
+    """What each image goes through: a transformers model's own image processor, else timm's eval transform for
+    ``data_config``."""
+    if isinstance(model, HFClassifier):
+        return ProcessorTransform(model.processor)
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=False)
 
 
 def model_num_classes(model: torch.nn.Module) -> int | None:
@@ -647,11 +674,15 @@ def run_settings(args, accelerator) -> dict:
 
 def data_settings(dataset) -> dict:
     """What the data adds to a run's key beyond ``--data``: its size (a folder that gained or lost images is another
-    run) and, for an image folder, a digest of its class indices (another ``--class-map`` scores other labels)."""
+    run) and, for an image folder, a digest of its class indices (another ``--class-map`` scores other labels); for a
+    ``datasets`` split with several class-label columns, the one scored (before 2026-12-06 the first class-label
+    column was, not ``label``: such runs resume nothing)."""
     settings = {"samples": len(dataset)}
     classes = getattr(dataset, "classes", None)
     if classes:
         settings["classes"] = hashlib.sha256(json.dumps(sorted(classes.items())).encode()).hexdigest()[:12]
+    if getattr(dataset, "other_label_columns", None):
+        settings["label_column"] = dataset.label_key
     return settings
 
 
@@ -665,7 +696,7 @@ def distinct(values: list, flag: str, notes: list[str]) -> list:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import resolve_data_config
     from torch.utils.data import DataLoader, Subset
 
     from tokenprune.registry import EncoderReducer, method_names
@@ -704,7 +735,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     accelerator = make_accelerator(device)
     model = load_model(args.model, args.pretrained, args.checkpoint, args.seed).to(accelerator.device, dtype)
     data_config = resolve_data_config(model=model)
-    transform = create_transform(**data_config, is_training=False)
+    transform = eval_transform(model, data_config)
     dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split,
                                        num_classes=model_num_classes(model), class_map=args.class_map)
     for note in (*notes, getattr(dataset, "class_note", ""), getattr(dataset, "ignored", "")):
@@ -725,6 +756,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run["dtype"] = args.dtype
     if args.compile:  # the same accuracy is expected, but other timings: kept apart for --resume
         run["compile"] = True
+    if isinstance(model, HFClassifier):  # its processor's own pixels (timm's transform before 2026-12-06)
+        run["pixels"] = "processor"
     for config in configs[1:]:  # what only this model can refuse (layers past its depth, ...): before any image
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **config.options))
     rows = []
