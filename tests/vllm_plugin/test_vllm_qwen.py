@@ -44,6 +44,23 @@ def test_hiprune_in_vllm_keeps_the_budget_and_the_original_positions(model, prom
     assert max(result.logprob_gap) <= check.LOGPROB_TOLERANCE and result.ok
 
 
+def test_a_windowed_output_layer_is_scored_per_window_as_in_transformers(tmp_path):
+    """A tower whose last block (HiPrune's output layer) attends within windows: the adapter scores it per window,
+    as the block attends; so does the plugin (scored per image, it kept other tokens than the adapter)."""
+    import json
+
+    from transformers import AutoProcessor
+
+    folder = check.save_random_qwen(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["fullatt_block_indexes"] = [1]  # the object layer (2) whole-image, the output layer not
+    (folder / "config.json").write_text(json.dumps(config))
+    prompts = check.testbed_prompts(AutoProcessor.from_pretrained(folder), 3, check.QWEN_IMAGE_SIZES)
+    result = check.compare(folder, SETTINGS, prompts, max_new_tokens=2)
+    assert result.visual_tokens == result.budget == [16, 20, 32]
+    assert result.kept_equal == [True] * 3 and result.ok
+
+
 def test_without_settings_or_at_keep_one_vllm_answers_as_its_own_model(model, prompts):
     stock_tokens, stock_visual, stock_logprobs = stock_vllm(model, prompts, 6)
     assert stock_visual == [49, 60, 96, 49, 156]

@@ -153,7 +153,7 @@ class TokenpruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
     def _tokenprune_select(self, inputs) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
         selector, merge = self.tokenprune_selector, self.visual.spatial_merge_unit
         patches = inputs["image_grid_thw"].prod(-1).tolist()
-        with self.tokenprune_scores.recording(segments=patches) as scores:
+        with self.tokenprune_scores.recording(segments=self._tokenprune_segments(inputs, patches)) as scores:
             features = self._process_image_input(inputs)
         kept, start = [], 0
         grids = zip(inputs["image_grid_thw"].tolist(), self._token_grids(inputs))
@@ -168,6 +168,17 @@ class TokenpruneQwen25VL(Qwen2_5_VLForConditionalGeneration):
             kept.append(select_exactly(selector, tuple(layer_scores), (rows, cols), len(image)))
             start += count
         return features, kept
+
+    def _tokenprune_segments(self, inputs, patches: list[int]) -> dict[int, list[int]]:
+        """Per score layer, the sequences its attention runs over: each image in a full-attention block, each
+        window in a windowed one (a score layer may be windowed: the output layer of a tower whose last block is
+        not in ``fullatt_block_indexes``; the transformers adapter scores it per window, as it attends)."""
+        windows = []
+        for t, h, w in inputs["image_grid_thw"].tolist():
+            ends = self.visual.get_rope_by_thw(t, h, w)[3].tolist()  # the image's window ends, in patches
+            windows += [end - start for start, end in zip([0, *ends], ends)]
+        full = set(self.visual.fullatt_block_indexes)
+        return {layer: patches if layer in full else windows for layer in set(self.tokenprune_layers)}
 
     # ------------------------------------------------------------ the positions
 

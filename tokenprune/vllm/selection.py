@@ -64,17 +64,18 @@ class AttentionScores:
     queries, ``tokenprune.ops.received_attention``, computed in query chunks), while vLLM's own kernel still
     computes the outputs. Outside it the hooks do nothing.
 
-    ``segments`` (token counts along N): images packed into one sequence, as Qwen's tower packs them; each
-    attends only within itself in a full-attention block, so each segment's scores are its own softmax."""
+    ``segments`` (per recorded layer, token counts along N): the sequences the layer's attention is split into,
+    as Qwen's tower packs its images (a full-attention block attends within each image, a windowed block within
+    each window), so each segment's scores are its own softmax, as the transformers adapter scores them."""
 
     def __init__(self, modules: dict[int, nn.Module]) -> None:
         self._scores: dict[int, Tensor] | None = None
-        self._segments: list[int] | None = None
+        self._segments: dict[int, list[int]] | None = None
         self.handles = [module.register_forward_pre_hook(functools.partial(self._record, layer), with_kwargs=True)
                         for layer, module in modules.items()]
 
     @contextlib.contextmanager
-    def recording(self, segments: list[int] | None = None) -> Iterator[dict[int, Tensor]]:
+    def recording(self, segments: dict[int, list[int]] | None = None) -> Iterator[dict[int, Tensor]]:
         self._scores, self._segments = {}, segments
         try:
             yield self._scores
@@ -96,6 +97,7 @@ class AttentionScores:
             if self._segments is None:
                 self._scores[layer] = ops.received_attention(query, key, module.scale)
             else:
+                segments = self._segments[layer]
                 self._scores[layer] = torch.cat([
                     ops.received_attention(q, k, module.scale)
-                    for q, k in zip(query.split(self._segments, dim=2), key.split(self._segments, dim=2))], dim=-1)
+                    for q, k in zip(query.split(segments, dim=2), key.split(segments, dim=2))], dim=-1)
