@@ -203,12 +203,15 @@ def test_vqa_and_choice_metrics_end_to_end(tiny_vlm, tmp_path):
                                                  answers=answers))
     out = tmp_path / "vqa.jsonl"
     assert cli_main(["eval-vlm", "--model", str(tiny_vlm), "--data", str(data), "--split", "train",
-                     "--answer-column", "answers", "--method", "hiprune", "--tokens", "4", "-o", "object_layer=1",
+                     "--answer-column", "answers", "--method", "hiprune", "--tokens", "4", "16", "-o", "object_layer=1",
                      "--max-new-tokens", "4", "--output", str(out), "--device", "cpu", "--timing-repeats", "1"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["metric"] == "vqa"
     assert rows[0]["accuracy"] == pytest.approx(100 * (1 + 2 / 3 + 1 / 3 + 0) / 4)
     assert rows[1]["keep"] == 0.25 and rows[1]["visual_tokens_per_image"] == 4
+    # every one of an image's 16 tokens: the stock model's answers
+    assert rows[2]["keep"] == 1.0 and rows[2]["visual_tokens_per_image"] == 16
+    assert rows[2]["accuracy"] == rows[0]["accuracy"]
 
     # Multiple choice: the options are the model's own answer and another word; the reference names the
     # model's answer by letter for two questions and the other option for the rest.
@@ -269,7 +272,7 @@ def test_resume_after_an_interruption(tiny_vlm, tmp_path, monkeypatch):
     (["--question-column", "prompt"], "--question-column prompt: the data's columns are"),
     (["--method", "nope"], "nope"),
     (["--keep", "1.5"], "keep must be in (0, 1]"),
-    (["--tokens", "17", "-o", "object_layer=1"], "--tokens 17: each image has 16 visual tokens"),
+    (["--tokens", "4", "17", "18", "-o", "object_layer=1"], "--tokens 17: each image has 16 visual tokens"),
     (["--metric", "choice"], "--metric choice needs the options"),
     (["--method", "tome", "-o", "object_layer=1"], "-o object_layer: no method of the sweep (tome) takes it"),
     (["-o", "object_layer=99"], "object_layer=99 is outside the 3-layer vision tower"),

@@ -162,7 +162,7 @@ def test_eval_vlm_tokens_on_llava_next_is_each_selectors_tokens_option(tiny_next
 @pytest.mark.parametrize("extra, message", [
     (["--method", "hiprune", "-o", "object_layer=2", "-o", "tokens=8", "--tokens", "4"],
      "--tokens and hiprune's option tokens=8 both set its visual tokens per image: pass one of them"),
-    (["--method", "tome", "--tokens", "4"],
+    (["--method", "hiprune", "tome", "random", "--tokens", "4"],  # the first method without a tokens= budget
      "--tokens: LlavaNextForConditionalGeneration gives each image as many visual tokens as its size calls for, and "
      "tome takes no budget in tokens; pass --keep"),
 ])
