@@ -218,6 +218,23 @@ def unsupported_head(model: VisionTransformer) -> str | None:
     return None
 
 
+#: what ``ReducingViT`` replaces: a subclass's own version would be skipped, even at keep=1.0
+_REPLACED = ("forward", "forward_features")
+
+
+def overridden_forward(model: VisionTransformer) -> str | None:
+    """Why the model's class cannot be swapped for ``ReducingViT``, or None: the patch replaces ``forward`` and
+    ``forward_features`` with timm's own steps, so a subclass that overrides either would silently lose what
+    its version adds (DeiT's distilled class overrides only ``_pos_embed`` and the head, which the patch calls)."""
+    base = getattr(model, "_tokenprune_base", type(model))
+    for name in _REPLACED:
+        if getattr(base, name) is not getattr(VisionTransformer, name):
+            owner = next(c for c in base.__mro__ if name in vars(c))
+            return (f"cannot patch {base.__name__}: {owner.__module__}.{owner.__name__} overrides "
+                    f"VisionTransformer.{name}, which the patch replaces (its changes would be skipped)")
+    return None
+
+
 # ---------------------------------------------------------------- the adapter
 
 @register_adapter
@@ -239,7 +256,7 @@ class TimmViTAdapter(EncoderAdapter):
             if type(block.attn) is not Attention:
                 raise TypeError(f"tokenprune cannot patch block {i}: its attention is "
                                 f"{type(block.attn).__module__}.{type(block.attn).__name__}; supported: {FAMILY}")
-        problem = unsupported_head(model)
+        problem = overridden_forward(model) or unsupported_head(model)
         if problem:
             raise TypeError(f"tokenprune {problem}")
 
