@@ -149,17 +149,18 @@ class ReducingViT(Swapped, VisionTransformer):
                            RuntimeWarning)
         if reducer.trace_source:
             state.start_source_tracking(x)
-        if checkpointing and not masked and not reduces:  # nothing is removed (keep=1.0, r=0): timm's checkpointing
+        if masked:  # nothing is removed (keep=1.0, r=0): the stock blocks one by one, with the caller's mask
+            for block in self.blocks:
+                state.enter_block(x)
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif not reduces:  # nothing is removed: timm's own call of the block sequence (checkpointed where timm
+            # checkpoints), so that what is hooked on it runs as in the stock model
             for _ in self.blocks:
                 state.enter_block(x)
-            x = checkpoint_seq(self.blocks, x)
+            x = checkpoint_seq(self.blocks, x) if checkpointing else self.blocks(x)
         else:
             for block in self.blocks:
-                if masked:  # nothing is removed (keep=1.0, r=0): the stock blocks, with the caller's mask
-                    state.enter_block(x)
-                    x = block(x, attn_mask=attn_mask, is_causal=is_causal)
-                else:
-                    x = block(x, state=state)
+                x = block(x, state=state)
         state.output_tokens = x.shape[1]
         self._tokenprune_last = state.report()
         return self.norm(x), state

@@ -175,3 +175,23 @@ def test_distilled_subclass_is_still_accepted():
         expected = model(x)
         copy.deepcopy(tokenprune.apply(model, "tome", keep=1.0))
         assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hooks_on_the_block_sequence_run_at_keep_1_as_in_the_stock_model(checkpointing):
+    """timm calls its block sequence as one module where nothing is masked: a hook on ``model.blocks`` (feature
+    extraction, a profiler) runs there. At keep=1.0 the patched model calls it as timm does."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**TINY).eval()
+    model.set_grad_checkpointing(checkpointing)
+    seen = []
+    model.blocks.register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        stock_calls = len(seen)  # timm's checkpointing runs the blocks one by one: no call of the sequence
+        tokenprune.apply(model, "tome", keep=1.0)
+        assert torch.equal(model(x), expected)
+    assert stock_calls == (0 if checkpointing else 1) and len(seen) == 2 * stock_calls
+    assert all(torch.equal(output, seen[0]) for output in seen)
+    assert list(tokenprune.last_forward(model).token_counts) == [65] * len(model.blocks)  # 64 + class
