@@ -93,38 +93,31 @@ def is_hf_name(name: str) -> bool:
 
 class HFClassifier(torch.nn.Module):
     """A transformers image classifier behind timm's interface: ``forward(images) -> logits``, and a
-    ``pretrained_cfg`` taken from its image processor (the input size timm's data config reads); its images
-    are the processor's own (``eval_transform``)."""
+    ``pretrained_cfg`` holding the input size its image processor gives (what timm's data config reads); its
+    images are the processor's own (``eval_transform``)."""
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__()
         self.model = model
         self.processor = processor
-        self.pretrained_cfg = processor_data_config(processor, model.config)
+        self.pretrained_cfg = dict(input_size=processor_input_size(processor, model.config))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).logits
 
 
-def processor_data_config(processor, config) -> dict:
-    """timm data config (input size, mean, std, interpolation, crop) equivalent to an HF image processor."""
+def processor_input_size(processor, config) -> tuple[int, int, int]:
+    """(channels, height, width) of the pixel values an HF image processor gives: its crop where it centre-crops,
+    else its resize target (the model's image size where the processor names none). The only field of the timm
+    data config an ``HFClassifier`` uses: its images are the processor's own (``ProcessorTransform``)."""
     size = dict(getattr(processor, "size", None) or {})
-    crop = dict(getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
-    if crop and "shortest_edge" in size:  # the short side resized, then a centre crop (CLIP, DINOv2)
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    if crop:
         height, width = crop["height"], crop["width"]
-        crop_pct, crop_mode = height / size["shortest_edge"], "center"
-    elif crop:  # resized to height x width, then a centre crop (DeiT: 256 x 256, then 224): timm's "squash" with a crop
-        height, width = crop["height"], crop["width"]
-        crop_pct, crop_mode = height / size.get("height", height), "squash"
     else:  # resized straight to the target size (ViT, DeiT without crop, SigLIP)
         height = size.get("height", size.get("shortest_edge", config.image_size))
         width = size.get("width", height)
-        crop_pct, crop_mode = 1.0, "squash"
-    resample = getattr(processor, "resample", 2)
-    interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear")
-    return dict(input_size=(getattr(config, "num_channels", 3), height, width), interpolation=interpolation,
-                mean=tuple(processor.image_mean), std=tuple(processor.image_std), crop_pct=crop_pct,
-                crop_mode=crop_mode)
+    return getattr(config, "num_channels", 3), height, width
 
 
 class ProcessorTransform:

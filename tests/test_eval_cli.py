@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import types
 
 import numpy as np
 import pytest
@@ -361,16 +362,24 @@ def test_transformers_classifier_from_a_local_folder(tmp_path):
     assert not torch.equal(fresh["classifier.weight"], saved["classifier.weight"])
 
 
-def test_processor_maps_to_timm_data_config():
-    from tokenprune.eval.evaluate import processor_data_config
-    from transformers import CLIPImageProcessor, ViTConfig, ViTImageProcessor
+def test_the_processor_gives_the_input_size():
+    from tokenprune.eval.evaluate import processor_input_size
+    from transformers import CLIPImageProcessor, DeiTImageProcessor, ViTConfig, ViTImageProcessor
 
-    config = ViTConfig(image_size=224)
-    vit = processor_data_config(ViTImageProcessor(), config)
-    assert vit["input_size"] == (3, 224, 224) and vit["crop_mode"] == "squash" and vit["mean"] == (0.5, 0.5, 0.5)
-    clip = processor_data_config(CLIPImageProcessor(), config)
-    assert clip["crop_mode"] == "center" and clip["crop_pct"] == 1.0 and clip["interpolation"] == "bicubic"
-    assert clip["input_size"] == (3, 224, 224)
+    config = ViTConfig(image_size=224, num_channels=3)
+    assert processor_input_size(ViTImageProcessor(size={"height": 192, "width": 160}), config) == (3, 192, 160)
+    assert processor_input_size(CLIPImageProcessor(size={"shortest_edge": 256}, crop_size=200), config) == (3, 200,
+                                                                                                          200)
+    assert processor_input_size(DeiTImageProcessor(), config) == (3, 224, 224)  # 256 x 256, then a 224 crop
+    uncropped = CLIPImageProcessor(size={"shortest_edge": 96}, do_center_crop=False)
+    assert processor_input_size(uncropped, ViTConfig(image_size=224, num_channels=1)) == (1, 96, 96)
+    # a processor that names no size: the model's
+    assert processor_input_size(types.SimpleNamespace(size=None), config) == (3, 224, 224)
+    # a crop size it does not apply (no do_center_crop): the resize target
+    loose = types.SimpleNamespace(size={"height": 96, "width": 80}, crop_size={"height": 64, "width": 64})
+    assert processor_input_size(loose, config) == (3, 96, 80)
+    # a config that names no channel count: RGB
+    assert processor_input_size(ViTImageProcessor(), types.SimpleNamespace(image_size=64)) == (3, 224, 224)
 
 
 def test_table_columns_line_up_with_long_method_names_and_options():

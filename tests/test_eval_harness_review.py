@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from tokenprune.eval import evaluate as evaluate_module
 from tokenprune.eval.evaluate import main as evaluate
-from tokenprune.eval.evaluate import processor_data_config
 
 # odd sizes, landscape and portrait: crop offsets and aspect ratios that a resize or crop convention shows
 SIZES = [(61, 47), (40, 77), (53, 53)]  # (width, height)
@@ -76,22 +75,6 @@ def test_a_transformers_classifier_sees_its_own_processor_s_pixels(tmp_path, mon
     assert json.loads(first["key"])["pixels"] == "processor"
 
 
-def test_a_deit_processor_s_data_config_resizes_the_whole_image_before_cropping():
-    """DeiT's processor squashes to size (256 x 256) and crops crop_size (224): timm's 'squash' mode at
-    crop_pct 224/256, not a short-side resize to 224 (crop_pct 1.0, 'center'), which crops the image's middle."""
-    from timm.data import create_transform
-    from transformers import DeiTImageProcessor, ViTConfig
-
-    processor = DeiTImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    cfg = processor_data_config(processor, ViTConfig(image_size=224))
-    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_mode"] == "squash"
-    assert cfg["crop_pct"] == pytest.approx(224 / 256) and cfg["interpolation"] == "bicubic"
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (333, 500, 3), dtype=np.uint8))
-    ours = create_transform(**cfg, is_training=False)(image)
-    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
-    assert (ours - theirs).abs().max() < 0.1  # the same geometry; the resize kernels differ by a level or two
-
-
 def test_a_dataset_s_label_column_is_scored_even_with_another_class_label_column_before_it(tmp_path):
     """timm's hfds reader (target_key 'label') and transformers' scripts score the 'label' column; the first
     ClassLabel column was taken instead, silently: here the cat/dog species, not the breed."""
@@ -99,13 +82,15 @@ def test_a_dataset_s_label_column_is_scored_even_with_another_class_label_column
     from tokenprune.eval.data import build_dataset
 
     features = datasets.Features({"image": datasets.Image(), "species": datasets.ClassLabel(names=["cat", "dog"]),
+                                  "age": datasets.ClassLabel(names=["young", "old"]),
                                   "label": datasets.ClassLabel(num_classes=10)})
     images = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (10, 20, 30)]
-    datasets.Dataset.from_dict({"image": images, "species": [0, 1, 1], "label": [7, 3, 9]},
+    datasets.Dataset.from_dict({"image": images, "species": [0, 1, 1], "age": [1, 1, 0], "label": [7, 3, 9]},
                                features=features).save_to_disk(str(tmp_path / "hf"))
     dataset, _ = build_dataset(str(tmp_path / "hf"), lambda image: image, (3, 8, 8), num_classes=10)
     assert [dataset[i][1] for i in range(3)] == [7, 3, 9]
-    assert dataset.class_note == "labels from the dataset's 'label' column (other class-label columns: 'species')"
+    assert dataset.class_note == ("labels from the dataset's 'label' column (other class-label columns: 'species', "
+                                  "'age')")
     from tokenprune.eval.evaluate import data_settings
 
     assert data_settings(dataset)["label_column"] == "label"  # runs scored on 'species' before are another run
@@ -114,3 +99,32 @@ def test_a_dataset_s_label_column_is_scored_even_with_another_class_label_column
         str(tmp_path / "one"))
     dataset, _ = build_dataset(str(tmp_path / "one"), lambda image: image, (3, 8, 8), num_classes=10)
     assert "label_column" not in data_settings(dataset) and dataset.class_note == ""
+    # no label column at all: refused, not scored against some other column
+    datasets.Dataset.from_dict({"image": images, "caption": ["a", "b", "c"]}).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="need an Image column and a label column"):
+        build_dataset(str(tmp_path / "none"), lambda image: image, (3, 8, 8), num_classes=10)
+
+
+def test_a_timm_model_sees_timms_eval_transform(tmp_path, monkeypatch):
+    """timm models: exactly the pixels of timm's eval transform for the model's data config (no training-time
+    augmentation), the images in the folder's order."""
+    from timm.data import create_transform, resolve_data_config
+    from tokenprune.eval.data import mode_for
+
+    data, paths = odd_images(tmp_path / "val")
+    seen = []
+    evaluate_config = evaluate_module.evaluate_config
+
+    def spy(model, loader, *args, **kwargs):
+        seen.append(torch.cat([x for x, _ in loader]))
+        return evaluate_config(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_config", spy)
+    evaluate(["--model", "vit_testbed_fmnist", "--data", str(data), "--batch-size", "4", "--method", "tome",
+              "--keep", "0.5", "--output", str(tmp_path / "out.jsonl")])
+    model = evaluate_module.load_model("vit_testbed_fmnist", True, None, 0)
+    config = resolve_data_config(model=model)
+    transform = create_transform(**config, is_training=False)
+    mode = mode_for(config["input_size"][0])  # the testbed's grey images
+    expected = torch.stack([transform(Image.open(p).convert(mode)) for p in paths])
+    assert torch.equal(seen[0], expected) and torch.equal(seen[1], expected)
