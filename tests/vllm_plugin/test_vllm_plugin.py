@@ -253,3 +253,14 @@ def test_a_model_config_with_an_object_layer_vllm_does_not_build_is_refused(mode
         ModelConfig(model=str(model), hf_overrides={"tokenprune": settings})
     settings["object_layer"] = 11
     ModelConfig(model=str(model), hf_overrides={"tokenprune": settings})
+
+
+def test_the_check_gives_an_object_layer_only_to_a_method_that_takes_one():
+    """`python -m tokenprune.vllm.check --family qwen --method random-select` failed on an object_layer it was
+    always given (random-select has none)."""
+    assert check.settings_of("hiprune", 0.5, None, random_qwen=True) == dict(method="hiprune", keep=0.5,
+                                                                           object_layer=2)
+    assert check.settings_of("random-select", 0.5, None, random_qwen=True) == dict(method="random-select", keep=0.5)
+    assert check.settings_of("hiprune", 0.5, None, random_qwen=False) == dict(method="hiprune", keep=0.5)
+    assert check.settings_of("hiprune", 0.5, 3, random_qwen=False) == dict(method="hiprune", keep=0.5, object_layer=3)
+    assert check.settings_of("hiprune", 0.5, 1, random_qwen=True)["object_layer"] == 1

@@ -231,6 +231,17 @@ def compare(folder, settings: dict, prompts, max_new_tokens: int = 4) -> Compari
     return result
 
 
+def settings_of(method: str, keep: float, object_layer: int | None, random_qwen: bool) -> dict:
+    """The plugin's settings for a comparison: ``object_layer`` where given, else 2 on the random Qwen (4 vision
+    blocks: the family's default, 16, lies past them) for a method that takes one (HiPrune; random-select does not)."""
+    from tokenprune.registry import get_method
+
+    settings = {"method": method, "keep": keep}
+    if object_layer is not None or (random_qwen and "object_layer" in get_method(method).native_options):
+        settings["object_layer"] = 2 if object_layer is None else object_layer
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a local LLaVA-1.5 or Qwen2.5-VL folder (default: a random-init model of --family)")
@@ -255,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             folder = (save_random_qwen if args.family == "qwen" else save_random_testbed)(Path(tmp) / "model")
         qwen = is_qwen(folder)
-        settings = {"method": args.method, "keep": args.keep}
-        if args.object_layer is not None or (qwen and not args.model):
-            settings["object_layer"] = args.object_layer or 2
+        settings = settings_of(args.method, args.keep, args.object_layer, random_qwen=qwen and not args.model)
         sizes = QWEN_IMAGE_SIZES if qwen else None
         prompts = testbed_prompts(AutoProcessor.from_pretrained(folder), args.prompts, sizes, two_images=True)
         result = compare(folder, settings, prompts, args.max_new_tokens)
