@@ -36,18 +36,27 @@ def png_bytes(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    """A random-init LLaVA-1.5 (CLIP tower 32 px / patch 8: 16 visual tokens per image) and its processor, saved."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_towers(tokenizer, max_position_embeddings: int = 512):
+    """The tiny LLaVAs' CLIP tower (32 px / patch 8: 16 visual tokens per crop) and Llama language model configs,
+    with the seed their weights are drawn from set."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    tokenizer = word_tokenizer(WORDS)
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                               image_size=32, patch_size=8)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=512, pad_token_id=PAD,
-                       bos_token_id=2, eos_token_id=3)
+                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=max_position_embeddings,
+                       pad_token_id=PAD, bos_token_id=2, eos_token_id=3)
+    return vision, text
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    """A random-init LLaVA-1.5 (CLIP tower 32 px / patch 8: 16 visual tokens per image) and its processor, saved."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = word_tokenizer(WORDS)
+    vision, text = tiny_towers(tokenizer)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2)
     folder = tmp_path_factory.mktemp("tiny-llava")
     LlavaForConditionalGeneration(config).eval().save_pretrained(folder)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from test_eval_cli import make_folder
-from test_eval_vlm import QUESTIONS, WORDS, png_bytes, save_questions
+from test_eval_vlm import QUESTIONS, WORDS, png_bytes, save_questions, tiny_towers
 from tokenprune.eval.evaluate import Config, budget_label, sweep
 from tokenprune.eval.evaluate import main as evaluate
 
 import tokenprune
 from tokenprune.cli import main as cli
-from tokenprune.vlm_testbed import CHAT_TEMPLATE, IMAGE, PAD, word_tokenizer
+from tokenprune.vlm_testbed import CHAT_TEMPLATE, IMAGE, word_tokenizer
 
 # ---------------------------------------------------------------- the configurations
 
@@ -90,8 +90,6 @@ def tiny_next(tmp_path_factory):
     """A random-init LLaVA-NeXT (CLIP tower 32 px / patch 8, any resolution up to 2 x 2 crops) and its processor,
     saved, with six questions on 40 x 40 images (a 64 x 64 grid: five crops each)."""
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
@@ -99,12 +97,7 @@ def tiny_next(tmp_path_factory):
     )
 
     tokenizer = word_tokenizer(WORDS)
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=2048, pad_token_id=PAD,
-                       bos_token_id=2, eos_token_id=3)
+    vision, text = tiny_towers(tokenizer, max_position_embeddings=2048)  # five crops and their newlines
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2,
                              image_grid_pinpoints=PINPOINTS)
     folder = tmp_path_factory.mktemp("tiny-llava-next")
