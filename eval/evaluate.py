@@ -70,17 +70,19 @@ def sweep(methods: list[str], keeps: list[float], options: dict[str, dict], note
             configs += [Config(m, k, options[m]) for k in keeps]
             continue
         if keeps:
-            setting = " ".join(f"{k}={v}" for k, v in options[m].items() if k in KEEP_OVERRIDES)
-            notes.append(f"note: {m}: {setting} sets its token counts, not --keep: evaluated once")
+            notes.append(f"note: {m}: {count_setting(options[m])} sets its token counts, not --keep: evaluated once")
         configs.append(Config(m, None, options[m]))
     return configs
 
 
+def count_setting(options: dict) -> str:
+    """The options that set a method's token counts instead of keep, as ``-o`` writes them (``r=8``)."""
+    return " ".join(f"{k}={v}" for k, v in options.items() if k in KEEP_OVERRIDES)
+
+
 def budget_label(row: dict) -> str:
     """A result's budget as a plot labels its point: its keep, else the options that set its token counts."""
-    if row["keep"] is not None:
-        return f"{row['keep']:.3g}"
-    return " ".join(f"{k}={v}" for k, v in row["options"].items() if k in KEEP_OVERRIDES)
+    return count_setting(row["options"]) if row["keep"] is None else f"{row['keep']:.3g}"
 
 
 def is_hf_name(name: str) -> bool:
