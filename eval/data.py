@@ -285,23 +285,42 @@ class ImageFolder(_Source):
 class HFImages(_Source):
     """A Hugging Face ``datasets`` split with an Image column and a class-label column."""
 
-    def __init__(self, dataset, transform, input_size, mode="RGB", num_classes=None):
-        from datasets import ClassLabel
+    def __init__(self, dataset, transform, input_size, mode="RGB", num_classes=None, label_column=None,
+                 image_column=None):
+        from datasets import ClassLabel, Value
         from datasets import Image as HFImage
 
         features = dataset.features
-        self.image_key = next((k for k, f in features.items() if isinstance(f, HFImage)), None)
+        image_columns = [k for k, f in features.items() if isinstance(f, HFImage)]
+        class_labels = [k for k, f in features.items() if isinstance(f, ClassLabel)]
         # A column named label (labels) first: the one timm's hfds reader (its default target_key) and transformers'
         # scripts score, whatever other class-label columns come before it (a species beside a breed, a coarse class)
-        class_labels = [k for k, f in features.items() if isinstance(f, ClassLabel)]
-        self.label_key = next((k for k in ("label", "labels") if k in features), None) or \
+        self.default_label_key = next((k for k in ("label", "labels") if k in features), None) or \
             next(iter(class_labels), None)
+        self.several_image_columns = len(image_columns) > 1
+        for flag, name in (("--image-column", image_column), ("--label-column", label_column)):
+            if name is not None and name not in features:
+                raise ValueError(f"{flag} {name}: the dataset's columns are {', '.join(features)}")
+        if image_column is not None and not isinstance(features[image_column], HFImage):
+            raise ValueError(f"--image-column {image_column}: not an image column (its type: "
+                             f"{type(features[image_column]).__name__}); the image columns are "
+                             f"{', '.join(image_columns) or '(none)'}")
+        self.image_key = image_column or next(iter(image_columns), None)
+        self.label_key = label_column or self.default_label_key
         if self.image_key is None or self.label_key is None:
-            raise ValueError(f"dataset columns {list(features)}: need an Image column and a label column")
+            raise ValueError(f"dataset columns {list(features)}: need an Image column and a label column "
+                             "(--image-column, --label-column)")
+        label = features[self.label_key]
+        integers = isinstance(label, Value) and label.dtype.startswith(("int", "uint"))
+        if not (isinstance(label, ClassLabel) or integers):
+            which = f"--label-column {label_column}:" if label_column else \
+                f"the dataset's {self.label_key!r} column (pass --label-column):"
+            raise ValueError(f"{which} not a class-label or integer column ({label}); the class-label columns are "
+                             f"{', '.join(class_labels) or '(none)'}")
         self.other_label_columns = [k for k in class_labels if k != self.label_key]
         self.class_note = (f"labels from the dataset's {self.label_key!r} column (other class-label columns: "
-                           f"{', '.join(map(repr, self.other_label_columns))})") if self.other_label_columns else ""
-        label = features[self.label_key]
+                           f"{', '.join(map(repr, self.other_label_columns))}; --label-column picks another)"
+                           ) if self.other_label_columns else ""
         if isinstance(label, ClassLabel) and num_classes is not None and label.num_classes > num_classes:
             raise ValueError(f"the dataset has {label.num_classes} classes but the model has {num_classes}")
         check_labels(list(dataset[self.label_key]), self.label_key, num_classes)
@@ -381,14 +400,22 @@ def load_saved_dataset(path: Path, split: str) -> tuple:
 
 
 def build_dataset(spec: str, transform, input_size, split: str = "validation", num_classes: int | None = None,
-                  class_map=None) -> tuple[Dataset, str]:
-    """``spec``: ``fashion-mnist`` (embedded), an image folder, a saved HF dataset folder, or a HF name."""
+                  class_map=None, label_column: str | None = None, image_column: str | None = None
+                  ) -> tuple[Dataset, str]:
+    """``spec``: ``fashion-mnist`` (embedded), an image folder, a saved HF dataset folder, or a HF name;
+    ``label_column`` and ``image_column`` name a ``datasets`` split's columns (its label and first image column
+    otherwise)."""
     mode = mode_for(input_size[0])
     path = Path(spec).expanduser()
     is_folder = path.is_dir() and spec not in EMBEDDED_SPECS
     is_hf_folder = is_folder and is_saved_dataset(path)
     if class_map is not None and (not is_folder or is_hf_folder):
         raise ValueError("--class-map applies to an image-folder --data only")
+    flags = {"--label-column": label_column, "--image-column": image_column}
+    chosen = [flag for flag, name in flags.items() if name is not None]
+    if chosen and (spec in EMBEDDED_SPECS or (is_folder and not is_hf_folder)):
+        raise ValueError(f"{chosen[0]} applies to a datasets --data only (a datasets name or a saved dataset folder)")
+    columns = dict(label_column=label_column, image_column=image_column)
     if spec in EMBEDDED_SPECS:
         if num_classes is not None and num_classes < 10:
             raise ValueError(f"the embedded Fashion-MNIST has 10 classes but the model has {num_classes}")
@@ -399,7 +426,7 @@ def build_dataset(spec: str, transform, input_size, split: str = "validation", n
         return dataset, f"embedded {what}Fashion-MNIST {where} ({len(dataset):,})"
     if is_hf_folder:
         data, which = load_saved_dataset(path, split)
-        return HFImages(data, transform, input_size, mode, num_classes), f"HF dataset at {path} ({which})"
+        return HFImages(data, transform, input_size, mode, num_classes, **columns), f"HF dataset at {path} ({which})"
     if is_folder:
         return ImageFolder(path, transform, input_size, mode, num_classes, class_map), f"image folder {path}"
     if path.exists():
@@ -413,4 +440,4 @@ def build_dataset(spec: str, transform, input_size, split: str = "validation", n
     except (OSError, ValueError) as e:  # DatasetNotFoundError is a FileNotFoundError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"--data {spec}: not a local folder, and no datasets name that loads ({first})") from e
-    return HFImages(data, transform, input_size, mode, num_classes), f"HF dataset {spec} ({split})"
+    return HFImages(data, transform, input_size, mode, num_classes, **columns), f"HF dataset {spec} ({split})"

@@ -554,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", metavar="JSON",
                    help="class index of each folder of an image-folder --data: a JSON object {\"folder\": index}")
     p.add_argument("--split", default="validation", help="split of a HF dataset")
+    p.add_argument("--label-column", metavar="NAME",
+                   help="a datasets --data's label column (default: 'label' or 'labels', else its first class-label "
+                        "column)")
+    p.add_argument("--image-column", metavar="NAME", help="a datasets --data's image column (default: its first)")
     p.add_argument("--method", nargs="+", default=[],
                    help="methods to sweep (default: every registered encoder method)")
     p.add_argument("--keep", nargs="+", type=float, default=[0.5], help="keep values to sweep")
@@ -670,14 +674,18 @@ def run_settings(args, accelerator) -> dict:
 def data_settings(dataset) -> dict:
     """What the data adds to a run's key beyond ``--data``: its size (a folder that gained or lost images is another
     run) and, for an image folder, a digest of its class indices (another ``--class-map`` scores other labels); for a
-    ``datasets`` split with several class-label columns, the one scored (before 2026-12-06 the first class-label
-    column was, not ``label``: such runs resume nothing)."""
+    ``datasets`` split with several class-label columns or a ``--label-column`` other than the default, the one scored
+    (before 2026-12-06 the first class-label column was, not ``label``: such runs resume nothing), and with several
+    image columns, the one read."""
     settings = {"samples": len(dataset)}
     classes = getattr(dataset, "classes", None)
     if classes:
         settings["classes"] = hashlib.sha256(json.dumps(sorted(classes.items())).encode()).hexdigest()[:12]
-    if getattr(dataset, "other_label_columns", None):
+    if getattr(dataset, "other_label_columns", None) or getattr(dataset, "label_key", None) != getattr(
+            dataset, "default_label_key", None):  # another column than the default: another run
         settings["label_column"] = dataset.label_key
+    if getattr(dataset, "several_image_columns", False):
+        settings["image_column"] = dataset.image_key
     return settings
 
 
@@ -732,7 +740,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data_config = resolve_data_config(model=model)
     transform = eval_transform(model, data_config)
     dataset, data_desc = build_dataset(args.data, transform, data_config["input_size"], args.split,
-                                       num_classes=model_num_classes(model), class_map=args.class_map)
+                                       num_classes=model_num_classes(model), class_map=args.class_map,
+                                       label_column=args.label_column, image_column=args.image_column)
     for note in (*notes, getattr(dataset, "class_note", ""), getattr(dataset, "ignored", "")):
         if note:
             accelerator.print(note)

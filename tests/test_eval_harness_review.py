@@ -90,7 +90,7 @@ def test_a_dataset_s_label_column_is_scored_even_with_another_class_label_column
     dataset, _ = build_dataset(str(tmp_path / "hf"), lambda image: image, (3, 8, 8), num_classes=10)
     assert [dataset[i][1] for i in range(3)] == [7, 3, 9]
     assert dataset.class_note == ("labels from the dataset's 'label' column (other class-label columns: 'species', "
-                                  "'age')")
+                                  "'age'; --label-column picks another)")
     from tokenprune.eval.evaluate import data_settings
 
     assert data_settings(dataset)["label_column"] == "label"  # runs scored on 'species' before are another run
