@@ -112,8 +112,8 @@ class HiPrune(VisualTokenSelector):
     def explain(self, scores, grid, allowed=None):
         object_scores, output_scores = scores
         k = self.budget_within(object_scores.shape[0], allowed)
-        if k == 0:  # a crop's unpadded tokens whose budget rounds to zero
-            return torch.zeros(allowed.shape[0], dtype=torch.int8, device=allowed.device)
+        if k == 0:  # a crop's unpadded tokens whose budget rounds to zero, or a crop's share of zero
+            return torch.zeros(object_scores.shape[0], dtype=torch.int8, device=object_scores.device)
         return hiprune_roles(object_scores, output_scores, grid, k, self.options["alpha"], self.options["wrap"],
                              allowed)
 

@@ -42,7 +42,8 @@ def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None
     """Each token votes for the tokens it attends to, weighted by its own score: ``s <- A^T s``.
 
     ``attn`` is row-stochastic ``(..., N, N)`` and ``start`` ``(..., N)``; every iterate sums to 1.
-    Runs ``iterations`` rounds, or until the largest change is below ``tol``. ``alive`` (bool,
+    Runs ``iterations`` rounds, or, with ``tol``, each graph (``attn[..., :, :]``: a head of an image) until its
+    largest change is below ``tol``. ``alive`` (bool,
     broadcastable to ``start``) restricts the graph to those tokens, exactly as if the others' rows
     and columns were cut out (and, with ``renormalize``, each row re-normalised over the survivors),
     without copying the sub-matrix; the others score 0.
@@ -60,6 +61,9 @@ def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None
     # With a mask and no renormalisation, mass leaks to the cut tokens at every round: rescale
     # then (the ranking is scale-free; only the stopping test and the result need unit sum).
     leaks = mask is not None and not renormalize
+    # With ``tol``, each graph (one head of one image) stops on its own once it has converged: a test over the whole
+    # batch made an image's scores, and its kept tokens, depend on the other images in its batch.
+    done = None if tol is None else torch.zeros(s.shape[:-1], dtype=torch.bool, device=s.device)
     for _ in range(iterations if iterations is not None else max_iterations):
         votes = s if row_scale is None else s * row_scale
         nxt = (votes.unsqueeze(-2) @ attn).squeeze(-2)  # row vector times A reads A contiguously
@@ -67,8 +71,12 @@ def weighted_pagerank(attn: Tensor, start: Tensor, iterations: int | None = None
             nxt = nxt * mask
         if leaks:  # (a graph whose every vote leaked stays at 0, not 0 / 0)
             nxt = nxt / nxt.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(nxt.dtype).tiny)
-        if tol is not None and (nxt - s).abs().max() < tol:
-            return nxt
+        if done is not None:
+            converged = (nxt - s).abs().amax(dim=-1) < tol
+            nxt = torch.where(done.unsqueeze(-1), s, nxt)  # a graph that converged earlier keeps its scores
+            done = done | converged
+            if bool(done.all()):
+                return nxt
         s = nxt
     return s
 
