@@ -6,7 +6,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import adapters, check_module, find_adapter
-from .registry import check_keep, get_method, method_names
+from .registry import EncoderReducer, check_keep, get_method, method_names
 from .state import ForwardReport
 from .warn import warn_at_caller
 
@@ -93,7 +93,8 @@ def methods() -> str:
     for name in method_names():
         cls = get_method(name)
         lines.append(f"{name:<12} {cls.summary}")
-        lines.append(f"    keep={DEFAULT_KEEP}: a number in (0, 1] (or a FLOPs budget: flops= / gflops=)")
+        budget = " (or a FLOPs budget: flops= / gflops=)" if issubclass(cls, EncoderReducer) else ""  # encoders only
+        lines.append(f"    keep={DEFAULT_KEEP}: a number in (0, 1]{budget}")
         lines += [f"    {key}={option.default!r}: {option.accepts}" for key, option in cls.native_options.items()]
     return "\n".join(lines)
 
