@@ -103,6 +103,8 @@ def test_the_column_flags_apply_to_datasets_only(data, tmp_path, capsys, monkeyp
                     str(tmp_path / "r.jsonl")], capsys, "--label-column applies to a datasets --data only")
     one_line_error(["eval", "--no-pretrained", "--data", spec, "--image-column", "image", "--output",
                     str(tmp_path / "r.jsonl")], capsys, "--image-column applies to a datasets --data only")
+    one_line_error(["eval", "--no-pretrained", "--data", spec, "--image-column", "image", "--label-column", "label",
+                    "--output", str(tmp_path / "r.jsonl")], capsys, "--label-column applies to a datasets --data only")
 
 
 def test_eval_scores_the_chosen_column_and_resumes_per_column(coarse_and_fine, tmp_path):
