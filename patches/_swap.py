@@ -6,7 +6,8 @@ A generated class cannot be pickled by name, so instances pickle (and deep-copy)
 
 TorchScript cannot follow a patched forward (per-forward Python state, token counts that depend on
 the input), so ``torch.jit.script`` and ``torch.jit.trace`` are refused with one message pointing at
-``torch.compile`` / ``torch.export``, which do work, instead of failing deep inside the compiler.
+``torch.compile`` / ``torch.export``, which do work, instead of failing deep inside the compiler; so is
+``torch.fx.symbolic_trace`` (it failed on a Proxy in the schedule).
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ JIT_UNSUPPORTED = ("tokenprune: {} is not supported on a patched model (its forw
 
 
 def refuse_jit_tracing() -> None:
-    """Called at the start of a patched forward: a clear error under ``torch.jit.trace``."""
+    """Called at the start of a patched forward: a clear error under ``torch.jit.trace`` and ``torch.fx`` symbolic
+    tracing (timm's graph feature extraction too), where the schedule would meet a Proxy for the token count."""
     if torch.jit.is_tracing():
         raise RuntimeError(JIT_UNSUPPORTED.format("torch.jit.trace"))
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # False under torch.compile and torch.export
+        raise RuntimeError(JIT_UNSUPPORTED.format("torch.fx symbolic tracing"))
 
 _GENERATED: dict[tuple[type, type], type] = {}
 

@@ -15,7 +15,9 @@ How the patch works (docs/design.md has the reasoning and the measurements):
   framework shares. Called without a state (``forward_intermediates``, user code) it is the stock
   block; blocks that reduce nothing run the stock block with the log-size bias as their attention
   mask, so SDPA stays SDPA. ``TimmAttention`` is timm's ``Attention.forward`` in the pieces
-  ``tokenprune.block.attend`` runs (q/k taps, explicit probabilities, a method's attention core).
+  ``tokenprune.block.attend`` runs (q/k taps, explicit probabilities, a method's attention core); a reducing
+  block runs it through its attention module (``ReducingAttention``) and the blocks through ``model.blocks``
+  (``ReducingBlocks``), so forward hooks on either run as in the stock model.
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.attention import maybe_add_mask
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from tokenprune import ops
 from tokenprune.adapters import EncoderAdapter, register_adapter
-from tokenprune.block import attend, run_block
+from tokenprune.block import AttentionRequest, attend, run_block
 from tokenprune.registry import EncoderReducer
 from tokenprune.state import ForwardState
 from tokenprune.warn import warn_at_caller
@@ -94,6 +96,30 @@ class TimmAttention:
         return attn.proj_drop(attn.proj(out))
 
 
+class ReducingAttention(Attention):
+    """timm's ``Attention`` that, called by a reducing block with its ``AttentionRequest``, runs
+    ``tokenprune.block.attend``; otherwise the stock forward. A reducing block calls its attention module,
+    so what is hooked on it runs in every block, at the size the block attends over."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                tokenprune_request: AttentionRequest | None = None) -> Tensor:
+        if tokenprune_request is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return attend(TimmAttention(self), x, attn_mask, tokenprune_request)[0]
+
+
+class ReducingBlocks(nn.Sequential):
+    """timm's block sequence that hands a reducing forward's state to each block: the patched forward calls
+    ``model.blocks`` as the stock one does, so what is hooked on it runs as in the stock model."""
+
+    def forward(self, x: Tensor, state: ForwardState | None = None) -> Tensor:
+        if state is None:
+            return super().forward(x)
+        for block in self:
+            x = block(x, state=state)
+        return x
+
+
 class ReducingBlock(Block):
     """A timm ``Block`` that reduces tokens when it is given a ``ForwardState`` (``tokenprune.block.run_block``);
     without one it is the stock block. It is the block's ``BlockParts``."""
@@ -114,7 +140,7 @@ class ReducingBlock(Block):
         return TimmAttention(self.attn)
 
     def run_attention(self, h, bias, request):
-        return attend(TimmAttention(self.attn), h, bias, request)[0]
+        return self.attn(h, bias, tokenprune_request=request)
 
     def attention_residual(self, h):
         return self.drop_path1(self.ls1(h))
@@ -158,7 +184,9 @@ class ReducingViT(Swapped, VisionTransformer):
             for _ in self.blocks:
                 state.enter_block(x)
             x = checkpoint_seq(self.blocks, x) if checkpointing else self.blocks(x)
-        else:
+        elif isinstance(self.blocks, ReducingBlocks):  # timm's call of the sequence: its hooks run as in stock
+            x = self.blocks(x, state=state)
+        else:  # a sequence set after apply
             for block in self.blocks:
                 x = block(x, state=state)
         state.output_tokens = x.shape[1]
@@ -254,9 +282,12 @@ class TimmViTAdapter(EncoderAdapter):
             if type(block) not in (Block, ReducingBlock):
                 raise TypeError(f"tokenprune cannot patch block {i} of {type(model).__name__}: it is "
                                 f"{type(block).__module__}.{type(block).__name__}; supported: {FAMILY}")
-            if type(block.attn) is not Attention:
+            if type(block.attn) not in (Attention, ReducingAttention):
                 raise TypeError(f"tokenprune cannot patch block {i}: its attention is "
                                 f"{type(block.attn).__module__}.{type(block.attn).__name__}; supported: {FAMILY}")
+        if type(model.blocks) not in (nn.Sequential, ReducingBlocks):
+            raise TypeError(f"tokenprune cannot patch {type(model).__name__}: its blocks are "
+                            f"{type(model.blocks).__module__}.{type(model.blocks).__name__}, not timm's nn.Sequential")
         problem = overridden_forward(model) or unsupported_head(model)
         if problem:
             raise TypeError(f"tokenprune {problem}")
@@ -270,11 +301,16 @@ class TimmViTAdapter(EncoderAdapter):
         if not self.is_patched(model):
             for block in model.blocks:
                 block.__class__ = ReducingBlock
+                block.attn.__class__ = ReducingAttention
+            model.blocks.__class__ = ReducingBlocks
             swap(model, ReducingViT)
         self.configure(model, reducer)
 
     def unpatch(self, model):
         for block in model.blocks:
             block.__class__ = Block
+            block.attn.__class__ = Attention
+        if type(model.blocks) is ReducingBlocks:
+            model.blocks.__class__ = nn.Sequential
         restore(model)
         self.unconfigure(model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -56,3 +57,24 @@ def fmnist_train_root(tmp_path_factory):
     write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 200, (6000, 28, 28)))
     write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 6000))
     return root
+
+
+def assert_threads_get_what_each_gets_alone(forward, inputs: list, rounds: int = 3) -> None:
+    """``forward(x)`` of every input, called from one thread per input at once (``rounds`` times each), equals
+    ``forward(x)`` called alone: per-forward state never leaks between concurrent forwards of one model."""
+    alone = [forward(x) for x in inputs]
+    barrier = threading.Barrier(len(inputs))
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(inputs))}
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(rounds):
+            results[i].append(forward(inputs[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, expected in enumerate(alone):
+        assert len(results[i]) == rounds and all(torch.equal(r, expected) for r in results[i]), i

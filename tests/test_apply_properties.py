@@ -8,6 +8,11 @@ class token, 0-2 register tokens), each case is either
   (one of the invalid ones when there are any), the model unpatched and its state_dict unchanged; or
 * run: the token counts in ``last_forward`` are the reducer's schedule, the cap holds, a ``keep``
   that drives the schedule ends at ``max(1, round(keep * N))`` patch tokens, prefix tokens stay.
+
+``keep`` is any real number the README allows (floats, ints, fractions, numpy scalars; down to tiny ones) or
+None, ``method`` may be None (the family's default); about one case in three applies to a model already
+patched, which a refusal must leave patched as it was and a success re-configures (one ``remove`` then gives
+the model as built). Methods of the other kind (VLM selectors) and ``positions`` are refused on a ViT.
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ import copy
 import math
 import re
 import warnings
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -82,8 +89,15 @@ POOLS = {
         "trace_source": FLAG,
     },
 }
-# keep=None is the default (0.33), so a valid value
-KEEP = pool(good(st.floats(0.01, 1.0) | st.just(1.0) | st.none()), bad(0, 1.5, "0.5", True, NAN), one_in=8)
+# keep=None is the default (0.33), so a valid value; any real number in (0, 1] is a keep, tiny ones included (they
+# fail as out of reach where the schedule cannot get there)
+KEEP = pool(good(st.floats(0.01, 1.0) | st.just(1.0) | st.none() | st.floats(0.0, 0.01, exclude_min=True)
+                 | st.sampled_from([1, Fraction(1, 3), Fraction(3, 4), np.float64(0.5), np.float32(0.25),
+                                    np.int64(1)])),
+            bad(0, 1.5, "0.5", True, NAN, -0.5, math.inf, -math.inf, np.float64("nan"), [0.5], Fraction(3, 2)),
+            one_in=8)
+#: a configuration already on the model before the case's apply (None: the model as built)
+PRIOR = st.sampled_from([None, None, ("random", dict(keep=1.0, seed=3)), ("tome", dict(r=0))])
 
 # ----------------------------------------------------------------------------- tiny models, built once per shape
 
@@ -151,20 +165,33 @@ def keep_drives(method: str, options: dict) -> bool:
 
 # ----------------------------------------------------------------------------- the property
 
-@pytest.mark.parametrize("method", sorted(POOLS))
+@pytest.mark.parametrize("method", [*sorted(POOLS), None])  # None: the default method, tome on a ViT
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_apply_refuses_cleanly_or_runs_the_planned_schedule(method, data):
-    keep, options, invalid = data.draw(cases(method), label="keep, options, invalid")
+    name = method or "tome"
+    keep, options, invalid = data.draw(cases(name), label="keep, options, invalid")
     shape = data.draw(shapes(), label="depth, grid, class token, registers, pool")
+    prior = data.draw(PRIOR, label="configuration before")
     model, state, model_class, x, stock = tiny_vit(*shape)
     depth, n, p = shape[0], model.patch_embed.num_patches, model.num_prefix_tokens
+    prior_reducer = None
+    if prior is not None:  # reduces nothing, so it runs on every shape; the forward is the stock one
+        tokenprune.apply(model, prior[0], **prior[1])
+        prior_reducer = tokenprune.reducer_of(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # r clamped to the cap: a warning, tested in test_options.py
             tokenprune.apply(model, method, keep=keep, **options)
     except (ValueError, TypeError) as e:
         message = str(e)
+        if prior_reducer is not None:  # refused: the configuration before stays, and still runs
+            try:
+                assert tokenprune.reducer_of(model) is prior_reducer
+                with torch.inference_mode():
+                    assert torch.equal(model(x), stock)
+            finally:
+                tokenprune.remove(model)
         assert_as_built(model, state, model_class)
         culprits = invalid or set(options) | {"keep"}
         assert any(names(message, c) for c in culprits), (message, culprits)
@@ -173,23 +200,25 @@ def test_apply_refuses_cleanly_or_runs_the_planned_schedule(method, data):
     event(f"{method}: ran")
     try:  # from here on, the model is unpatched again whatever fails (it is shared with later cases)
         assert not invalid, f"apply accepted invalid {sorted(invalid)}: {options}, keep={keep!r}"
+        assert tokenprune.last_forward(model) is None  # a new configuration: no forward of it yet
         with torch.inference_mode():
             out = model(x)
         report, reducer = tokenprune.last_forward(model), tokenprune.reducer_of(model)
+        assert reducer.name == name and reducer is not prior_reducer
         steps = reducer.schedule(n, depth, p)
         assert len(steps) == depth and all(s >= 0 for s in steps)
         expected, left = [], n
         for step in steps:
             expected.append(p + left)
-            if method != "zero-tprune":  # the bipartite methods' cap (random shares ToMe's schedule)
+            if name != "zero-tprune":  # the bipartite methods' cap (random shares ToMe's schedule)
                 assert step <= left // 2, steps
             left -= step
         assert left >= 1
         assert report.token_counts == expected and report.output_tokens == p + left, (steps, report.token_counts)
         assert report.num_prefix_tokens == p
-        if keep_drives(method, options):
-            assert left == max(1, round((DEFAULT_KEEP if keep is None else keep) * n))
-        if method == "mctf" and left < n:
+        if keep_drives(name, options):
+            assert left == max(1, round((DEFAULT_KEEP if keep is None else float(keep)) * n))
+        if name == "mctf" and left < n:
             assert p + left >= options.get("min_tokens", 10)  # the floor counts prefix tokens too
         if left == n:
             assert torch.equal(out, stock)  # nothing reduced: the stock model's output, bit for bit
@@ -199,16 +228,44 @@ def test_apply_refuses_cleanly_or_runs_the_planned_schedule(method, data):
             assert source.shape == (2, p + left, p + n)
             assert torch.equal(source[:, :p, :p], torch.eye(p).expand(2, p, p))
             assert not source[:, :p, p:].any() and not source[:, p:, :p].any()
-            if method in ("tome", "mctf"):  # merging: every input token lands in exactly one output token
+            if name in ("tome", "mctf"):  # merging: every input token lands in exactly one output token
                 assert torch.equal(source.sum(1), torch.ones(2, p + n))
     finally:
-        tokenprune.remove(model)
+        tokenprune.remove(model)  # once, whatever was there before: applying again never patches twice
     assert_as_built(model, state, model_class)
+
+
+@pytest.mark.parametrize("method", [m for m in tokenprune.registry.method_names()
+                                    if issubclass(tokenprune.registry.get_method(m), tokenprune.VisualTokenSelector)])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_method_of_the_other_kind_or_a_vlm_setting_is_refused_on_a_vit(method, data):
+    """A VLM selector (hiprune, random-select) is refused on a ViT, naming it; so is ``positions`` (a VLM setting)
+    with an encoder method. The model stays as built."""
+    keep, _ = data.draw(KEEP.filter(lambda drawn: drawn[1]), label="keep")
+    model, state, model_class, _, _ = tiny_vit(*data.draw(shapes(), label="shape"))
+    with pytest.raises(TypeError) as refused:
+        tokenprune.apply(model, method, keep=keep)
+    assert names(str(refused.value), method) and "VisionTransformer takes" in str(refused.value)
+    assert_as_built(model, state, model_class)
+    positions = data.draw(st.sampled_from(["reindex", "original", None, 1]), label="positions")
+    if positions is not None:
+        with pytest.raises(TypeError, match="positions applies to vision-language models only"):
+            tokenprune.apply(model, data.draw(st.sampled_from(sorted(POOLS))), keep=keep, positions=positions)
+        assert_as_built(model, state, model_class)
 
 
 def test_the_pools_cover_every_declared_option():
     for method, pools in POOLS.items():
         assert set(pools) == set(tokenprune.registry.get_method(method).native_options), method
+
+
+def test_the_pools_and_the_selectors_cover_every_built_in_method():
+    selectors = {"hiprune", "random-select"}
+    assert all(issubclass(tokenprune.registry.get_method(m), tokenprune.VisualTokenSelector) for m in selectors)
+    assert set(POOLS) | selectors <= set(tokenprune.registry.method_names())
+    assert {m for m in tokenprune.registry.method_names() if tokenprune.registry.get_method(m).__module__
+            .startswith("tokenprune.methods")} == set(POOLS) | selectors
 
 
 @pytest.mark.parametrize("message, name, expected", [("mctf: keep=0.5 ...", "keep", True),

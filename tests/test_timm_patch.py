@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import copy
 import pickle
-import threading
 import warnings
 
 import pytest
 import torch
-from conftest import images, tiny_timm
+from conftest import assert_threads_get_what_each_gets_alone, images, tiny_timm
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from tokenprune.patches import timm_vit
@@ -148,22 +147,7 @@ def test_threads_get_what_each_would_get_alone():
     model = tiny_timm(dynamic_img_size=True)
     tokenprune.apply(model, "tome", keep=0.3)
     inputs = [images(3, 32, seed=1), images(1, 48, seed=2), images(2, 40, seed=3)]
-    alone = [run(model, x) for x in inputs]
-    barrier = threading.Barrier(len(inputs))
-    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(inputs))}
-
-    def worker(i):
-        barrier.wait()
-        for _ in range(5):
-            results[i].append(run(model, inputs[i]))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, expected in enumerate(alone):
-        assert len(results[i]) == 5 and all(torch.equal(r, expected) for r in results[i])
+    assert_threads_get_what_each_gets_alone(lambda x: run(model, x), inputs, rounds=5)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

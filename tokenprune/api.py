@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import adapters, check_module, find_adapter
+from .adapters import Adapter, adapters, check_module, find_adapter
 from .registry import EncoderReducer, check_keep, get_method, method_names
 from .state import ForwardReport
 from .warn import warn_at_caller
@@ -76,14 +76,22 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def _patching_adapter(model: nn.Module) -> Adapter | None:
+    """The adapter whose patch ``model`` carries, or None. Not ``find_adapter``: that one also refuses a model its
+    adapter will not apply or remove on, such as a VLM's vision tower while the VLM's patch holds it, and a tower an
+    encoder method reduces in is patched all the same (``is_patched`` said False, ``last_forward`` "not patched")."""
+    check_module(model)
+    adapter = next((a for a in adapters() if a.handles(model)), None)
+    try:
+        return adapter if adapter is not None and adapter.is_patched(model) else None
+    except TypeError:  # a model the adapter cannot read (two encoders, ...) carries none of its patches
+        return None
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether tokenprune patched ``model``: False for a model it does not support; TypeError for an object
     that is not an ``nn.Module`` (a pipeline: ask of ``pipe.model``), as ``apply`` and ``remove`` give."""
-    check_module(model)
-    try:
-        return find_adapter(model).is_patched(model)
-    except TypeError:
-        return False
+    return _patching_adapter(model) is not None
 
 
 def methods() -> str:
@@ -104,13 +112,15 @@ def last_forward(model: nn.Module) -> ForwardReport | None:
 
     None before the first forward. Under concurrent calls it is whichever finished last.
     """
-    if not is_patched(model):
+    adapter = _patching_adapter(model)
+    if adapter is None:
         raise ValueError(f"{type(model).__name__} is not patched by tokenprune")
-    return find_adapter(model).last_forward(model)
+    return adapter.last_forward(model)
 
 
 def reducer_of(model: nn.Module):
     """The method instance configured on a patched model."""
-    if not is_patched(model):
+    adapter = _patching_adapter(model)
+    if adapter is None:
         raise ValueError(f"{type(model).__name__} is not patched by tokenprune")
-    return find_adapter(model).reducer_of(model)
+    return adapter.reducer_of(model)
