@@ -191,8 +191,8 @@ class CompactedPrefill:
     mask: Tensor  # (B, L_kept) the compacted prefill's attention mask
     length: int  # L, the prefill's uncompressed length (generate's 2-D mask counts from it)
     shift: Tensor | None  # (B,) position shift for decode steps ("reindex"), None for "original"
-    #: (..., B) the position the first token after the prompt takes, uncompressed (M-RoPE: per axis), as
-    #: ``generate`` continues; for decode steps whose caller passes no position_ids
+    #: (..., B) the position the first token after the prompt takes, uncompressed (M-RoPE: per row of the layout,
+    #: the same on every axis), as ``generate`` continues; for decode steps whose caller passes no position_ids
     next: Tensor
 
     def decode_positions(self, past: int, new: int) -> Tensor:
@@ -205,9 +205,13 @@ class CompactedPrefill:
         this cache with the whole conversation (prefix caching, a second turn, assisted decoding) cuts
         input_ids at the cache's length, which counts the kept tokens only, so it feeds again L - K prompt
         tokens the cache holds (placeholders without their features among them); their uncompressed text
-        positions show it (2-D positions, or the text row of generate's 4-row M-RoPE ones)."""
-        text = positions if positions.dim() == 2 else positions[0] if positions.shape[0] == 4 else None
-        expected = self.next if self.next.dim() == 1 else self.next[0] if self.next.shape[0] == 4 else None
+        positions show it (2-D positions, the text row of generate's 4-row M-RoPE ones, or the one row of text
+        positions plus the rope delta that Qwen's generate gives a continued cache)."""
+        text = positions if positions.dim() == 2 else positions[0] if positions.shape[0] in (1, 4) else None
+        if positions.dim() == 3 and positions.shape[0] == 1:  # Qwen's generate continuing a cache: its text
+            expected = self.next if self.next.dim() == 1 else self.next[-1]  # positions plus the rope delta
+        else:
+            expected = self.next if self.next.dim() == 1 else self.next[0] if self.next.shape[0] == 4 else None
         if text is None or expected is None or text.shape[0] != expected.shape[0]:
             return
         expected = expected + past - self.mask.shape[1]
@@ -247,6 +251,9 @@ def compact(kwargs: dict, compaction: Compaction) -> CompactedPrefill:
     positions = kwargs.get("position_ids")
     full = _full_positions(mask) if positions is None else positions
     following = full.masked_fill(mask == 0, -1).amax(dim=-1) + 1
+    if full.dim() == 3:  # M-RoPE: every axis continues after the largest position of any (Qwen's rope delta);
+        first = 1 if full.shape[0] == 4 else 0  # generate's 4-row layout leads with its 1-D text positions
+        following[first:] = following[first:].amax(dim=0, keepdim=True)
     if compaction.positions == "reindex":
         if full.dim() != 2:
             raise TypeError("positions='reindex' needs 1-D text positions; this model uses multi-axis (M-RoPE) "
