@@ -161,6 +161,8 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     for what, values in (("batch_sizes", list(batch_sizes)), ("repeats", [repeats]), ("threads", [threads])):
         if not values or any(type(v) is not int or v < 1 for v in values):
             raise ValueError(f"{what} must be integers >= 1, got {values if what == 'batch_sizes' else values[0]}")
+    if type(warmup) is not int or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     torch.set_num_threads(threads)
     device = torch.device(device)
     baseline = random_model(model_name, seed)
@@ -187,12 +189,15 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             models = {name: tokenprune.compiled(m) for name, m in eager.items()}
             with never_eager_fallback():
                 check_compiled(models["patched"], patched, x, model_name)
-        # Small batches are quick and noisier: more repeats, about the same time in all.
-        n = min(max(repeats, repeats * 32 // batch), 60)
+        # Small batches are quick and noisier: more repeats, about the same time in all (up to 60; never fewer
+        # than asked)
+        n = max(repeats, min(repeats * 32 // batch, 60))
         try:  # should a compiled model still reach the recompile limit (many recompiles in one batch size): an error
             with never_eager_fallback():
+                # compiled: at least one untimed call, which compiles the unpatched and truncated models (the check
+                # above compiled the patched one only), so that no compile is timed
                 medians, foreign = interleaved_medians({name: functools.partial(m, x) for name, m in models.items()},
-                                                       n, warmup, device)
+                                                       n, max(warmup, 1 if compile else 0), device)
         except RuntimeError as e:  # the input fit, the forward's activations did not
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate" not in str(e):
                 raise

@@ -52,9 +52,10 @@ def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
     calls the graph's kernels from C++ instead of from Python. A forward calls 600-1000 of them, and at batch 1 on
     a small model those Python calls cost more than pruning saves (docs/performance.md, ninth round). Compiling
     takes as long. Elsewhere (CUDA), or with a ``mode`` (which torch.compile takes without options): inductor's
-    defaults. ``compile_kwargs["options"]`` wins over this one."""
+    defaults. ``compile_kwargs["options"]`` wins over this one; another ``backend`` gets none (it is inductor's)."""
     param = next(model.parameters(), None)
-    if "mode" not in compile_kwargs and (param is None or param.device.type == "cpu"):
+    inductor = compile_kwargs.get("backend", "inductor") == "inductor"
+    if inductor and "mode" not in compile_kwargs and (param is None or param.device.type == "cpu"):
         compile_kwargs["options"] = {"cpp_wrapper": True, **compile_kwargs.get("options", {})}
     return torch.compile(model, **compile_kwargs)
 
