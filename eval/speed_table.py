@@ -49,9 +49,35 @@ CELL_FIELDS = {"run", *CELL}
 TIMED_FIELDS = {"measured_speedup", "ceiling_speedup", "ideal_speedup", "fraction_of_ideal", "foreign_load"}
 
 
+#: what else a timed row's figures depend on: a cell's runs must agree on them (rows of older files lack some: None)
+SETTINGS = ("device", "dtype", "threads", "kernels")
+
+
 def cell_key(row: dict) -> tuple:
     """The cell a row belongs to (``CELL``)."""
     return tuple(row[field] for field in CELL)
+
+
+def settings_of(row: dict) -> dict:
+    """The machine settings a timed row was taken under (``SETTINGS``)."""
+    return {field: row.get(field) for field in SETTINGS}
+
+
+def _differing(rows: list[dict], settings: dict) -> str:
+    """The first timed row's settings that differ from ``settings``, in words ('' when none does)."""
+    for row in _timed(rows):
+        theirs = settings_of(row)
+        if theirs != settings:
+            return ", ".join(f"{k}={theirs[k]!r} against {settings[k]!r}" for k in SETTINGS if theirs[k] != settings[k])
+    return ""
+
+
+def current_settings(compile: bool) -> dict:
+    """The settings ``run_table`` times under: ``benchmark``'s defaults (CPU, fp32, 2 threads) and the kernels this
+    process runs (``TOKENPRUNE_EXT``)."""
+    from tokenprune import extension
+
+    return dict(device="cpu", dtype="fp32", threads=2, kernels=extension.kernels_in_use("cpu", compiled=compile))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -90,6 +116,12 @@ def run_table(output: Path, *, models, methods, batch_sizes, runs: int, keep: fl
     if benchmark is None:
         from tokenprune.eval.benchmark import benchmark
     rows = read_rows(output) if resume and output.exists() else []
+    # a resumed run counts the runs already timed: under other settings (another TOKENPRUNE_EXT, an older file) they
+    # would stand in for this run's, unmarked
+    other = _differing([r for r in rows if r.get("compiled") == compile], current_settings(compile)) if rows else ""
+    if other:
+        raise ValueError(f"--resume: {output} holds runs taken under other settings ({other}): time into another "
+                         "--output")
     # a torn last line is gone from the rows: the file is written back without it (whole, or not at) before appending
     write_atomically(output, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
     done = {(row["run"], *cell_key(row)) for row in rows if "refused" not in row}
@@ -127,7 +159,14 @@ def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
     by_cell: dict[tuple, dict[int, dict]] = {}
     for row in rows:
         by_cell.setdefault(cell_key(row), {})[row["run"]] = row
-    return {key: [runs[n] for n in sorted(runs)] for key, runs in by_cell.items()}
+    runs_of = {key: [runs[n] for n in sorted(runs)] for key, runs in by_cell.items()}
+    for key, runs in runs_of.items():  # one median of runs taken under other kernels, threads or dtypes: refused
+        timed = _timed(runs)
+        other = _differing(timed, settings_of(timed[0])) if timed else ""
+        if other:
+            raise ValueError(f"{' '.join(map(str, key))}: its runs were taken under different settings ({other}): "
+                             "report them from separate files")
+    return runs_of
 
 
 def _timed(runs: list[dict]) -> list[dict]:

@@ -40,6 +40,12 @@ class FakeBench:
         return [bench_row(model, method, b, compiled=compile, keep=keep) for b in batch_sizes]
 
 
+@pytest.fixture(autouse=True)
+def fake_settings(monkeypatch):
+    """The fake benchmark's rows are taken under the settings run_table times under (what a --resume checks)."""
+    monkeypatch.setattr(st, "current_settings", lambda compile: st.settings_of(row(1)))
+
+
 def table(out, benchmark, **settings):
     """run_table with the settings the tests do not vary."""
     settings = {"batch_sizes": (1,), "runs": 1, "keep": 0.5, "repeats": 5, "compile": False, **settings}
@@ -411,3 +417,22 @@ def test_every_cell_is_checked_after_a_wholly_refused_one_and_the_latest_refusal
     rows = [refused(1, "first"), refused(2, "latest"), row(1, model="m", method="tome", batch=1, speedup=0.9)]
     assert st.bar_misses(rows) == ["m mctf keep=0.5 compiled batch 1: refused by the compile check (latest)",
                                    "m tome keep=0.5 batch 1: 0.900x, slower than the unpatched model"]
+
+
+def test_a_resume_under_other_settings_is_refused_before_timing(tmp_path, monkeypatch):
+    """Runs timed under other kernels (TOKENPRUNE_EXT=off), threads or dtype counted as done on --resume, and the
+    report showed their figures for this run's, unmarked."""
+    out = tmp_path / "t.jsonl"
+    table(out, FakeBench(), models=("m1",), methods=("tome",))
+    monkeypatch.setattr(st, "current_settings", lambda compile: {**st.settings_of(row(1)), "kernels": "CPU build"})
+    bench = FakeBench()
+    with pytest.raises(ValueError, match=r"--resume: .* other settings \(kernels='pytorch ops' against 'CPU build'\)"):
+        table(out, bench, models=("m1",), methods=("tome", "mctf"), resume=True)
+    assert bench.calls == [] and len(st.read_rows(out)) == 1  # nothing timed, the file as it was
+
+
+def test_a_cell_whose_runs_differ_in_settings_is_refused_in_the_report():
+    rows = [row(1), dict(row(2), threads=4), row(1, method="mctf")]
+    with pytest.raises(ValueError, match=r"vit_testbed_fmnist tome keep=0.5 False 1: .*threads=4 against 2"):
+        st.report(rows)
+    assert "mctf" in st.report([row(1), row(2), row(1, method="mctf")])  # the same settings: one median
