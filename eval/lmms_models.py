@@ -32,7 +32,8 @@ class PruningStats:
 
 
 class _Pruned:
-    """Mixed into an lmms-eval model class: patch after loading, watch each ``generate``, report per task."""
+    """Mixed into an lmms-eval model class: patch after loading, watch each ``generate``, report after
+    ``generate_until`` (once per run: lmms-eval gives it every task's requests at once)."""
 
     def __init__(self, **kwargs) -> None:
         ours, rest = _split(kwargs)

@@ -8,14 +8,16 @@
 Each model is lmms-eval's own (``llava_hf``, ``qwen2_5_vl``): same loading, prompts and generation, so the
 scores stand beside lmms-eval's published unpruned ones. The only differences: after loading, the model is
 patched with ``tokenprune.apply`` (``method`` default ``hiprune``, ``keep`` or ``tokens``, ``positions`` and the
-method's own options, e.g. ``object_layer``, ``alpha``, ``seed``), and at the end of each task the visual tokens
-the language model received per image and the median prefill time are printed (and written as JSON to
-``stats_file`` when given). ``method=none`` runs the stock model through the same code, for a baseline.
+method's own options, e.g. ``object_layer``, ``alpha``, ``seed``), and when the run's generation ends the visual
+tokens the language model received per image and the median prefill time are printed (and written as JSON to
+``stats_file`` when given): lmms-eval generates for every task of a run in one ``generate_until`` call, so these
+cover all the run's tasks together, not each one. ``method=none`` runs the stock model through the same code, for
+a baseline.
 ``tokens`` is a budget per image, as ``tokenprune.apply`` takes it: LLaVA-NeXT splits it over the image's crops,
 and the visual tokens it reports count the row newlines kept besides.
 
 lmms-eval catches every error of ``generate`` and records an empty answer; an error tokenprune raises inside
-``generate`` is raised again here at the end of the batch, never scored as a wrong answer.
+``generate`` is raised again here once ``generate_until`` returns, never scored as a wrong answer.
 """
 from __future__ import annotations
 

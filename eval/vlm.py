@@ -89,6 +89,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # ---------------------------------------------------------------- answers and metrics
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"  # as the VQA evaluation's manualMap (and lmms-eval's) has it: "none" answers a count
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
 
@@ -179,6 +180,7 @@ class Questions(Dataset):
     def __init__(self, data, image_columns, question_column: str, answer_column: str,
                  choices_column: str | None) -> None:
         from datasets import Image as HFImage
+        from datasets import Value
 
         columns = list(data.features)
         if not image_columns:
@@ -191,6 +193,10 @@ class Questions(Dataset):
             if missing or (what == "--image-column" and not names):
                 raise ValueError(f"{what} {' '.join(missing) or '(none found)'}: the data's columns are "
                                  f"{', '.join(columns)}")
+        if choices_column and not isinstance(getattr(data.features[choices_column], "feature", None), Value):
+            # a text (or anything but a list) read as list(...) gave its characters as the options
+            raise ValueError(f"--choices-column {choices_column}: a list of options per question, got "
+                             f"{data.features[choices_column]}")
         for name in image_columns:  # decoded here, so that a corrupt image skips one question, not the run
             feature = data.features[name]
             if isinstance(feature, HFImage):
