@@ -40,6 +40,9 @@ class FakeBench:
         return [bench_row(model, method, b, compiled=compile, keep=keep) for b in batch_sizes]
 
 
+REAL_CURRENT_SETTINGS = st.current_settings  # the fixture below stands in for it: the real run's test reads it
+
+
 @pytest.fixture(autouse=True)
 def fake_settings(monkeypatch):
     """The fake benchmark's rows are taken under the settings run_table times under (what a --resume checks)."""
@@ -184,6 +187,8 @@ def test_a_real_run_of_the_smallest_table(tmp_path, capsys):
     assert (r["model"], r["method"], r["batch_size"], r["run"], r["compiled"]) == ("vit_testbed_fmnist", "random",
                                                                                     1, 1, False)
     assert r["measured_speedup"] > 0 and "| vit_testbed_fmnist | random | keep=0.5 |" in capsys.readouterr().out
+    # what a --resume compares with is what the real run records
+    assert REAL_CURRENT_SETTINGS(False) == st.settings_of(r)
 
 
 def test_the_command_line_defaults_are_the_issues_table(tmp_path, monkeypatch):
