@@ -441,3 +441,19 @@ def test_a_cell_whose_runs_differ_in_settings_is_refused_in_the_report():
     with pytest.raises(ValueError, match=r"vit_testbed_fmnist tome keep=0.5 False 1: .*threads=4 against 2"):
         st.report(rows)
     assert "mctf" in st.report([row(1), row(2), row(1, method="mctf")])  # the same settings: one median
+    with pytest.raises(ValueError, match=r"threads=1 against 2"):  # a setting below the first run's too
+        st.report([row(1), dict(row(2), threads=1)])
+
+
+def test_a_resume_compares_eager_runs_with_eager_settings_and_compiled_with_compiled(tmp_path, monkeypatch):
+    """A compiled graph runs other kernels than an eager forward: one file holds both, and a resume of either kind
+    compares the runs of its kind only."""
+    out = tmp_path / "t.jsonl"
+    kernels = {False: "eager kernels", True: "compiled kernels"}
+    out.write_text(json.dumps(dict(row(1), kernels=kernels[False])) + "\n"
+                   + json.dumps(dict(row(1, compiled=True), kernels=kernels[True])) + "\n")
+    monkeypatch.setattr(st, "current_settings", lambda compile: {**st.settings_of(row(1)), "kernels": kernels[compile]})
+    for compile in (False, True):
+        bench = FakeBench()
+        table(out, bench, models=("vit_testbed_fmnist",), methods=("tome",), compile=compile, resume=True)
+        assert bench.calls == []  # the run of its kind is done, and nothing was refused
