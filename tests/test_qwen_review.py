@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_vlm import QWEN_IMAGE, left_padded, tiny_qwen
+from test_vlm import qwen_scores_by_hand as scores_by_hand
+from test_vlm_generate import continuing_a_pruned_cache_is_refused
 
 import tokenprune
 from tokenprune.methods.hiprune import hiprune_roles
@@ -106,29 +108,6 @@ def test_use_cache_off_and_a_second_call_agree_with_the_cached_run():
 
 # ------------------------------------------------------------------ HiPrune's scores through the windows
 
-def scores_by_hand(model, inputs, layer: int, counts: list[int]) -> list[torch.Tensor]:
-    """Attention received at full-attention vision block ``layer``, recomputed eagerly from the block's input
-    per image, averaged over each 2x2 merge unit, put back in raster order and split per image."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-    from transformers.vision_utils import get_vision_window_index
-
-    visual, captured = model.model.visual, {}
-    block = visual.blocks[layer]
-    handle = block.register_forward_pre_hook(lambda m, a, kw: captured.update(x=a[0], **kw), with_kwargs=True)
-    with torch.no_grad():
-        visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    handle.remove()
-    attn = block.attn
-    x = block.norm1(captured["x"])
-    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *captured["position_embeddings"])
-    bounds = captured["cu_seqlens"].tolist()
-    received = [torch.einsum("qhd,khd->hqk", q[start:end], k[start:end]).mul(attn.scaling).softmax(-1).mean(dim=(0, 1))
-                for start, end in zip(bounds[:-1], bounds[1:])]
-    merged = torch.cat(received).reshape(-1, 4).mean(-1)
-    window_index, _ = get_vision_window_index(inputs["image_grid_thw"], 2, visual.window_size, visual.patch_size)
-    return list(merged[torch.argsort(window_index)].split(counts))
-
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_scores_of_images_the_windows_do_not_tile(attention):
@@ -208,12 +187,7 @@ def test_generate_continuing_a_pruned_qwen_cache_is_refused():
             return model.generate(input_ids=more, past_key_values=first.past_key_values, max_new_tokens=3,
                                   do_sample=False, suppress_tokens=SUPPRESS)
 
-    expected = continued()
-    tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
-    assert torch.equal(continued(), expected)
-    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
-    with pytest.raises(ValueError, match="cache a pruned prefill filled"):
-        continued()
+    continuing_a_pruned_cache_is_refused(model, continued)
 
 
 # ------------------------------------------------------------------ videos

@@ -205,9 +205,10 @@ def test_llava_pruned_generation_equals_a_per_sample_reference():
         assert [roles.tolist() for roles in reported[row]] == [roles.tolist() for roles in chosen]
 
 
-def _qwen_scores_by_hand(model, inputs, layer):
+def qwen_scores_by_hand(model, inputs, layer, counts=(24, 16)):
     """Attention received at vision block ``layer`` recomputed eagerly from the block's input, per
-    image (full attention), averaged over each 2x2 merge unit and put back in raster order."""
+    image (full attention), averaged over each 2x2 merge unit, put back in raster order and split into the images'
+    ``counts`` of merged tokens (the test batch's two images by default)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_window_index
 
@@ -228,7 +229,7 @@ def _qwen_scores_by_hand(model, inputs, layer):
         scores.append(probs.mean(dim=(0, 1)))
     merged = torch.cat(scores).reshape(-1, 4).mean(-1)
     window_index, _ = get_vision_window_index(inputs["image_grid_thw"], 2, visual.window_size, visual.patch_size)
-    return merged[torch.argsort(window_index)].split([24, 16])
+    return merged[torch.argsort(window_index)].split(list(counts))
 
 
 def test_qwen_prefill_equals_a_reference_with_original_positions():
@@ -239,7 +240,7 @@ def test_qwen_prefill_equals_a_reference_with_original_positions():
             input_ids=inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], video_grid_thw=None,
             inputs_embeds=None, attention_mask=inputs["attention_mask"], past_key_values=None,
             mm_token_type_ids=inputs["mm_token_type_ids"])
-    object_scores, output_scores = _qwen_scores_by_hand(model, inputs, 1), _qwen_scores_by_hand(model, inputs, 3)
+    object_scores, output_scores = qwen_scores_by_hand(model, inputs, 1), qwen_scores_by_hand(model, inputs, 3)
     tokenprune.apply(model, "hiprune", keep=0.34, object_layer=2)
     with torch.no_grad():
         logits = model(**inputs).logits[:, -1]

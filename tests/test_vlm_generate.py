@@ -10,10 +10,10 @@ from test_vlm import (
     LLAVA_IMAGE,
     QWEN_GRIDS,
     QWEN_IMAGE,
-    _qwen_scores_by_hand,
     left_padded,
     llava_batch,
     qwen_batch,
+    qwen_scores_by_hand,
     tiny_llava,
     tiny_llava_next,
     tiny_qwen,
@@ -228,7 +228,7 @@ def test_llava_pruned_beams_equal_per_sample_references(batch, images_per_row, p
 def test_qwen_pruned_beams_equal_per_sample_references():
     model, inputs = tiny_qwen(), qwen_batch()
     stock = copy.deepcopy(model)
-    object_scores, output_scores = _qwen_scores_by_hand(stock, inputs, 1), _qwen_scores_by_hand(stock, inputs, 3)
+    object_scores, output_scores = qwen_scores_by_hand(stock, inputs, 1), qwen_scores_by_hand(stock, inputs, 3)
     tokenprune.apply(model, "hiprune", keep=0.34, object_layer=2)
     got = generate(model, inputs, **BEAMS)
     with torch.no_grad():
@@ -408,12 +408,7 @@ def test_generate_continuing_a_pruned_cache_is_refused():
             return model.generate(input_ids=more, past_key_values=first.past_key_values, max_new_tokens=3,
                                   do_sample=False)
 
-    expected = continued()
-    tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
-    assert torch.equal(continued(), expected)
-    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
-    with pytest.raises(ValueError, match="cache a pruned prefill filled"):
-        continued()
+    continuing_a_pruned_cache_is_refused(model, continued)
 
 
 def qwen_one_prompt():
@@ -470,3 +465,14 @@ def test_a_static_cache_is_refused_by_name_and_works_at_keep_one():
         with pytest.raises(TypeError, match="static KV cache"):
             model.generate(**batch, **static)
         model.generate(**batch, max_new_tokens=3, do_sample=False)  # the default cache still works
+
+
+def continuing_a_pruned_cache_is_refused(model, continued):
+    """``continued()`` (a generate that continues a cache a first generate filled) gives the stock tokens at
+    keep=1.0, and is refused once the prefill was pruned (its cache holds fewer tokens than the prompt)."""
+    expected = continued()
+    tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+    assert torch.equal(continued(), expected)
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)
+    with pytest.raises(ValueError, match="cache a pruned prefill filled"):
+        continued()
