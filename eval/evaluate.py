@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import tokenprune
-from tokenprune import testbed
+from tokenprune import extension, testbed
 from tokenprune.cli import (
     ArgumentParser,
     add_device_arguments,
@@ -764,6 +764,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run["pixels"] = "processor"
     for config in configs[1:]:  # what only this model can refuse (layers past its depth, ...): before any image
         tokenprune.remove(tokenprune.apply(model, config.method, keep=config.keep, **config.options))
+    if any(config.method for config in configs):  # built (once, ~30 s) or loaded now, not inside a timed forward
+        extension.kernels_in_use(accelerator.device, compiled=args.compile)
     rows = []
     for config, key in configured(model, configs, run, finished, rows, accelerator):
         flops = tokenprune.count_flops(model, tuple(data_config["input_size"]))

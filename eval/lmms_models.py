@@ -47,8 +47,8 @@ class _Pruned:
         model = self._model
         if method != "none":
             chosen = {k: v for k, v in options.items() if v is not None}
-            if tokens is not None:
-                chosen["tokens"] = int(tokens)
+            if tokens is not None:  # as lmms-eval parsed it: apply refuses a fraction (64.7) instead of rounding it
+                chosen["tokens"] = tokens
             tokenprune.apply(model, method, keep=None if keep is None else float(keep),
                              **({"positions": positions} if positions else {}), **chosen)
         token_id = model.config.image_token_id
@@ -82,6 +82,7 @@ class _Pruned:
         language_model.register_forward_hook(time_prefill, with_kwargs=True)
 
     def generate_until(self, requests):
+        self._stats, self._error = PruningStats(), None  # each call reports its own requests
         answers = super().generate_until(requests)
         if self._error is not None:
             raise RuntimeError(f"tokenprune: generate failed ({self._error}); no answer was scored") from self._error

@@ -221,7 +221,20 @@ class Questions(Dataset):
                     images.append(image)
         return dict(index=index, images=images, skip=skip, question=row[self.question_column],
                     answer=row[self.answer_column],
-                    choices=list(row[self.choices_column]) if self.choices_column else None)
+                    choices=option_texts(row[self.choices_column], index) if self.choices_column else None)
+
+
+def option_texts(options: list, index: int) -> list[str]:
+    """A question's options as text: a number as written (``3`` -> "3"); missing options (None) at the end dropped
+    (MMBench-style rows with fewer options than columns), a missing option before a present one refused (the
+    letters after it would name other options)."""
+    options = list(options)
+    while options and options[-1] is None:
+        options.pop()
+    if None in options:
+        raise ValueError(f"question {index}: option {LETTERS[options.index(None)]} is missing (None) before other "
+                         f"options; the letters would shift: {options}")
+    return [o if isinstance(o, str) else str(o) for o in options]
 
 
 #: the VLM testbed's question sets: ``fashion-mnist-vqa`` from the packaged test split, ``:val`` from the last

@@ -155,3 +155,34 @@ def test_lmms_eval_qwen2_5_vl(tiny_qwen_folder, tmp_path):
     assert summary["images"] == 3 and summary["placeholders_per_image"] == 16
     assert summary["visual_tokens_per_image"] == 8
     assert list((tmp_path / "out").rglob("*results.json"))
+
+
+def test_tokens_must_be_whole_and_each_generate_until_reports_its_own_requests(tiny_vlm, monkeypatch):  # noqa: F811
+    """``tokens=8.5`` is refused (it was truncated to 8); a second ``generate_until`` on one model object reports
+    its own requests, not both calls' together."""
+    import torch
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+    from PIL import Image
+    from tokenprune.eval.lmms_models import TokenpruneLlava
+
+    with pytest.raises(ValueError, match="tokens"):
+        TokenpruneLlava(pretrained=str(tiny_vlm), device="cpu", dtype="float32", method="hiprune", tokens=8.5,
+                        object_layer=1)
+
+    def like_lmms_eval(self, requests):  # one generate per request, each with one image
+        for _ in requests:
+            inputs = self._image_processor(images=Image.new("RGB", (32, 32)), text="USER: <image>\nwhat ASSISTANT:",
+                                           return_tensors="pt")
+            with torch.no_grad():
+                self.model.generate(**inputs, max_new_tokens=1)
+        return ["" for _ in requests]
+
+    monkeypatch.setattr(LlavaHf, "generate_until", like_lmms_eval)
+    model = TokenpruneLlava(pretrained=str(tiny_vlm), device="cpu", dtype="float32", method="hiprune", tokens=6,
+                            object_layer=1)
+    model.generate_until([None, None, None])
+    first = model._stats.summary("hiprune", None, 6)
+    assert first["images"] == 3 and first["visual_tokens_per_image"] == 6 and first["generate_calls"] == 3
+    model.generate_until([None])
+    second = model._stats.summary("hiprune", None, 6)
+    assert second["images"] == 1 and second["generate_calls"] == 1

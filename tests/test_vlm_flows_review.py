@@ -2,6 +2,7 @@
 test failed before its fix."""
 from __future__ import annotations
 
+import pytest
 from test_eval_vlm import QUESTIONS, png_bytes, tiny_vlm  # noqa: F401  (a fixture)
 from tokenprune.eval.vlm import exact_match, normalize_answer, vqa_accuracy
 
@@ -34,3 +35,31 @@ def test_a_choices_column_of_text_is_refused_not_read_as_letters(tiny_vlm, tmp_p
     assert code == 2 and "--choices-column choices: a list of options per question" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_options_are_text_trailing_missing_ones_dropped_a_gap_refused():
+    """Options of numbers or with missing (None) entries failed inside the scorer with a traceback."""
+    from tokenprune.eval.vlm import chosen_option, option_texts, reference_option
+
+    assert option_texts([3, 4.5, "five"], 0) == ["3", "4.5", "five"]
+    assert option_texts(["red", "blue", None, None], 0) == ["red", "blue"]
+    assert option_texts([None], 0) == []
+    numbers = option_texts([3, 4.5], 0)
+    assert chosen_option("4.5", numbers) == 1 and reference_option("B", numbers) == 1
+    with pytest.raises(ValueError, match="question 7: option B is missing"):
+        option_texts(["red", None, "blue"], 7)
+
+
+def test_a_questions_options_are_read_as_text_without_missing_ones(tmp_path):
+    """A row's options of numbers reached the scorer as numbers (a traceback when an answer was compared with
+    them), and a missing last option (None) was shown to the model as "C. None"."""
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as HFImage
+    from tokenprune.eval.vlm import Questions
+
+    rows = dict(image=[{"bytes": png_bytes(i)} for i in range(2)], question=QUESTIONS[:2],
+                choices=[[1.0, 2.0, 3.0], [4.0, 5.0, None]], answer=["A", "B"])
+    features = Features(image=HFImage(), question=Value("string"), choices=Sequence(Value("float64")),
+                        answer=Value("string"))
+    questions = Questions(Dataset.from_dict(rows, features=features), None, "question", "answer", "choices")
+    assert questions[0]["choices"] == ["1.0", "2.0", "3.0"] and questions[1]["choices"] == ["4.0", "5.0"]
