@@ -172,7 +172,8 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
     patched, ceiling = patched_and_ceiling(baseline, method, keep, options)
     base_flops, patched_flops = count_flops(baseline, input_size), count_flops(patched, input_size)
     ideal = base_flops.flops / patched_flops.flops
-    config = config_label(keep, options)
+    # a FLOPs budget (the Python API's options={"flops": 0.6}, keep=None): labelled with the keep it was fitted to
+    config = config_label(tokenprune.reducer_of(patched).keep if keep is None else keep, options)
     eager = {"baseline": baseline, "patched": patched, "ceiling": ceiling}
     kernels = extension.kernels_in_use(device, compiled=compile)
     rows = []
@@ -245,21 +246,24 @@ def check_compiled(compiled, eager, x: torch.Tensor, model_name: str) -> None:
 
 
 def format_rows(rows: list[BenchRow]) -> str:
-    # the text columns fit their longest entry (zero-tprune, a config with options): a longer one would shift
-    # every number after it under the next column's header
-    mw, tw, cw = (max([width, *(len(text) for text in texts)]) for width, texts in (
-        (24, [r.model for r in rows]), (7, [r.method for r in rows]), (14, [_config_label(r) for r in rows])))
-    head = (f"{'model':<{mw}} {'method':<{tw}} {'config':<{cw}} {'batch':>5} {'GMACs':>12} {'base ms':>9} "
-            f"{'patched ms':>10} {'img/s':>14} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'ceiling':>7} "
+    # the text columns and the two "before->after" columns fit their longest entry (zero-tprune, a config with
+    # options, 100 GMACs and more, 10,000 img/s and more): a longer one would shift every number after it under the
+    # next column's header
+    gmacs = [f"{r.baseline_gmacs:.2f}->{r.patched_gmacs:.2f}" for r in rows]
+    ips = ["{:.1f}->{:.1f}".format(*r.images_per_s) for r in rows]
+    mw, tw, cw, gw, iw = (max([width, *(len(text) for text in texts)]) for width, texts in (
+        (24, [r.model for r in rows]), (7, [r.method for r in rows]), (14, [_config_label(r) for r in rows]),
+        (12, gmacs), (14, ips)))
+    head = (f"{'model':<{mw}} {'method':<{tw}} {'config':<{cw}} {'batch':>5} {'GMACs':>{gw}} {'base ms':>9} "
+            f"{'patched ms':>10} {'img/s':>{iw}} {'speedup':>7} {'ideal':>6} {'of ideal':>8} {'ceiling':>7} "
             f"{'overhead':>8} {'foreign':>7}")
     lines = [head, "-" * len(head)]
-    for r in rows:
-        base_ips, patched_ips = r.images_per_s
+    for r, gmac, ip in zip(rows, gmacs, ips):
         foreign = "n/a" if r.foreign_load is None else f"{r.foreign_load:.1%}"
         lines.append(
             f"{r.model:<{mw}} {r.method:<{tw}} {_config_label(r):<{cw}} {r.batch_size:>5} "
-            f"{r.baseline_gmacs:>5.2f}->{r.patched_gmacs:<5.2f} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
-            f"{base_ips:>6.1f}->{patched_ips:<6.1f} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
+            f"{gmac:>{gw}} {r.baseline_ms:>9.1f} {r.patched_ms:>10.1f} "
+            f"{ip:>{iw}} {r.measured_speedup:>6.2f}x {r.ideal_speedup:>5.2f}x "
             f"{r.fraction_of_ideal:>8.3f} {r.ceiling_speedup:>6.2f}x {r.overhead:>8.1%} {foreign:>7}")
     return "\n".join(lines)
 

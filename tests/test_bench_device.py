@@ -152,12 +152,17 @@ def test_the_table_s_columns_stay_under_their_headers():
                          fraction_of_ideal=1.333, ceiling_speedup=2.5, overhead=0.1, baseline_gmacs=1.0,
                          patched_gmacs=0.5, foreign_load=0.01, kernels="CPU build")
     rows = [row, replace(row, method="zero-tprune", config="keep=0.5, layers=[3, 6, 9], s_fraction=0.5",
-                         measured_speedup=1.25, foreign_load=None)]
+                         measured_speedup=1.25, foreign_load=None),
+            # above 100 GMACs (ViT-H) and 10,000 img/s (a GPU at batch 256): "before->after" columns wider
+            replace(row, baseline_gmacs=167.4, patched_gmacs=110.25, baseline_ms=0.01, patched_ms=0.005,
+                    measured_speedup=1.5)]
     head, _, *lines = bench.format_rows(rows).splitlines()
     end = head.index("speedup") + len("speedup")  # the numbers are right-aligned under their header
-    assert [line[end - 5:end] for line in lines] == ["2.00x", "1.25x"]
+    assert [line[end - 5:end] for line in lines] == ["2.00x", "1.25x", "1.50x"]
     assert len({len(line) for line in [head, *lines]}) == 1
-    assert [line.split()[-1] for line in lines] == ["1.0%", "n/a"]  # the foreign share, or none measured
+    assert [line.split()[-1] for line in lines] == ["1.0%", "n/a", "1.0%"]  # the foreign share, or none measured
+    gmacs_end = head.index("GMACs") + len("GMACs")
+    assert [line[:gmacs_end].split()[-1] for line in lines] == ["1.00->0.50", "1.00->0.50", "167.40->110.25"]
 
 def test_timed_returns_the_result_and_the_wall_clock_on_cpu():
     result, seconds = timing.timed(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
@@ -218,3 +223,16 @@ def test_bench_and_eval_on_cuda_in_bf16(tmp_path, capsys):
     assert len(rows) == 5 and all(r["dtype"] == "bf16" and r["images"] == 64 for r in rows)
     assert rows[0]["top1"] > 70  # the trained testbed, unpruned, in bf16 on the GPU
     print(capsys.readouterr().out)
+
+
+def test_a_flops_budget_is_labelled_with_the_keep_it_was_fitted_to(monkeypatch):
+    """``benchmark(keep=None, options={"flops": 0.6})`` read "keep=None, flops=0.6": the keep that ran was not said."""
+    import tokenprune
+
+    built = []
+    make = bench.patched_and_ceiling
+    monkeypatch.setattr(bench, "patched_and_ceiling", lambda *args: built.append(make(*args)) or built[-1])
+    [row] = bench.benchmark("vit_testbed_fmnist", "tome", keep=None, options={"flops": 0.6}, batch_sizes=(1,),
+                            repeats=1, warmup=0)
+    fitted = tokenprune.reducer_of(built[0][0]).keep
+    assert 0 < fitted < 1 and row.config == f"keep={fitted}, flops=0.6"

@@ -703,3 +703,22 @@ def test_the_kernels_are_built_before_any_forward_is_timed(tmp_path, monkeypatch
     evaluate(["--no-pretrained", "--limit", "4", "--method", "tome", "--keep", "0.5",
               "--output", str(tmp_path / "e.jsonl")])
     assert events[0] == "kernels" and events.count("kernels") == 1 and events.count("timed") == 2
+
+
+def test_the_busy_time_counts_guests_once(monkeypatch, tmp_path):
+    """``/proc/stat``'s guest and guest_nice are already inside user and nice: a VM host running guests read them
+    twice as busy."""
+    import os
+
+    from tokenprune import timing
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice = 500, 20, 100, 9000, 40, 3, 7, 11, 400, 10
+    assert timing.busy_seconds([user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice]) == \
+        pytest.approx((user + nice + system + irq + softirq + steal) / ticks)
+    assert timing.busy_seconds([user, nice, system, idle, iowait, irq, softirq]) == \
+        pytest.approx((user + nice + system + irq + softirq) / ticks)  # an old kernel's shorter line
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} {guest} {guest_nice}\n")
+    monkeypatch.setattr(timing.ForeignLoad, "STAT", str(stat))
+    assert timing.ForeignLoad._sample()[0] == pytest.approx((user + nice + system + irq + softirq + steal) / ticks)

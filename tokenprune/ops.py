@@ -428,7 +428,7 @@ def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None =
         return kernels.received_attention(q, k, scale, bias)
     # half-precision q and k: the scores in float32, as the kernel computes them (they only rank tokens)
     q, k = q.to(accumulation_dtype(q.dtype)), k.to(accumulation_dtype(k.dtype))
-    total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.float32)
+    total = q.new_zeros(q.shape[0], k.shape[-2], dtype=torch.promote_types(q.dtype, k.dtype))  # float64 stays
     # scores that only rank tokens, never differentiated: each chunk's map is scaled, biased and normalised in
     # place, in the one buffer the product allocates (bit-identical; 1.1-1.8x faster on this machine's CPU,
     # where filling fresh maps costs as much as the arithmetic)

@@ -34,17 +34,24 @@ class ForeignLoad:
             wall = end[2] - self._start[2]
             self.value = min(1.0, max(0.0, (busy - own) / (wall * os.cpu_count())))
 
-    @staticmethod
-    def _sample():
+    STAT = "/proc/stat"
+
+    @classmethod
+    def _sample(cls):
         try:
-            with open("/proc/stat") as f:
+            with open(cls.STAT) as f:
                 fields = [int(v) for v in f.readline().split()[1:]]
         except OSError:
             return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait
-        own = sum(os.times()[:2])
-        return busy, own, time.perf_counter()
+        return busy_seconds(fields), sum(os.times()[:2]), time.perf_counter()
+
+
+def busy_seconds(fields: list[int]) -> float:
+    """The CPU time of ``/proc/stat``'s first line (ticks: user nice system idle iowait irq softirq steal guest
+    guest_nice, the last ones absent on old kernels) that was spent running, in seconds: all but idle and iowait,
+    and without guest and guest_nice, which the kernel already counts inside user and nice (a VM host's guests
+    were counted twice)."""
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(call, device: torch.device = torch.device("cpu")):
