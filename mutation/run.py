@@ -136,7 +136,10 @@ def main() -> int:
     configs = [ROOT / "mutation" / f"{n}.toml" for n in args.configs] or sorted((ROOT / "mutation").glob("*.toml"))
     OUT.mkdir(exist_ok=True)
     copy = scratch_copy()
-    env = {**os.environ, "PYTHONPATH": str(copy), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # the copy's CPU build in a cache of its own: torch keys a cached build by name and rebuilds it whenever the
+    # sources' path changes, so the copy and the checkout (used meanwhile) rebuilt each other's, 50 s a mutant
+    env = {**os.environ, "PYTHONPATH": str(copy), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "TORCH_EXTENSIONS_DIR": str(copy / ".torch_extensions")}
     rows = []
     try:
         for config in configs:
