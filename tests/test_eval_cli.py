@@ -721,4 +721,10 @@ def test_the_busy_time_counts_guests_once(monkeypatch, tmp_path):
     stat = tmp_path / "stat"
     stat.write_text(f"cpu  {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} {guest} {guest_nice}\n")
     monkeypatch.setattr(timing.ForeignLoad, "STAT", str(stat))
-    assert timing.ForeignLoad._sample()[0] == pytest.approx((user + nice + system + irq + softirq + steal) / ticks)
+    # this process's own time: its user and system time, not its children's (os.times: user, system, children's
+    # user, children's system, elapsed)
+    monkeypatch.setattr(timing.os, "times", lambda: (1.5, 0.25, 7.0, 9.0, 100.0))
+    busy, own, _ = timing.ForeignLoad._sample()
+    assert busy == pytest.approx((user + nice + system + irq + softirq + steal) / ticks) and own == 1.75
+    monkeypatch.setattr(timing.ForeignLoad, "STAT", str(tmp_path / "absent"))  # not Linux: no sample, no error
+    assert timing.ForeignLoad._sample() is None
