@@ -269,8 +269,8 @@ def test_received_attention_is_the_dense_mean_for_any_chunk(batch, heads, n_q, n
     logits = q @ k.transpose(-2, -1) * 0.7
     dense = (logits if bias is None else logits + bias).softmax(-1).mean(dim=(1, 2))
     got = ops.received_attention(q, k, 0.7, bias, chunk=chunk)
-    torch.testing.assert_close(got, dense.float(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(got.sum(-1), torch.ones(batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, dense, atol=1e-12, rtol=1e-10)  # float64 in, float64 out
+    torch.testing.assert_close(got.sum(-1), torch.ones(batch, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 @given(st.integers(1, 3), st.integers(1, 12), st.integers(0, 2 ** 31))
