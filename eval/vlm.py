@@ -234,7 +234,7 @@ def option_texts(options: list, index: int) -> list[str]:
     if None in options:
         raise ValueError(f"question {index}: option {LETTERS[options.index(None)]} is missing (None) before other "
                          f"options; the letters would shift: {options}")
-    return [o if isinstance(o, str) else str(o) for o in options]
+    return [str(o) for o in options]
 
 
 #: the VLM testbed's question sets: ``fashion-mnist-vqa`` from the packaged test split, ``:val`` from the last

@@ -21,6 +21,8 @@ class ForeignLoad:
     tens of milliseconds the difference is a tick or two either way: the raw ratio then reached 1.32 (a 7 ms
     prefill timed thrice, two CPUs). A share of all CPUs is never above 1, nor below 0: it is clamped there."""
 
+    STAT = "/proc/stat"  # where the machine's CPU times are read (Linux)
+
     def __enter__(self):
         self.value = None
         self._start = self._sample()
@@ -33,8 +35,6 @@ class ForeignLoad:
             own = end[1] - self._start[1]
             wall = end[2] - self._start[2]
             self.value = min(1.0, max(0.0, (busy - own) / (wall * os.cpu_count())))
-
-    STAT = "/proc/stat"
 
     @classmethod
     def _sample(cls):
