@@ -63,7 +63,18 @@ class TimmAttention:
         q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v
 
+    @property
+    def splits_projection(self) -> bool:
+        """Whether q and k, or v alone, may be computed from slices of ``qkv``'s weight. Only for a plain
+        ``nn.Linear`` without hooks: a wrapped projection (peft's LoRA, a quantized or parametrized linear)
+        computes more than its ``weight`` says, and hooks on it must run, so otherwise the module itself
+        runs and its output is split (v, or q and k, computed and dropped)."""
+        qkv = self.attn.qkv
+        return type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks)
+
     def project_qk(self, h):
+        if not self.splits_projection:
+            return self.project_qkv(h)[:2]
         attn, dim = self.attn, self.attn.attn_dim
         bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * dim]
         B, N, _ = h.shape
@@ -72,6 +83,8 @@ class TimmAttention:
         return attn.q_norm(q), attn.k_norm(k)
 
     def project_v(self, h):
+        if not self.splits_projection:
+            return self.project_qkv(h)[2]
         attn, dim = self.attn, self.attn.attn_dim
         bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * dim:]
         B, N, _ = h.shape

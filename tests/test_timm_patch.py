@@ -465,3 +465,63 @@ def test_timm_gradient_checkpointing_is_not_applied_and_says_so():
         with torch.no_grad():
             model(x)
         model.eval()(x)
+
+
+class LowRankUpdated(torch.nn.Linear):
+    """A linear whose output carries a low-rank update outside its ``weight``, as peft's unmerged LoRA layers
+    do (theirs expose the base layer's weight as ``weight``)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(7)
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=g))
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, generator=g) * 0.1)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.T @ self.up.T
+
+    def folded(self) -> torch.nn.Linear:
+        plain = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight + self.up @ self.down)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_wrapped_qkv_projection_computes_what_the_module_computes(method):
+    """A qkv that computes more than its weight (LoRA) gives, reduced, what the same update folded into a plain
+    linear gives: MCTF's q/k-only and v-only projections must not read the weight past the module."""
+    wrapped, x = tiny_timm(qkv_bias=True), images()
+    for block in wrapped.blocks:
+        block.attn.qkv = LowRankUpdated(block.attn.qkv)
+    folded = copy.deepcopy(wrapped)
+    for block in folded.blocks:
+        block.attn.qkv = block.attn.qkv.folded()
+    for model in (wrapped, folded):
+        tokenprune.apply(model, method, keep=0.5, seed=0) if method == "random" else \
+            tokenprune.apply(model, method, keep=0.5)
+    torch.testing.assert_close(run(wrapped, x), run(folded, x), atol=1e-5, rtol=1e-5)
+    assert tokenprune.last_forward(wrapped).token_counts == tokenprune.last_forward(folded).token_counts
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_hooks_on_the_qkv_projection_see_every_token_it_projects(kind):
+    """Hooks on ``attn.qkv`` run in every reducing block, MCTF's included, on the tokens projected there: all of
+    a merging block's input tokens (its q and k), then its merged tokens (their v)."""
+    model, x = tiny_timm(), images()
+    tokenprune.apply(model, "mctf", keep=0.5)
+    seen = []
+    for i, block in enumerate(model.blocks):
+        register = getattr(block.attn.qkv, f"register_{kind}_hook")
+        register(lambda module, args, *out, i=i: seen.append((i, args[0].shape[1])))
+    expected = run(model, x)
+    report = tokenprune.last_forward(model)
+    leaving = report.token_counts[1:] + [report.output_tokens]
+    expected_calls = [(i, n) for i, (entering, left) in enumerate(zip(report.token_counts, leaving))
+                      for n in ((entering, left) if left < entering else (entering,))]
+    assert len(expected_calls) > len(model.blocks)  # some block merged: the test reads something
+    assert seen == expected_calls
+    torch.testing.assert_close(run(model, x), expected)
