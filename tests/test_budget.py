@@ -68,6 +68,22 @@ def test_apply_with_a_budget_patches_at_the_fitted_keep():
     assert 0.98 * 0.8 * baseline <= count_flops(model).flops <= 0.8 * baseline
 
 
+@pytest.mark.parametrize("family", ["vit_base_patch16_224", "hf:clip"])
+def test_fitting_runs_none_of_the_callers_hooks_and_keeps_them(family):
+    """The counted forwards run on a copy, whose hooks are the caller's functions: they must not run there (a
+    hook recording features would record each of them), and the caller's model keeps its hooks."""
+    model, calls = build(family), []
+    layer = next(m for m in model.modules() if type(m).__name__ in ("Block", "CLIPEncoderLayer"))
+    layer.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    layer.register_forward_hook(lambda module, args, kwargs, out: calls.append("kwargs"), with_kwargs=True)
+    layer.register_forward_hook(lambda module, args, out: calls.append("always"), always_call=True)
+    tokenprune.apply(model, "tome", flops=0.7)
+    assert calls == []
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 64, 64))
+    assert sorted(calls) == ["always", "kwargs", "pre"]
+
+
 def test_gflops_is_an_absolute_budget_per_image():
     model = build("deit_small_distilled_patch16_224")
     baseline = count_flops(model).flops

@@ -57,6 +57,7 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
     probe = copy.deepcopy(model)
     if is_patched(probe):
         remove(probe)
+    without_forward_hooks(probe)
     counted = image_part(probe)
     baseline = count_flops(counted, input_size).flops
     budget = flops * baseline if flops is not None else gflops * 1e9
@@ -108,6 +109,16 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
                          f"{baseline / 1e9:.3g}) is out of {method or 'the default method'}'s reach on this model: "
                          f"the least it runs is {least / 1e9:.3g} GFLOPs ({least / baseline:.1%})")
     return BudgetFit(best / num_patches, best, num_patches, cost[best], baseline, budget)
+
+
+def without_forward_hooks(model: nn.Module) -> None:
+    """Drops every forward hook and pre-hook from ``model`` (the probe, a deep copy). A copy's hooks are the
+    caller's functions: a hook recording features would record each counted forward into the caller's lists.
+    Hooks do not change the token counts the FLOPs follow."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called,
+                      module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
+            hooks.clear()
 
 
 def schedule_given(options: dict) -> str:
