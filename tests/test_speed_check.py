@@ -46,6 +46,17 @@ def test_it_times_an_unpatched_and_a_patched_copy_and_leaves_the_model_alone(mon
         assert torch.equal(model(x), before)
 
 
+def test_the_timed_copies_run_none_of_the_callers_hooks_and_the_model_keeps_them():
+    model, calls = tiny_timm(), []
+    model.blocks[0].register_forward_hook(lambda module, args, out: calls.append("block"))
+    model.register_forward_pre_hook(lambda module, args: calls.append("model"))
+    tokenprune.check_speed(model, "tome", keep=0.5, repeats=2, warmup=1)
+    assert calls == []
+    with torch.no_grad():
+        model(images(1))
+    assert calls == ["model", "block"]
+
+
 def test_a_slower_configuration_is_said_not_to_pay(monkeypatch):
     monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: ({"baseline": 0.002, "patched": 0.003}, None))
     check = tokenprune.check_speed(tiny_timm(), "mctf", keep=0.5)

@@ -112,9 +112,9 @@ def fit_flops_budget(model: nn.Module, method: str | None = None, *, flops: floa
 
 
 def without_forward_hooks(model: nn.Module) -> None:
-    """Drops every forward hook and pre-hook from ``model`` (the probe, a deep copy). A copy's hooks are the
-    caller's functions: a hook recording features would record each counted forward into the caller's lists.
-    Hooks do not change the token counts the FLOPs follow."""
+    """Drops every forward hook and pre-hook from ``model``, a deep copy that tokenprune runs to count or time (a
+    budget's probe, ``check_speed``'s models). A copy's hooks are the caller's functions: a hook recording features
+    would record each of those forwards into the caller's lists."""
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called,
                       module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):

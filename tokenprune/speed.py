@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .budget import image_part
+from .budget import image_part, without_forward_hooks
 from .flops import check_input_size, count_flops, default_input_size
 from .registry import config_label
 from .timing import interleaved_medians, timed
@@ -154,7 +154,9 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     against compiled; the compile itself, tens of seconds per model on CPU, is in the warm-up, not in the
     figures), after ``verify_compiled`` found the compiled patched model's output equal to eager's
     (``CompiledOutputChanged`` where not). A model that takes text first (CLIPModel, SiglipModel) is timed by its
-    image tower, all that pruning changes. Returns a ``SpeedCheck``; ``print`` it for the verdict."""
+    image tower, all that pruning changes. The model's forward hooks do not run (the copies would run the caller's
+    functions: a hook recording features would record every timed forward). Returns a ``SpeedCheck``; ``print`` it
+    for the verdict."""
     from .api import apply, is_patched, reducer_of, remove
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -167,6 +169,7 @@ def check_speed(model: nn.Module, method: str | None = None, keep: float | None 
     baseline = copy.deepcopy(model)
     if is_patched(baseline):
         remove(baseline)
+    without_forward_hooks(baseline)  # the copies' hooks are the caller's: they would record every timed forward
     # a budget is fitted at the size the check times (apply's default is the model's own)
     at_size = {"input_size": input_size} if input_size is not None and {"flops", "gflops"} & set(options) else {}
     patched = patched_whole = apply(copy.deepcopy(baseline), method, keep, **at_size, **options)
