@@ -68,9 +68,10 @@ def implementation(module: nn.Module) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = implementation_name(module)
-    if name == "eager":  # every transformers modeling file defines its own eager function
+    if name == "eager":  # every transformers modeling file defines its own eager function, which an "eager"
+        # registered with AttentionInterface replaces (the modeling files' own lookup, get_interface)
         cls = getattr(module, "_tokenprune_base", type(module))  # the module's own class, if swapped
-        return sys.modules[cls.__module__].eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS.get(name, sys.modules[cls.__module__].eager_attention_forward)
     return ALL_ATTENTION_FUNCTIONS[name]
 
 

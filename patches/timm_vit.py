@@ -65,12 +65,15 @@ class TimmAttention:
 
     @property
     def splits_projection(self) -> bool:
-        """Whether q and k, or v alone, may be computed from slices of ``qkv``'s weight. Only for a plain
-        ``nn.Linear`` without hooks: a wrapped projection (peft's LoRA, a quantized or parametrized linear)
-        computes more than its ``weight`` says, and hooks on it must run, so otherwise the module itself
-        runs and its output is split (v, or q and k, computed and dropped)."""
+        """Whether q and k, or v alone, may be computed from slices of ``qkv``'s weight: only where calling the
+        module would run nothing but ``nn.Linear.forward``. A wrapped projection (peft's LoRA, a quantized or
+        parametrized linear, accelerate's hook on the instance's ``forward``) computes more than its ``weight``
+        says, and hooks on it (its own, forward or backward, or global module hooks) must run; otherwise the
+        module itself runs and its output is split (v, or q and k, computed and dropped)."""
         qkv = self.attn.qkv
-        return type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks)
+        return (type(qkv) is nn.Linear and "forward" not in vars(qkv)
+                and not (qkv._forward_hooks or qkv._forward_pre_hooks or qkv._backward_hooks
+                         or qkv._backward_pre_hooks or _global_module_hooks()))
 
     def project_qk(self, h):
         if not self.splits_projection:
@@ -107,6 +110,15 @@ class TimmAttention:
         if attn.gate is not None:
             out = out * attn.gate(h).sigmoid()
         return attn.proj_drop(attn.proj(out))
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks are registered for every module's call (``nn.modules.module.register_module_forward_hook``
+    and the like, as torch's module trackers use): torch keeps them in private globals."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks or module._global_backward_hooks
+                or module._global_backward_pre_hooks)
 
 
 class ReducingAttention(Attention):

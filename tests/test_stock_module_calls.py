@@ -1,0 +1,172 @@
+"""What the stock model runs for a submodule runs in a reducing forward too (a backward hook, a global module hook,
+an instance-level forward wrapper, a registered attention function): no submodule's work is done past the module
+(reading its ``weight``, or dispatching its work itself) where the stock model would run something more.
+
+The timm tests compare a model whose qkv is a plain ``nn.Linear`` (which ``TimmAttention.splits_projection`` may
+slice) with the same model whose qkv is a do-nothing ``nn.Linear`` subclass (which it runs as a module): the two
+compute the same thing in the stock model, so a patched model must give the same result for both."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import images, tiny_timm
+from torch import nn
+
+import tokenprune
+
+
+class SameLinear(nn.Linear):
+    """An ``nn.Linear`` subclass that adds nothing: the patch runs it as a module (not plain ``nn.Linear``)."""
+
+
+def as_module_path(model):
+    """A copy of ``model`` whose qkv projections are ``SameLinear``: same parameters, same stock output."""
+    other = copy.deepcopy(model)
+    for block in other.blocks:
+        block.attn.qkv.__class__ = SameLinear
+    return other
+
+
+def _mctf_pair():
+    plain = tiny_timm(qkv_bias=True)
+    module = as_module_path(plain)
+    x = images()
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), module(x), rtol=0, atol=0)  # stock: the same model
+    for model in (plain, module):
+        tokenprune.apply(model, "mctf", keep=0.5)
+    return plain, module, x
+
+
+def test_timm_mctf_backward_hook_on_plain_qkv_applies():
+    """A full backward hook on ``attn.qkv`` (here: it halves the gradient reaching the projection's input, as a
+    gradient-scaling / attribution hook may) runs in the stock model's every block; MCTF's merging blocks compute
+    q/k and v with F.linear on the plain linear's weight slices, so the hook never runs there, silently."""
+    plain, module, x = _mctf_pair()
+    calls = {"plain": 0, "module": 0}
+
+    def halve(name):
+        def hook(mod, grad_input, grad_output):
+            calls[name] += 1
+            return tuple(None if g is None else g * 0.5 for g in grad_input)
+        return hook
+
+    grads = {}
+    for name, model in (("plain", plain), ("module", module)):
+        for block in model.blocks:
+            block.attn.qkv.register_full_backward_hook(halve(name))
+        inp = x.clone().requires_grad_(True)
+        model(inp).sum().backward()
+        grads[name] = inp.grad
+    assert tokenprune.last_forward(plain).token_counts == tokenprune.last_forward(module).token_counts
+    torch.testing.assert_close(grads["plain"], grads["module"])
+    assert calls["plain"] == calls["module"], calls
+
+
+def test_timm_mctf_global_module_forward_hook_sees_qkv():
+    """A global module forward hook (``torch.nn.modules.module.register_module_forward_hook``, as torch's own module
+    trackers use) runs for every module call of the stock model, qkv's included; in MCTF's merging blocks a plain qkv
+    is never called, so a hook that changes its output (here: adds 0.1) changes the module path only."""
+    plain, module, x = _mctf_pair()
+    qkvs = {id(block.attn.qkv) for model in (plain, module) for block in model.blocks}
+
+    def shift(mod, args, output):
+        return output + 0.1 if id(mod) in qkvs else None
+
+    handle = nn.modules.module.register_module_forward_hook(shift)
+    try:
+        with torch.inference_mode():
+            out_plain, out_module = plain(x), module(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out_plain, out_module)
+
+
+def test_timm_mctf_accelerate_hook_on_qkv_applies():
+    """accelerate's ``add_hook_to_module`` wraps a module's ``forward`` on the instance (its class stays
+    ``nn.Linear`` and it has no torch hooks); a ``ModelHook`` that adjusts the output (here: adds 0.1) applies in the
+    stock model's every block, but MCTF's merging blocks slice the weight past the wrapped forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Shift(ModelHook):
+        def post_forward(self, module, output):
+            return output + 0.1
+
+    plain, module, x = _mctf_pair()
+    for model in (plain, module):
+        for block in model.blocks:
+            add_hook_to_module(block.attn.qkv, Shift())
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), module(x))
+
+
+def test_hf_registered_eager_override_runs_in_reducing_layers():
+    """transformers' attention modules look their function up with ``ALL_ATTENTION_FUNCTIONS.get_interface(name,
+    eager_attention_forward)``, so an ``eager`` set on ``ALL_ATTENTION_FUNCTIONS`` (or registered with
+    ``AttentionInterface``) replaces the modeling file's one in the stock model. tokenprune's
+    ``hf_attention.implementation`` returns the modeling file's ``eager_attention_forward`` for "eager" without
+    asking the interface: ToMe's reducing layers (all of them here) run the modeling file's eager, not the override.
+    (zero-tprune's explicit-probabilities path calls no attention function at all, by design: it needs the map.)"""
+    from test_hf_patch import tiny_hf
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+
+    calls = []
+
+    def counting_eager(module, query, key, value, attention_mask, **kwargs):
+        calls.append(query.shape[-2])
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    model = tiny_hf("vit")
+    model.set_attn_implementation("eager")
+    x = torch.randn(1, 3, model.config.image_size, model.config.image_size)
+    ALL_ATTENTION_FUNCTIONS["eager"] = counting_eager
+    try:
+        with torch.inference_mode():
+            model(pixel_values=x)
+        assert len(calls) == model.config.num_hidden_layers  # the stock model runs the override in every layer
+        calls.clear()
+        tokenprune.apply(model, "tome", keep=0.5)
+        with torch.inference_mode():
+            model(pixel_values=x)
+        report = tokenprune.last_forward(model)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["eager"]
+    assert calls == report.token_counts, (calls, report.token_counts)
+
+
+def test_vlm_registered_eager_override_runs_in_the_routed_tower_at_keep_one():
+    """The same lookup in the VLM adapter's routed attention (``scoring_attention`` -> ``implementation``): a LLaVA
+    tower under "eager" with an overridden eager function runs the override in every layer stock, and in none once
+    HiPrune is applied, even at keep=1.0 (which the adapter promises runs the stock model)."""
+    from test_vlm import llava_batch, tiny_llava
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.clip.modeling_clip import CLIPAttention
+    from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager
+
+    calls = []
+
+    def counting_eager(module, query, key, value, attention_mask, **kwargs):
+        if isinstance(module, CLIPAttention):
+            calls.append(query.shape[-2])
+            return clip_eager(module, query, key, value, attention_mask, **kwargs)
+        from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+        return llama_eager(module, query, key, value, attention_mask, **kwargs)
+
+    model = tiny_llava()
+    model.set_attn_implementation("eager")
+    batch = llava_batch()
+    ALL_ATTENTION_FUNCTIONS["eager"] = counting_eager
+    try:
+        with torch.inference_mode():
+            model(**batch)
+        stock = list(calls)
+        assert stock, "the stock tower runs the override"
+        calls.clear()
+        tokenprune.apply(model, "hiprune", keep=1.0, object_layer=2)
+        with torch.inference_mode():
+            model(**batch)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["eager"]
+    assert calls == stock
