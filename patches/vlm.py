@@ -522,6 +522,11 @@ class VLMAdapter(Adapter):
     def check(self, model):
         family, vlm = _vlm(model)
         check_attention(family.vision_config(vlm), f"{family.name} vision tower")
+        own = vars(vlm).get("get_image_features")
+        if own is not None and getattr(own, "func", None) is not _selecting_image_features:
+            raise TypeError(f"tokenprune cannot patch this {type(vlm).__name__}: its get_image_features is set on the "
+                            "instance, and the patch replaces it with its own while patched (yours would not run); "
+                            "delete the instance attribute, or override get_image_features in a subclass")
 
     def plan(self, model, reducer, positions=None):
         family, vlm = _vlm(model)

@@ -361,6 +361,23 @@ def test_clear_errors():
         model.generate(**inputs, **GREEDY)
 
 
+def test_an_instance_level_get_image_features_is_refused_and_kept():
+    """The patch sets its own get_image_features on the *Model instance while patched: one the user set there would
+    not run, and remove (which deletes the instance attribute) would lose it."""
+    model = tiny_llava()
+    vlm = model.model
+    mine = vlm.get_image_features  # a bound method, as a user wrapping it would set
+    vlm.get_image_features = mine
+    with pytest.raises(TypeError, match="get_image_features is set on the instance"):
+        tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
+    assert not tokenprune.is_patched(model) and vars(vlm)["get_image_features"] is mine
+    del vlm.get_image_features
+    tokenprune.apply(model, "hiprune", keep=0.5, object_layer=2)
+    tokenprune.apply(model, "hiprune", keep=0.25, object_layer=2)  # its own is not refused on a second apply
+    tokenprune.remove(model)
+    assert "get_image_features" not in vars(vlm)
+
+
 def test_an_object_layer_past_the_built_tower_says_those_layers_are_not_built():
     """vLLM builds LLaVA's tower only up to the feature layer (``VisionTower.unbuilt_layers``): the refusal says so
     where the layer lies past the built ones, and only there (transformers builds every layer: no such clause)."""
