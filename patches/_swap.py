@@ -61,6 +61,20 @@ def swap(module, mixin: type) -> None:
         module.__class__ = swapped_class(mixin, type(module))
 
 
+def check_swappable(named: list[tuple[str, torch.nn.Module]]) -> None:
+    """Raise TypeError where one of the ``(name, module)`` a patch would give another class has a ``forward`` of its
+    own on the instance: that attribute wins over any class's ``forward``, so the patched forward would not run
+    (the stock one would, silently reducing nothing there, or failing on the patch's arguments). accelerate's
+    hooks (``device_map``, offloading) set one, bound to the class the module had then."""
+    for name, module in named:
+        if "forward" in vars(module):
+            cause = ("accelerate's hook (device_map, offloading): load the model on one device without device_map, or "
+                     "call accelerate.hooks.remove_hook_from_submodules(model) first") if hasattr(module, "_hf_hook") \
+                else "delete the instance attribute, or override forward in a subclass"
+            raise TypeError(f"tokenprune cannot patch {name} ({type(module).__name__}): its forward is set on the "
+                            f"instance, so the patched forward would not run ({cause})")
+
+
 def restore(module) -> None:
     if isinstance(module, Swapped):
         module.__class__ = module._tokenprune_base

@@ -35,7 +35,7 @@ from tokenprune.registry import EncoderReducer
 from tokenprune.state import ForwardState
 
 from ._hooks import remove_hooks
-from ._swap import Swapped, refuse_jit_tracing, restore, swap
+from ._swap import Swapped, check_swappable, refuse_jit_tracing, restore, swap
 from .hf_attention import (
     check_attention,
     implementation,
@@ -335,6 +335,8 @@ def check_encoder(model: nn.Module) -> None:
             raise TypeError(f"tokenprune cannot patch layer {i} of {enc.family.name}: its attention "
                             f"{type(attn).__name__} has no q_proj/k_proj/v_proj (needs transformers >= 5)")
     check_attention(enc.config, "model")
+    check_swappable([(f"layer {i}{part} of {enc.family.name}", module) for i, layer in enumerate(enc.layers)
+                     for part, module in (("", layer), (" attention", getattr(layer, enc.family.attention)))])
 
 
 def plan_encoder(model: nn.Module, reducer: EncoderReducer, depth: int | None = None) -> None:

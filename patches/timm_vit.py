@@ -38,7 +38,7 @@ from tokenprune.registry import EncoderReducer
 from tokenprune.state import ForwardState
 from tokenprune.warn import warn_at_caller
 
-from ._swap import Swapped, refuse_jit_tracing, restore, swap
+from ._swap import Swapped, check_swappable, refuse_jit_tracing, restore, swap
 
 FAMILY = ("timm VisionTransformer with standard Block/Attention: vit_*, deit_* (distilled too), deit3_*, "
           "*_dinov2 (reg too), CLIP and SigLIP ViTs")
@@ -316,6 +316,9 @@ class TimmViTAdapter(EncoderAdapter):
         problem = overridden_forward(model) or unsupported_head(model)
         if problem:
             raise TypeError(f"tokenprune {problem}")
+        check_swappable([("the model", model), ("its blocks", model.blocks)]
+                        + [(f"block {i}{part}", module) for i, block in enumerate(model.blocks)
+                           for part, module in (("", block), (" attention", block.attn))])
 
     def plan(self, model, reducer):
         """Plan the schedule for the model's native input size now, so an unreachable ``keep`` fails

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import images, tiny_timm
 from torch import nn
@@ -170,3 +171,54 @@ def test_vlm_registered_eager_override_runs_in_the_routed_tower_at_keep_one():
     finally:
         del ALL_ATTENTION_FUNCTIONS["eager"]
     assert calls == stock
+
+
+def _timm_targets(model):
+    return {"model": model, "blocks": model.blocks, "block": model.blocks[1], "attention": model.blocks[1].attn}
+
+
+def _hf_targets(model):
+    layer = next(m for m in model.modules() if type(m).__name__ == "ViTLayer")
+    return {"layer": layer, "attention": layer.attention}
+
+
+@pytest.mark.parametrize("framework, target", [("timm", t) for t in ("model", "blocks", "block", "attention")]
+                         + [("hf", t) for t in ("layer", "attention")])
+@pytest.mark.parametrize("accelerate_hook", [True, False])
+def test_a_module_whose_forward_is_set_on_the_instance_is_refused(framework, target, accelerate_hook):
+    """The patch gives these modules another class; a ``forward`` set on the instance (accelerate's hooks, from
+    device_map or offloading, or a user's) wins over any class's, so the patched forward would not run: the stock
+    one ran instead (an HF layer silently reduced nothing, a timm avg-pool head averaged merged tokens unweighted)
+    or failed on the patch's arguments. Refused at apply, naming the module and the remedy; nothing patched."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from test_hf_patch import tiny_hf
+
+    model = tiny_timm(global_pool="avg") if framework == "timm" else tiny_hf("vit")
+    module = (_timm_targets if framework == "timm" else _hf_targets)(model)[target]
+    if accelerate_hook:
+        add_hook_to_module(module, ModelHook())
+        remedy = "accelerate's hook"
+    else:
+        module.forward = module.forward  # a bound method of its class, set on the instance
+        remedy = "delete the instance attribute"
+    with pytest.raises(TypeError, match=f"forward is set on the instance.*{remedy}"):
+        tokenprune.apply(model, "tome", keep=0.5)
+    assert not tokenprune.is_patched(model)
+    assert all(type(m).__module__.split(".")[0] in ("timm", "transformers", "torch") for m in model.modules())
+
+
+def test_an_accelerate_hook_on_a_transformers_model_itself_is_not_refused():
+    """transformers' adapter swaps no class above the encoder's layers: a hook on the model (accelerate's on the
+    top module, as dispatch_model sets) runs around the patched forward, which gives what it gives without it."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from test_hf_patch import tiny_hf
+
+    plain = tiny_hf("vit")
+    hooked = copy.deepcopy(plain)
+    add_hook_to_module(hooked, ModelHook())
+    x = torch.randn(2, 3, plain.config.image_size, plain.config.image_size)
+    for model in (plain, hooked):
+        tokenprune.apply(model, "tome", keep=0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(hooked(pixel_values=x)[0], plain(pixel_values=x)[0], rtol=0, atol=0)
+    assert tokenprune.last_forward(hooked).token_counts == tokenprune.last_forward(plain).token_counts
