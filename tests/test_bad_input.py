@@ -91,5 +91,23 @@ def test_unsupported_models_are_named(name, culprit):
 def test_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tokenprune.apply("deit_small_patch16_224")
-    with pytest.raises(TypeError, match="does not support torch.nn.modules.linear.Linear"):
+    with pytest.raises(TypeError, match=r"does not support torch.nn.modules.linear.Linear; supported"):
         tokenprune.apply(torch.nn.Linear(2, 2))
+
+
+def test_a_wrapper_around_a_supported_model_says_where_to_apply():
+    model = tiny_timm()
+    with pytest.raises(TypeError, match=r"OptimizedModule \(a torch.compile wrapper: apply to .*_orig_mod, before"):
+        tokenprune.apply(torch.compile(model), keep=0.5)
+
+    class PeftLike(torch.nn.Module):  # peft's PeftModel: the wrapped model behind get_base_model()
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = inner
+
+        def get_base_model(self):
+            return self.base_model
+
+    with pytest.raises(TypeError, match=r"PeftLike \(a peft model: apply to the model it wraps, .get_base_model\(\)\)"):
+        tokenprune.apply(PeftLike(model), keep=0.5)
+    assert not tokenprune.is_patched(model)

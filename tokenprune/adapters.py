@@ -117,5 +117,15 @@ def find_adapter(model: nn.Module) -> Adapter:
             adapter.check(model)
             return adapter
     families = "; ".join(a.family for a in _ADAPTERS)
-    raise TypeError(f"tokenprune does not support {type(model).__module__}.{type(model).__name__}; "
-                    f"supported: {families}")
+    raise TypeError(f"tokenprune does not support {type(model).__module__}.{type(model).__name__}"
+                    f"{wrapper_hint(model)}; supported: {families}")
+
+
+def wrapper_hint(model: nn.Module) -> str:
+    """For a wrapper around a model tokenprune may support, where to apply instead (else '')."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        return (" (a torch.compile wrapper: apply to the module it compiled, ._orig_mod, before compiling, then "
+                "compile that; tokenprune.compiled(model) compiles as the benchmarks do)")
+    if callable(getattr(model, "get_base_model", None)):  # peft's PeftModel
+        return " (a peft model: apply to the model it wraps, .get_base_model())"
+    return ""
