@@ -7,6 +7,7 @@ import torch
 from tokenprune.eval.benchmark import benchmark, check_compiled, format_rows
 
 from tokenprune import extension
+from tokenprune.flops import random_model
 from tokenprune.speed import CHECK_SAMPLES, CompiledOutputChanged, RecompileLimitReached, verify_compiled
 
 
@@ -20,6 +21,20 @@ def test_check_compiled_refuses_a_compiled_model_that_changes_the_output(capsys)
     assert issubclass(CompiledOutputChanged, RuntimeError)  # what callers caught before it had a name
 
 
+@pytest.fixture
+def three_block_testbed(monkeypatch):
+    """The testbed with its first 3 blocks: compiling its 12 took most of these tests' minutes, and a block compiles
+    the same way whichever it is (the schedules follow the depth)."""
+    import tokenprune.eval.benchmark as bench
+
+    def first_blocks(name, seed=0):
+        model = random_model(name, seed)
+        model.blocks = model.blocks[:3]
+        return model
+    monkeypatch.setattr(bench, "random_model", first_blocks)
+
+
+@pytest.mark.usefixtures("three_block_testbed")
 def test_bench_compile_times_compiled_models(capsys, monkeypatch):
     import tokenprune
 
@@ -36,6 +51,7 @@ def test_bench_compile_times_compiled_models(capsys, monkeypatch):
     assert "keep=0.5 compiled " in format_rows(rows)  # not marked no-ext: compiled runs never use it
 
 
+@pytest.mark.usefixtures("three_block_testbed")
 def test_each_compiled_benchmark_starts_a_fresh_dynamo_and_never_times_eager_fallbacks(monkeypatch):
     """Several compiled benchmarks in one process (the speed table) compile one patched forward again and again:
     without a reset, dynamo's recompile limit was reached after a few configurations and the rest timed eager
