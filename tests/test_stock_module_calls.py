@@ -29,8 +29,12 @@ def as_module_path(model):
     return other
 
 
-def _mctf_pair():
-    plain = tiny_timm(qkv_bias=True)
+def _mctf_pair(qkv_bias=True):
+    plain = tiny_timm(qkv_bias=qkv_bias)
+    if qkv_bias:  # timm initialises biases to zero: a split that lost them would go unseen
+        with torch.no_grad():
+            for block in plain.blocks:
+                block.attn.qkv.bias.normal_(std=0.5)
     module = as_module_path(plain)
     x = images()
     with torch.inference_mode():
@@ -38,6 +42,57 @@ def _mctf_pair():
     for model in (plain, module):
         tokenprune.apply(model, "mctf", keep=0.5)
     return plain, module, x
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_timm_mctf_split_projection_equals_the_module_call(qkv_bias):
+    """Without anything around it, a plain qkv's q/k-only and v-only projections (slices of its weight and bias)
+    give what the module's call gives, split."""
+    plain, module, x = _mctf_pair(qkv_bias)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), module(x))
+    assert tokenprune.last_forward(plain).token_counts == tokenprune.last_forward(module).token_counts
+
+
+def _scale_qkv_gradients(qkvs):
+    def hook(module, grad_input, grad_output):
+        return tuple(None if g is None else g * 0.5 for g in grad_input) if id(module) in qkvs else None
+    return hook
+
+
+def _scale_qkv_output_gradients(qkvs):
+    def hook(module, grad_output):
+        return tuple(None if g is None else g * 0.5 for g in grad_output) if id(module) in qkvs else None
+    return hook
+
+
+GLOBAL_HOOKS = {  # register function, hook on the qkv modules (by id)
+    "forward": ("register_module_forward_hook", lambda qkvs: lambda m, a, out: out + 0.1 if id(m) in qkvs else None),
+    "forward_pre": ("register_module_forward_pre_hook",
+                    lambda qkvs: lambda m, args: (args[0] * 1.1,) if id(m) in qkvs else None),
+    "full_backward": ("register_module_full_backward_hook", _scale_qkv_gradients),
+    "full_backward_pre": ("register_module_full_backward_pre_hook", _scale_qkv_output_gradients),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GLOBAL_HOOKS))
+def test_timm_mctf_global_module_hooks_of_every_kind_see_qkv(kind):
+    """Global module hooks of each kind (torch keeps each in its own global) run on a plain qkv as on any module."""
+    plain, module, x = _mctf_pair()
+    qkvs = {id(block.attn.qkv) for model in (plain, module) for block in model.blocks}
+    register, make = GLOBAL_HOOKS[kind]
+    handle = getattr(nn.modules.module, register)(make(qkvs))
+    grads, outs = {}, {}
+    try:
+        for name, model in (("plain", plain), ("module", module)):
+            inp = x.clone().requires_grad_(True)
+            outs[name] = model(inp)
+            outs[name].sum().backward()
+            grads[name] = inp.grad
+    finally:
+        handle.remove()
+    torch.testing.assert_close(outs["plain"], outs["module"])
+    torch.testing.assert_close(grads["plain"], grads["module"])
 
 
 def test_timm_mctf_backward_hook_on_plain_qkv_applies():
