@@ -114,11 +114,16 @@ class TimmAttention:
 
 def _global_module_hooks() -> bool:
     """Whether hooks are registered for every module's call (``nn.modules.module.register_module_forward_hook``
-    and the like, as torch's module trackers use): torch keeps them in private globals."""
+    and the like; torch keeps them in private globals), other than a ``ModuleTracker``'s: those only record which
+    module runs (``torch.utils.flop_counter`` attributes FLOPs with one), and ``count_flops`` must count the forward
+    that runs without it."""
     from torch.nn.modules import module
+    from torch.utils.module_tracker import ModuleTracker
 
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks or module._global_backward_hooks
-                or module._global_backward_pre_hooks)
+    registered = (module._global_forward_hooks, module._global_forward_pre_hooks, module._global_backward_hooks,
+                  module._global_backward_pre_hooks)
+    return any(not isinstance(getattr(hook, "__self__", None), ModuleTracker)
+               for hooks in registered for hook in hooks.values())
 
 
 class ReducingAttention(Attention):

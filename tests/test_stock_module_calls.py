@@ -54,6 +54,26 @@ def test_timm_mctf_split_projection_equals_the_module_call(qkv_bias):
     assert tokenprune.last_forward(plain).token_counts == tokenprune.last_forward(module).token_counts
 
 
+def test_the_flop_counter_counts_the_split_projection_a_plain_qkv_runs():
+    """``torch.utils.flop_counter`` tracks modules with global module hooks: they must not turn MCTF's split
+    projection into the module's two full calls, or ``count_flops`` would count a forward that does not run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain, module, x = _mctf_pair()
+    flops = {}
+    for name, model in (("plain", plain), ("module", module)):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x)
+        flops[name] = counter.get_total_flops()
+    report = tokenprune.last_forward(plain)
+    dim, n = plain.embed_dim, report.token_counts
+    merging = [(entering, left) for entering, left in zip(n, n[1:] + [report.output_tokens]) if left < entering]
+    # the module's call projects q, k and v of all tokens, then again of the merged ones: 2 * dim more MACs per
+    # token of the block's input (its v) and 4 * dim per merged token (their q and k)
+    extra = sum(2 * x.shape[0] * dim * (dim * entering + 2 * dim * left) for entering, left in merging)
+    assert merging and flops["module"] - flops["plain"] == extra
+
+
 def _scale_qkv_gradients(qkvs):
     def hook(module, grad_input, grad_output):
         return tuple(None if g is None else g * 0.5 for g in grad_input) if id(module) in qkvs else None
