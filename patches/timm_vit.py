@@ -30,6 +30,8 @@ from timm.layers.attention import maybe_add_mask
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module  # the global module hooks (private), read per merging block
+from torch.utils.module_tracker import ModuleTracker
 
 from tokenprune import ops
 from tokenprune.adapters import EncoderAdapter, register_adapter
@@ -117,11 +119,8 @@ def _global_module_hooks() -> bool:
     and the like; torch keeps them in private globals), other than a ``ModuleTracker``'s: those only record which
     module runs (``torch.utils.flop_counter`` attributes FLOPs with one), and ``count_flops`` must count the forward
     that runs without it."""
-    from torch.nn.modules import module
-    from torch.utils.module_tracker import ModuleTracker
-
-    registered = (module._global_forward_hooks, module._global_forward_pre_hooks, module._global_backward_hooks,
-                  module._global_backward_pre_hooks)
+    registered = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+                  torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks)
     return any(not isinstance(getattr(hook, "__self__", None), ModuleTracker)
                for hooks in registered for hook in hooks.values())
 
