@@ -419,7 +419,7 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
     for label in ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]:
         assert f"compiled vit_testbed_fmnist ({label}) for batch 4 in " in printed
         assert f"compiled vit_testbed_fmnist ({label}) for batch 1 in " in printed
-    assert printed.count("output equals eager on 16 samples") == 2 * len(eager)
+    assert printed.count("output equals eager on 8 samples") == 2 * len(eager)
     assert [r["top1"] for r in compiled] == [r["top1"] for r in eager]
     assert [r["gflops"] for r in compiled] == [r["gflops"] for r in eager]
 
@@ -443,7 +443,7 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
     assert "Traceback" not in err
     err = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's
     assert err.startswith("tokenprune eval: torch.compile changed vit_testbed_fmnist (tome keep=0.5)'s output") \
-        and err.endswith("in 16 of 16 samples); not using it"), err
+        and err.endswith("in 8 of 8 samples); not using it"), err
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]  # the baseline kept
     assert len(patched_models) == 1  # stopped at the first wrong configuration, nothing after it compiled
     compile_with_eager_backend(monkeypatch)
@@ -468,7 +468,7 @@ def test_compile_checks_the_smaller_last_batch_before_evaluating(tmp_path, capsy
     assert "compiled vit_testbed_fmnist (tome keep=0.5) for batch 4 in " not in captured.out  # one verdict, after both
     err = captured.err.replace("\r", "\n").strip().splitlines()[-1]
     assert err.startswith("tokenprune eval: torch.compile changed vit_testbed_fmnist (tome keep=0.5)'s output") \
-        and err.endswith("in 16 of 16 samples); not using it"), err
+        and err.endswith("in 8 of 8 samples); not using it"), err
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]
 
     assert other_batch_sizes(DataLoader(TensorDataset(torch.zeros(11, 1)), batch_size=4), 4) == [3]
@@ -508,7 +508,7 @@ def test_compile_with_amp_checks_the_graph_it_evaluates(tmp_path, capsys, monkey
     with torch._dynamo.config.patch(recompile_limit=1):
         assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--amp",
                     "--data", str(data), "--output", str(tmp_path / "run.jsonl"), "--compile"]) == 0
-    assert capsys.readouterr().out.count("output equals eager on 16 samples") == 2
+    assert capsys.readouterr().out.count("output equals eager on 8 samples") == 2
 
 
 def test_amp_runs_every_forward_under_the_devices_autocast(tmp_path, monkeypatch):

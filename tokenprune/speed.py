@@ -62,10 +62,8 @@ def compiled(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 #: how far a compiled model's output may be from eager's: fused kernels round differently
 COMPILE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-#: the fewest samples the compile check compares, an eighth of them allowed to move: two. A near-tie flip moved 2 and 3
-#: of 120 samples (MCTF on the random-init testbed, compiled, batch 1): one allowed of eight refused a sound graph in
-#: one configuration of 65-130 by chance, two of sixteen do in one of 150-500
-CHECK_SAMPLES = 16
+#: the fewest samples the compile check compares: with an eighth of them allowed to move, at least one
+CHECK_SAMPLES = 8
 #: the probe batches' seed (a constant unlike the usual 0, so a probe is not the caller's own input again)
 CHECK_SEED = 20_241_205
 
