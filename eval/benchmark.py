@@ -189,7 +189,7 @@ def benchmark(model_name: str = "deit_small_patch16_224", method: str = "tome", 
             torch._dynamo.reset()
             models = {name: tokenprune.compiled(m) for name, m in eager.items()}
             with never_eager_fallback():
-                check_compiled(models["patched"], patched, x, model_name)
+                check_compiled(models["patched"], patched, baseline, x, model_name)
         # Small batches are quick and noisier: more repeats, about the same time in all (up to 60; never fewer
         # than asked)
         n = max(repeats, min(repeats * 32 // batch, 60))
@@ -240,9 +240,10 @@ def check_inputs_fit(batch_sizes, input_size: tuple[int, ...], dtype: torch.dtyp
                              f"batch sizes")
 
 
-def check_compiled(compiled, eager, x: torch.Tensor, model_name: str) -> None:
-    """``tokenprune.speed.verify_compiled`` for the patched model, its verdict printed (with the compile's time)."""
-    print(verify_compiled(compiled, eager, x, f"the patched {model_name}"))
+def check_compiled(compiled, eager, stock, x: torch.Tensor, model_name: str) -> None:
+    """``tokenprune.speed.verify_compiled`` for the patched model (``stock``: the unpatched one), its verdict printed
+    (with the compile's time)."""
+    print(verify_compiled(compiled, eager, x, f"the patched {model_name}", stock=stock))
 
 
 def format_rows(rows: list[BenchRow]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import hashlib
 import json
@@ -460,13 +461,16 @@ def compiled(model, loader, dtype: torch.dtype, accelerator, amp: bool, what: st
     would be reported under its name). Every process checks its own batch sizes, and all stop if one fails."""
     torch._dynamo.reset()  # each configuration patches the same model: a fresh compile, not a recompile
     runner = tokenprune.compiled(model)
+    # the unpatched model, for how far the reduction moves each sample (how far a near-tie choice may move it): a copy
+    # for the check's few samples, the model itself for the baseline
+    stock = tokenprune.remove(copy.deepcopy(model)) if tokenprune.is_patched(model) else model
     x = next(iter(loader))[0].to(dtype)
     sizes = [len(x)] + [n for n in other_batch_sizes(loader, len(x)) if n < len(x)]
     lines, failure, compute_dtype = [], None, amp_dtype(accelerator.device) if amp else None
     with amp_context(accelerator.device, amp):
         try:
             for n in sizes:  # a tensor of its own, as the loader's last batch is
-                lines.append(verify_compiled(runner, model, x[:n].clone(), what, compute_dtype))
+                lines.append(verify_compiled(runner, model, x[:n].clone(), what, compute_dtype, stock=stock))
         except CompiledOutputChanged as e:
             failure = e
     # one verdict for all processes: a process that stopped alone would leave the others waiting in a gather

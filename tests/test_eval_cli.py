@@ -1,6 +1,7 @@
 """The eval CLI end to end on small data the tests make: folders, HF datasets, resume, outputs."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import types
@@ -414,14 +415,38 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
     printed = capsys.readouterr().out
     assert "[resume]" not in printed  # compiled results are not the eager ones
     assert len(compiled_calls) == len(eager)  # every configuration, the baseline too
-    # each compiled configuration was checked against eager on its first batch (and a probe batch: 8 samples), and at
-    # the last batch's size (9 images: batches of 4, 4 and 1) on the first batch's first sample (and 7 probes)
+    # each compiled configuration was checked against eager on its first batch (and 3 probe batches: 16 samples), and
+    # at the last batch's size (9 images: batches of 4, 4 and 1) on the first batch's first sample (and 15 probes)
     for label in ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]:
         assert f"compiled vit_testbed_fmnist ({label}) for batch 4 in " in printed
         assert f"compiled vit_testbed_fmnist ({label}) for batch 1 in " in printed
-    assert printed.count("output equals eager on 8 samples") == 2 * len(eager)
+    assert printed.count("output equals eager on 16 samples") == 2 * len(eager)
     assert [r["top1"] for r in compiled] == [r["top1"] for r in eager]
     assert [r["gflops"] for r in compiled] == [r["gflops"] for r in eager]
+
+
+def test_compile_checks_near_ties_against_the_unpatched_model(tmp_path, monkeypatch):
+    """How far a near-tie token choice may move a sample is how far the reduction moved it: each patched
+    configuration's check is given an unpatched copy (the model itself stays patched, and is what is evaluated), the
+    baseline's the model itself."""
+    import tokenprune.eval.evaluate as evaluation
+
+    real_verify, checked = evaluation.verify_compiled, []
+
+    def verify(compiled, eager, x, what, compute_dtype=None, *, stock):
+        checked.append((what, tokenprune.is_patched(eager), tokenprune.is_patched(stock), stock is eager))
+        with torch.inference_mode():
+            if stock is not eager:  # the copy gives the unpatched model's output
+                assert not torch.equal(stock(x), eager(x))
+                assert torch.equal(stock(x), tokenprune.remove(copy.deepcopy(eager))(x))
+        return real_verify(compiled, eager, x, what, compute_dtype, stock=stock)
+    monkeypatch.setattr(evaluation, "verify_compiled", verify)
+    compile_with_eager_backend(monkeypatch)
+    data = make_folder(tmp_path / "val", corrupt=False)
+    evaluate(COMMON + ["--data", str(data), "--output", str(tmp_path / "run.jsonl"), "--compile"])
+    labels = ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]
+    assert checked == [(f"vit_testbed_fmnist ({label})", label != "baseline", False, label == "baseline")
+                       for label in labels for _ in range(2)]  # two batch sizes each
 
 
 def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, capsys, monkeypatch):
@@ -443,7 +468,7 @@ def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, c
     assert "Traceback" not in err
     err = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar's
     assert err.startswith("tokenprune eval: torch.compile changed vit_testbed_fmnist (tome keep=0.5)'s output") \
-        and err.endswith("in 8 of 8 samples); not using it"), err
+        and "in 16 of 16 samples; " in err and err.endswith("); not using it"), err
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]  # the baseline kept
     assert len(patched_models) == 1  # stopped at the first wrong configuration, nothing after it compiled
     compile_with_eager_backend(monkeypatch)
@@ -468,7 +493,7 @@ def test_compile_checks_the_smaller_last_batch_before_evaluating(tmp_path, capsy
     assert "compiled vit_testbed_fmnist (tome keep=0.5) for batch 4 in " not in captured.out  # one verdict, after both
     err = captured.err.replace("\r", "\n").strip().splitlines()[-1]
     assert err.startswith("tokenprune eval: torch.compile changed vit_testbed_fmnist (tome keep=0.5)'s output") \
-        and err.endswith("in 8 of 8 samples); not using it"), err
+        and "in 16 of 16 samples; " in err and err.endswith("); not using it"), err
     assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == [None]
 
     assert other_batch_sizes(DataLoader(TensorDataset(torch.zeros(11, 1)), batch_size=4), 4) == [3]
@@ -508,7 +533,7 @@ def test_compile_with_amp_checks_the_graph_it_evaluates(tmp_path, capsys, monkey
     with torch._dynamo.config.patch(recompile_limit=1):
         assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--amp",
                     "--data", str(data), "--output", str(tmp_path / "run.jsonl"), "--compile"]) == 0
-    assert capsys.readouterr().out.count("output equals eager on 8 samples") == 2
+    assert capsys.readouterr().out.count("output equals eager on 16 samples") == 2
 
 
 def test_amp_runs_every_forward_under_the_devices_autocast(tmp_path, monkeypatch):

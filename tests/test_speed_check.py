@@ -137,9 +137,9 @@ def test_compiled_is_checked_against_eager_before_it_is_timed(monkeypatch):
     checked = []
     real_verify = speed.verify_compiled
 
-    def verify(compiled, eager, x, what):
-        checked.append((compiled, eager, x, what, torch._dynamo.config.fail_on_recompile_limit_hit))
-        return real_verify(compiled, eager, x, what)
+    def verify(compiled, eager, x, what, *, stock):
+        checked.append((compiled, eager, stock, x, what, torch._dynamo.config.fail_on_recompile_limit_hit))
+        return real_verify(compiled, eager, x, what, stock=stock)
     monkeypatch.setattr(speed, "verify_compiled", verify)
     seen = []  # every input a "compiled" model got: torch.compile returns the model, recording its inputs
     monkeypatch.setattr(torch, "compile", lambda m, **kwargs: (lambda t: seen.append(t) or m(t)))
@@ -148,19 +148,22 @@ def test_compiled_is_checked_against_eager_before_it_is_timed(monkeypatch):
     monkeypatch.setattr(speed, "interleaved_medians", lambda calls, *a: timed.append(len(seen)) or real(calls, *a))
     model = tiny_timm()
     tokenprune.check_speed(model, "tome", keep=0.5, compile=True, batch_size=2, repeats=1)
-    (compiled, eager, x, what, guarded), = checked
+    (compiled, eager, stock, x, what, guarded), = checked
     assert guarded and what == "the patched model (tome)" and x.shape[0] == 2
     assert tokenprune.is_patched(eager) and not tokenprune.is_patched(model)
+    assert not tokenprune.is_patched(stock) and stock is not model  # the unpatched copy the check times
+    with torch.inference_mode():
+        assert torch.equal(stock(x), model(x))
     with torch.inference_mode():  # the compiled patched model, checked against its own eager self
         assert torch.equal(compiled(x), eager(x))
-    start, = timed  # after the check (x and three seeded probes of batch 2), the timed calls: on x itself
-    assert start == 4 and seen[0] is x and len(seen) > start + 2 and all(t is x for t in seen[start:-1])
+    start, = timed  # after the check (x and seven seeded probes of batch 2), the timed calls: on x itself
+    assert start == 8 and seen[0] is x and len(seen) > start + 2 and all(t is x for t in seen[start:-1])
 
     # a compile that changes the output: refused, never timed
     checked.clear(), timed.clear()
     monkeypatch.setattr(torch, "compile", lambda m, **kwargs: (lambda t: m(t) + 1.0))
     with pytest.raises(speed.CompiledOutputChanged, match=r"torch.compile changed the patched model \(tome\)'s "
-                                                           r"output .* in 8 of 8 samples"):
+                                                           r"output .* in 16 of 16 samples"):
         tokenprune.check_speed(model, "tome", keep=0.5, compile=True, repeats=1)
     assert len(checked) == 1 and timed == []
     tokenprune.check_speed(model, "tome", keep=0.5, repeats=1)  # eager: nothing to verify
