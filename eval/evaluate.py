@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -449,6 +450,13 @@ def other_batch_sizes(loader, first: int) -> list[int]:
     return sorted({len(batch) for batch in sampler} - {first}, reverse=True)
 
 
+def unpatched_copy(model):
+    """``model``'s unpatched forward, as a function of the input: a copy with the patch removed, made at its first
+    call."""
+    copy_of = functools.cache(lambda: tokenprune.remove(copy.deepcopy(model)))
+    return lambda x: copy_of()(x)
+
+
 @torch.inference_mode()
 def compiled(model, loader, dtype: torch.dtype, accelerator, amp: bool, what: str):
     """``tokenprune.compiled(model)`` (``torch.compile``; on CPU with inductor's C++ wrapper), compiled on every batch
@@ -461,9 +469,9 @@ def compiled(model, loader, dtype: torch.dtype, accelerator, amp: bool, what: st
     would be reported under its name). Every process checks its own batch sizes, and all stop if one fails."""
     torch._dynamo.reset()  # each configuration patches the same model: a fresh compile, not a recompile
     runner = tokenprune.compiled(model)
-    # the unpatched model, for how far the reduction moves each sample (how far a near-tie choice may move it): a copy
-    # for the check's few samples, the model itself for the baseline
-    stock = tokenprune.remove(copy.deepcopy(model)) if tokenprune.is_patched(model) else model
+    # the unpatched model, for how far the reduction moved a sample that moved (a near-tie choice moves it less): the
+    # model itself for the baseline, else a copy, made only where the check calls it (it doubles the weights' memory)
+    stock = unpatched_copy(model) if tokenprune.is_patched(model) else model
     x = next(iter(loader))[0].to(dtype)
     sizes = [len(x)] + [n for n in other_batch_sizes(loader, len(x)) if n < len(x)]
     lines, failure, compute_dtype = [], None, amp_dtype(accelerator.device) if amp else None

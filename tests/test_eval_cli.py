@@ -426,27 +426,35 @@ def test_compile_gives_the_eager_accuracies_and_keeps_its_results_apart(tmp_path
 
 
 def test_compile_checks_near_ties_against_the_unpatched_model(tmp_path, monkeypatch):
-    """How far a near-tie token choice may move a sample is how far the reduction moved it: each patched
-    configuration's check is given an unpatched copy (the model itself stays patched, and is what is evaluated), the
-    baseline's the model itself."""
+    """How far a near-tie token choice may move a sample is measured against how far the reduction moved it: each
+    patched configuration's check is given the unpatched forward, a copy with the patch removed (the model itself
+    stays patched, and is what is evaluated), made only when the check calls it and once per configuration; the
+    baseline's is the model itself."""
     import tokenprune.eval.evaluate as evaluation
 
-    real_verify, checked = evaluation.verify_compiled, []
+    real_verify, checked, copies = evaluation.verify_compiled, [], []
+    monkeypatch.setattr(evaluation, "copy", types.SimpleNamespace(deepcopy=lambda m: copies.append(m) or
+                                                                   copy.deepcopy(m)))
 
     def verify(compiled, eager, x, what, compute_dtype=None, *, stock):
-        checked.append((what, tokenprune.is_patched(eager), tokenprune.is_patched(stock), stock is eager))
+        line = real_verify(compiled, eager, x, what, compute_dtype, stock=stock)  # nothing moves: no copy made
+        checked.append((what, tokenprune.is_patched(eager), stock is eager, len(copies)))
         with torch.inference_mode():
-            if stock is not eager:  # the copy gives the unpatched model's output
+            if stock is not eager:  # the unpatched model's output
                 assert not torch.equal(stock(x), eager(x))
                 assert torch.equal(stock(x), tokenprune.remove(copy.deepcopy(eager))(x))
-        return real_verify(compiled, eager, x, what, compute_dtype, stock=stock)
+                assert tokenprune.is_patched(eager)
+        return line
     monkeypatch.setattr(evaluation, "verify_compiled", verify)
     compile_with_eager_backend(monkeypatch)
     data = make_folder(tmp_path / "val", corrupt=False)
     evaluate(COMMON + ["--data", str(data), "--output", str(tmp_path / "run.jsonl"), "--compile"])
     labels = ["baseline", "tome keep=0.5", "tome keep=0.25", "random keep=0.5", "random keep=0.25"]
-    assert checked == [(f"vit_testbed_fmnist ({label})", label != "baseline", False, label == "baseline")
-                       for label in labels for _ in range(2)]  # two batch sizes each
+    # two batch sizes each; before the first stock call of a configuration, its copy is not made; then once
+    assert checked == [(f"vit_testbed_fmnist ({label})", label != "baseline", label == "baseline",
+                        max(0, i - 1) + (size == 1 and label != "baseline"))
+                       for i, label in enumerate(labels) for size in (0, 1)]
+    assert all(tokenprune.is_patched(m) for m in copies)  # each a copy of the patched model, the patch then removed
 
 
 def test_compile_stops_where_the_compiled_model_gives_another_output(tmp_path, capsys, monkeypatch):

@@ -131,6 +131,31 @@ def test_compiled_against_compiled(monkeypatch):
     assert warmups == [1]  # compiled: at least one untimed call, which compiles
 
 
+def test_the_compile_check_of_an_encoder_without_a_head_compares_its_tokens_by_their_mean(monkeypatch):
+    """A Hugging Face encoder without a head (CLIPVisionModel) gives its tokens, fewer when reduced than the unpatched
+    model's: a moved sample is measured against the reduction's move on their mean (it raised a shape error before)."""
+    from test_hf_patch import tiny_hf
+
+    def compile_moving_the_first_sample_by(by):
+        def compile(model, **kwargs):
+            def forward(t):
+                out = model(t)
+                out.last_hidden_state = out.last_hidden_state.clone()
+                out.last_hidden_state[0] += by if len(calls) == 0 else 0.0
+                calls.append(t)
+                return out
+            return forward
+        return compile
+    calls = []
+    monkeypatch.setattr(torch, "compile", compile_moving_the_first_sample_by(1e-3))
+    check = tokenprune.check_speed(tiny_hf("clip"), "tome", keep=0.5, compile=True, batch_size=2, repeats=1)
+    assert check.compiled
+    calls.clear()
+    monkeypatch.setattr(torch, "compile", compile_moving_the_first_sample_by(10.0))
+    with pytest.raises(speed.CompiledOutputChanged, match="sample 0 of 16 moved 1.00e\\+01: the reduction moved it"):
+        tokenprune.check_speed(tiny_hf("clip"), "tome", keep=0.5, compile=True, batch_size=2, repeats=1)
+
+
 def test_compiled_is_checked_against_eager_before_it_is_timed(monkeypatch):
     """compile=True: the compiled patched model must give the eager one's output (``speed.verify_compiled``, under
     the recompile guard, on the patched model and the very input timed), or nothing is timed."""
