@@ -116,11 +116,9 @@ def verify_compiled(compiled, eager, x: torch.Tensor, what: str, compute_dtype: 
                                     "choices move at most an eighth of them); not using it")
     if count:
         unpruned = torch.cat([_output_tensor(stock(t)) for t in inputs])
-        if unpruned.shape != expected.shape:  # an encoder's tokens, fewer where reduced: compared by their mean
-            move = per_sample_distance(got.mean(dim=1), expected.mean(dim=1))
-            reduction = per_sample_distance(unpruned.mean(dim=1), expected.mean(dim=1))
-        else:
-            move, reduction = per_sample, per_sample_distance(unpruned, expected)
+        # an encoder's tokens, fewer where reduced: compared by their mean
+        view = (lambda t: t.mean(dim=1)) if unpruned.shape != expected.shape else (lambda t: t)
+        move, reduction = (per_sample_distance(view(t), view(expected)) for t in (got, unpruned))
         too_far = moved & ~(move < NEAR_TIE_SHARE * reduction)
         if too_far.any():
             k = int(too_far.nonzero()[0])
