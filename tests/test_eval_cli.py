@@ -582,6 +582,40 @@ def test_compile_with_amp_allows_the_autocast_dtypes_rounding(tmp_path, capsys, 
     assert "vit_testbed_fmnist (baseline)'s output" in capsys.readouterr().err
 
 
+def test_compile_with_amp_runs_the_unpatched_model_under_the_same_autocast(tmp_path, capsys, monkeypatch):
+    """The reduction's own move, which bounds how far a near tie may move a sample, is measured against the unpatched
+    model run under --amp's autocast too: an unpatched forward in float32 would count bfloat16's rounding as part of
+    the reduction's move, and loosen the bound. Here the compiled patched model moves its first sample, so the check
+    runs the unpatched copy (then refuses the graph)."""
+    calls = []
+
+    def first_sample_moved(model, graph):  # the first sample the compiled patched model sees, and no other
+        if not tokenprune.is_patched(model):
+            return graph
+
+        def moved(x):
+            out = graph(x).clone()
+            if not calls:
+                out[0] += 1e3
+            calls.append(len(x))
+            return out
+        return moved
+    compile_with_eager_backend(monkeypatch, first_sample_moved)
+    unpatched_runs = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: unpatched_runs.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        if calls and type(module).__name__ == "VisionTransformer" and not tokenprune.is_patched(module) else None)
+    data = make_folder(tmp_path / "val", per_class=4, corrupt=False)
+    try:
+        assert cli(["eval", "--no-pretrained", "--batch-size", "4", "--method", "tome", "--keep", "0.5", "--amp",
+                    "--data", str(data), "--output", str(tmp_path / "amp.jsonl"), "--compile"]) == 1
+    finally:
+        hook.remove()
+    assert "(sample 0 of 16 moved 1.00e+03: the reduction moved it" in capsys.readouterr().err
+    # the unpatched forwards after the patched graph's first call: the check's, on the 16 samples
+    assert unpatched_runs and set(unpatched_runs) == {(True, torch.bfloat16)}
+
+
 def test_a_busy_machine_flags_the_speedup_column(tmp_path, capsys, monkeypatch):
     """Configurations run one after another: another process's busy spell skews their speedups, so the share of
     the CPUs other processes used is recorded per configuration and a line under the table says when it passed
