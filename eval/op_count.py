@@ -8,7 +8,8 @@ unpatched and under every method alike, so a method that adds operations is slow
 FLOPs. The count needs no GPU: every ATen operation the forward dispatches is seen (``TorchDispatchMode``), and
 those that only describe memory (views, transposes, slices, size queries) are left out, since they launch nothing.
 The PyTorch ops are counted (``TOKENPRUNE_EXT=off``, the reference path; on a GPU the CUDA build takes the gather
-and the merge, a few operations fewer per step).
+and the merge, a few operations fewer per step, and ``ops.head_products`` adds an attention bias in the product, one
+operation fewer per biased map than on the CPU, where it adds it after).
 """
 from __future__ import annotations
 

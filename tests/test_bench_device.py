@@ -74,7 +74,8 @@ def test_bench_runs_in_half_precision_on_cpu(dtype, torch_dtype, monkeypatch, ca
 
 
 @pytest.mark.parametrize("setting, loads, kernels, marked", [
-    ("auto", True, "CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k", False),
+    ("auto", True, "CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k, "
+                   "the attention map", False),
     ("auto", False, "pytorch ops (the CPU build failed)", True),
     ("off", True, "pytorch ops", True),
     ("all", True, "CPU build, every kernel", False),
@@ -119,7 +120,8 @@ def test_the_config_label_names_what_differs_from_a_default_run():
                          baseline_ms=1.0, patched_ms=1.0, measured_speedup=1.0, ideal_speedup=1.0,
                          fraction_of_ideal=1.0, ceiling_speedup=1.0, overhead=0.0, baseline_gmacs=1.0,
                          patched_gmacs=1.0, foreign_load=None,
-                         kernels="CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k")
+                         kernels="CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the merge, the gather, the top-k, "
+                                 "the attention map")
     assert bench._config_label(row) == "keep=0.5"
     assert bench._config_label(replace(row, kernels="pytorch ops")) == "keep=0.5 no-ext"
     assert bench._config_label(replace(row, kernels="pytorch ops", compiled=True)) == "keep=0.5 compiled"

@@ -258,6 +258,97 @@ def test_received_attention_equals_the_chunked_reference(request, batch, heads, 
             assert torch.all(got[:, 0] == 0)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 13), st.integers(0, 13), st.integers(1, 8),
+       st.sampled_from(("qkv", "plain")), st.sampled_from(("none", "row", "shared", "sizes", "masked", "infinite")),
+       st.sampled_from((1, 2)), st.integers(0, 2 ** 31))
+def test_attention_probabilities_is_the_reference_bit_for_bit(request, batch, heads, n, n_k, dim, layout, bias_kind,
+                                                             threads, seed):
+    """The CPU build's map, sample by sample (the product, the bias added in a loop, the softmax), is the PyTorch
+    ops' over the whole map bit for bit: q and k as a qkv projection's strided views or contiguous, a bias per sample
+    or shared, the log sizes of proportional attention, a masked key, a +inf logit (a NaN row in both), no token
+    at all, one thread or two. Both are softmax(scale * q k^T + bias) by its definition, to float rounding."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "qkv":  # heads between tokens, as timm's qkv projection leaves them
+        q = torch.randn(batch, n, 3, heads, dim, generator=g).permute(2, 0, 3, 1, 4)[0]
+        k = torch.randn(batch, n_k, 3, heads, dim, generator=g).permute(2, 0, 3, 1, 4)[1]
+    else:
+        q, k = torch.randn(batch, heads, n, dim, generator=g), torch.randn(batch, heads, n_k, dim, generator=g)
+    bias = {"none": None, "row": torch.randn(batch, 1, 1, n_k, generator=g),
+            "shared": torch.randn(1, 1, 1, n_k, generator=g),
+            "sizes": torch.randint(1, 6, (batch, 1, 1, n_k), generator=g).float().log(),
+            "masked": torch.zeros(batch, 1, 1, n_k), "infinite": torch.zeros(batch, 1, 1, n_k)}[bias_kind]
+    if bias_kind == "masked" and n_k > 1:
+        bias[..., 0] = -torch.inf
+    if bias_kind == "infinite" and n_k:
+        bias[0, ..., n_k // 2] = torch.inf  # every row of sample 0: inf - inf, NaN rows
+    scale = dim ** -0.5
+    with mock.patch.dict(os.environ, {extension.ENV: "off"}):
+        reference = ops.attention_probabilities(q, k, scale, bias)
+        into_buffer = ops.attention_probabilities(q, k, scale, bias, out=torch.empty(batch, heads, n, n_k))
+    torch.testing.assert_close(into_buffer, reference, rtol=0, atol=0, equal_nan=True)
+    logits = scale * q.double() @ k.double().transpose(-2, -1) + (0 if bias is None else bias.double())
+    torch.testing.assert_close(reference, logits.softmax(-1).float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    if bias_kind == "infinite" and n_k and n:
+        assert reference[0].isnan().all() and not reference[1:].isnan().any()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for build in builds(request):
+            out = torch.full((batch, heads, n, n_k), 7.0)  # whatever the buffer held before
+            assert build.attention_probabilities(q, k, bias, scale, out) is out
+            torch.testing.assert_close(out, reference, rtol=0, atol=0, equal_nan=True)
+        with mock.patch.dict(os.environ, {extension.ENV: "auto"}):  # the default: the CPU build from batch 2
+            torch.testing.assert_close(ops.attention_probabilities(q, k, scale, bias), reference, rtol=0, atol=0,
+                                       equal_nan=True)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_attention_probabilities_takes_the_kernel_where_it_pays_and_applies(monkeypatch, cpu_build):
+    """By default on CPU, a batch of float32 q and k with a bias of one row per sample (or none) is one call of the
+    CPU build; batch 1 (its map is in cache either way) or 0, float64, a bias per head or per query, a bias in another
+    dtype or of three dimensions, a gradient asked of q, a buffer that is not contiguous: the PyTorch ops. Every case
+    gives the reference's map."""
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.setenv(extension.ENV, "auto")
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 6, 4, generator=g)
+    row = torch.randn(2, 1, 1, 6, generator=g)
+    cases = {"row bias": (q, k, row, None, 1), "no bias": (q, k, None, None, 1),
+             "shared row": (q, k, row[:1], None, 1), "into a buffer": (q, k, row, torch.empty(2, 3, 5, 6), 1),
+             "batch 1": (q[:1], k[:1], row[:1], None, 0), "no sample": (q[:0], k[:0], None, None, 0),
+             "float64": (q.double(), k.double(), row.double(), None, 0),
+             "a bias per head": (q, k, torch.randn(2, 3, 1, 6, generator=g), None, 0),
+             "a bias per query": (q, k, torch.randn(2, 1, 5, 6, generator=g), None, 0),
+             "a float16 bias": (q, k, row.half(), None, 0),
+             "a 3-D bias": (q, k, torch.randn(1, 1, 1, generator=g), None, 0),
+             "a gradient": (q.clone().requires_grad_(), k, row, None, 0),
+             "a strided buffer": (q, k, row, torch.empty(2, 3, 6, 5).transpose(-2, -1), 0)}
+    for case, (queries, keys, bias, out, calls) in cases.items():
+        with mock.patch.dict(os.environ, {extension.ENV: "off"}):
+            expected = ops.attention_probabilities(queries, keys, 0.5, bias).detach()
+        counting.calls.clear()
+        got = ops.attention_probabilities(queries, keys, 0.5, bias, out=out)
+        torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0, msg=case)
+        assert counting.calls.get("attention_probabilities", 0) == calls, case
+        if out is not None:
+            assert got.data_ptr() == out.data_ptr(), case  # in place
+
+
+def test_attention_probabilities_refuses_what_it_cannot_take_in_one_line(cpu_build):
+    q, k, out = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4), torch.empty(2, 3, 5, 6)
+    with pytest.raises(RuntimeError, match=r"q and k must be \(batch, heads, tokens, head_dim\) alike"):
+        cpu_build.attention_probabilities(q, k[:, :2], None, 0.5, out)
+    with pytest.raises(RuntimeError, match="takes float32 q, k and out"):
+        cpu_build.attention_probabilities(q.double(), k.double(), None, 0.5, out)
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous \(2, 3, 5, 6\)"):
+        cpu_build.attention_probabilities(q, k, None, 0.5, torch.empty(2, 3, 6, 5).transpose(-2, -1))
+    with pytest.raises(RuntimeError, match=r"bias must be float32 \(2 or 1, 1, 1, 6\)"):
+        cpu_build.attention_probabilities(q, k, torch.zeros(2, 3, 1, 6), 0.5, out)
+
+
 def test_received_attention_is_the_reference_for_infinite_logits_and_no_query(request, monkeypatch):
     """A +inf logit makes the reference's softmax row NaN (it subtracts the row's maximum, inf - inf), so every key
     of that sample receives NaN: the kernel gave the other keys 0 (its online softmax counted the new maximum as
@@ -926,7 +1017,7 @@ def test_kernels_in_use_names_the_build_each_device_would_run(monkeypatch):
     builds_that_load.update({True, False})
     assert extension.kernels_in_use("cuda:0") == "CUDA build: the merge, the gather"  # not the attention received
     assert extension.kernels_in_use(torch.device("cpu")) == ("CPU build: ToMe's, MCTF's and Zero-TPrune's steps, "
-                                                             "the merge, the gather, the top-k")
+                                                             "the merge, the gather, the top-k, the attention map")
     assert extension.kernels_in_use("meta") == "pytorch ops"
     monkeypatch.setenv(extension.ENV, "all")
     assert extension.kernels_in_use("cuda") == "CUDA build, every kernel"

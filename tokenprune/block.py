@@ -100,8 +100,7 @@ def explicit_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | No
     q's dtype): callers cast it to q's dtype to apply it, as eager attention does, and score tokens on the
     unrounded map."""
     acc = ops.accumulation_dtype(q.dtype)  # the logits too: half-precision logits would round the ranking
-    logits = ops.head_products(q.to(acc), k.to(acc).transpose(-2, -1), alpha=scale, add=bias)
-    return logits.softmax(dim=-1, dtype=acc)
+    return ops.attention_probabilities(q.to(acc), k.to(acc), scale, bias)
 
 
 def attend(parts: AttentionParts, h: Tensor, bias: Tensor | None,

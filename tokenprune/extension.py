@@ -207,7 +207,7 @@ def kernels_in_use(device: torch.device | str, compiled: bool = False) -> str:
     if _load_or_warn(cuda=cuda) is None:
         return f"pytorch ops (the {build} failed)"
     return "CUDA build: the merge, the gather" if cuda else ("CPU build: ToMe's, MCTF's and Zero-TPrune's steps, the "
-                                                            "merge, the gather, the top-k")
+                                                            "merge, the gather, the top-k, the attention map")
 
 
 @functools.cache

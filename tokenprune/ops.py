@@ -466,11 +466,13 @@ def head_products(a: Tensor, b: Tensor, alpha: float = 1.0, add: Tensor | None =
     For attention logits, ``q k^T``: one product over B*H where ``a`` and ``b`` are views of that, else on the CPU
     one per sample (elsewhere one over B*H of copies: ``_per_sample_products_pay``). q and k as a qkv projection
     leaves them (heads between tokens) are what BLAS takes as they are for one sample's heads, where one product
-    over B*H first copies them; and ``alpha`` and ``add`` ride in the product. At DeiT-S batch 32 a block's explicit
+    over B*H first copies them; and ``alpha`` rides in the product. At DeiT-S batch 32 a block's explicit
     probabilities took 21 ms instead of 29-32 (scaled q, k copied, a separate add); the logits into a buffer 4.7 ms
     instead of 5.3. (For probabilities @ v the per-sample products measured slower than matmul's copy: not used
-    there.) Under autograd, forward-mode AD or a
-    ``torch.func`` transform (``out=`` takes no part in them): ``torch.matmul``."""
+    there.) On the CPU ``add`` is added after the product, in place: the sums baddbmm gives with it (measured bit for
+    bit, and no slower: it copies a broadcast bias into the output first), and what the CPU build's
+    ``attention_probabilities`` does sample by sample, whatever BLAS does with a bias. Under autograd, forward-mode
+    AD or a ``torch.func`` transform (``out=`` takes no part in them): ``torch.matmul``."""
     batch, heads, n = a.shape[:3]
     p = b.shape[-1]
     if extension.differentiated(a, b, add):
@@ -488,8 +490,35 @@ def head_products(a: Tensor, b: Tensor, alpha: float = 1.0, add: Tensor | None =
     else:
         pieces = [(a[i], b[i], out[i], None if add is None else add[i]) for i in range(batch)]
     for x, y, target, bias in pieces:
-        if bias is None:
+        if bias is None or out.device.type == "cpu":
             torch.baddbmm(target, x, y, beta=0, alpha=alpha, out=target)
-        else:
+            if bias is not None:
+                target.add_(bias)
+        else:  # one launch on a GPU, the bias in the product's epilogue
             torch.baddbmm(bias, x, y, alpha=alpha, out=target)
     return out
+
+
+def attention_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
+                            out: Tensor | None = None) -> Tensor:
+    """softmax(scale * q k^T + bias) over the keys, ``(B, H, N, N_k)``, from q ``(B, H, N, D)`` and k ``(B, H, N_k, D)``
+    of one dtype, ``bias`` broadcastable to that (or None); written in place into ``out`` (contiguous, that shape) where
+    given. The logits are ``head_products``'.
+
+    On the CPU, for a batch of float32 q and k and a bias of one row per sample (B or 1, 1, 1, N_k) or none, the CPU
+    build does it sample by sample while each sample's map is in cache: the same ATen product and softmax on it, the
+    bias added in a loop, so the map is this one bit for bit. Over the whole map at once the bias, the product and the
+    softmax each pass over some tens of MB at batch 32 (DeiT-S: 30 MB a merging block of MCTF); sample by sample
+    MCTF's forward took 0.99x the time at DeiT-S batch 32, 0.96x at deit_tiny's, 0.93-0.94x on the testbed. One
+    sample's map is in cache either way: at batch 1 the PyTorch ops (the CPU build measured 1.005-1.015x there;
+    docs/performance.md, session 29)."""
+    row_bias = bias is None or (bias.dim() == 4 and bias.shape[1:3] == (1, 1) and bias.dtype == torch.float32)
+    if (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and q.shape[0] > 1 and row_bias
+            and (out is None or out.is_contiguous())):
+        kernels = extension.for_tensor(q, k, bias, cpu_kernel_pays=True)
+        if kernels is not None:
+            if out is None:
+                out = q.new_empty(*q.shape[:3], k.shape[2])
+            return kernels.attention_probabilities(q, k, bias, scale, out)
+    logits = head_products(q, k.transpose(-2, -1), alpha=scale, add=bias, out=out)
+    return logits.softmax(dim=-1) if out is None else torch.softmax(logits, dim=-1, out=logits)

@@ -182,10 +182,7 @@ class AttentionTaps:
         if buffer is None:
             logits = (q * self.scale) @ k.transpose(-2, -1)
             return (logits if bias is None else logits + bias).softmax(dim=-1)
-        # one fused bias + scale * q k^T (20% faster on CPU than a separate add), softmax in place
-        logits = ops.head_products(q, k.transpose(-2, -1), alpha=self.scale, add=bias,
-                                   out=buffer.view(batch, heads, n, n_k))
-        return torch.softmax(logits, dim=-1, out=logits)
+        return ops.attention_probabilities(q, k, self.scale, bias, out=buffer.view(batch, heads, n, n_k))
 
     def head_mean_keys(self) -> Tensor:
         """ToMe's similarity metric (``ops.head_mean``): keys averaged over heads, ``(B, N, head_dim)``."""

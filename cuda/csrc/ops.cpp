@@ -2,6 +2,7 @@
 // and (compiled with -DTOKENPRUNE_WITH_CUDA) the hand-off of CUDA tensors to the launchers of kernels.cu.
 // The PyTorch functions in tokenprune/ops.py are the reference each op here is tested against.
 #include <ATen/OpMathType.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -93,6 +94,11 @@ TOKENPRUNE_WIDE void add_scaled(float* __restrict__ sum, const float* __restrict
 // v[c] /= total
 TOKENPRUNE_WIDE void divide(float* v, float total, int64_t n) {
   for (int64_t c = 0; c < n; ++c) v[c] /= total;
+}
+
+// v[c] += row[c]
+TOKENPRUNE_WIDE void add_row(float* __restrict__ v, const float* __restrict__ row, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) v[c] += row[c];
 }
 
 // Each row's max over its n entries and where it is: the first of equal maxima, NaN first (as ATen's max).
@@ -694,6 +700,55 @@ torch::Tensor log_relative_inverse(const torch::Tensor& v, double tau) {
 
 }  // namespace
 
+// softmax(scale * q k^T + bias) over the keys into out (B, H, N, Nk), for CPU float32 tensors: q (B, H, N, D) and
+// k (B, H, Nk, D) as they lie (a qkv projection's views), bias None or one row per sample (B or 1, 1, 1, Nk): the
+// log-size bias of proportional attention. The reference is ops.attention_probabilities in PyTorch: the product
+// (beta 0), the bias added, the softmax, each over the whole map, which at batch 32 is some tens of MB and leaves the
+// cache between them, and where ATen's baddbmm copies a broadcast bias into the map before the product (MCTF's
+// merging blocks at DeiT-S batch 32: 2.3-2.8 ms a block; docs/performance.md, session 29). Here each sample is done
+// while its map is in cache, with the same ATen calls on it and the bias added in a loop (a float sum is the same
+// whoever computes it), so the map is the reference's bit for bit; a task per sample, its ATen calls on one thread.
+torch::Tensor attention_probabilities(torch::Tensor q, torch::Tensor k, c10::optional<torch::Tensor> bias,
+                                      double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                  q.size(3) == k.size(3),
+              "tokenprune: q and k must be (batch, heads, tokens, head_dim) alike, got ", q.sizes(), " and ",
+              k.sizes());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Nk = k.size(2);
+  TORCH_CHECK(q.is_cpu() && k.is_cpu() && out.is_cpu(), "tokenprune: attention_probabilities takes CPU tensors");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat &&
+                  out.scalar_type() == torch::kFloat,
+              "tokenprune: attention_probabilities takes float32 q, k and out, got ", q.scalar_type(), ", ",
+              k.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(out.sizes() == torch::IntArrayRef({B, H, N, Nk}) && out.is_contiguous(),
+              "tokenprune: out must be a contiguous (", B, ", ", H, ", ", N, ", ", Nk, "), got ", out.sizes());
+  torch::Tensor rows;  // the bias, one row of Nk per sample
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK(b.is_cpu() && b.scalar_type() == torch::kFloat && b.dim() == 4 && b.size(1) == 1 &&
+                    b.size(2) == 1 && b.size(3) == Nk && (b.size(0) == B || b.size(0) == 1),
+                "tokenprune: bias must be float32 (", B, " or 1, 1, 1, ", Nk, "), got ", b.sizes(), " ",
+                b.scalar_type());
+    rows = b.reshape({b.size(0), Nk}).expand({B, Nk}).contiguous();
+  }
+  if (out.numel() == 0) return out;
+  const at::ThreadLocalState caller;  // inference mode, grad mode: the tasks' ATen calls run as the caller's would
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    for (int64_t b = begin; b < end; ++b) {
+      auto map = out[b];
+      at::baddbmm_out(map, map, q[b], k[b].transpose(-2, -1), /*beta=*/0, /*alpha=*/scale);
+      if (rows.defined()) {
+        const float* bias_row = rows.data_ptr<float>() + b * Nk;
+        float* logits = map.data_ptr<float>();
+        for (int64_t r = 0; r < H * N; ++r) add_row(logits + r * Nk, bias_row, Nk);
+      }
+      at::_softmax_out(map, map, -1, /*half_to_float=*/false);
+    }
+  });
+  return out;
+}
+
 // MCTF's matching at one merging block, in one call, for CPU tensors: each token's slot (B, N) and the number of
 // slots, from the block's input x (B, N, C), the attention each token receives (B, N) and the token sizes (B, N).
 // The reference is mctf.pair_scores + mctf.bidirectional_assignment in PyTorch (some fifty small ops, about a
@@ -889,6 +944,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scores"), py::arg("k"), py::arg("largest"));
   m.def("bipartite_merge", &tokenprune::bipartite_merge, "ToMe's matching and size-weighted merge (CPU)",
         py::arg("k"), py::arg("x"), py::arg("size"), py::arg("r"), py::arg("num_prefix"));
+  m.def("attention_probabilities", &tokenprune::attention_probabilities,
+        "softmax(scale * q k^T + bias) into out, sample by sample (CPU, float32)", py::arg("q"), py::arg("k"),
+        py::arg("bias"), py::arg("scale"), py::arg("out"));
   m.def("mctf_plan", &tokenprune::mctf_plan, "MCTF's pair scores and bidirectional matching: slots (CPU)",
         py::arg("x"), py::arg("received"), py::arg("size"), py::arg("tau"), py::arg("criteria"),
         py::arg("num_prefix"), py::arg("remove"), py::arg("bidirectional"));
