@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 from unittest import mock
@@ -335,6 +336,47 @@ def test_attention_probabilities_takes_the_kernel_where_it_pays_and_applies(monk
         assert counting.calls.get("attention_probabilities", 0) == calls, case
         if out is not None:
             assert got.data_ptr() == out.data_ptr(), case  # in place
+
+
+UNDER_A_DISPATCH_MODE = """
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tokenprune import extension, ops
+torch.set_num_threads(2)
+build = extension.load(cuda=False)
+q, k, bias = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 6, 3), torch.randn(4, 1, 1, 6)
+expected = build.attention_probabilities(q, k, bias, 0.5, torch.empty(4, 2, 5, 6))
+with FlopCounterMode(display=False) as counter:
+    got = build.attention_probabilities(q, k, bias, 0.5, torch.empty(4, 2, 5, 6))
+assert torch.equal(got, expected)
+assert counter.get_total_flops() == 2 * 4 * 2 * 5 * 6 * 3, counter.get_total_flops()
+print("ok")
+"""
+
+
+def test_attention_probabilities_under_a_dispatch_mode_runs_on_the_callers_thread(cpu_build):
+    """A dispatch mode (torch.utils.flop_counter's) runs Python for each ATen call, which needs the GIL the caller
+    holds: the CPU build then does every sample on the calling thread, and the mode sees each product. On the
+    threads, the first ATen call waited for the GIL forever (the suite hung, session 29): in a process of its own."""
+    result = subprocess.run([sys.executable, "-c", UNDER_A_DISPATCH_MODE], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_attention_probabilities_keeps_the_pytorch_ops_under_a_dispatch_mode(monkeypatch, cpu_build):
+    """count_flops and the FLOPs budgets count under torch.utils.flop_counter's mode: the map's product is counted
+    from the PyTorch ops, as the rest of the forward is."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counting = Counting(cpu_build)
+    monkeypatch.setattr(extension, "_load_or_warn", lambda cuda: counting)
+    monkeypatch.setenv(extension.ENV, "auto")
+    q, k = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 6, 3)
+    expected = ops.attention_probabilities(q, k, 0.5)
+    assert counting.calls == {"attention_probabilities": 1}
+    with FlopCounterMode(display=False) as counter:
+        got = ops.attention_probabilities(q, k, 0.5)
+    assert torch.equal(got, expected) and counting.calls == {"attention_probabilities": 1}
+    assert counter.get_total_flops() == 2 * 4 * 2 * 5 * 6 * 3
 
 
 def test_attention_probabilities_refuses_what_it_cannot_take_in_one_line(cpu_build):

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tokenprune import extension
 
@@ -513,8 +514,9 @@ def attention_probabilities(q: Tensor, k: Tensor, scale: float, bias: Tensor | N
     sample's map is in cache either way: at batch 1 the PyTorch ops (the CPU build measured 1.005-1.015x there;
     docs/performance.md, session 29)."""
     row_bias = bias is None or (bias.dim() == 4 and bias.shape[1:3] == (1, 1) and bias.dtype == torch.float32)
+    # a dispatch mode (torch.utils.flop_counter's: count_flops, budgets) sees the PyTorch ops it counts, one by one
     if (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and q.shape[0] > 1 and row_bias
-            and (out is None or out.is_contiguous())):
+            and (out is None or out.is_contiguous()) and not is_in_torch_dispatch_mode()):
         kernels = extension.for_tensor(q, k, bias, cpu_kernel_pays=True)
         if kernels is not None:
             if out is None:

@@ -3,6 +3,7 @@
 // The PyTorch functions in tokenprune/ops.py are the reference each op here is tested against.
 #include <ATen/OpMathType.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -732,9 +733,7 @@ torch::Tensor attention_probabilities(torch::Tensor q, torch::Tensor k, c10::opt
     rows = b.reshape({b.size(0), Nk}).expand({B, Nk}).contiguous();
   }
   if (out.numel() == 0) return out;
-  const at::ThreadLocalState caller;  // inference mode, grad mode: the tasks' ATen calls run as the caller's would
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard as_caller(caller);
+  const auto samples = [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       auto map = out[b];
       at::baddbmm_out(map, map, q[b], k[b].transpose(-2, -1), /*beta=*/0, /*alpha=*/scale);
@@ -745,6 +744,20 @@ torch::Tensor attention_probabilities(torch::Tensor q, torch::Tensor k, c10::opt
       }
       at::_softmax_out(map, map, -1, /*half_to_float=*/false);
     }
+  };
+  // A Python dispatch mode (a FLOP counter) or a Python tensor subclass: the ATen calls run Python, which needs the
+  // GIL this thread holds, so a task on another thread would wait for it forever: every sample on this thread.
+  const bool python = c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+                      q.key_set().has(c10::DispatchKey::Python) || k.key_set().has(c10::DispatchKey::Python) ||
+                      out.key_set().has(c10::DispatchKey::Python);
+  if (python) {
+    samples(0, B);
+    return out;
+  }
+  const at::ThreadLocalState caller;  // inference mode, grad mode: the tasks' ATen calls run as the caller's would
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    samples(begin, end);
   });
   return out;
 }
