@@ -56,9 +56,11 @@ def test_bench_compile_times_compiled_models(capsys, monkeypatch):
     assert len(calls) == 3  # the unpatched, patched and truncated models, all through tokenprune.compiled
     (_, eager, stock, _, _), = checked  # checked against the eager patched model, the unpatched one as the stock
     assert tokenprune.is_patched(eager) and not tokenprune.is_patched(stock) and stock is calls[0]
-    # inductor traces the PyTorch ops; compiled CPU graphs may call the CPU build's MCTF ops (a method-blind label)
+    # inductor traces the PyTorch ops; compiled CPU graphs may call the CPU build's ToMe and MCTF ops (a method-blind
+    # label)
     assert [(r.compiled, r.kernels) for r in rows] == [(True, extension.kernels_in_use("cpu", compiled=True))]
-    assert rows[0].kernels in ("CPU build: MCTF's matching and merges", "pytorch ops (the CPU build failed)")
+    assert rows[0].kernels in ("CPU build: ToMe's step, MCTF's matching and merges",
+                               "pytorch ops (the CPU build failed)")
     assert rows[0].baseline_ms > 0 and rows[0].patched_ms > 0 and rows[0].ceiling_speedup > 0
     assert "output equals eager" in capsys.readouterr().out
     assert "keep=0.5 compiled " in format_rows(rows)  # not marked no-ext: compiled runs never use it

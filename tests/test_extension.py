@@ -440,7 +440,8 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
     if patches < 2:
         return
     # head counts and dims on both sides of where ATen's mean changes how it adds the heads (one after the other for
-    # H <= 3, or H < 16 with head_dim a multiple of 64 in a qkv-style layout): the kernel calls that mean too
+    # H <= 3, or H < 16 with head_dim a multiple of 64 in a qkv-style layout): the kernel adds them in a loop there,
+    # and calls that mean elsewhere (test_the_kernels_head_mean_is_atens_bit_for_bit)
     heads, head_dim = draw.draw(st.sampled_from(((1, 4), (2, 4), (3, 4), (6, 64), (8, 4), (12, 128), (16, 64))))
     keys = torch.randn(x.shape[0], heads, x.shape[1], head_dim, generator=g).to(draw.draw(st.sampled_from(DTYPES)))
     ties = draw.draw(st.sampled_from(("none", "background", "a few")))
@@ -458,6 +459,52 @@ def test_bipartite_merge_is_the_reference_bit_for_bit(request, data, draw):
         merged, merged_size = build.bipartite_merge(keys, x, size, r, prefix)
         assert merged.dtype == x.dtype and merged_size.dtype == torch.float32
         assert torch.equal(merged, reference[0]) and torch.equal(merged_size, reference[1])
+
+
+def _key_layouts(batch, heads, tokens, dim, g):
+    """Keys (B, H, N, D) in the layouts models hand ToMe, and others: contiguous, a qkv projection's view, heads
+    interleaved, D strided, the batch innermost of the rows. Values of mixed magnitudes and signs, with -0 and a
+    NaN, so that any other order of adding the heads rounds differently somewhere."""
+    scale = 10.0 ** torch.randint(-3, 4, (batch, tokens, 3, heads, dim), generator=g)
+    qkv = torch.randn(batch, tokens, 3, heads, dim, generator=g) * scale
+    qkv[0, 0, 1, :, 0] = -0.0
+    qkv[-1, -1, 1, -1, -1] = float("nan")
+    k = qkv[:, :, 1].transpose(1, 2).contiguous()
+    return {"contiguous": k, "qkv view": qkv.permute(2, 0, 3, 1, 4)[1],
+            "heads interleaved": k.transpose(1, 2).contiguous().transpose(1, 2),
+            "dim strided": k.transpose(-1, -2).contiguous().transpose(-1, -2),
+            "batch inner": k.permute(2, 1, 0, 3).contiguous().permute(2, 1, 0, 3)}
+
+
+@pytest.mark.parametrize("heads, dim", [(1, 5), (2, 64), (3, 32), (4, 64), (6, 64), (6, 48), (8, 4), (12, 128),
+                                        (15, 64), (16, 64), (24, 64)])
+def test_the_kernels_head_mean_is_atens_bit_for_bit(cpu_build, heads, dim):
+    """bipartite_merge's head mean adds the heads in a loop where ATen's mean is known to add them one after the
+    other (H <= 3; H < 16 with a head dim of a multiple of 64 in a qkv view) and calls that mean elsewhere: either
+    way ToMe's metric is the reference's to the last bit, and so are its norms, in every layout and key dtype, at 1
+    and 2 threads."""
+    g = torch.Generator().manual_seed(heads * 1000 + dim)
+    threads = torch.get_num_threads()
+    try:
+        for batch, tokens in ((1, 37), (3, 11)):
+            for layout, keys in _key_layouts(batch, heads, tokens, dim, g).items():
+                for dtype in (torch.float32, torch.bfloat16):
+                    k = keys.to(dtype)
+                    for t in (1, 2):
+                        torch.set_num_threads(t)
+                        got, want = cpu_build.head_mean(k), ops.head_mean(k)
+                        assert got.dtype == torch.float32 and got.shape == want.shape, layout
+                        assert torch.equal(got.nan_to_num(), want.nan_to_num()), (layout, dtype, t)
+                        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.signbit(), want.signbit())
+                        # and the norms ToMe takes next (ATen's, whose order depends on the layout)
+                        norms = [torch.linalg.vector_norm(m, dim=-1).nan_to_num() for m in (got, want)]
+                        assert torch.equal(*norms), (layout, dtype, t)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match=r"k must be \(batch, heads, tokens, dim\)"):
+        cpu_build.head_mean(torch.ones(2, 3, 4))
+    with pytest.raises(RuntimeError, match="k must be float32, float16 or bfloat16"):
+        cpu_build.head_mean(torch.ones(1, 2, 3, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("case, prefix, r, sorts", [

@@ -237,6 +237,21 @@ def test_compiled_mctf_calls_the_cpu_builds_matching_and_merges(monkeypatch, set
     torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("setting, calls_kernels", [("auto", True), ("off", False)])
+def test_compiled_tome_calls_the_cpu_builds_one_call_step(monkeypatch, setting, calls_kernels):
+    """ToMe's whole step (matching and merge) as the CPU build's one call ran 2-5% faster a forward than inductor's
+    code for it (its sorts, max and scatter-add; docs/performance.md, session 30): a compiled CPU forward calls it,
+    every block, unless TOKENPRUNE_EXT=off, with the eager forward's output."""
+    monkeypatch.setenv(extension.ENV, setting)
+    model, x = tiny_timm(depth=4), images()
+    tokenprune.apply(model, "tome", r=2)
+    with torch.no_grad():
+        calls = [c for c in traced_calls(model, x) if "tokenprune" in c]
+    assert calls == (["tokenprune.bipartite_merge"] * len(model.blocks) if calls_kernels else []), calls
+    torch._dynamo.reset()
+    torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_frozen_compiled_mctf_model_calls_the_kernels_without_no_grad():
     """What keeps the kernels out of a graph is a gradient asked of the tokens, not autograd being on: a model
     whose parameters ask none, run without ``torch.no_grad``, calls them."""
@@ -288,7 +303,7 @@ def test_compiled_graphs_hand_the_kernels_to_cpu_tensors_of_kernel_dtypes_only()
 
 
 def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
-    """torch.library's own checks of the two ops a compiled graph calls: schema, fake (meta) shapes and dtypes
+    """torch.library's own checks of the three ops a compiled graph calls: schema, fake (meta) shapes and dtypes
     against the real outputs, no aliasing; and their CPU kernels are the CPU build's (registered from C++ when
     it loads): the same outputs as its module's functions."""
     from tokenprune.methods import mctf
@@ -302,6 +317,13 @@ def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
         args = (x.to(half), received, dest, n_out)
         torch.library.opcheck(torch.ops.tokenprune.weighted_merge, args)
         for op_out, module_out in zip(torch.ops.tokenprune.weighted_merge(*args), build.weighted_merge(*args)):
+            assert torch.equal(op_out, module_out)
+    keys = torch.randn(2, 3, 9, 4, generator=g)
+    sizes = size[..., None]
+    for half, token_size in ((torch.float32, None), (torch.bfloat16, sizes + 1), (torch.float32, sizes)):
+        args = (keys, x.to(half), token_size, 3, 1)
+        torch.library.opcheck(torch.ops.tokenprune.bipartite_merge, args)
+        for op_out, module_out in zip(torch.ops.tokenprune.bipartite_merge(*args), build.bipartite_merge(*args)):
             assert torch.equal(op_out, module_out)
     plan_args = (x, received, size, [1.0, 20.0, 40.0], [False, True, True], 1, 3, True)
     torch.library.opcheck(torch.ops.tokenprune.mctf_plan, plan_args)

@@ -139,6 +139,7 @@ def _cpu_build_for_graphs() -> bool:
 # dynamo traces).
 _LIBRARY = torch.library.Library("tokenprune", "DEF")
 _LIBRARY.define("weighted_merge(Tensor x, Tensor weight, Tensor dest, int n_out) -> (Tensor, Tensor)")
+_LIBRARY.define("bipartite_merge(Tensor k, Tensor x, Tensor? size, int r, int num_prefix) -> (Tensor, Tensor)")
 _LIBRARY.define("mctf_plan(Tensor x, Tensor received, Tensor size, float[] tau, bool[3] criteria, int num_prefix, "
                 "int remove, bool bidirectional) -> Tensor")
 
@@ -146,6 +147,12 @@ _LIBRARY.define("mctf_plan(Tensor x, Tensor received, Tensor size, float[] tau, 
 @torch.library.register_fake("tokenprune::weighted_merge")
 def _(x, weight, dest, n_out):
     return x.new_empty(x.shape[0], n_out, x.shape[2]), weight.new_empty(x.shape[0], n_out, dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenprune::bipartite_merge")
+def _(k, x, size, r, num_prefix):
+    n_out = x.shape[1] - r
+    return x.new_empty(x.shape[0], n_out, x.shape[2]), x.new_empty(x.shape[0], n_out, 1, dtype=torch.float32)
 
 
 @torch.library.register_fake("tokenprune::mctf_plan")
@@ -159,6 +166,10 @@ class COMPILED:
     @staticmethod
     def weighted_merge(x, weight, dest, n_out):
         return torch.ops.tokenprune.weighted_merge(x, weight, dest, n_out)
+
+    @staticmethod
+    def bipartite_merge(k, x, size, r, num_prefix):
+        return torch.ops.tokenprune.bipartite_merge(k, x, size, r, num_prefix)
 
     @staticmethod
     def mctf_plan(x, received, size, tau, criteria, num_prefix, remove, bidirectional):
@@ -199,7 +210,7 @@ def kernels_in_use(device: torch.device | str, compiled: bool = False) -> str:
     cuda = device.type == "cuda"
     if compiled:
         ready = _cpu_build_for_graphs()
-        return "CPU build: MCTF's matching and merges" if ready else "pytorch ops (the CPU build failed)"
+        return "CPU build: ToMe's step, MCTF's matching and merges" if ready else "pytorch ops (the CPU build failed)"
     build = "CUDA build" if cuda else "CPU build"
     if setting == "all":
         load(cuda=cuda)

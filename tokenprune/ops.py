@@ -148,7 +148,7 @@ def bipartite_merge(keys: Tensor, x: Tensor, size: Tensor | None, r: int, num_pr
     # x's); checked before the extension is asked for, which may compile it
     float32_scores = accumulation_dtype(keys.dtype) == torch.float32
     if not x.is_cuda and r > 0 and float32_scores and (size is None or size.dtype == torch.float32):
-        kernels = extension.for_tensor(x, size, floating=True, cpu_kernel_pays=True)
+        kernels = extension.for_tensor(x, size, floating=True, cpu_kernel_pays=True, in_compiled_graphs=True)
         if kernels is not None:
             return kernels.bipartite_merge(keys, x, size, r, num_prefix)
     return merge_mean(x, size, bipartite_soft_matching(head_mean(keys), r, num_prefix), num_prefix)

@@ -97,6 +97,29 @@ TOKENPRUNE_WIDE void divide(float* v, float total, int64_t n) {
   for (int64_t c = 0; c < n; ++c) v[c] /= total;
 }
 
+// out[c] = v[c] / total
+TOKENPRUNE_WIDE void divide_into(float* __restrict__ out, const float* __restrict__ v, float total, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = v[c] / total;
+}
+
+// out[c] = row[c] * weight (a plain copy for weight 1: x * 1 is x)
+TOKENPRUNE_WIDE void scale_row(float* __restrict__ out, const float* __restrict__ row, float weight, int64_t n) {
+  if (weight == 1.0f) {
+    std::memcpy(out, row, n * sizeof(float));
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) out[c] = row[c] * weight;
+}
+
+// v[c] += row[c * stride]
+TOKENPRUNE_WIDE void add_strided(float* __restrict__ v, const float* __restrict__ row, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < n; ++c) v[c] += row[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) v[c] += row[c * stride];
+  }
+}
+
 // v[c] += row[c]
 TOKENPRUNE_WIDE void add_row(float* __restrict__ v, const float* __restrict__ row, int64_t n) {
   for (int64_t c = 0; c < n; ++c) v[c] += row[c];
@@ -474,6 +497,56 @@ torch::Tensor received_attention(torch::Tensor q, torch::Tensor k, double scale,
 // The reference is ops.bipartite_soft_matching + ops.merge_mean, and the outputs are bit-identical to it: the
 // scores come from the same ATen ops, and each destination adds its sources in their rank order, as the
 // reference's index_add does, before the same division.
+namespace {
+
+// ToMe's metric: the keys k (B, H, N, D) averaged over heads, (B, N, D) float32, bit for bit what the reference's
+// k.mean(1, dtype=float32) gives, in a loop where ATen's order is known, else by that mean itself (a call of 20-25
+// us at ViT-Ti/S widths, against 2-3 for the loop). ATen's mean sums, then divides by H. Its cascade sum adds the
+// heads one after the other from 0 when H <= 3 (whatever the layout), and for H < 16 when each head's D values are
+// contiguous, the heads adjacent (stride D: the view of a qkv projection) and D a multiple of 64 (four vectors
+// of 16 floats: every column goes through its multi-row loop); elsewhere it may add them in another order.
+// Contiguous (B, N, D), as ATen's mean is laid out whatever the keys' layout, so the norms that follow match too.
+torch::Tensor head_mean(const torch::Tensor& k) {
+  TORCH_CHECK(k.dim() == 4, "tokenprune: k must be (batch, heads, tokens, dim), got ", k.sizes());
+  check_floating(k, "k");
+  TORCH_CHECK(k.is_cpu(), "tokenprune: head_mean takes CPU tensors, got ", k.device());
+  const int64_t B = k.size(0), H = k.size(1), N = k.size(2), D = k.size(3);
+  const bool in_order = H <= 3 || (H < 16 && D % 64 == 0 && k.stride(3) == 1 && k.stride(1) == D);
+  if (k.scalar_type() != torch::kFloat || H == 0 || !in_order) return k.mean({1}, /*keepdim=*/false, torch::kFloat);
+  auto metric = torch::empty({B, N, D}, k.options());
+  const float* kp = k.data_ptr<float>();
+  float* mp = metric.data_ptr<float>();
+  const int64_t sb = k.stride(0), sh = k.stride(1), sn = k.stride(2), sd = k.stride(3);
+  const float heads = static_cast<float>(H);
+  at::parallel_for(0, B * N, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, H * D)), [&](int64_t begin,
+                                                                                              int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* in = kp + (row / N) * sb + (row % N) * sn;
+      float* out = mp + row * D;
+      std::fill(out, out + D, 0.0f);  // sums from 0, as ATen's (so a -0 key sums to +0)
+      for (int64_t h = 0; h < H; ++h) add_strided(out, in + h * sh, sd, D);
+      divide(out, heads, D);
+    }
+  });
+  return metric;
+}
+
+// v / norm (B, N, D) by (B, N, 1), the reference's division, in a loop (one ATen call fewer)
+torch::Tensor divide_rows(const torch::Tensor& v, const torch::Tensor& norm) {
+  auto out = torch::empty_like(v);
+  const int64_t rows = v.size(0) * v.size(1), D = v.size(2);
+  const float* vp = v.data_ptr<float>();
+  const float* np = norm.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElementwise / std::max<int64_t>(1, D)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t row = begin; row < end; ++row) divide_into(op + row * D, vp + row * D, np[row], D);
+                   });
+  return out;
+}
+
+}  // namespace
+
 std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch::Tensor x,
                                                           c10::optional<torch::Tensor> size, int64_t r,
                                                           int64_t num_prefix) {
@@ -497,8 +570,8 @@ std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch:
   const int64_t in_a = (P + 1) / 2, in_b = P / 2, n_a = (N + 1) / 2, n_b = N / 2;
   const int64_t n_unmerged = n_a - in_a - r, n_out = P + n_unmerged + n_b - in_b;
   // the matching, op for op the reference's (so that near-ties rank alike)
-  const auto metric = k.mean({1}, /*keepdim=*/false, torch::kFloat);
-  const auto unit = metric / at::linalg_vector_norm(metric, 2, {-1}, /*keepdim=*/true);
+  const auto metric = head_mean(k);
+  const auto unit = divide_rows(metric, at::linalg_vector_norm(metric, 2, {-1}, /*keepdim=*/true));
   // at::matmul's batched product is this bmm on these very views
   const auto scores = at::bmm(unit.slice(1, 0, N, 2), unit.slice(1, 1, N, 2).transpose(-1, -2)).contiguous();
   // pairs that touch a prefix token never merge; each A token's best B token: the first of equal maxima, NaN first,
@@ -547,24 +620,19 @@ std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch:
       for (int64_t t = 0; t < N; ++t) {  // every token but the sources starts its slot with size * x
         if (slot[t] < 0) continue;
         const float w = sp ? sp[b * N + t] : 1.0f;
-        float* out = mb + slot[t] * C;
-        const float* in = xb + t * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = in[c] * w;
+        scale_row(mb + slot[t] * C, xb + t * C, w, C);
         msb[slot[t]] = w;
       }
       for (int64_t i = 0; i < r; ++i) {  // sources, in rank order, add into their destinations
         const int64_t t = 2 * rank[i], dest = slot[2 * dst_p[b * n_a + rank[i]] + 1];
         const float w = sp ? sp[b * N + t] : 1.0f;
-        float* out = mb + dest * C;
-        const float* in = xb + t * C;
-        for (int64_t c = 0; c < C; ++c) out[c] += in[c] * w;
+        add_scaled(mb + dest * C, xb + t * C, w, C);
         msb[dest] += w;
       }
-      for (int64_t j = 0; j < n_out; ++j) {
-        float* out = mb + j * C;
-        const float w = msb[j];
-        for (int64_t c = 0; c < C; ++c) out[c] /= w;
-      }
+      // x * 1 / 1 is x: a slot of total size 1 (one token of size 1, most of them in early blocks) is left as
+      // copied, which saves the division (what this loop is bound by)
+      for (int64_t j = 0; j < n_out; ++j)
+        if (msb[j] != 1.0f) divide(mb + j * C, msb[j], C);
     }
   });
   return {merged.to(x.scalar_type()), merged_size};
@@ -931,6 +999,7 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
 // load both builds.
 TORCH_LIBRARY_IMPL(tokenprune, CPU, m) {
   m.impl("weighted_merge", &tokenprune::weighted_merge);
+  m.impl("bipartite_merge", &tokenprune::bipartite_merge);
   m.impl("mctf_plan", [](const torch::Tensor& x, const torch::Tensor& received, const torch::Tensor& size,
                          c10::ArrayRef<double> tau, std::array<bool, 3> criteria, int64_t num_prefix,
                          int64_t remove, bool bidirectional) {
@@ -957,6 +1026,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scores"), py::arg("k"), py::arg("largest"));
   m.def("bipartite_merge", &tokenprune::bipartite_merge, "ToMe's matching and size-weighted merge (CPU)",
         py::arg("k"), py::arg("x"), py::arg("size"), py::arg("r"), py::arg("num_prefix"));
+  m.def("head_mean", &tokenprune::head_mean, "ToMe's metric, bipartite_merge's head mean: ATen's mean bit for bit (CPU)",
+        py::arg("k"));
   m.def("attention_probabilities", &tokenprune::attention_probabilities,
         "softmax(scale * q k^T + bias) into out, sample by sample (CPU, float32)", py::arg("q"), py::arg("k"),
         py::arg("bias"), py::arg("scale"), py::arg("out"));
