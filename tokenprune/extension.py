@@ -24,8 +24,8 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
 The extension is skipped where it would be wrong or slower: under differentiation (autograd recording,
 forward-mode AD, ``torch.func`` transforms: the kernels have no derivatives), and under ``torch.compile``
 (inductor fuses the PyTorch ops) except for the ops defined with ``torch.library`` below (``COMPILED``),
-which a compiled graph calls as one kernel each: MCTF's matching and its merges, where inductor's code (sorts,
-atomic scatter-adds) measured slower than the CPU build (docs/performance.md).
+which a compiled graph calls as one kernel each: ToMe's whole step, MCTF's matching and its merges, where
+inductor's code (sorts, atomic scatter-adds) measured slower than the CPU build (docs/performance.md).
 """
 from __future__ import annotations
 
