@@ -59,7 +59,7 @@ def test_bench_compile_times_compiled_models(capsys, monkeypatch):
     # inductor traces the PyTorch ops; compiled CPU graphs may call the CPU build's ToMe and MCTF ops (a method-blind
     # label)
     assert [(r.compiled, r.kernels) for r in rows] == [(True, extension.kernels_in_use("cpu", compiled=True))]
-    assert rows[0].kernels in ("CPU build: ToMe's step, MCTF's matching and merges",
+    assert rows[0].kernels in ("CPU build: ToMe's and Zero-TPrune's steps, MCTF's matching and merges",
                                "pytorch ops (the CPU build failed)")
     assert rows[0].baseline_ms > 0 and rows[0].patched_ms > 0 and rows[0].ceiling_speedup > 0
     assert "output equals eager" in capsys.readouterr().out

@@ -98,8 +98,8 @@ def test_bench_rows_say_which_kernels_ran(setting, loads, kernels, marked, monke
 
 
 @pytest.mark.parametrize("setting, loads, device, kernels", [
-    ("auto", True, "cpu", "CPU build: ToMe's step, MCTF's matching and merges"),
-    ("all", True, "cpu", "CPU build: ToMe's step, MCTF's matching and merges"),
+    ("auto", True, "cpu", "CPU build: ToMe's and Zero-TPrune's steps, MCTF's matching and merges"),
+    ("all", True, "cpu", "CPU build: ToMe's and Zero-TPrune's steps, MCTF's matching and merges"),
     ("auto", False, "cpu", "pytorch ops (the CPU build failed)"),
     ("off", True, "cpu", "pytorch ops"),
     ("auto", True, "cuda", "pytorch ops"),

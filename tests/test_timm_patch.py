@@ -252,6 +252,24 @@ def test_compiled_tome_calls_the_cpu_builds_one_call_step(monkeypatch, setting, 
     torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("setting, calls_kernels", [("auto", True), ("off", False)])
+def test_compiled_zero_tprune_calls_the_cpu_builds_s_stage(monkeypatch, setting, calls_kernels):
+    """Zero-TPrune's I'- and S-stage as the CPU build's one call ran 4-5% faster a forward than inductor's code for
+    it at batch 1 on the small models (docs/performance.md, session 30): a compiled CPU forward calls it at each
+    pruning layer, unless TOKENPRUNE_EXT=off, with the eager forward's output (which calls it too)."""
+    monkeypatch.setenv(extension.ENV, setting)
+    model, x = tiny_timm(depth=4), images()
+    tokenprune.apply(model, "zero-tprune", keep=0.5)
+    with torch.no_grad():
+        calls = [c for c in traced_calls(model, x) if "tokenprune" in c]
+        pruning_layers = sum(count < before for before, count in zip(
+            tokenprune.last_forward(model).token_counts, tokenprune.last_forward(model).token_counts[1:]))
+    assert pruning_layers > 0
+    assert calls == (["tokenprune.similarity_prune"] * pruning_layers if calls_kernels else []), calls
+    torch._dynamo.reset()
+    torch.testing.assert_close(run(torch.compile(model), x), run(model, x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_frozen_compiled_mctf_model_calls_the_kernels_without_no_grad():
     """What keeps the kernels out of a graph is a gradient asked of the tokens, not autograd being on: a model
     whose parameters ask none, run without ``torch.no_grad``, calls them."""
@@ -303,7 +321,7 @@ def test_compiled_graphs_hand_the_kernels_to_cpu_tensors_of_kernel_dtypes_only()
 
 
 def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
-    """torch.library's own checks of the three ops a compiled graph calls: schema, fake (meta) shapes and dtypes
+    """torch.library's own checks of the four ops a compiled graph calls: schema, fake (meta) shapes and dtypes
     against the real outputs, no aliasing; and their CPU kernels are the CPU build's (registered from C++ when
     it loads): the same outputs as its module's functions."""
     from tokenprune.methods import mctf
@@ -325,6 +343,10 @@ def test_the_ops_compiled_graphs_call_are_sound_custom_ops():
         torch.library.opcheck(torch.ops.tokenprune.bipartite_merge, args)
         for op_out, module_out in zip(torch.ops.tokenprune.bipartite_merge(*args), build.bipartite_merge(*args)):
             assert torch.equal(op_out, module_out)
+    probs = torch.softmax(torch.randn(2, 3, 9, 9, generator=g), dim=-1)
+    for prune_args in ((probs, keys, 1, 3, 0, True), (probs, keys.bfloat16(), 0, 2, -1, False)):
+        torch.library.opcheck(torch.ops.tokenprune.similarity_prune, prune_args)
+        assert torch.equal(torch.ops.tokenprune.similarity_prune(*prune_args), build.similarity_prune(*prune_args))
     plan_args = (x, received, size, [1.0, 20.0, 40.0], [False, True, True], 1, 3, True)
     torch.library.opcheck(torch.ops.tokenprune.mctf_plan, plan_args)
     assert torch.equal(torch.ops.tokenprune.mctf_plan(*plan_args), build.mctf_plan(*plan_args)[0])

@@ -24,8 +24,8 @@ with the reference, and by nvcc into the CUDA build, which serves CUDA tensors.
 The extension is skipped where it would be wrong or slower: under differentiation (autograd recording,
 forward-mode AD, ``torch.func`` transforms: the kernels have no derivatives), and under ``torch.compile``
 (inductor fuses the PyTorch ops) except for the ops defined with ``torch.library`` below (``COMPILED``),
-which a compiled graph calls as one kernel each: ToMe's whole step, MCTF's matching and its merges, where
-inductor's code (sorts, atomic scatter-adds) measured slower than the CPU build (docs/performance.md).
+which a compiled graph calls as one kernel each: ToMe's and Zero-TPrune's steps, MCTF's matching and its merges,
+where inductor's code (sorts, atomic scatter-adds) measured slower than the CPU build (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -140,6 +140,8 @@ def _cpu_build_for_graphs() -> bool:
 _LIBRARY = torch.library.Library("tokenprune", "DEF")
 _LIBRARY.define("weighted_merge(Tensor x, Tensor weight, Tensor dest, int n_out) -> (Tensor, Tensor)")
 _LIBRARY.define("bipartite_merge(Tensor k, Tensor x, Tensor? size, int r, int num_prefix) -> (Tensor, Tensor)")
+_LIBRARY.define("similarity_prune(Tensor probs, Tensor k, int num_prefix, int remove, int emphasize, bool rms) "
+                "-> Tensor")
 _LIBRARY.define("mctf_plan(Tensor x, Tensor received, Tensor size, float[] tau, bool[3] criteria, int num_prefix, "
                 "int remove, bool bidirectional) -> Tensor")
 
@@ -153,6 +155,11 @@ def _(x, weight, dest, n_out):
 def _(k, x, size, r, num_prefix):
     n_out = x.shape[1] - r
     return x.new_empty(x.shape[0], n_out, x.shape[2]), x.new_empty(x.shape[0], n_out, 1, dtype=torch.float32)
+
+
+@torch.library.register_fake("tokenprune::similarity_prune")
+def _(probs, k, num_prefix, remove, emphasize, rms):
+    return probs.new_empty(probs.shape[0], probs.shape[2] - num_prefix - remove, dtype=torch.long)
 
 
 @torch.library.register_fake("tokenprune::mctf_plan")
@@ -170,6 +177,10 @@ class COMPILED:
     @staticmethod
     def bipartite_merge(k, x, size, r, num_prefix):
         return torch.ops.tokenprune.bipartite_merge(k, x, size, r, num_prefix)
+
+    @staticmethod
+    def similarity_prune(probs, k, num_prefix, remove, emphasize, rms):
+        return torch.ops.tokenprune.similarity_prune(probs, k, num_prefix, remove, emphasize, rms)
 
     @staticmethod
     def mctf_plan(x, received, size, tau, criteria, num_prefix, remove, bidirectional):
@@ -210,7 +221,9 @@ def kernels_in_use(device: torch.device | str, compiled: bool = False) -> str:
     cuda = device.type == "cuda"
     if compiled:
         ready = _cpu_build_for_graphs()
-        return "CPU build: ToMe's step, MCTF's matching and merges" if ready else "pytorch ops (the CPU build failed)"
+        if not ready:
+            return "pytorch ops (the CPU build failed)"
+        return "CPU build: ToMe's and Zero-TPrune's steps, MCTF's matching and merges"
     build = "CUDA build" if cuda else "CPU build"
     if setting == "all":
         load(cuda=cuda)

@@ -1002,6 +1002,7 @@ std::tuple<torch::Tensor, int64_t> mctf_plan(torch::Tensor x, torch::Tensor rece
 TORCH_LIBRARY_IMPL(tokenprune, CPU, m) {
   m.impl("weighted_merge", &tokenprune::weighted_merge);
   m.impl("bipartite_merge", &tokenprune::bipartite_merge);
+  m.impl("similarity_prune", &tokenprune::similarity_prune);
   m.impl("mctf_plan", [](const torch::Tensor& x, const torch::Tensor& received, const torch::Tensor& size,
                          c10::ArrayRef<double> tau, std::array<bool, 3> criteria, int64_t num_prefix,
                          int64_t remove, bool bidirectional) {

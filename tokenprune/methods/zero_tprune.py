@@ -143,7 +143,7 @@ def s_stage_keep(attn: Tensor, keys: Tensor, num_prefix: int, remove: int, empha
     # the kernel takes float32 maps and keys in its dtypes (a float64 model's map is float64 too; this is for
     # a caller that mixes them)
     if attn.dtype == torch.float32 and keys.dtype in extension.KERNEL_DTYPES and not attn.is_cuda:
-        kernels = extension.for_tensor(attn, cpu_kernel_pays=True)
+        kernels = extension.for_tensor(attn, cpu_kernel_pays=True, in_compiled_graphs=True)
         if kernels is not None:
             return kernels.similarity_prune(attn, keys, num_prefix, remove, -1 if emphasize is None else emphasize,
                                             rms)
