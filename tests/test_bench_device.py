@@ -105,8 +105,8 @@ def test_bench_rows_say_which_kernels_ran(setting, loads, kernels, marked, monke
     ("auto", True, "cuda", "pytorch ops"),
 ])
 def test_compiled_rows_say_which_kernels_their_graphs_call(setting, loads, device, kernels, monkeypatch):
-    """A compiled CPU graph calls the CPU build's MCTF matching and merges (torch.library ops), nothing else of
-    it; a compiled CUDA graph none: the row says so."""
+    """A compiled CPU graph calls the CPU build's ToMe and Zero-TPrune steps and MCTF's matching and merges
+    (torch.library ops), nothing else of it; a compiled CUDA graph none: the row says so."""
     from tokenprune import extension
     monkeypatch.setenv(extension.ENV, setting)
     # only the CPU build counts: a CUDA build does not run in a CPU graph
