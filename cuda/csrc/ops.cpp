@@ -111,13 +111,9 @@ TOKENPRUNE_WIDE void scale_row(float* __restrict__ out, const float* __restrict_
   for (int64_t c = 0; c < n; ++c) out[c] = row[c] * weight;
 }
 
-// v[c] += row[c * stride]
+// v[c] += row[c * stride] (add_row where the stride is 1)
 TOKENPRUNE_WIDE void add_strided(float* __restrict__ v, const float* __restrict__ row, int64_t stride, int64_t n) {
-  if (stride == 1) {
-    for (int64_t c = 0; c < n; ++c) v[c] += row[c];
-  } else {
-    for (int64_t c = 0; c < n; ++c) v[c] += row[c * stride];
-  }
+  for (int64_t c = 0; c < n; ++c) v[c] += row[c * stride];
 }
 
 // v[c] += row[c]
@@ -490,13 +486,6 @@ torch::Tensor received_attention(torch::Tensor q, torch::Tensor k, double scale,
   return out;
 }
 
-// ToMe's whole step in one call, for CPU tensors: the bipartite soft matching of the head-mean keys k
-// (B, H, N, D) and the size-weighted merge of x (B, N, C) with sizes (B, N, 1) fp32 (None: every size 1).
-// Returns (merged x (B, n_out, C) in x's dtype, merged sizes (B, n_out, 1) fp32). At batch 1 the reference's
-// thirty-odd small ops cost more than a transformer block saves by losing the merged tokens; here they are one.
-// The reference is ops.bipartite_soft_matching + ops.merge_mean, and the outputs are bit-identical to it: the
-// scores come from the same ATen ops, and each destination adds its sources in their rank order, as the
-// reference's index_add does, before the same division.
 namespace {
 
 // ToMe's metric: the keys k (B, H, N, D) averaged over heads, (B, N, D) float32, bit for bit what the reference's
@@ -524,7 +513,13 @@ torch::Tensor head_mean(const torch::Tensor& k) {
       const float* in = kp + (row / N) * sb + (row % N) * sn;
       float* out = mp + row * D;
       std::fill(out, out + D, 0.0f);  // sums from 0, as ATen's (so a -0 key sums to +0)
-      for (int64_t h = 0; h < H; ++h) add_strided(out, in + h * sh, sd, D);
+      for (int64_t h = 0; h < H; ++h) {
+        if (sd == 1) {
+          add_row(out, in + h * sh, D);
+        } else {
+          add_strided(out, in + h * sh, sd, D);
+        }
+      }
       divide(out, heads, D);
     }
   });
@@ -549,6 +544,13 @@ torch::Tensor divide_rows(const torch::Tensor& values, const torch::Tensor& norm
 
 }  // namespace
 
+// ToMe's whole step in one call, for CPU tensors: the bipartite soft matching of the head-mean keys k
+// (B, H, N, D) and the size-weighted merge of x (B, N, C) with sizes (B, N, 1) fp32 (None: every size 1).
+// Returns (merged x (B, n_out, C) in x's dtype, merged sizes (B, n_out, 1) fp32). At batch 1 the reference's
+// thirty-odd small ops cost more than a transformer block saves by losing the merged tokens; here they are one.
+// The reference is ops.bipartite_soft_matching + ops.merge_mean, and the outputs are bit-identical to it: the
+// scores come from the same ATen ops (or loops that round as they do: head_mean, divide_rows), and each destination
+// adds its sources in their rank order, as the reference's index_add does, before the same division.
 std::tuple<torch::Tensor, torch::Tensor> bipartite_merge(torch::Tensor k, torch::Tensor x,
                                                           c10::optional<torch::Tensor> size, int64_t r,
                                                           int64_t num_prefix) {
